@@ -1,0 +1,166 @@
+"""Typed option dataclasses from plain dicts, with errors a user can act on.
+
+One mechanism serves regularizer options, recipe sections and the trainer
+config classes of transformers / TRL: unknown keys get the closest valid key,
+values are checked (and, for strings coming from the command line, coerced)
+against the field's annotation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from typing import Any, Union
+
+
+class ConfigError(ValueError):
+    """A bad recipe or option value. The message is one line, meant for users."""
+
+
+def closest(name: str, valid: typing.Iterable[str]) -> str | None:
+    matches = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def unknown_key_error(key: str, valid: typing.Iterable[str], where: str) -> ConfigError:
+    valid = sorted(valid)
+    hint = closest(key, valid)
+    suggestion = f"; did you mean '{hint}'?" if hint else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"{where}: unknown key '{key}'{suggestion}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce_str(value: str, tp: type) -> Any:
+    """Values typed on the command line (or YAML's '1e-5', a string in YAML 1.1)."""
+    if tp is bool:
+        low = value.lower()
+        if low in ("true", "yes", "1", "on"):
+            return True
+        if low in ("false", "no", "0", "off"):
+            return False
+        raise ValueError
+    if tp is int:
+        return int(value)
+    if tp is float:
+        return float(value)
+    raise ValueError
+
+
+def check_value(value: Any, tp: Any, where: str) -> Any:
+    """Return `value` converted to `tp` where that is lossless, else raise ConfigError."""
+    if tp is Any or tp is object:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # try exact matches before coercions, so a str stays a str in Union[str, float]
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is not type(value)):
+            try:
+                return check_value(value, arg, where)
+            except ConfigError as err:
+                errors.append(err)
+        names = " or ".join(_type_name(a) for a in args)
+        raise ConfigError(f"{where}: expected {names}, got {value!r} ({type(value).__name__})")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+    if origin in (list, tuple, set, typing.Sequence) or tp in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",")] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r} ({type(value).__name__})")
+        item_tp = args[0] if args else Any
+        items = [check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r} ({type(value).__name__})")
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected one of {[e.value for e in tp]}, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected float, got {value!r} (bool)")
+        if isinstance(value, (int, float)):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    else:  # an annotation we do not model (Callable, forward refs): accept
+        return value
+    if isinstance(value, str) and tp in (bool, int, float):
+        try:
+            return _coerce_str(value, tp)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # annotations that cannot be resolved at run time: fall back to raw ones
+        hints = {}
+    return {f.name: hints.get(f.name, f.type if not isinstance(f.type, str) else Any) for f in dataclasses.fields(cls)}
+
+
+def check_mapping(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check keys and value types of `values` against dataclass `cls`; return coerced values."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
+    types_by_name = {name: tp for name, tp in field_types(cls).items() if not name.startswith("_")}
+    checked = {}
+    for key, value in values.items():
+        if key not in types_by_name:
+            raise unknown_key_error(key, types_by_name, where)
+        checked[key] = check_value(value, types_by_name[key], f"{where}.{key}")
+    return checked
+
+
+def build_options(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Instantiate dataclass `cls` from `values` after checking them."""
+    checked = check_mapping(cls, values, where)
+    try:
+        return cls(**checked)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def options_help(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) for each option field."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "(required)"
+        rows.append((f.name, _type_name(field_types(cls)[f.name]), default, f.metadata.get("help", "")))
+    return rows

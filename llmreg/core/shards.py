@@ -1,0 +1,116 @@
+"""Each rank's local view of trainable parameters and their gradients.
+
+Weight penalties and gradient edits must work on what a rank actually owns
+(DESIGN.md section 2, trap 3):
+
+- plain / DDP: the whole parameter and its `.grad`;
+- DeepSpeed ZeRO-1/2: the fragment of the fp32 master partition linked to the
+  parameter (`param._hp_mapping`) and the matching slice of the reduced
+  gradient partition; a parameter with no fragment on this rank is skipped;
+- DeepSpeed ZeRO-3: `deepspeed.utils.safe_get_local_fp32_param`,
+  `safe_get_local_grad` and `safe_set_local_grad`.
+
+Every tensor handed out is 1-D and fp32, so a regularizer keeps its anchors and
+importances in the same flat local layout and never gathers a full weight.
+Gradients read here are in the optimizer's units: under fp16 loss scaling the
+edit is multiplied by the current loss scale so it survives the unscale.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+
+def zero_stage_of(model: torch.nn.Module) -> int:
+    """0 without DeepSpeed, else the ZeRO stage of the engine wrapping `model`."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return 3
+    if any(hasattr(p, "_hp_mapping") for p in model.parameters()):
+        return 2
+    return 0
+
+
+class ShardAccess:
+    def __init__(
+        self,
+        named_params: list[tuple[str, torch.nn.Parameter]],
+        zero_stage: int,
+        grad_scale: Callable[[], float] = lambda: 1.0,
+    ) -> None:
+        self.zero_stage = zero_stage
+        self._grad_scale = grad_scale
+        self._named = [(n, p) for n, p in named_params if p.requires_grad and self._owns(p)]
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, grad_scale: Callable[[], float] = lambda: 1.0) -> ShardAccess:
+        return cls(list(model.named_parameters()), zero_stage_of(model), grad_scale)
+
+    def _owns(self, p: torch.nn.Parameter) -> bool:
+        if self.zero_stage == 2:
+            return getattr(p, "_hp_mapping", None) is not None
+        return True
+
+    # -- iteration -------------------------------------------------------------------
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """Trainable parameters that have a local shard on this rank."""
+        return iter(self._named)
+
+    # -- values --------------------------------------------------------------------
+    def local_param(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """The local fp32 values of `p`, 1-D. Do not write to it."""
+        if self.zero_stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            return safe_get_local_fp32_param(p).reshape(-1)
+        if self.zero_stage == 2:
+            return p._hp_mapping.get_hp_fragment().reshape(-1)
+        return p.detach().reshape(-1).float()
+
+    def local_grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """The local gradient of `p` (1-D, in the units the optimizer will see), or None."""
+        grad = self._raw_grad(p)
+        if grad is None:
+            return None
+        return grad.reshape(-1).float() / self._grad_scale()
+
+    def add_to_grad(self, p: torch.nn.Parameter, delta: torch.Tensor) -> None:
+        """grad(p) += delta, on the local shard (delta is 1-D, fp32, unscaled)."""
+        delta = delta * self._grad_scale()
+        if self.zero_stage == 3:
+            from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+            grad = safe_get_local_grad(p)
+            safe_set_local_grad(p, (grad.reshape(-1) + delta.to(grad.dtype)).reshape(grad.shape))
+            return
+        if self.zero_stage == 2:
+            frag = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
+            frag.view(-1).add_(delta.to(frag.dtype))
+            return
+        if p.grad is None:
+            p.grad = delta.to(p.dtype).view_as(p).clone()
+        else:
+            p.grad.view(-1).add_(delta.to(p.grad.dtype))
+
+    def _raw_grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        if self.zero_stage == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            return safe_get_local_grad(p)
+        if self.zero_stage == 2:
+            return p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
+        return p.grad
+
+    # -- reductions ------------------------------------------------------------------
+    @property
+    def is_sharded(self) -> bool:
+        return self.zero_stage in (2, 3)
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum a per-rank partial (e.g. a penalty over local shards) across data-parallel ranks."""
+        if self.is_sharded and dist.is_available() and dist.is_initialized():
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value

@@ -1,0 +1,200 @@
+"""`RegularizedTrainerMixin`: runs a `RegularizerStack` inside any HF/TRL trainer.
+
+Where each hook of `regularizer.py` is called from:
+
+- `setup`: end of `__init__` (the parent built the model, PEFT wrapping
+  included, but no optimizer or engine exists yet);
+- `param_groups`: `create_optimizer` (also used under DeepSpeed when the config
+  has no `optimizer` block, which `__init__` enforces when groups are set);
+- `on_prepared`: end of `_prepare_for_training`, after accelerate / DeepSpeed
+  wrapped the model; regularizer state is loaded right after it on resume;
+- `loss_terms`: `compute_loss`, training mode only;
+- `pre_step`: after the boundary micro-step's backward: from `training_step`
+  without DeepSpeed (before the Trainer clips), from the backward shim under
+  DeepSpeed (before `engine.step()` clips and steps);
+- `post_step`: the `on_optimizer_step` callback;
+- metrics: `log`; state: `_save_checkpoint`, per rank.
+
+With an empty stack every override delegates straight to the parent, so the
+trainer behaves exactly like it (tested for all four trainers).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from llmreg.core.deepspeed_shim import check_deepspeed_config, install_pre_step_shim
+from llmreg.core.options import ConfigError
+from llmreg.core.regularizer import LossContext
+from llmreg.core.shards import ShardAccess, zero_stage_of
+from llmreg.core.stack import RegularizerStack
+
+STATE_DIR = "llmreg_regularizers"
+
+
+def _state_path(checkpoint_dir: str, rank: int) -> str:
+    return os.path.join(checkpoint_dir, STATE_DIR, f"rank{rank}.pt")
+
+
+class _PostStepCallback(TrainerCallback):
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._reg_post_step()
+
+
+class RegularizedTrainerMixin:
+    """Mix in before a `transformers.Trainer` subclass; adds `regularizers=[...]`."""
+
+    trainer_kind: str = "hf"
+
+    def __init__(self, *args: Any, regularizers: Any = None, **kwargs: Any) -> None:
+        stack = RegularizerStack(regularizers or [], trainer_kind=self.trainer_kind)
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if stack.any_overrides("param_groups") and getattr(training_args, "deepspeed", None):
+            check_deepspeed_config(training_args.deepspeed)
+        self.reg_stack = stack
+        self._reg_shards: ShardAccess | None = None
+        super().__init__(*args, **kwargs)
+        if len(stack):
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            stack.check_environment(zero_stage=3 if is_deepspeed_zero3_enabled() else 0, is_peft=_is_peft(self.model))
+            stack.setup(self.model, self)
+            if stack.any_overrides("post_step"):
+                self.add_callback(_PostStepCallback(self))
+
+    # -- optimizer groups -----------------------------------------------------------------
+    def create_optimizer(self, model: torch.nn.Module | None = None):
+        if self.optimizer is not None or not self.reg_stack.any_overrides("param_groups"):
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        from transformers.trainer_optimizer import is_optimizer_factory
+
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+        defaults = {n: {"weight_decay": self.args.weight_decay if n in decay else 0.0} for n, _ in named}
+        groups = self.reg_stack.optimizer_groups(named, defaults)
+        if groups is None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            raise ConfigError(
+                f"optimizer '{self.args.optim}' builds its own parameter groups and cannot be combined with "
+                "regularizers that set parameter groups"
+            )
+        self.reg_param_group_names = [g.pop("names") for g in groups]
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # -- preparation and resume ---------------------------------------------------------
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if len(self.reg_stack):
+            self._reg_shards = ShardAccess.from_model(self.model, grad_scale=self._reg_grad_scale)
+            self.reg_stack.on_prepared(self.model, self._reg_shards)
+            if resume_from_checkpoint is not None:
+                self._reg_load_state(resume_from_checkpoint)
+            if self.is_deepspeed_enabled and self.reg_stack.any_overrides("pre_step"):
+                install_pre_step_shim(self.accelerator.deepspeed_engine_wrapped, self._reg_pre_step)
+        return model, train_dataloader
+
+    def _reg_grad_scale(self) -> float:
+        """Loss scale the local gradients carry right now (fp16 only)."""
+        if not self.args.fp16:
+            return 1.0
+        if self.is_deepspeed_enabled:
+            return float(getattr(self.model_wrapped.optimizer, "loss_scale", 1.0))
+        scaler = self.accelerator.scaler
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    def _reg_save_state(self, checkpoint_dir: str) -> None:
+        rank = self.args.process_index
+        path = _state_path(checkpoint_dir, rank)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({"labels": self.reg_stack.labels, "state": self.reg_stack.state_dict()}, path)
+
+    def _reg_load_state(self, checkpoint_dir: str) -> None:
+        path = _state_path(checkpoint_dir, self.args.process_index)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"checkpoint {checkpoint_dir} has no regularizer state ({path}); it was saved without "
+                f"these regularizers or with another number of processes"
+            )
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        self.reg_stack.load_state_dict(saved["state"])
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if len(self.reg_stack):
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            run_dir = self._get_output_dir(trial=trial)
+            self._reg_save_state(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
+
+    # -- per-step hooks -----------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not len(self.reg_stack) or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        want_outputs = return_outputs or self.reg_stack.needs_outputs
+        result = super().compute_loss(model, inputs, return_outputs=want_outputs, num_items_in_batch=num_items_in_batch)
+        loss, outputs = result if want_outputs else (result, None)
+        ctx = LossContext(model=model, inputs=inputs, loss=loss, outputs=outputs, trainer=self,
+                          num_items_in_batch=num_items_in_batch)
+        extra = self.reg_stack.loss_terms(ctx)
+        if extra is not None:
+            loss = loss + extra / self._reg_ga_divisor(num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _reg_ga_divisor(self, num_items_in_batch: Any) -> int:
+        """How to scale a per-micro-batch mean term so it matches the host loss (DESIGN trap 7).
+
+        When the host loss is already scaled for gradient accumulation (normalised by the token count of the
+        whole accumulated batch), `training_step` leaves it alone, so a per-micro-batch mean must be divided by
+        the number of accumulation steps here; otherwise `training_step` divides the sum for us.
+        """
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        return self.current_gradient_accumulation_steps if scaled else 1
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if (
+            self._reg_shards is not None
+            and not self.is_deepspeed_enabled
+            and self.accelerator.sync_gradients
+            and self.reg_stack.any_overrides("pre_step")
+        ):
+            self._reg_pre_step()
+        return loss
+
+    def _reg_pre_step(self) -> None:
+        self.reg_stack.pre_step(self._reg_shards)
+
+    def _reg_post_step(self) -> None:
+        self.reg_stack.post_step(self._reg_shards)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if len(self.reg_stack) and "loss" in logs:
+            logs.update(self.reg_stack.pop_metrics())
+        super().log(logs, *args, **kwargs)
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+__all__ = ["RegularizedTrainerMixin", "STATE_DIR", "zero_stage_of"]

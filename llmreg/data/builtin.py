@@ -1,0 +1,64 @@
+"""Built-in synthetic tasks, generated locally from a seed.
+
+`arithmetic`: "What is 23 + 58?" -> "81". One generator serves every trainer
+kind through `format`:
+
+- `text`:        {"text": prompt + " " + answer}            (Trainer, SFT)
+- `prompt_completion`: {"prompt", "completion"}             (SFT, loss on the answer)
+- `preference`:  {"prompt", "chosen", "rejected"}           (DPO; rejected is off by a small amount)
+- `prompt_only`: {"prompt", "answer"}                       (GRPO with a verifiable reward)
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+FORMATS = ("text", "prompt_completion", "preference", "prompt_only")
+
+
+def _arithmetic_rows(n: int, seed: int, max_operand: int = 99) -> list[tuple[str, str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        op = rng.choice("+-")
+        answer = a + b if op == "+" else a - b
+        wrong = answer + rng.choice([-3, -2, -1, 1, 2, 3])
+        rows.append((f"What is {a} {op} {b}? Answer:", f" {answer}", f" {wrong}"))
+    return rows
+
+
+BUILTIN_TASKS: dict[str, Callable[..., list[tuple[str, str, str]]]] = {"arithmetic": _arithmetic_rows}
+
+
+def make_builtin_dataset(task: str = "arithmetic", format: str = "text", num_examples: int = 256, seed: int = 0):
+    """A `datasets.Dataset` of `num_examples` rows of `task` in `format`."""
+    from datasets import Dataset
+
+    if task not in BUILTIN_TASKS:
+        raise ValueError(f"unknown built-in task {task!r}; choose from {sorted(BUILTIN_TASKS)}")
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose from {FORMATS}")
+    rows = BUILTIN_TASKS[task](num_examples, seed)
+    if format == "text":
+        data = {"text": [p + c for p, c, _ in rows]}
+    elif format == "prompt_completion":
+        data = {"prompt": [p for p, _, _ in rows], "completion": [c for _, c, _ in rows]}
+    elif format == "preference":
+        data = {"prompt": [p for p, _, _ in rows], "chosen": [c for _, c, _ in rows], "rejected": [r for _, _, r in rows]}
+    else:
+        data = {"prompt": [p for p, _, _ in rows], "answer": [c.strip() for _, c, _ in rows]}
+    return Dataset.from_dict(data)
+
+
+def exact_answer_reward(completions: list[str], answer: list[str], **_: object) -> list[float]:
+    """1.0 when the first number in the completion equals the answer, else 0.0 (verifiable reward)."""
+    import re
+
+    rewards = []
+    for completion, target in zip(completions, answer):
+        text = completion if isinstance(completion, str) else completion[-1]["content"]
+        match = re.search(r"-?\d+", text)
+        rewards.append(1.0 if match and match.group() == str(target) else 0.0)
+    return rewards
