@@ -64,9 +64,9 @@ class ShardAccess:
         if self.zero_stage == 3:
             from deepspeed.utils import safe_get_local_fp32_param
 
-            return safe_get_local_fp32_param(p).reshape(-1)
+            return safe_get_local_fp32_param(p).detach().reshape(-1)
         if self.zero_stage == 2:
-            return p._hp_mapping.get_hp_fragment().reshape(-1)
+            return p._hp_mapping.get_hp_fragment().detach().reshape(-1)
         return p.detach().reshape(-1).float()
 
     def local_grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:

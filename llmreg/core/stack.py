@@ -119,7 +119,7 @@ class RegularizerStack:
         options = {n: dict(default_options[n]) for n, _ in trainable}
         set_by: dict[tuple[str, str], str] = {}
         any_groups = False
-        for reg in self.regularizers:
+        for reg, label in zip(self.regularizers, self.labels):
             groups = reg.param_groups(trainable)
             if not groups:
                 continue
@@ -137,13 +137,13 @@ class RegularizerStack:
                         if key == "names":
                             continue
                         previous = set_by.get((name, key))
-                        if previous is not None and previous != reg.name and options[name].get(key) != value:
+                        if previous is not None and previous != label and options[name].get(key) != value:
                             raise ConfigError(
-                                f"regularizers '{previous}' and '{reg.name}' both set {key} of '{name}' "
+                                f"regularizers '{previous}' and '{label}' both set {key} of '{name}' "
                                 f"({options[name][key]} vs {value}); they cannot be combined"
                             )
                         options[name][key] = value
-                        set_by[(name, key)] = reg.name
+                        set_by[(name, key)] = label
         if not any_groups:
             return None
         buckets: dict[tuple, list[str]] = {}
