@@ -1,0 +1,22 @@
+"""Helpers that keep every recipe error a one-line `ConfigError` with a location."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from llmreg.core.options import ConfigError
+
+
+def one_line(err: BaseException) -> str:
+    """`err`'s message with newlines and runs of spaces collapsed (library errors are often multi-line)."""
+    return " ".join(str(err).split())
+
+
+@contextlib.contextmanager
+def located(where: str, catch: tuple[type[BaseException], ...] = (ConfigError,)) -> Iterator[None]:
+    """Re-raise `catch` errors from the block as `ConfigError("<where>: <message>")`."""
+    try:
+        yield
+    except catch as err:
+        raise ConfigError(f"{where}: {one_line(err)}") from None
