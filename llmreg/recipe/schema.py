@@ -1,0 +1,127 @@
+"""The typed form of a recipe: one dataclass per section.
+
+These are the *validated* values (see `validate.py`): paths are absolute,
+defaults are filled in, trainer fields are coerced to their config class's
+types. `Recipe.to_dict()` is what a run writes to `<output_dir>/recipe.yaml`,
+and loading that file again gives the same recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+TRAINER_KINDS = ("hf", "sft", "dpo", "grpo")
+
+# the row format `builtin:<task>` data takes for each trainer kind (see llmreg.data.builtin)
+BUILTIN_FORMATS = {"hf": "text", "sft": "prompt_completion", "dpo": "preference", "grpo": "prompt_only"}
+
+BUILTIN_PREFIX = "builtin:"
+HUB_PREFIX = "hub:"
+
+
+def trainer_config_class(kind: str) -> type:
+    """The config dataclass whose fields the `trainer:` section may set."""
+    import transformers
+    import trl
+
+    return {"hf": transformers.TrainingArguments, "sft": trl.SFTConfig, "dpo": trl.DPOConfig,
+            "grpo": trl.GRPOConfig}[kind]
+
+
+@dataclass
+class ModelSpec:
+    """`model:`: a pretrained model (`name_or_path`) or one built from scratch (`config`)."""
+
+    name_or_path: str | None = None
+    # LlamaConfig-style fields, or {size: tiny|default, ...overrides}; {model_type: ...} picks another architecture
+    config: dict | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    seed: int | None = None  # initialisation seed of a from-config model; defaults to the recipe's seed
+
+
+@dataclass
+class TokenizerSpec:
+    """`tokenizer:`: a pretrained tokenizer or the built-in character tokenizer."""
+
+    name_or_path: str | None = None
+    builtin: Literal["char"] | None = None
+    model_max_length: int | None = None
+
+
+@dataclass
+class SourceSpec:
+    """One data source: a local file or `save_to_disk` directory, `hub:<name>` or `builtin:<task>`."""
+
+    path: str
+    split: str | None = None  # for hub datasets and DatasetDict directories
+    subset: str | None = None  # hub dataset configuration name
+    max_examples: int | None = None  # keep the first N rows
+    text_field: str | None = None  # column renamed to "text" (kinds hf and sft)
+    num_examples: int | None = None  # builtin only (validation fills in 1000)
+    seed: int | None = None  # builtin only (validation fills in 0 for train, 1 for eval)
+
+    @property
+    def kind(self) -> str:
+        """builtin, hub or local."""
+        if self.path.startswith(BUILTIN_PREFIX):
+            return "builtin"
+        if self.path.startswith(HUB_PREFIX):
+            return "hub"
+        return "local"
+
+    @property
+    def name(self) -> str:
+        """The task of a builtin source, the dataset of a hub source, else the path."""
+        return self.path.split(":", 1)[1] if self.kind != "local" else self.path
+
+
+@dataclass
+class DataSpec:
+    train: SourceSpec
+    eval: SourceSpec | None = None
+
+
+@dataclass
+class TrainerSpec:
+    """`trainer:`: `kind` plus fields of that kind's config class (`args`, validated and coerced)."""
+
+    kind: str
+    args: dict[str, Any] = field(default_factory=dict)
+    reward: str | None = None  # grpo only: a name in REWARDS or "module:function"
+
+
+@dataclass
+class Recipe:
+    model: ModelSpec
+    tokenizer: TokenizerSpec
+    data: DataSpec
+    trainer: TrainerSpec
+    peft: dict | None = None  # peft.LoraConfig fields
+    regularizers: list[dict] = field(default_factory=list)  # {name: ..., **options}, options coerced
+    output_dir: str = "runs/recipe"
+    resume: bool = False
+    seed: int = 42
+    path: str | None = None  # the recipe file it came from; not part of the recipe itself
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-safe data; `validate_recipe(recipe.to_dict())` gives this recipe back."""
+        return {
+            "model": _compact(self.model),
+            "tokenizer": _compact(self.tokenizer),
+            "data": {role: _compact(src) for role, src in (("train", self.data.train), ("eval", self.data.eval))
+                     if src is not None},
+            "trainer": {"kind": self.trainer.kind, **self.trainer.args,
+                        **({"reward": self.trainer.reward} if self.trainer.reward else {})},
+            "peft": self.peft,
+            "regularizers": [dict(spec) for spec in self.regularizers],
+            "output_dir": self.output_dir,
+            "resume": self.resume,
+            "seed": self.seed,
+        }
+
+
+def _compact(obj: Any) -> dict[str, Any]:
+    """Dataclass fields that are set (None means 'use the default', so it is left out)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if getattr(obj, f.name) is not None}

@@ -1,0 +1,151 @@
+"""The `data:` section: which sources are valid, and how each one is loaded.
+
+A source is a string or a mapping with `path`:
+
+    data:
+      train: builtin:arithmetic              # generated locally, format picked from trainer.kind
+      eval: {path: data/dev.jsonl, max_examples: 200}
+      num_examples: 2000                     # keys beside train/eval are defaults for both
+
+`path` is a `.jsonl/.json/.parquet/.csv` file, a directory written by
+`Dataset.save_to_disk`, `hub:<name>` (needs the hub: refused when
+HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) or `builtin:<task>`. Hub datasets
+take an explicit prefix so that a mistyped local path (`data/trian.jsonl`) is a
+"file not found" at validation time instead of a failed download later.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from llmreg.core.options import ConfigError, check_mapping, closest
+from llmreg.recipe.errors import located
+from llmreg.recipe.paths import DATA_EXTENSIONS, looks_like_path, resolve_path
+from llmreg.recipe.schema import BUILTIN_FORMATS, DataSpec, SourceSpec
+
+DEFAULT_NUM_EXAMPLES = 1000
+# files `Dataset.save_to_disk` / `DatasetDict.save_to_disk` always write
+SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+@dataclass
+class _DataKeys:
+    train: str | dict | None = None
+    eval: str | dict | None = None
+    split: str | None = None
+    subset: str | None = None
+    max_examples: int | None = None
+    text_field: str | None = None
+    num_examples: int | None = None
+    seed: int | None = None
+
+
+def validate_data(section: dict, recipe_dir: str | None) -> DataSpec:
+    values = check_mapping(_DataKeys, section, "data")
+    if values.get("train") is None:
+        raise ConfigError("data: missing key 'train' (a file, a save_to_disk directory, hub:<name> or builtin:<task>)")
+    shared = {k: v for k, v in values.items() if k not in ("train", "eval") and v is not None}
+    train = _validate_source(values["train"], shared, "data.train", recipe_dir, is_eval=False)
+    eval_ = None
+    if values.get("eval") is not None:
+        eval_ = _validate_source(values["eval"], shared, "data.eval", recipe_dir, is_eval=True)
+    return DataSpec(train=train, eval=eval_)
+
+
+def _validate_source(value: Any, shared: dict, where: str, recipe_dir: str | None, is_eval: bool) -> SourceSpec:
+    own = {"path": value} if isinstance(value, str) else dict(value)
+    if "path" not in own:
+        raise ConfigError(f"{where}: missing key 'path' (a file, a save_to_disk directory, hub:<name> or builtin:<task>)")
+    spec = SourceSpec(**check_mapping(SourceSpec, {**shared, **own}, where))
+    if spec.kind == "builtin":
+        _check_builtin(spec, where, own_seed="seed" in own, is_eval=is_eval)
+    elif spec.kind == "hub":
+        _check_hub(spec, where)
+    else:
+        spec.path = _check_local(spec, where, recipe_dir)
+    return spec
+
+
+def _check_builtin(spec: SourceSpec, where: str, own_seed: bool, is_eval: bool) -> None:
+    from llmreg.data.builtin import BUILTIN_TASKS
+
+    if spec.name not in BUILTIN_TASKS:
+        hint = closest(spec.name, BUILTIN_TASKS)
+        suggestion = f"; did you mean 'builtin:{hint}'?" if hint else ""
+        raise ConfigError(f"{where}: unknown built-in task '{spec.name}'{suggestion} (built-in: {', '.join(BUILTIN_TASKS)})")
+    spec.num_examples = spec.num_examples or DEFAULT_NUM_EXAMPLES
+    if spec.seed is None:
+        spec.seed = 0
+    if is_eval and not own_seed:
+        spec.seed += 1  # a built-in eval set drawn like the train set would repeat the training rows
+
+
+def _check_hub(spec: SourceSpec, where: str) -> None:
+    if not spec.name:
+        raise ConfigError(f"{where}: 'hub:' needs a dataset name, e.g. hub:openai/gsm8k")
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
+            raise ConfigError(f"{where}: hub dataset '{spec.name}' needs the hub, but {var} is set")
+
+
+def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None) -> str:
+    path = resolve_path(spec.path, recipe_dir)
+    if not os.path.exists(path):
+        if looks_like_path(spec.path):
+            raise ConfigError(f"{where}: data file not found: {spec.path}")
+        raise ConfigError(f"{where}: '{spec.path}' is not a local file or directory; write hub:{spec.path} for a "
+                          f"hub dataset or builtin:arithmetic for built-in data")
+    if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, m)) for m in SAVED_DATASET_MARKERS):
+            raise ConfigError(f"{where}: directory {spec.path} was not written by Dataset.save_to_disk")
+        return path
+    if not path.lower().endswith(DATA_EXTENSIONS):
+        raise ConfigError(f"{where}: unsupported data file {spec.path}; use one of {', '.join(DATA_EXTENSIONS)}")
+    if spec.split not in (None, "train"):
+        raise ConfigError(f"{where}: a single file has no split '{spec.split}'; drop split or use a directory")
+    return path
+
+
+# -- loading (build time) ------------------------------------------------------------------------
+
+def load_source(spec: SourceSpec, trainer_kind: str, role: str):
+    """The `datasets.Dataset` for `spec`, with `max_examples` and `text_field` applied."""
+    with located(f"data.{role}", (ValueError, FileNotFoundError)):
+        ds = _load_raw(spec, trainer_kind, role)
+        if spec.max_examples is not None:
+            ds = ds.select(range(min(spec.max_examples, len(ds))))
+        if spec.text_field and spec.text_field != "text":
+            if spec.text_field not in ds.column_names:
+                raise ConfigError(f"text_field '{spec.text_field}' is not a column (columns: {ds.column_names})")
+            ds = ds.rename_column(spec.text_field, "text")
+    return ds
+
+
+def _load_raw(spec: SourceSpec, trainer_kind: str, role: str):
+    import datasets
+
+    if spec.kind == "builtin":
+        from llmreg.data import make_builtin_dataset
+
+        return make_builtin_dataset(spec.name, format=BUILTIN_FORMATS[trainer_kind],
+                                    num_examples=spec.num_examples, seed=spec.seed)
+    if spec.kind == "hub":
+        return _pick_split(datasets.load_dataset(spec.name, spec.subset, split=spec.split), spec, role)
+    if os.path.isdir(spec.path):
+        return _pick_split(datasets.load_from_disk(spec.path), spec, role)
+    loaders = {".jsonl": datasets.Dataset.from_json, ".json": datasets.Dataset.from_json,
+               ".parquet": datasets.Dataset.from_parquet, ".csv": datasets.Dataset.from_csv}
+    return loaders[os.path.splitext(spec.path)[1].lower()](spec.path)
+
+
+def _pick_split(ds, spec: SourceSpec, role: str):
+    """A Dataset from a Dataset or DatasetDict: `split`, else train / validation / test by role."""
+    if not hasattr(ds, "keys"):
+        return ds
+    wanted = [spec.split] if spec.split else (["train"] if role == "train" else ["validation", "test"])
+    for name in wanted:
+        if name in ds:
+            return ds[name]
+    raise ConfigError(f"{spec.path} has splits {list(ds.keys())}, none of {wanted}; set split")
