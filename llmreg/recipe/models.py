@@ -1,0 +1,99 @@
+"""Tokenizer and model of a recipe: pretrained (`name_or_path`) or built from config.
+
+A from-config model takes its vocabulary size and special-token ids from the
+tokenizer unless the recipe sets them, and is initialised from `model.seed`,
+so every rank (and every rerun) starts from the same weights.
+
+DPO (without PEFT) and GRPO with `beta > 0` rebuild their reference model from
+`config._name_or_path` (DESIGN.md trap 11), which a model that was never saved
+does not have. For those, a from-config model is first written to
+`<output_dir>/init` and loaded from there, so the reference is the same start.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from llmreg.core.options import ConfigError
+from llmreg.recipe.errors import located
+from llmreg.recipe.schema import ModelSpec, Recipe, TokenizerSpec
+
+INIT_DIR = "init"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_tokenizer(spec: TokenizerSpec):
+    if spec.builtin == "char":
+        from llmreg.data import build_char_tokenizer
+
+        return build_char_tokenizer(spec.model_max_length or 512)
+    from transformers import AutoTokenizer
+
+    with located("tokenizer.name_or_path", (OSError, ValueError)):
+        tok = AutoTokenizer.from_pretrained(spec.name_or_path)
+    if spec.model_max_length:
+        tok.model_max_length = spec.model_max_length
+    if tok.pad_token is None:  # collators pad; many causal-LM tokenizers ship without a pad token
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def model_config(spec: ModelSpec, tokenizer):
+    """The transformers config of a from-config model."""
+    from transformers import AutoConfig
+
+    from llmreg.data import tiny_llama_config
+
+    fields = dict(spec.config)
+    size, model_type = fields.pop("size", None), fields.pop("model_type", "llama")
+    from_tokenizer = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                      "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    for key, value in from_tokenizer.items():
+        if value is not None:
+            fields.setdefault(key, value)
+    if fields["vocab_size"] < len(tokenizer):
+        raise ConfigError(f"model.config.vocab_size: {fields['vocab_size']} is smaller than the tokenizer's "
+                          f"{len(tokenizer)} tokens")
+    with located("model.config", (TypeError, ValueError)):
+        if size is not None:
+            return tiny_llama_config(size, **fields)
+        return AutoConfig.for_model(model_type, **fields)
+
+
+def build_model(recipe: Recipe, tokenizer, args):
+    from transformers import AutoModelForCausalLM
+
+    spec = recipe.model
+    dtype = _DTYPES.get(spec.dtype)
+    if spec.name_or_path is not None:
+        with located("model.name_or_path", (OSError, ValueError)):
+            return AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=dtype or "auto")
+    config = model_config(spec, tokenizer)
+    if needs_saved_reference(recipe, args):
+        return _load_saved_init(recipe, config, dtype, args)
+    torch.manual_seed(spec.seed)
+    # from_config, not the model class: under ZeRO-3 it builds the model inside deepspeed.zero.Init
+    return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+
+
+def needs_saved_reference(recipe: Recipe, args) -> bool:
+    """True when TRL will rebuild a reference model from the policy's `_name_or_path`."""
+    kind = recipe.trainer.kind
+    if kind == "dpo":
+        return recipe.peft is None and not args.precompute_ref_log_probs
+    return kind == "grpo" and args.beta != 0.0
+
+
+def _load_saved_init(recipe: Recipe, config, dtype, args):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    init_dir = os.path.join(recipe.output_dir, INIT_DIR)
+    with args.main_process_first(desc="save the initial model"):
+        if not os.path.isfile(os.path.join(init_dir, "config.json")):  # a resumed run reuses the same start
+            torch.manual_seed(recipe.model.seed)
+            # the model class itself, not from_config: outside zero.Init, so the saved weights are whole
+            MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config).save_pretrained(init_dir)
+    return AutoModelForCausalLM.from_pretrained(init_dir, dtype=dtype or torch.float32)

@@ -1,0 +1,83 @@
+"""A whole training run from a validated recipe: what `llmreg train` does.
+
+Output directory layout:
+
+    <output_dir>/recipe.yaml        the resolved recipe (rerun it with `llmreg train`)
+    <output_dir>/metrics.jsonl      one JSON object per logging event
+    <output_dir>/checkpoint-N/      the trainer's checkpoints (+ llmreg_regularizers/rank<r>.pt)
+    <output_dir>/final/             the final model and tokenizer
+
+A fresh run refuses an output directory that already holds checkpoints: the
+trainer would mix them with the new run's, and a later `--resume` would pick
+whichever has the highest step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from llmreg.core.options import ConfigError
+from llmreg.recipe.loader import dump_recipe
+from llmreg.recipe.schema import Recipe
+
+RECIPE_FILE = "recipe.yaml"
+FINAL_DIR = "final"
+
+
+@dataclass
+class RunResult:
+    output_dir: str
+    final_dir: str
+    resumed_from: str | None
+    checkpoints: list[str]
+    global_step: int
+
+
+def is_main_process() -> bool:
+    """Rank 0 of torchrun / accelerate / deepspeed launches (they all set RANK), or a lone process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def checkpoints_in(output_dir: str) -> list[str]:
+    """checkpoint-N directories, by step."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)
+             and os.path.isdir(os.path.join(output_dir, d))]
+    return sorted(found, key=lambda d: int(d.split("-")[1]))
+
+
+def resume_checkpoint(recipe: Recipe) -> str | None:
+    """The checkpoint to resume from (None for a fresh run); a ConfigError where neither is possible."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(recipe.output_dir) if os.path.isdir(recipe.output_dir) else None
+    if recipe.resume:
+        if last is None:
+            raise ConfigError(f"resume: no checkpoint in {recipe.output_dir} to resume from; train without "
+                              "--resume first")
+        return last
+    if last is not None:
+        raise ConfigError(f"output_dir {recipe.output_dir} already holds {os.path.basename(last)} from an earlier "
+                          "run: add --resume to continue it, or set output_dir=<another dir>, or delete it")
+    return None
+
+
+def train(recipe: Recipe) -> RunResult:
+    """Build and train; writes the layout above. Call `resume_checkpoint` first to fail early."""
+    from llmreg.recipe.build import build_run
+
+    resume_from = resume_checkpoint(recipe)
+    run = build_run(recipe)
+    if is_main_process():
+        os.makedirs(recipe.output_dir, exist_ok=True)
+        dump_recipe(recipe, os.path.join(recipe.output_dir, RECIPE_FILE))
+    run.trainer.train(resume_from_checkpoint=resume_from)
+    final_dir = os.path.join(recipe.output_dir, FINAL_DIR)
+    run.trainer.save_model(final_dir)  # on every rank: gathers ZeRO-3 shards; writes on the main process
+    if run.trainer.is_world_process_zero():
+        run.tokenizer.save_pretrained(final_dir)
+    return RunResult(output_dir=recipe.output_dir, final_dir=final_dir, resumed_from=resume_from,
+                     checkpoints=checkpoints_in(recipe.output_dir), global_step=run.trainer.state.global_step)
