@@ -1,0 +1,137 @@
+"""`llmreg` command line: train, validate, list.
+
+    llmreg train RECIPE [key=value ...] [--resume]
+    llmreg validate RECIPE [key=value ...]
+    llmreg list
+
+`train` also runs under `torchrun --nproc_per_node N -m llmreg.cli train ...`,
+`accelerate launch -m llmreg.cli train ...` and the `deepspeed` launcher: the
+trainer does the distribution, and only rank 0 prints. A bad recipe exits with
+status 2 and one line `error: <message>` on stderr, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+EXIT_CONFIG_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from llmreg.core.options import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmreg", description="Regularized LLM training from YAML recipes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,validate,list}")
+
+    train = sub.add_parser("train", help="validate a recipe, then train", description="Validate, then train.")
+    _recipe_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    # the deepspeed launcher passes --local_rank; torchrun and accelerate use the LOCAL_RANK variable
+    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    train.set_defaults(func=cmd_train)
+
+    validate = sub.add_parser("validate", help="check a recipe without loading a model or data")
+    _recipe_args(validate)
+    validate.set_defaults(func=cmd_validate)
+
+    lst = sub.add_parser("list", help="show the registered regularizers and their options")
+    lst.set_defaults(func=cmd_list)
+    return parser
+
+
+def _recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. trainer.learning_rate=1e-5 regularizers.0.lam=0.1")
+
+
+def _say(*lines: str) -> None:
+    from llmreg.recipe.run import is_main_process
+
+    if is_main_process():
+        print("\n".join(lines), flush=True)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from llmreg.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    _say(f"ok: {args.recipe}", *summary(recipe))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from llmreg.recipe import load_recipe
+    from llmreg.recipe.run import RECIPE_FILE, resume_checkpoint, train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.resume:
+        recipe.resume = True
+    resume_from = resume_checkpoint(recipe)  # fail before anything loads
+    _say(f"training {args.recipe}" + (f", resuming from {resume_from}" if resume_from else ""), *summary(recipe))
+    result = train(recipe)
+    _say(
+        f"done: {result.global_step} steps; outputs in {result.output_dir}",
+        f"  recipe       {os.path.join(result.output_dir, RECIPE_FILE)}",
+        f"  metrics      {os.path.join(result.output_dir, 'metrics.jsonl')}",
+        f"  checkpoints  {', '.join(result.checkpoints) or '(none)'}",
+        f"  final model  {result.final_dir}",
+    )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from llmreg.core.options import options_help
+    from llmreg.core.registry import available
+
+    for name, cls in available().items():
+        print(f"{name}: {_first_doc_line(cls)}")
+        for opt, type_name, default, help_text in options_help(cls.options_cls):
+            print(f"    {opt} ({type_name}, default {default!r}): {help_text}")
+    return 0
+
+
+def _first_doc_line(cls: type) -> str:
+    """The class docstring's first line, else its module's (a method module opens with what it is)."""
+    doc = cls.__doc__ or getattr(sys.modules.get(cls.__module__), "__doc__", None) or ""
+    lines = [line.strip() for line in doc.strip().splitlines()]
+    return lines[0] if lines else ""
+
+
+def summary(recipe) -> list[str]:
+    """A few lines describing a validated recipe."""
+    model = recipe.model.name_or_path or f"new from config {recipe.model.config}"
+    tokenizer = recipe.tokenizer.name_or_path or f"builtin {recipe.tokenizer.builtin}"
+    data = _source_text(recipe.data.train) + (f"; eval {_source_text(recipe.data.eval)}" if recipe.data.eval else "")
+    trainer = ", ".join(f"{k}={v}" for k, v in recipe.trainer.args.items())
+    regs = ", ".join(f"{r['name']}({', '.join(f'{k}={v}' for k, v in r.items() if k != 'name')})"
+                     for r in recipe.regularizers) or "none"
+    return [
+        f"  model         {model} (dtype {recipe.model.dtype})",
+        f"  tokenizer     {tokenizer}",
+        f"  data          train {data}",
+        f"  trainer       {recipe.trainer.kind}: {trainer}",
+        f"  peft          {recipe.peft or 'none'}",
+        f"  regularizers  {regs}",
+        f"  output_dir    {recipe.output_dir}",
+    ]
+
+
+def _source_text(src) -> str:
+    return src.path + (f" ({src.num_examples} examples, seed {src.seed})" if src.kind == "builtin" else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
