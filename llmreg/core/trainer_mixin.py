@@ -97,6 +97,8 @@ class RegularizedTrainerMixin:
 
     # -- preparation and resume ---------------------------------------------------------
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if len(self.reg_stack) and resume_from_checkpoint is not None:
+            self._reg_state_file(resume_from_checkpoint)  # fail before the parent loads optimizer state
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         if len(self.reg_stack):
             self._reg_shards = ShardAccess.from_model(self.model, grad_scale=self._reg_grad_scale)
@@ -122,14 +124,17 @@ class RegularizedTrainerMixin:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save({"labels": self.reg_stack.labels, "state": self.reg_stack.state_dict()}, path)
 
-    def _reg_load_state(self, checkpoint_dir: str) -> None:
+    def _reg_state_file(self, checkpoint_dir: str) -> str:
         path = _state_path(checkpoint_dir, self.args.process_index)
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"checkpoint {checkpoint_dir} has no regularizer state ({path}); it was saved without "
                 f"these regularizers or with another number of processes"
             )
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        return path
+
+    def _reg_load_state(self, checkpoint_dir: str) -> None:
+        saved = torch.load(self._reg_state_file(checkpoint_dir), map_location="cpu", weights_only=False)
         self.reg_stack.load_state_dict(saved["state"])
 
     def _save_checkpoint(self, model, trial):
