@@ -74,25 +74,28 @@ class ShardAccess:
         grad = self._raw_grad(p)
         if grad is None:
             return None
-        return grad.reshape(-1).float() / self._grad_scale()
+        scale = self._grad_scale()
+        grad = grad.reshape(-1).float()
+        return grad if scale == 1.0 else grad / scale
 
-    def add_to_grad(self, p: torch.nn.Parameter, delta: torch.Tensor) -> None:
-        """grad(p) += delta, on the local shard (delta is 1-D, fp32, unscaled)."""
-        delta = delta * self._grad_scale()
+    @torch.no_grad()
+    def add_to_grad(self, p: torch.nn.Parameter, delta: torch.Tensor, alpha: float = 1.0) -> None:
+        """grad(p) += alpha * delta, in place on the local shard (delta is 1-D, fp32, unscaled)."""
+        alpha = alpha * self._grad_scale()
         if self.zero_stage == 3:
             from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
             grad = safe_get_local_grad(p)
-            safe_set_local_grad(p, (grad.reshape(-1) + delta.to(grad.dtype)).reshape(grad.shape))
+            grad.view(-1).add_(delta.to(grad.dtype), alpha=alpha)
+            safe_set_local_grad(p, grad)  # the getter may hand out a copy (offload, swapping)
             return
         if self.zero_stage == 2:
             frag = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
-            frag.view(-1).add_(delta.to(frag.dtype))
+            frag.view(-1).add_(delta.to(frag.dtype), alpha=alpha)
             return
         if p.grad is None:
-            p.grad = delta.to(p.dtype).view_as(p).clone()
-        else:
-            p.grad.view(-1).add_(delta.to(p.grad.dtype))
+            p.grad = torch.zeros_like(p)
+        p.grad.view(-1).add_(delta.to(p.grad.dtype), alpha=alpha)
 
     def _raw_grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:
         if self.zero_stage == 3:

@@ -65,22 +65,27 @@ class L2SP(Regularizer):
             if self._selected(name)
         }
 
+    @torch.no_grad()
     def pre_step(self, shards: ShardAccess) -> None:
+        # one temporary per tensor: diff serves both the penalty and the in-place gradient update
         lam = self.options.lam
-        penalty = torch.zeros((), dtype=torch.float32)
+        penalty = None
         for name, p in shards.named_parameters():
             anchor = self.anchors.get(name)
             if anchor is None:
                 continue
             theta = shards.local_param(p)
-            anchor = anchor.to(theta.device)
-            penalty = penalty.to(theta.device) + l2_sp_penalty(theta, anchor, lam)
+            diff = theta - anchor.to(theta.device)
+            sq = torch.dot(diff, diff)
+            penalty = sq if penalty is None else penalty + sq
             if lam != 0.0:
-                shards.add_to_grad(p, l2_sp_grad(theta, anchor, lam))
-        self._penalty = float(shards.all_reduce_sum(penalty))
+                shards.add_to_grad(p, diff, alpha=lam)  # = l2_sp_grad(theta, anchor, lam)
+        if penalty is not None:
+            # kept as a tensor: converting here would force a device sync every step
+            self._penalty = shards.all_reduce_sum(0.5 * lam * penalty)
 
     def metrics(self) -> dict[str, float]:
-        return {"penalty": self._penalty}
+        return {"penalty": float(self._penalty)}
 
     def state_dict(self) -> dict:
         return {"anchors": {k: v.cpu() for k, v in self.anchors.items()}}
