@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 TRAINER_KINDS = ("hf", "sft", "dpo", "grpo")
 
 # the row format `builtin:<task>` data takes for each trainer kind (see llmreg.data.builtin)
 BUILTIN_FORMATS = {"hf": "text", "sft": "prompt_completion", "dpo": "preference", "grpo": "prompt_only"}
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BUILTIN_TOKENIZERS = ("char",)
 
 BUILTIN_PREFIX = "builtin:"
 HUB_PREFIX = "hub:"
@@ -37,7 +40,7 @@ class ModelSpec:
     name_or_path: str | None = None
     # LlamaConfig-style fields, or {size: tiny|default, ...overrides}; {model_type: ...} picks another architecture
     config: dict | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: str = "auto"  # one of DTYPES
     seed: int | None = None  # initialisation seed of a from-config model; defaults to the recipe's seed
 
 
@@ -46,7 +49,7 @@ class TokenizerSpec:
     """`tokenizer:`: a pretrained tokenizer or the built-in character tokenizer."""
 
     name_or_path: str | None = None
-    builtin: Literal["char"] | None = None
+    builtin: str | None = None  # one of BUILTIN_TOKENIZERS
     model_max_length: int | None = None
 
 

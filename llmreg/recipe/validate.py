@@ -23,7 +23,9 @@ from llmreg.core.deepspeed_shim import check_deepspeed_config, load_deepspeed_co
 from llmreg.core.options import ConfigError, check_mapping, closest, field_types
 from llmreg.recipe.errors import located
 from llmreg.recipe.paths import looks_local, resolve_path
-from llmreg.recipe.schema import TRAINER_KINDS, ModelSpec, Recipe, TokenizerSpec, TrainerSpec, trainer_config_class
+from llmreg.recipe.schema import (
+    BUILTIN_TOKENIZERS, DTYPES, TRAINER_KINDS, ModelSpec, Recipe, TokenizerSpec, TrainerSpec, trainer_config_class,
+)
 from llmreg.recipe.sources import validate_data
 
 DEFAULT_SEED = 42  # transformers' default, so a recipe without `seed` trains like the Trainer would
@@ -82,6 +84,8 @@ def _default_output_dir(recipe_path: str | None) -> str:
 
 def validate_model(section: dict, recipe_dir: str | None, seed: int) -> ModelSpec:
     spec = ModelSpec(**check_mapping(ModelSpec, section, "model"))
+    if spec.dtype not in DTYPES:
+        raise _choice_error("model.dtype", spec.dtype, DTYPES)
     if (spec.name_or_path is None) == (spec.config is None):
         raise ConfigError("model: set exactly one of name_or_path (a local path or hub id) or config (a new model)")
     if spec.name_or_path is not None:
@@ -121,6 +125,8 @@ def _config_class(model_type: str) -> type:
 
 def validate_tokenizer(section: dict | None, model: ModelSpec, recipe_dir: str | None) -> TokenizerSpec:
     spec = TokenizerSpec(**check_mapping(TokenizerSpec, section or {}, "tokenizer"))
+    if spec.builtin is not None and spec.builtin not in BUILTIN_TOKENIZERS:
+        raise _choice_error("tokenizer.builtin", spec.builtin, BUILTIN_TOKENIZERS)
     if spec.name_or_path is not None and spec.builtin is not None:
         raise ConfigError("tokenizer: set name_or_path or builtin, not both")
     if spec.name_or_path is not None:
@@ -196,9 +202,10 @@ def _check_enum_strings(config_cls: type, args: dict) -> None:
 
 def _validate_deepspeed(value: Any, recipe_dir: str | None) -> Any:
     if isinstance(value, str):
-        value = resolve_path(value, recipe_dir)
-        if not os.path.isfile(value):
+        path = resolve_path(value, recipe_dir)
+        if not os.path.isfile(path):
             raise ConfigError(f"trainer.deepspeed: file not found: {value}")
+        value = path
     with located("trainer.deepspeed"):
         check_deepspeed_config(value)  # refuses an `optimizer` block: it would drop llmreg's parameter groups
     return value
