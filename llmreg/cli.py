@@ -21,7 +21,7 @@ EXIT_CONFIG_ERROR = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     from llmreg.core.options import ConfigError
 
     try:
@@ -31,15 +31,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """argparse stops filling `overrides` at the first option (`train r.yaml --resume a=1`); pick up the
+    key=value arguments that come after an option here."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmreg", description="Regularized LLM training from YAML recipes.")
+    _launcher_args(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,validate,list}")
 
     train = sub.add_parser("train", help="validate a recipe, then train", description="Validate, then train.")
     _recipe_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
-    # the deepspeed launcher passes --local_rank; torchrun and accelerate use the LOCAL_RANK variable
-    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_train)
 
     validate = sub.add_parser("validate", help="check a recipe without loading a model or data")
@@ -51,7 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launcher_args(parser: argparse.ArgumentParser) -> None:
+    """The deepspeed launcher passes --local_rank=N before the subcommand (torch.distributed.launch did too);
+    torchrun and accelerate set LOCAL_RANK instead. Accepted in either position and ignored: the trainer reads
+    the environment."""
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
+    _launcher_args(parser)
     parser.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. trainer.learning_rate=1e-5 regularizers.0.lam=0.1")

@@ -68,6 +68,23 @@ def test_main_reports_config_errors(capsys, override, message):
         assert len(lines) == 1 and lines[0].startswith(message)
 
 
+def test_launcher_local_rank_argument_is_accepted(capsys):
+    # the deepspeed launcher puts --local_rank=N before the subcommand
+    assert main(["--local_rank=1", "validate", QUICKSTART]) == 0
+    assert main(["validate", "--local-rank", "0", QUICKSTART]) == 0
+    assert capsys.readouterr().out.count("ok: ") == 2
+
+
+def test_overrides_may_follow_options(capsys):
+    from llmreg.cli import _parse
+
+    args = _parse(["train", "r.yaml", "a=1", "--resume", "b.c=2"])
+    assert (args.recipe, args.overrides, args.resume) == ("r.yaml", ["a=1", "b.c=2"], True)
+    with pytest.raises(SystemExit):
+        _parse(["train", "r.yaml", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_validate_refuses_deepspeed_optimizer_block(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 3}}))
