@@ -1,6 +1,6 @@
 """`llmreg` command line: train, validate, list.
 
-    llmreg train RECIPE [key=value ...] [--resume]
+    llmreg train RECIPE [key=value ...] [--resume | --overwrite]
     llmreg validate RECIPE [key=value ...]
     llmreg list
 
@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="validate a recipe, then train", description="Validate, then train.")
     _recipe_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete an earlier run's checkpoints, metrics and final model in output_dir first")
     train.set_defaults(func=cmd_train)
 
     validate = sub.add_parser("validate", help="check a recipe without loading a model or data")
@@ -99,9 +101,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.resume:
         recipe.resume = True
-    resume_from = resume_checkpoint(recipe)  # fail before anything loads
+    resume_from = resume_checkpoint(recipe, args.overwrite)  # fail before anything loads
     _say(f"training {args.recipe}" + (f", resuming from {resume_from}" if resume_from else ""), *summary(recipe))
-    result = train(recipe)
+    result = train(recipe, overwrite=args.overwrite)
     _say(
         f"done: {result.global_step} steps; outputs in {result.output_dir}",
         f"  recipe       {os.path.join(result.output_dir, RECIPE_FILE)}",

@@ -11,7 +11,7 @@ import yaml
 from llmreg.core.options import ConfigError
 from llmreg.recipe import apply_overrides, build_run, dump_recipe, load_recipe, validate_recipe
 from llmreg.recipe.callbacks import MetricsJsonlCallback, read_metrics
-from llmreg.recipe.run import resume_checkpoint
+from llmreg.recipe.run import resume_checkpoint, train
 from llmreg.recipe.sources import load_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -362,9 +362,27 @@ def test_resume_rules(tmp_path):
         resume_checkpoint(recipe)
     (tmp_path / "out" / "checkpoint-4").mkdir(parents=True)
     assert resume_checkpoint(recipe) == str(tmp_path / "out" / "checkpoint-4")
+    with pytest.raises(ConfigError, match="resume and overwrite exclude each other"):
+        resume_checkpoint(recipe, overwrite=True)
     recipe.resume = False
     with pytest.raises(ConfigError, match="already holds checkpoint-4 from an earlier run: add --resume"):
         resume_checkpoint(recipe)
+    assert resume_checkpoint(recipe, overwrite=True) is None
+
+
+def test_overwrite_replaces_an_earlier_run_and_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    for name in ("checkpoint-50", "final", "init", "notes"):
+        (out / name).mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 50, "loss": 1.0}\n')
+    (out / "keep.txt").write_text("mine")
+    recipe = validate_recipe(tiny_recipe(out, trainer={"kind": "sft", "max_steps": 2, "save_steps": 2,
+                                                       "logging_steps": 1, "per_device_train_batch_size": 4}))
+    result = train(recipe, overwrite=True)
+    assert result.checkpoints == ["checkpoint-2"] and result.global_step == 2
+    assert sorted(os.listdir(out)) == ["README.md", "checkpoint-2", "final", "keep.txt", "metrics.jsonl", "notes",
+                                       "recipe.yaml"]
+    assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl")) if "loss" in r] == [1, 2]
 
 
 def test_metrics_file_is_trimmed_to_the_resumed_step(tmp_path):

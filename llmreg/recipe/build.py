@@ -94,16 +94,21 @@ def prepare_dataset(ds, recipe: Recipe, tokenizer, args):
         raise ConfigError(f"data: trainer kind 'hf' trains on a 'text' column, found {ds.column_names}; "
                           "set data.text_field")
     max_length = min(tokenizer.model_max_length, 4096)  # hub tokenizers may report a huge sentinel
-    eos = tokenizer.eos_token_id
 
     def tokenize(batch):
         ids = tokenizer(batch["text"], truncation=True, max_length=max_length)["input_ids"]
-        # end each document with EOS, as TRL's SFT does, so the model learns where text stops
-        ids = [x + [eos] if eos is not None and (not x or x[-1] != eos) and len(x) < max_length else x for x in ids]
+        ids = [_with_eos(x, tokenizer.eos_token_id, max_length) for x in ids]
         return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
 
     with args.main_process_first(desc="tokenize"):
         return ds.map(tokenize, batched=True, remove_columns=ds.column_names)
+
+
+def _with_eos(ids: list[int], eos: int | None, max_length: int) -> list[int]:
+    """End each document with EOS, as TRL's SFT does, so the model learns where text stops."""
+    if eos is None or (ids and ids[-1] == eos) or len(ids) >= max_length:
+        return ids
+    return ids + [eos]
 
 
 def build_trainer(recipe: Recipe, args, model, tokenizer, train_ds, eval_ds):

@@ -9,13 +9,15 @@ Output directory layout:
 
 A fresh run refuses an output directory that already holds checkpoints: the
 trainer would mix them with the new run's, and a later `--resume` would pick
-whichever has the highest step.
+whichever has the highest step. `overwrite=True` (`llmreg train --overwrite`)
+first deletes the earlier run's files (only the names above, and `init/`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass
 
 from llmreg.core.options import ConfigError
@@ -49,10 +51,14 @@ def checkpoints_in(output_dir: str) -> list[str]:
     return sorted(found, key=lambda d: int(d.split("-")[1]))
 
 
-def resume_checkpoint(recipe: Recipe) -> str | None:
+def resume_checkpoint(recipe: Recipe, overwrite: bool = False) -> str | None:
     """The checkpoint to resume from (None for a fresh run); a ConfigError where neither is possible."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    if overwrite:
+        if recipe.resume:
+            raise ConfigError("resume and overwrite exclude each other: continue the earlier run or replace it")
+        return None
     last = get_last_checkpoint(recipe.output_dir) if os.path.isdir(recipe.output_dir) else None
     if recipe.resume:
         if last is None:
@@ -61,15 +67,30 @@ def resume_checkpoint(recipe: Recipe) -> str | None:
         return last
     if last is not None:
         raise ConfigError(f"output_dir {recipe.output_dir} already holds {os.path.basename(last)} from an earlier "
-                          "run: add --resume to continue it, or set output_dir=<another dir>, or delete it")
+                          "run: add --resume to continue it, --overwrite to replace it, or set output_dir=<another dir>")
     return None
 
 
-def train(recipe: Recipe) -> RunResult:
+def clear_previous_run(output_dir: str) -> None:
+    """Delete what an earlier run wrote to `output_dir` (its known outputs only)."""
+    from llmreg.recipe.build import METRICS_FILE
+    from llmreg.recipe.models import INIT_DIR
+
+    for name in [*checkpoints_in(output_dir), FINAL_DIR, INIT_DIR, METRICS_FILE, RECIPE_FILE]:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.isfile(path):
+            os.remove(path)
+
+
+def train(recipe: Recipe, overwrite: bool = False) -> RunResult:
     """Build and train; writes the layout above. Call `resume_checkpoint` first to fail early."""
     from llmreg.recipe.build import build_run
 
-    resume_from = resume_checkpoint(recipe)
+    resume_from = resume_checkpoint(recipe, overwrite)
+    if overwrite and is_main_process():  # before build_run: a DPO/GRPO run writes init/ there
+        clear_previous_run(recipe.output_dir)
     run = build_run(recipe)
     if is_main_process():
         os.makedirs(recipe.output_dir, exist_ok=True)
