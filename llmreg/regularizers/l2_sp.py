@@ -45,6 +45,8 @@ class L2SPOptions:
 
 @register("l2_sp")
 class L2SP(Regularizer):
+    """Pull every trainable weight toward its value at the start of training: lam/2 * ||theta - theta_0||^2."""
+
     options_cls = L2SPOptions
     order = Order.GRADIENT_EDIT
 

@@ -51,6 +51,8 @@ class WeightDecayOptions:
 
 @register("weight_decay")
 class WeightDecayPolicy(Regularizer):
+    """Weight-decay parameter groups by pattern: 2-D weights decay; norms, biases and embeddings do not."""
+
     options_cls = WeightDecayOptions
     order = Order.PARAM_GROUPS
 
