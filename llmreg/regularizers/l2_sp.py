@@ -23,18 +23,20 @@ import re
 
 import torch
 
-from llmreg.core import Order, Regularizer, ShardAccess, option, register
 from dataclasses import dataclass
+
+from llmreg.core import Order, Regularizer, ShardAccess, option, register
+from llmreg.regularizers.forgetting import quadratic_penalty, quadratic_penalty_grad
 
 
 def l2_sp_penalty(theta: torch.Tensor, anchor: torch.Tensor, lam: float) -> torch.Tensor:
-    """lam / 2 * ||theta - anchor||^2."""
-    return 0.5 * lam * (theta - anchor).pow(2).sum()
+    """lam / 2 * ||theta - anchor||^2: the forgetting penalty with uniform importance 1 and coefficient lam / 2."""
+    return quadratic_penalty(theta, anchor, 1.0, 0.5 * lam)
 
 
 def l2_sp_grad(theta: torch.Tensor, anchor: torch.Tensor, lam: float) -> torch.Tensor:
-    """Gradient of `l2_sp_penalty` with respect to theta."""
-    return lam * (theta - anchor)
+    """Gradient of `l2_sp_penalty` with respect to theta: lam * (theta - anchor)."""
+    return quadratic_penalty_grad(theta, anchor, 1.0, 0.5 * lam)
 
 
 @dataclass
