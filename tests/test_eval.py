@@ -104,3 +104,84 @@ def test_local_task_with_missing_data_file(tmp_path, monkeypatch):
     missing = os.path.normpath(tmp_path / ".." / "shared" / "nope.jsonl")
     with pytest.raises(ConfigError, match=f"data file not found: {missing}"):
         load_suite(path)
+
+
+# --- report and lm-eval runs on the real stories260K -----------------------------------------------------------
+
+from llmreg.eval import run as ev  # noqa: E402
+
+MODEL = os.path.join(REPO, "..", "shared", "data", "models", "stories260K")
+
+
+def test_forgetting_report_signs_by_hand(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    suite = load_suite(os.path.join(SUITES, "general_offline.yaml"))  # target gsm8k_local, retain tinystories_ppl
+    metrics = {"gsm8k_local": "exact_match,strict-match", "tinystories_ppl": "word_perplexity,none"}
+    base = ev.Scores({"gsm8k_local": 0.10, "tinystories_ppl": 4.0}, metrics)
+    runs = {"a": {"gsm8k_local": 0.30, "tinystories_ppl": 8.0},   # gain 0.2, perplexity up 4 -> forgetting 4
+            "b": {"gsm8k_local": 0.20, "tinystories_ppl": 5.0},   # gain 0.1, forgetting 1
+            "c": {"gsm8k_local": 0.15, "tinystories_ppl": 6.0}}   # gain 0.05, forgetting 2: dominated by b
+    report = ev.forgetting_report(base, runs, suite)
+    a = report["runs"]["a"]
+    assert a["target_gain"] == pytest.approx(0.2) and a["forgetting"] == pytest.approx(4.0)
+    assert a["gain_per_forgetting"] == pytest.approx(0.05)
+    assert a["tasks"]["tinystories_ppl"]["delta"] == pytest.approx(4.0)
+    assert a["tasks"]["tinystories_ppl"]["gain"] == pytest.approx(-4.0)  # lower perplexity is better
+    assert report["pareto_front"] == ["a", "b"]
+    files = ev.write_report(report, str(tmp_path))
+    assert all(os.path.getsize(f) > 0 for f in files)
+    assert "| b | 0.1 | 1 | 0.1 | yes |" in open(tmp_path / "forgetting_report.md").read()
+
+
+@pytest.fixture(scope="module")
+def stories():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(MODEL), AutoTokenizer.from_pretrained(MODEL)
+
+
+def test_report_numbers_equal_lm_eval(stories, tmp_path, monkeypatch):
+    """Acceptance: what the report says is what lm-eval's simple_evaluate says for the same model and tasks."""
+    import copy
+
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok = stories
+    suite = load_suite(os.path.join(SUITES, "stories260k.yaml"))
+    base = ev.evaluate_suite(suite, model, tok, limit=5)
+    assert base.metrics == {"gsm8k_ppl": "word_perplexity,none", "tinystories_ppl": "word_perplexity,none"}
+
+    include = ev.write_local_tasks(suite, tmp_path / "tasks")
+    direct = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4),  # same batching
+                             tasks=["gsm8k_ppl", "tinystories_ppl"], limit=5,
+                             task_manager=TaskManager(include_path=include, include_defaults=False))
+    for task in ("gsm8k_ppl", "tinystories_ppl"):
+        assert base[task] == pytest.approx(direct["results"][task]["word_perplexity,none"], rel=1e-9)
+    assert 1 < base["tinystories_ppl"] < base["gsm8k_ppl"]  # a TinyStories model knows stories, not maths
+
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for p in noisy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tuned = ev.evaluate_suite(suite, noisy, tok, limit=5)
+    report = ev.forgetting_report(base, {"noisy": tuned}, suite)
+    run = report["runs"]["noisy"]
+    assert run["tasks"]["tinystories_ppl"]["base"] == base["tinystories_ppl"]
+    assert run["tasks"]["tinystories_ppl"]["tuned"] == tuned["tinystories_ppl"]
+    assert run["forgetting"] == pytest.approx(tuned["tinystories_ppl"] - base["tinystories_ppl"])
+    assert run["target_gain"] == pytest.approx(base["gsm8k_ppl"] - tuned["gsm8k_ppl"])
+
+
+def test_base_scores_are_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    suite = load_suite(os.path.join(SUITES, "stories260k.yaml"))
+    first = ev.cached_evaluate(suite, MODEL, limit=2, cache_dir=str(tmp_path))
+    monkeypatch.setattr(ev, "evaluate_suite", lambda *a, **k: pytest.fail("evaluated again"))
+    again = ev.cached_evaluate(suite, MODEL, limit=2, cache_dir=str(tmp_path))
+    assert again == first and again.metrics == first.metrics
+    assert ev.cache_path(str(tmp_path), MODEL, suite, 3) != ev.cache_path(str(tmp_path), MODEL, suite, 2)

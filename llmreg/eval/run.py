@@ -1,0 +1,238 @@
+"""Run a suite with lm-eval and report what fine-tuning gained on the target tasks and lost on the retained ones.
+
+Scores: one primary metric per task (the suite entry's `metric`, else the first of PRIMARY_METRICS that
+lm-eval reports). Perplexity tasks (loglikelihood_rolling) use `word_perplexity`, where LOWER is better.
+
+Sign convention: `gain` is always "better is positive": tuned - base for higher-is-better metrics,
+base - tuned for lower-is-better ones (perplexities). `delta` is the raw tuned - base. A run's
+`target_gain` is the weighted mean gain over target tasks; its `forgetting` is the weighted mean drop
+(= -gain) over retained tasks, so forgetting > 0 means ability was lost. Units are the metrics' own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+from llmreg.eval.suite import Suite, load_suite, write_local_tasks
+
+PRIMARY_METRICS = ("word_perplexity", "exact_match", "acc_norm", "acc")
+LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "token_perplexity", "perplexity", "bits_per_byte"}
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "llmreg", "eval")
+
+
+class Scores(dict):
+    """{task: score}, with `.metrics` {task: lm-eval metric key, e.g. 'exact_match,strict-match'}."""
+
+    def __init__(self, scores: dict[str, float] | None = None, metrics: dict[str, str] | None = None):
+        super().__init__(scores or {})
+        self.metrics = dict(metrics or {})
+
+
+def primary_metric(task_result: dict[str, Any], wanted: str | None = None) -> str:
+    """The key of the metric to report from one lm-eval task result (keys look like 'acc,none')."""
+    keys = [k for k in task_result if "," in k and "_stderr" not in k]
+    names = [wanted] if wanted else list(PRIMARY_METRICS)
+    for name in names:
+        for key in keys:  # exact metric first, then any filter ('exact_match,strict-match' before flexible)
+            if key.split(",")[0] == name or key == name:
+                return key
+    raise KeyError(f"no metric {' / '.join(names)} in lm-eval result; it has {', '.join(keys)}")
+
+
+def lower_is_better(metric_key: str) -> bool:
+    return metric_key.split(",")[0] in LOWER_IS_BETTER
+
+
+def _load_model(model: Any, tokenizer: Any):
+    """lm-eval's HFLM over an in-memory model (DESIGN trap 12); a path is loaded here so both cases match."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(model, (str, os.PathLike)):
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model))
+        model = AutoModelForCausalLM.from_pretrained(str(model))
+    elif tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    return model, tokenizer
+
+
+def _groups(suite: Suite, limit: int | None) -> dict[tuple, list]:
+    """Tasks sharing (limit, num_fewshot) run in one simple_evaluate call (its options are per call).
+    An explicit `limit` caps every task (quick runs); else the entry's, else the suite's."""
+    groups: dict[tuple, list] = {}
+    for entry in suite.entries:
+        task_limit = limit if limit is not None else (entry.limit if entry.limit is not None else suite.limit)
+        shots = entry.num_fewshot if entry.num_fewshot is not None else suite.num_fewshot
+        groups.setdefault((task_limit, shots), []).append(entry)
+    return groups
+
+
+def evaluate_suite(suite: Suite | str, model: Any, tokenizer: Any = None, limit: int | None = None,
+                   batch_size: int = 4) -> Scores:
+    """{task: primary score} for `model` (a path or an in-memory PreTrainedModel) on every suite task."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    suite = load_suite(suite) if isinstance(suite, (str, os.PathLike)) else suite
+    model, tokenizer = _load_model(model, tokenizer)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    scores = Scores()
+    with tempfile.TemporaryDirectory(prefix="llmreg-tasks-") as include:
+        write_local_tasks(suite, include)
+        # local-only suites skip indexing lm-eval's thousands of built-in task YAMLs (seconds per call)
+        only_local = all(e.task in suite.local_tasks for e in suite.entries)
+        manager = TaskManager(include_path=include, include_defaults=not only_local)
+        for (task_limit, shots), entries in _groups(suite, limit).items():
+            out = simple_evaluate(model=lm, tasks=[e.task for e in entries], task_manager=manager,
+                                  limit=task_limit, num_fewshot=shots, log_samples=False,
+                                  apply_chat_template=suite.apply_chat_template, bootstrap_iters=0)
+            for entry in entries:
+                key = primary_metric(out["results"][entry.task], entry.metric)
+                scores[entry.task] = float(out["results"][entry.task][key])
+                scores.metrics[entry.task] = key
+    return scores
+
+
+# --- base-score cache ----------------------------------------------------------------------------------------
+
+def cache_path(cache_dir: str | None, model_name: str, suite: Suite, limit: int | None) -> str:
+    """Base scores depend on the model, the suite file's content and the limit: all three key the file."""
+    key = json.dumps([os.path.abspath(model_name) if os.path.exists(model_name) else model_name,
+                      suite.file_hash, limit])
+    name = hashlib.sha256(key.encode()).hexdigest()[:20] + ".json"
+    return os.path.join(cache_dir or DEFAULT_CACHE, name)
+
+
+def cached_evaluate(suite: Suite, model_path: str, limit: int | None = None, cache_dir: str | None = None,
+                    **kw) -> Scores:
+    """evaluate_suite on a model path, reusing an earlier result for the same model, suite and limit."""
+    path = cache_path(cache_dir, model_path, suite, limit)
+    if os.path.isfile(path):
+        data = json.load(open(path))
+        return Scores(data["scores"], data["metrics"])
+    scores = evaluate_suite(suite, model_path, limit=limit, **kw)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"model": model_path, "suite": suite.path, "limit": limit, "scores": dict(scores),
+                   "metrics": scores.metrics}, f, indent=2)
+    return scores
+
+
+# --- report --------------------------------------------------------------------------------------------------
+
+def _gain(base: float, tuned: float, metric: str) -> float:
+    return base - tuned if lower_is_better(metric) else tuned - base
+
+
+def _weighted_mean(pairs: list[tuple[float, float]]) -> float | None:
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Runs not dominated in (low forgetting, high gain): no other run forgets no more and gains no less,
+    with one of the two strictly better."""
+    front = []
+    for name, (f, g) in points.items():
+        dominated = any(f2 <= f and g2 >= g and (f2 < f or g2 > g) for other, (f2, g2) in points.items()
+                        if other != name)
+        if not dominated:
+            front.append(name)
+    return front
+
+
+def forgetting_report(base_scores: dict[str, float], runs: dict[str, dict[str, float]], suite: Suite) -> dict:
+    """Per run and task: base, tuned, delta, gain; per run: target_gain, forgetting, gain_per_forgetting."""
+    metrics = {**getattr(base_scores, "metrics", {})}
+    report: dict[str, Any] = {"suite": suite.path, "sign_convention": __doc__.split("Sign convention: ")[1].strip(),
+                              "base": dict(base_scores), "metrics": metrics, "runs": {}}
+    for name, scores in runs.items():
+        metrics.update({t: m for t, m in getattr(scores, "metrics", {}).items() if t not in metrics})
+        tasks, target, retain = {}, [], []
+        for entry in suite.entries:
+            metric = metrics.get(entry.task, entry.metric or "")
+            base, tuned = base_scores[entry.task], scores[entry.task]
+            gain = _gain(base, tuned, metric)
+            role = suite.role(entry.task)
+            tasks[entry.task] = {"role": role, "metric": metric, "lower_is_better": lower_is_better(metric),
+                                 "base": base, "tuned": tuned, "delta": tuned - base, "gain": gain}
+            (target if role == "target" else retain).append((gain, entry.weight))
+        target_gain = _weighted_mean(target)
+        forgetting = _weighted_mean([(-g, w) for g, w in retain])
+        per_point = target_gain / forgetting if target_gain is not None and forgetting and forgetting > 0 else None
+        report["runs"][name] = {"tasks": tasks, "target_gain": target_gain, "forgetting": forgetting,
+                                "gain_per_forgetting": per_point}
+    points = {n: (r["forgetting"] or 0.0, r["target_gain"] or 0.0) for n, r in report["runs"].items()}
+    report["pareto_front"] = pareto_front(points)
+    return report
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))
+
+
+def write_markdown(report: dict, path: str) -> None:
+    lines = [f"# Forgetting report: {os.path.basename(report['suite'])}", "",
+             f"Sign convention: {report['sign_convention']}", "",
+             "| run | target gain | forgetting | gain per point of forgetting | Pareto |", "|---|---|---|---|---|"]
+    for name, run in report["runs"].items():
+        lines.append(f"| {name} | {_fmt(run['target_gain'])} | {_fmt(run['forgetting'])} | "
+                     f"{_fmt(run['gain_per_forgetting'])} | {'yes' if name in report['pareto_front'] else ''} |")
+    for name, run in report["runs"].items():
+        lines += ["", f"## {name}", "", "| task | role | metric | base | tuned | delta | gain |",
+                  "|---|---|---|---|---|---|---|"]
+        for task, t in run["tasks"].items():
+            lines.append(f"| {task} | {t['role']} | {t['metric']}{' (lower is better)' if t['lower_is_better'] else ''}"
+                         f" | {_fmt(t['base'])} | {_fmt(t['tuned'])} | {_fmt(t['delta'])} | {_fmt(t['gain'])} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_plots(report: dict, out_dir: str) -> list[str]:
+    """deltas.png (gain per task and run) and pareto.png (target gain vs forgetting, front joined)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on clusters or CI
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    tasks = list(next(iter(runs.values()))["tasks"]) if runs else []
+    fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(tasks) * max(1, len(runs))), 3.5))
+    width = 0.8 / max(1, len(runs))
+    for i, (name, run) in enumerate(runs.items()):
+        ax.bar([t + i * width for t in range(len(tasks))], [run["tasks"][t]["gain"] for t in tasks], width, label=name)
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_ylabel("gain (positive = better)")
+    ax.legend()
+    deltas = os.path.join(out_dir, "deltas.png")
+    fig.tight_layout(), fig.savefig(deltas), plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, run in runs.items():
+        ax.scatter(run["forgetting"] or 0.0, run["target_gain"] or 0.0)
+        ax.annotate(name, (run["forgetting"] or 0.0, run["target_gain"] or 0.0))
+    front = sorted((runs[n]["forgetting"] or 0.0, runs[n]["target_gain"] or 0.0) for n in report["pareto_front"])
+    if front:
+        ax.plot(*zip(*front), "--", color="gray", label="Pareto front")
+        ax.legend()
+    ax.set_xlabel("forgetting (retained-task drop)")
+    ax.set_ylabel("target gain")
+    pareto = os.path.join(out_dir, "pareto.png")
+    fig.tight_layout(), fig.savefig(pareto), plt.close(fig)
+    return [deltas, pareto]
+
+
+def write_report(report: dict, out_dir: str) -> list[str]:
+    """forgetting_report.json, forgetting_report.md and the two plots in `out_dir`; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, "forgetting_report.json")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+    md_path = os.path.join(out_dir, "forgetting_report.md")
+    write_markdown(report, md_path)
+    return [json_path, md_path, *write_plots(report, out_dir)]
