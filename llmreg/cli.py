@@ -3,6 +3,7 @@
     llmreg train RECIPE [key=value ...] [--resume | --overwrite]
     llmreg validate RECIPE [key=value ...]
     llmreg list
+    llmreg eval --suite SUITE --model PATH [--model PATH ...] [--base PATH] --out DIR [--limit N]
 
 `train` also runs under `torchrun --nproc_per_node N -m llmreg.cli train ...`,
 `accelerate launch -m llmreg.cli train ...` and the `deepspeed` launcher: the
@@ -47,7 +48,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmreg", description="Regularized LLM training from YAML recipes.")
     _launcher_args(parser)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,validate,list}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,validate,list,eval}")
 
     train = sub.add_parser("train", help="validate a recipe, then train", description="Validate, then train.")
     _recipe_args(train)
@@ -62,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="show the registered regularizers and their options")
     lst.set_defaults(func=cmd_list)
+
+    ev = sub.add_parser("eval", help="evaluate fine-tuned models against a base on a suite: gain vs forgetting",
+                        description="Run a suite (eval/suites/*.yaml) with lm-eval on the base and each model; "
+                                    "write forgetting_report.{json,md}, deltas.png and pareto.png into --out.")
+    ev.add_argument("--suite", required=True, help="suite YAML, e.g. eval/suites/stories260k.yaml")
+    ev.add_argument("--model", action="append", required=True, metavar="PATH",
+                    help="fine-tuned model directory (or hub name when online); repeat for several runs")
+    ev.add_argument("--base", metavar="PATH", help="the model before fine-tuning (default: the first --model)")
+    ev.add_argument("--out", required=True, metavar="DIR", help="folder for the report files")
+    ev.add_argument("--limit", type=int, help="at most N documents per task (quick runs)")
+    ev.add_argument("--cache-dir", help="base-score cache (default ~/.cache/llmreg/eval)")
+    ev.set_defaults(func=cmd_eval, overrides=[])
     return parser
 
 
@@ -123,6 +136,48 @@ def cmd_list(args: argparse.Namespace) -> int:
         for opt, type_name, default, help_text in options_help(cls.options_cls):
             print(f"    {opt} ({type_name}, default {default!r}): {help_text}")
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from llmreg.core.options import ConfigError
+    from llmreg.eval.suite import load_suite
+
+    suite = load_suite(args.suite)
+    models = list(args.model)
+    base = args.base or (models.pop(0) if len(models) > 1 else None)
+    if base is None:
+        raise ConfigError("eval: give --base, or at least two --model (the first is then the base)")
+    for path in [base, *models]:  # before anything loads: a typo should not cost a model load
+        _check_model_path(path)
+    from llmreg.eval.run import cached_evaluate, evaluate_suite, forgetting_report, write_report
+
+    print(f"evaluating base {base} on {args.suite}", flush=True)
+    base_scores = cached_evaluate(suite, base, limit=args.limit, cache_dir=args.cache_dir)
+    runs = {}
+    for path in models:
+        print(f"evaluating {path}", flush=True)
+        runs[_run_name(path, runs)] = evaluate_suite(suite, path, limit=args.limit)
+    files = write_report(forgetting_report(base_scores, runs, suite), args.out)
+    print("done: " + ", ".join(files))
+    return 0
+
+
+def _check_model_path(path: str) -> None:
+    """A path that exists must be a model folder; one that does not is an error offline (no hub) or when it
+    is written as a path (./x, /x, a/b/c), since hub names are at most `org/name`."""
+    from llmreg.core.options import ConfigError
+
+    if os.path.exists(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"eval: {path} is not a model folder (no config.json)")
+        return
+    if os.environ.get("HF_HUB_OFFLINE") or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ConfigError(f"eval: model path not found: {path}")
+
+
+def _run_name(path: str, taken: dict) -> str:
+    name = os.path.basename(os.path.normpath(path)) or path
+    return name if name not in taken else f"{name}-{len(taken)}"
 
 
 def _first_doc_line(cls: type) -> str:

@@ -185,3 +185,47 @@ def test_base_scores_are_cached(tmp_path, monkeypatch):
     again = ev.cached_evaluate(suite, MODEL, limit=2, cache_dir=str(tmp_path))
     assert again == first and again.metrics == first.metrics
     assert ev.cache_path(str(tmp_path), MODEL, suite, 3) != ev.cache_path(str(tmp_path), MODEL, suite, 2)
+
+
+# --- llmreg eval ---------------------------------------------------------------------------------------------
+
+def test_cli_eval_writes_report(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "llmreg.cli", "eval", "--suite", os.path.join(SUITES, "stories260k.yaml"),
+           "--base", MODEL, "--model", MODEL, "--out", str(tmp_path / "out"), "--limit", "3",
+           "--cache-dir", str(tmp_path / "cache")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.load(open(tmp_path / "out" / "forgetting_report.json"))
+    run = report["runs"]["stories260K"]  # the base against itself: nothing gained, nothing forgotten
+    assert run["target_gain"] == 0 and run["forgetting"] == 0
+    for name in ("forgetting_report.md", "deltas.png", "pareto.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "./no/such/model", "--base", MODEL], "model path not found: ./no/such/model"),
+    (["--model", MODEL], "give --base, or at least two --model"),
+    (["--model", REPO, "--base", MODEL], "is not a model folder"),
+])
+def test_cli_eval_errors_before_loading(args, message, tmp_path, capsys, monkeypatch):
+    from llmreg.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(ev, "evaluate_suite", lambda *a, **k: pytest.fail("evaluated"))
+    code = main(["eval", "--suite", os.path.join(SUITES, "stories260k.yaml"), "--out", str(tmp_path), *args])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_eval_bad_suite(tmp_path, capsys, monkeypatch):
+    from llmreg.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = _suite(tmp_path, "target: [gsm8k_pp]\nretain: [tinystories_ppl]\n")
+    assert main(["eval", "--suite", path, "--model", MODEL, "--base", MODEL, "--out", str(tmp_path)]) == 2
+    assert "unknown task 'gsm8k_pp'" in capsys.readouterr().err

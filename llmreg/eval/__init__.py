@@ -4,5 +4,6 @@ Only `continual_metrics` and `load_suite` import eagerly; running lm-eval lives 
 """
 
 from llmreg.eval.continual import continual_metrics
+from llmreg.eval.suite import load_suite
 
-__all__ = ["continual_metrics"]
+__all__ = ["continual_metrics", "load_suite"]
