@@ -151,3 +151,13 @@ def test_finetune_learns_the_new_skill_and_takes_regularizers(tmp_path):
     assert not torch.equal(reg.lm_head.weight, tuned.lm_head.weight)
     scores = testbed.evaluate_all(tuned, tok, ["copy", "sub"], eval_n=5)
     assert set(scores) == {"copy", "sub"} and all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_forget_summary_counts_old_skills_only():
+    from llmreg.testbed.__main__ import summarize
+
+    before = {"copy": 1.0, "add": 0.9, "sub": 0.1}
+    after = {"copy": 0.5, "add": 0.7, "sub": 0.85}
+    out = summarize(before, after)
+    assert out["drop_points"] == {"copy": 50.0, "add": 20.0}
+    assert out["avg_old_drop_points"] == 35.0 and out["new_skill"] == 0.85

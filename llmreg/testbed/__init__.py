@@ -2,7 +2,7 @@
 
     from llmreg import testbed
     path = testbed.build()                      # cached under ~/.cache/llmreg/testbed/<hash>
-    model = testbed.finetune(path, "sub", steps=100, lr=1e-4)
+    model = testbed.finetune(path, "sub")   # 800 steps, lr 1e-4: the measured graded-forgetting setting
     testbed.evaluate_all(model, tok)
 """
 

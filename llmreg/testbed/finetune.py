@@ -32,12 +32,13 @@ class _Collator:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def finetune(model_dir: str | os.PathLike, skill: str = S.NEW_SKILL, steps: int = 100, lr: float = 1e-4,
+def finetune(model_dir: str | os.PathLike, skill: str = S.NEW_SKILL, steps: int = 800, lr: float = 1e-4,
              regularizers: Sequence[Any] = (), seed: int = 0, batch_size: int = 32, output_dir: str | None = None,
-             **training_args: Any):
+             callbacks: Sequence[Any] = (), **training_args: Any):
     """The model of `model_dir` after `steps` optimizer steps on `skill`'s train split; returns the model (eval mode).
 
     `regularizers`: what `RegTrainer(regularizers=...)` takes (objects, names or dicts).
+    `callbacks`: `transformers.TrainerCallback`s (e.g. to evaluate along the way).
     `training_args`: extra `transformers.TrainingArguments` fields (they override the defaults here).
     """
     import transformers
@@ -55,7 +56,8 @@ def finetune(model_dir: str | os.PathLike, skill: str = S.NEW_SKILL, steps: int 
         )
         kw.update(training_args)
         trainer = RegTrainer(model=model, args=transformers.TrainingArguments(**kw), train_dataset=data,
-                             data_collator=_Collator(tok.pad_token_id), regularizers=list(regularizers))
+                             data_collator=_Collator(tok.pad_token_id), regularizers=list(regularizers),
+                             callbacks=list(callbacks) or None)
         trainer.train()
     model.eval()
     return model
