@@ -48,7 +48,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmreg", description="Regularized LLM training from YAML recipes.")
     _launcher_args(parser)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,validate,list,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,validate,list,eval,testbed}")
 
     train = sub.add_parser("train", help="validate a recipe, then train", description="Validate, then train.")
     _recipe_args(train)
@@ -75,7 +75,17 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="at most N documents per task (quick runs)")
     ev.add_argument("--cache-dir", help="base-score cache (default ~/.cache/llmreg/eval)")
     ev.set_defaults(func=cmd_eval, overrides=[])
+    tb = sub.add_parser("testbed", help="build the CPU forgetting testbed, or fine-tune it on its new skill",
+                        add_help=False)
+    tb.add_argument("rest", nargs=argparse.REMAINDER, help="build | forget PATH ... (see --help after it)")
+    tb.set_defaults(func=cmd_testbed, overrides=[])
     return parser
+
+
+def cmd_testbed(args: argparse.Namespace) -> int:
+    from llmreg.testbed.__main__ import main as testbed_main
+
+    return testbed_main(args.rest)
 
 
 def _launcher_args(parser: argparse.ArgumentParser) -> None:

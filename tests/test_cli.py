@@ -214,3 +214,14 @@ def test_train_single_process_deepspeed_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "checkpoint-2" / "llmreg_regularizers" / "rank0.pt").is_file()
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_testbed_subcommand_reaches_the_testbed_cli():
+    from llmreg.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["testbed", "forget", "--help"])
+    assert info.value.code == 0
+    with pytest.raises(SystemExit) as info:
+        main(["testbed", "forget"])  # the checkpoint path is required: argparse exits 2
+    assert info.value.code == 2
