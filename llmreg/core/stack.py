@@ -38,7 +38,6 @@ class RegularizerStack:
         self.trainer_kind = trainer_kind
         self.labels = _unique_labels(self.regularizers)
         self._check_trainer_kind()
-        self._last_terms: dict[str, dict[str, float]] = {}
         self._term_sums: dict[str, dict[str, float]] = {}
         self._term_counts: Counter[str] = Counter()
 

@@ -72,7 +72,7 @@ class RegularizedTrainerMixin:
     # -- optimizer groups -----------------------------------------------------------------
     def create_optimizer(self, model: torch.nn.Module | None = None):
         if self.optimizer is not None or not self.reg_stack.any_overrides("param_groups"):
-            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+            return super().create_optimizer(model)
         from transformers.trainer_optimizer import is_optimizer_factory
 
         opt_model = self.model if model is None else model
@@ -81,7 +81,7 @@ class RegularizedTrainerMixin:
         defaults = {n: {"weight_decay": self.args.weight_decay if n in decay else 0.0} for n, _ in named}
         groups = self.reg_stack.optimizer_groups(named, defaults)
         if groups is None:
-            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+            return super().create_optimizer(model)
         if self.optimizer_cls_and_kwargs is not None:
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
         else:

@@ -64,5 +64,4 @@ class WeightDecayPolicy(Regularizer):
         if wd is None:
             wd = getattr(self, "_default_wd", 0.0)
         decay, no_decay = split_by_decay(named_params, self.options.decay, self.options.no_decay, self.options.min_ndim)
-        self.last_split = {"decay": decay, "no_decay": no_decay}
         return [{"names": decay, "weight_decay": wd}, {"names": no_decay, "weight_decay": 0.0}]
