@@ -133,6 +133,12 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_ds, eval_ds):
         kwargs["reward_funcs"] = [load_reward(recipe.trainer.reward)]
     trainer = TRAINERS[kind](**kwargs)
     trainer.add_callback(MetricsJsonlCallback(os.path.join(recipe.output_dir, METRICS_FILE)))
+    if recipe.eval_during_training is not None:
+        from llmreg.eval.callback import EvalSuiteCallback
+
+        spec = recipe.eval_during_training
+        EvalSuiteCallback(spec.suite, spec.every_steps, limit=spec.limit, batch_size=spec.batch_size,
+                          tokenizer=tokenizer, trainer=trainer)
     return trainer
 
 

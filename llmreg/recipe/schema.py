@@ -96,6 +96,17 @@ class TrainerSpec:
 
 
 @dataclass
+class EvalDuringTrainingSpec:
+    """`eval_during_training:`: a suite run on the in-memory model every `every_steps` optimizer steps,
+    logged as eval/<task> (llmreg.eval.callback.EvalSuiteCallback)."""
+
+    suite: str  # suite YAML (eval/suites/*.yaml); absolute after validation
+    every_steps: int = 100
+    limit: int | None = None  # documents per task; keep it small, it runs inside training
+    batch_size: int = 4
+
+
+@dataclass
 class Recipe:
     model: ModelSpec
     tokenizer: TokenizerSpec
@@ -106,6 +117,7 @@ class Recipe:
     output_dir: str = "runs/recipe"
     resume: bool = False
     seed: int = 42
+    eval_during_training: EvalDuringTrainingSpec | None = None
     path: str | None = None  # the recipe file it came from; not part of the recipe itself
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +134,7 @@ class Recipe:
             "output_dir": self.output_dir,
             "resume": self.resume,
             "seed": self.seed,
+            **({"eval_during_training": _compact(self.eval_during_training)} if self.eval_during_training else {}),
         }
 
 

@@ -24,7 +24,8 @@ from llmreg.core.options import ConfigError, check_mapping, closest, field_types
 from llmreg.recipe.errors import located
 from llmreg.recipe.paths import looks_local, resolve_path
 from llmreg.recipe.schema import (
-    BUILTIN_TOKENIZERS, DTYPES, TRAINER_KINDS, ModelSpec, Recipe, TokenizerSpec, TrainerSpec, trainer_config_class,
+    BUILTIN_TOKENIZERS, DTYPES, TRAINER_KINDS, EvalDuringTrainingSpec, ModelSpec, Recipe, TokenizerSpec, TrainerSpec,
+    trainer_config_class,
 )
 from llmreg.recipe.sources import validate_data
 
@@ -45,6 +46,7 @@ class _RecipeKeys:
     output_dir: str | None = None
     resume: bool = False
     seed: int = DEFAULT_SEED
+    eval_during_training: dict | None = None
 
 
 def validate_recipe(raw: Any, recipe_path: str | None = None) -> Recipe:
@@ -71,6 +73,7 @@ def validate_recipe(raw: Any, recipe_path: str | None = None) -> Recipe:
         output_dir=os.path.abspath(os.path.expanduser(top.get("output_dir") or _default_output_dir(recipe_path))),
         resume=top.get("resume", False),
         seed=seed,
+        eval_during_training=validate_eval_during_training(top.get("eval_during_training"), recipe_dir, trainer),
         path=os.path.abspath(recipe_path) if recipe_path else None,
     )
 
@@ -252,6 +255,37 @@ def _validate_regularizer(item: Any, where: str) -> dict:
         cls = get_regularizer_class(item["name"])
     options = check_mapping(cls.options_cls, {k: v for k, v in item.items() if k != "name"}, where)
     return {"name": item["name"], **options}
+
+
+# -- eval during training --------------------------------------------------------------------------
+
+def validate_eval_during_training(section: dict | None, recipe_dir: str | None,
+                                  trainer: TrainerSpec) -> EvalDuringTrainingSpec | None:
+    """The suite must exist and load (its tasks and their data files are checked); steps and limit >= 1;
+    ZeRO-3 is refused here rather than at train begin (rank 0 cannot evaluate partitioned weights)."""
+    if section is None:
+        return None
+    where = "eval_during_training"
+    values = check_mapping(EvalDuringTrainingSpec, section, where)
+    if "suite" not in values:
+        raise ConfigError(f"{where}: missing key 'suite' (a suite file, e.g. eval/suites/stories260k.yaml)")
+    spec = EvalDuringTrainingSpec(**values)
+    for key in ("every_steps", "limit", "batch_size"):
+        value = getattr(spec, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{where}.{key}: must be >= 1, got {value}")
+    path = resolve_path(spec.suite, recipe_dir)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}.suite: suite file not found: {spec.suite}")
+    from llmreg.eval.suite import load_suite
+
+    with located(f"{where}.suite"):
+        load_suite(path)
+    spec.suite = path
+    if _zero_stage(trainer.args.get("deepspeed")) == 3:
+        raise ConfigError(f"{where}: not supported with DeepSpeed ZeRO-3 (rank 0 cannot evaluate partitioned "
+                          "weights); use ZeRO-2 or evaluate checkpoints afterwards with `llmreg eval`")
+    return spec
 
 
 def _zero_stage(deepspeed: Any) -> int:
