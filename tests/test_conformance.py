@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import trl
-from conftest import lm_dataset, hf_args
+from conftest import hf_args, lm_dataset, random_artifact
 from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForLanguageModeling
 
@@ -16,11 +16,23 @@ import llmreg
 from llmreg.core.trainer_mixin import STATE_DIR
 from llmreg.data import build_char_tokenizer, make_builtin_dataset, tiny_llama
 
-# options that make each regularizer do something visible in 2 steps
+def _artifact(tmp_path):
+    tok = build_char_tokenizer()
+    return {"artifact": random_artifact(tmp_path / "importance", tiny_llama(vocab_size=len(tok))), "lam": 1.0}
+
+
+# options that make each regularizer do something visible in 2 steps (a callable gets a temporary directory)
 SETTINGS = {
+    "forgetting_penalty": _artifact,
     "l2_sp": {"lam": 1.0},
+    "si_importance": {},
     "weight_decay": {"weight_decay": 0.1},
 }
+
+
+def _settings(name, tmp_path):
+    value = SETTINGS[name]
+    return value(tmp_path) if callable(value) else value
 
 
 def test_every_regularizer_has_a_row():
@@ -33,7 +45,7 @@ def _lora():
 
 def _trainer(kind, peft, name, out, max_steps):
     tok = build_char_tokenizer()
-    regs = [{"name": name, **SETTINGS[name]}]
+    regs = [{"name": name, **_settings(name, out)}]
     common = dict(max_steps=max_steps, per_device_train_batch_size=4, save_strategy="steps", save_steps=2)
     model = tiny_llama(vocab_size=len(tok))
     if kind == "hf":
@@ -52,6 +64,10 @@ def _trainer(kind, peft, name, out, max_steps):
 @pytest.mark.parametrize("kind", ["hf", "sft"])
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_trains_saves_resumes_and_round_trips(name, kind, peft, tmp_path):
+    if peft and not llmreg.get_regularizer_class(name).requires.supports_peft:
+        with pytest.raises(llmreg.ConfigError, match="does not support PEFT"):
+            _trainer(kind, peft, name, tmp_path, max_steps=2)
+        return
     first = _trainer(kind, peft, name, tmp_path, max_steps=2)
     first.train()
     ckpt = tmp_path / "checkpoint-2"
@@ -62,13 +78,15 @@ def test_trains_saves_resumes_and_round_trips(name, kind, peft, tmp_path):
     assert resumed.state.global_step == 3
 
     reg = resumed.reg_stack.regularizers[0]
-    fresh = llmreg.build_regularizer({"name": name, **SETTINGS[name]})
+    fresh = llmreg.build_regularizer({"name": name, **_settings(name, tmp_path)})
     fresh.load_state_dict(reg.state_dict())
-    a, b = reg.state_dict(), fresh.state_dict()
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], dict):
-            assert a[key].keys() == b[key].keys()
-            assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
-        else:
-            assert a[key] == b[key]
+    assert _same(reg.state_dict(), fresh.state_dict())
+
+
+def _same(a, b) -> bool:
+    """Nested state equality: tensors bit for bit, everything else by ==."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and torch.equal(a, b)
+    return a == b

@@ -25,6 +25,7 @@ def test_pre_step_edit_equals_explicit_penalty_gradient(tok):
     model = tiny_llama(vocab_size=len(tok), seed=0)
     shards = ShardAccess.from_model(model)
     reg = L2SP(lam=0.3)
+    reg.setup(model, trainer=None)
     reg.on_prepared(model, shards)
     start = weights(model)
     with torch.no_grad():  # move away from the anchor so the penalty is not zero

@@ -42,7 +42,8 @@ class ShardAccess:
     ) -> None:
         self.zero_stage = zero_stage
         self._grad_scale = grad_scale
-        self._named = [(n, p) for n, p in named_params if p.requires_grad and self._owns(p)]
+        self._trainable = [(n, p) for n, p in named_params if p.requires_grad]
+        self._named = [(n, p) for n, p in self._trainable if self._owns(p)]
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, grad_scale: Callable[[], float] = lambda: 1.0) -> ShardAccess:
@@ -57,6 +58,13 @@ class ShardAccess:
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         """Trainable parameters that have a local shard on this rank."""
         return iter(self._named)
+
+    def trainable_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """Every trainable parameter, also those with no shard here (ZeRO-2): for collectives every rank joins."""
+        return iter(self._trainable)
+
+    def owns(self, p: torch.nn.Parameter) -> bool:
+        return self._owns(p)
 
     # -- values --------------------------------------------------------------------
     def local_param(self, p: torch.nn.Parameter) -> torch.Tensor:
@@ -105,6 +113,58 @@ class ShardAccess:
         if self.zero_stage == 2:
             return p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
         return p.grad
+
+    # -- full tensors <-> local shards ----------------------------------------------------
+    def local_slice(self, p: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+        """The part of a full-size tensor shaped like `p` (importance, a gradient) that lines up with this
+        rank's local shard of `p`: 1-D, same length as `local_param(p)` (ZeRO-3 pads the last partition)."""
+        flat = full.reshape(-1)
+        if self.zero_stage == 3:
+            size = p.ds_tensor.ds_numel
+            start = size * dist.get_rank()
+            piece = flat[start:start + size]
+            if piece.numel() < size:
+                piece = torch.cat([piece, piece.new_zeros(size - piece.numel())])
+            return piece
+        if self.zero_stage == 2:
+            address = p._hp_mapping.lp_fragment_address
+            return flat.narrow(0, address.start, address.numel)
+        return flat
+
+    def without_padding(self, p: torch.nn.Parameter, local: torch.Tensor) -> torch.Tensor:
+        """`local` without the tail ZeRO-3 pads the last partition with (those elements are no weight)."""
+        if self.zero_stage != 3:
+            return local
+        size = p.ds_tensor.ds_numel
+        return local[: max(0, min(size, p.ds_numel - size * dist.get_rank()))]
+
+    def full_shape(self, p: torch.nn.Parameter) -> torch.Size:
+        """The shape of the whole parameter, also when ZeRO-3 has partitioned it."""
+        return p.ds_shape if self.zero_stage == 3 else p.shape
+
+    def gather_full(self, p: torch.nn.Parameter, local: torch.Tensor | None) -> torch.Tensor:
+        """Inverse of `local_slice`: the full tensor (shape of `p`, on every rank) from each rank's local piece.
+
+        A one-off collective (used to write an artifact at the end of a phase), so it favours simplicity:
+        each rank writes its piece into a zero buffer and the buffers are summed. Every rank must call it for
+        every parameter of `trainable_parameters()`, in the same order; `local` is None where a ZeRO-2 rank
+        holds no fragment of `p`.
+        """
+        shape = self.full_shape(p)
+        numel = shape.numel()
+        if self.zero_stage == 0:
+            return local.reshape(shape).clone()
+        size = numel if self.zero_stage == 2 else p.ds_tensor.ds_numel * dist.get_world_size()
+        buffer = torch.zeros(size, dtype=torch.float32, device=p.device)
+        if local is not None:
+            if self.zero_stage == 3:
+                part = p.ds_tensor.ds_numel
+                buffer.narrow(0, part * dist.get_rank(), part).copy_(local)
+            else:
+                address = p._hp_mapping.lp_fragment_address
+                buffer.narrow(0, address.start, address.numel).copy_(local)
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        return buffer[:numel].reshape(shape)
 
     # -- reductions ------------------------------------------------------------------
     @property

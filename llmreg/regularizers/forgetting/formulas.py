@@ -8,11 +8,10 @@ L2-SP (arXiv 1802.01483) are the same penalty under other importances.
     R = lam * sum_l a_l * sum_{i in layer l} Omega_i * (theta_i - theta*_i)^2
     a_l = softmax_l(c * ||Omega_l||_F)      (or uniform 1/L, or 1)
 
-This module holds the pure math, tested against explicit formulas and autograd; the regularizer class
-that records importance and applies the penalty as a gradient edit on local shards is not built yet
-(issue 4). Departure from the paper kept here: the fold clamps the accumulated path integral at zero
-(`clamp=True`), since a negative importance would reward drifting away from the anchor; the official
-code clamps at every step instead (`si_accumulate(..., clamp=True)`).
+This module holds the pure math, tested against explicit formulas and autograd; `penalty.py`, `si.py`
+and `ewc.py` apply it to each rank's local shards. Departure from the paper kept here: the fold clamps
+the accumulated path integral at zero (`clamp=True`), since a negative importance would reward drifting
+away from the anchor; the official code clamps at every step instead (`si_accumulate(..., clamp=True)`).
 """
 
 from __future__ import annotations
