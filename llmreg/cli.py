@@ -199,10 +199,13 @@ def _first_doc_line(cls: type) -> str:
 
 def summary(recipe) -> list[str]:
     """A few lines describing a validated recipe."""
-    model = recipe.model.name_or_path or f"new from config {recipe.model.config}"
+    model = recipe.model.name_or_path or (f"testbed {recipe.model.testbed}" if recipe.model.testbed is not None
+                                          else f"new from config {recipe.model.config}")
     tokenizer = recipe.tokenizer.name_or_path or f"builtin {recipe.tokenizer.builtin}"
     data = _source_text(recipe.data.train) + (f"; eval {_source_text(recipe.data.eval)}" if recipe.data.eval else "")
-    trainer = ", ".join(f"{k}={v}" for k, v in recipe.trainer.args.items())
+    # repr for strings like eos_token "\n" that would otherwise break the line
+    trainer = ", ".join(f"{k}={v if not isinstance(v, str) or v.isprintable() else repr(v)}"
+                        for k, v in recipe.trainer.args.items())
     regs = ", ".join(f"{r['name']}({', '.join(f'{k}={v}' for k, v in r.items() if k != 'name')})"
                      for r in recipe.regularizers) or "none"
     return [

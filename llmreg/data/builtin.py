@@ -1,7 +1,14 @@
 """Built-in synthetic tasks, generated locally from a seed.
 
-`arithmetic`: "What is 23 + 58?" -> "81". One generator serves every trainer
-kind through `format`:
+`arithmetic`: "What is 23 + 58?" -> "81".
+`testbed_<skill>`: the forgetting testbed's skills (`llmreg.testbed.skills`: copy, reverse,
+sort, add, recall, and the new skill sub), train split, "M:37-8=" -> "29\\n". The completion
+ends with the newline the testbed model stops on, and `prompt + completion` is exactly the
+text `llmreg.testbed.finetune` trains on (with SFT, loss on the completion only, as there;
+set `eos_token: "\\n"` in the SFT trainer section so TRL does not append `</s>`). The
+`recall` facts are those of the default build (`table_seed` 0).
+
+One generator serves every trainer kind through `format`:
 
 - `text`:        {"text": prompt + " " + answer}            (Trainer, SFT)
 - `prompt_completion`: {"prompt", "completion"}             (SFT, loss on the answer)
@@ -13,6 +20,9 @@ from __future__ import annotations
 
 import random
 from typing import Callable
+
+from llmreg.testbed.skills import SKILLS as TESTBED_SKILLS
+from llmreg.testbed.skills import make_examples
 
 FORMATS = ("text", "prompt_completion", "preference", "prompt_only")
 
@@ -29,7 +39,26 @@ def _arithmetic_rows(n: int, seed: int, max_operand: int = 99) -> list[tuple[str
     return rows
 
 
-BUILTIN_TASKS: dict[str, Callable[..., list[tuple[str, str, str]]]] = {"arithmetic": _arithmetic_rows}
+def _testbed_rows(skill: str) -> Callable[[int, int], list[tuple[str, str, str]]]:
+    def rows(n: int, seed: int) -> list[tuple[str, str, str]]:
+        rng = random.Random(f"rejected-{seed}")
+        return [(prompt, answer + "\n", _corrupt(answer, rng) + "\n")
+                for prompt, answer in make_examples(skill, n, seed=seed, split="train")]
+
+    return rows
+
+
+def _corrupt(answer: str, rng: random.Random) -> str:
+    """A near miss for preference data: one character replaced by another of its kind (digit or letter)."""
+    i = rng.randrange(len(answer))
+    pool = "0123456789" if answer[i].isdigit() else "abcdefghijklmnopqrstuvwxyz"
+    return answer[:i] + rng.choice(pool.replace(answer[i], "")) + answer[i + 1:]
+
+
+BUILTIN_TASKS: dict[str, Callable[..., list[tuple[str, str, str]]]] = {
+    "arithmetic": _arithmetic_rows,
+    **{f"testbed_{skill}": _testbed_rows(skill) for skill in TESTBED_SKILLS},
+}
 
 
 def make_builtin_dataset(task: str = "arithmetic", format: str = "text", num_examples: int = 256, seed: int = 0):

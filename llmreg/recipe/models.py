@@ -1,4 +1,9 @@
-"""Tokenizer and model of a recipe: pretrained (`name_or_path`) or built from config.
+"""Tokenizer and model of a recipe: pretrained (`name_or_path`), built from config, or the forgetting testbed's.
+
+`model: {testbed: default}` (or a mapping of build options, e.g. `{size: tiny, steps: 20}`)
+is the model `llmreg.testbed.build` makes: loaded from its cache, or pre-trained first
+(about 5.5 min on one CPU thread for the default). Its tokenizer is the built-in character
+tokenizer, which validation picks for it as for any model without a `name_or_path`.
 
 A from-config model takes its vocabulary size and special-token ids from the
 tokenizer unless the recipe sets them, and is initialised from `model.seed`,
@@ -67,6 +72,8 @@ def build_model(recipe: Recipe, tokenizer, args):
 
     spec = recipe.model
     dtype = _DTYPES.get(spec.dtype)
+    if spec.testbed is not None:
+        return AutoModelForCausalLM.from_pretrained(testbed_path(spec, args), dtype=dtype or "auto")
     if spec.name_or_path is not None:
         with located("model.name_or_path", (OSError, ValueError)):
             return AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=dtype or "auto")
@@ -76,6 +83,14 @@ def build_model(recipe: Recipe, tokenizer, args):
     torch.manual_seed(spec.seed)
     # from_config, not the model class: under ZeRO-3 it builds the model inside deepspeed.zero.Init
     return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+
+
+def testbed_path(spec: ModelSpec, args) -> str:
+    """The testbed build's folder, built first if it is not in the cache (once: other ranks wait, then load it)."""
+    from llmreg.testbed import build
+
+    with args.main_process_first(desc="build the testbed"):
+        return str(build(**spec.testbed))
 
 
 def needs_saved_reference(recipe: Recipe, args) -> bool:

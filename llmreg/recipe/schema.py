@@ -35,13 +35,15 @@ def trainer_config_class(kind: str) -> type:
 
 @dataclass
 class ModelSpec:
-    """`model:`: a pretrained model (`name_or_path`) or one built from scratch (`config`)."""
+    """`model:`: a pretrained model (`name_or_path`), one built from scratch (`config`) or the testbed's (`testbed`)."""
 
     name_or_path: str | None = None
     # LlamaConfig-style fields, or {size: tiny|default, ...overrides}; {model_type: ...} picks another architecture
     config: dict | None = None
     dtype: str = "auto"  # one of DTYPES
     seed: int | None = None  # initialisation seed of a from-config model; defaults to the recipe's seed
+    # the forgetting testbed's pre-trained model: a preset ("default") or build options (llmreg.testbed.build)
+    testbed: str | dict | None = None
 
 
 @dataclass

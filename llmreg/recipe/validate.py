@@ -89,9 +89,15 @@ def validate_model(section: dict, recipe_dir: str | None, seed: int) -> ModelSpe
     spec = ModelSpec(**check_mapping(ModelSpec, section, "model"))
     if spec.dtype not in DTYPES:
         raise _choice_error("model.dtype", spec.dtype, DTYPES)
-    if (spec.name_or_path is None) == (spec.config is None):
-        raise ConfigError("model: set exactly one of name_or_path (a local path or hub id) or config (a new model)")
-    if spec.name_or_path is not None:
+    if sum(x is not None for x in (spec.name_or_path, spec.config, spec.testbed)) != 1:
+        raise ConfigError("model: set exactly one of name_or_path (a local path or hub id) or config (a new model) "
+                          "or testbed (the forgetting testbed's model, e.g. testbed: default)")
+    if spec.testbed is not None:
+        from llmreg.testbed.build import check_build_options
+
+        with located("model.testbed", (ValueError,)):
+            spec.testbed = check_build_options(spec.testbed)
+    elif spec.name_or_path is not None:
         spec.name_or_path = _local_or_hub(spec.name_or_path, recipe_dir, "model.name_or_path")
     else:
         spec.config = validate_model_config(spec.config)

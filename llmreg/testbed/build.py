@@ -38,6 +38,8 @@ SIZES: dict[str, dict[str, Any]] = {
 DEFAULTS: dict[str, Any] = dict(size="small", steps=1500, batch_size=64, lr=1e-3, warmup=100, weight_decay=0.0,
                                 skills=list(S.OLD_SKILLS), eval_n=200, table_seed=0)
 MAX_NEW_TOKENS = 8
+# named builds a recipe can ask for (`model: {testbed: default}`); a mapping of options is the other way
+PRESETS: dict[str, dict[str, Any]] = {"default": {}}
 
 
 def default_cache_root() -> Path:
@@ -55,6 +57,50 @@ def build_config(seed: int = 0, **overrides: Any) -> dict[str, Any]:
     cfg["skills"] = list(cfg["skills"])
     cfg["model"] = dict(SIZES[cfg["size"]])  # in the hash, so editing a size rebuilds
     return cfg
+
+
+def check_build_options(spec: str | dict[str, Any]) -> dict[str, Any]:
+    """The `build()` keyword arguments a recipe's `model.testbed` names, checked without building anything.
+
+    `spec` is a preset name (`PRESETS`, e.g. "default") or a mapping of `seed` and any of `DEFAULTS`
+    (e.g. `{size: tiny, steps: 20}`, the rest as in the default build). Returns `{"seed": ..., **overrides}`,
+    which is also a valid `spec` (a resolved recipe loads again). ValueError names the closest valid
+    preset, option or size.
+    """
+    from llmreg.core.options import closest
+
+    def hint(value: str, valid) -> str:
+        near = closest(value, valid)
+        return f"; did you mean '{near}'?" if near else ""
+
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise ValueError(f"unknown testbed {spec!r}{hint(spec, PRESETS)} (presets: {', '.join(PRESETS)}; "
+                             f"or a mapping of build options: seed, {', '.join(DEFAULTS)})")
+        spec = PRESETS[spec]
+    if not isinstance(spec, dict):
+        raise ValueError(f"expected a preset name or a mapping of build options, got {spec!r}")
+    options = dict(spec)
+    seed = options.pop("seed", 0)
+    for key, value in options.items():
+        if key not in DEFAULTS:
+            raise ValueError(f"unknown build option {key!r}{hint(key, [*DEFAULTS, 'seed'])}")
+        _check_type(key, value, type(DEFAULTS[key]))
+    _check_type("seed", seed, int)
+    if options.get("size", DEFAULTS["size"]) not in SIZES:
+        size = options["size"]
+        raise ValueError(f"unknown size {size!r}{hint(str(size), SIZES)} (sizes: {', '.join(SIZES)})")
+    unknown_skills = set(options.get("skills", ())) - set(S.SKILLS)
+    if unknown_skills:
+        bad = sorted(unknown_skills)[0]
+        raise ValueError(f"unknown skill {bad!r}{hint(bad, S.SKILLS)} (skills: {', '.join(S.SKILLS)})")
+    return {"seed": seed, **options}
+
+
+def _check_type(key: str, value: Any, expected: type) -> None:
+    accepted = (int, float) if expected is float else expected  # YAML writes 1e-3 as a float, 0 as an int
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        raise ValueError(f"{key}: expected {expected.__name__}, got {value!r}")
 
 
 def config_hash(cfg: dict[str, Any]) -> str:

@@ -109,6 +109,16 @@ def make_examples(skill: str, n: int, seed: int = 0, split: str = "train", table
     return out
 
 
+def eval_dataset(skill: str, eval_n: int = 200, table_seed: int = 0):
+    """The held-out examples of `skill` as a `datasets.DatasetDict` with a "test" split of {prompt, answer} rows:
+    what `evaluate_all` scores, in the form an lm-eval task's `custom_dataset` returns."""
+    from datasets import Dataset, DatasetDict
+
+    examples = make_examples(skill, eval_n, seed=0, split="eval", table_seed=table_seed)
+    return DatasetDict({"test": Dataset.from_dict({"prompt": [p for p, _ in examples],
+                                                   "answer": [a for _, a in examples]})})
+
+
 def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     import torch
 
