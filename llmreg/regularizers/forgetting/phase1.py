@@ -1,0 +1,92 @@
+"""Phase 1 of the forgetting penalty: record importance on general data and write the artifact.
+
+Python API (any trainer built by llmreg):
+
+    recorder = SIImportance()                       # si: train with it in the stack
+    trainer = RegSFTTrainer(..., regularizers=[recorder]); trainer.train()
+    write_si_artifact(trainer, recorder, "runs/imp/importance", model="...", data="...")
+
+    write_ewc_artifact(trainer, "runs/imp/importance", num_samples=5000)   # ewc: no training
+
+`llmreg importance RECIPE` does the same from a recipe with an `importance:` section
+(`run_importance`). The artifact records which model and data it came from, and where the model at the
+end of phase 1 was saved (`final_model`), which is the model phase 2 must start from for si.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from llmreg.core.options import ConfigError
+from llmreg.regularizers.forgetting import artifact as art
+from llmreg.regularizers.forgetting.ewc import fisher_importance
+from llmreg.regularizers.forgetting.si import SIImportance
+from llmreg.regularizers.forgetting.targets import base_name, default_selector, full_shape
+
+IMPORTANCE_DIR = "importance"
+
+
+def write_si_artifact(trainer: Any, recorder: SIImportance, directory: str, **meta: Any) -> dict[str, Any]:
+    """After `trainer.train()`: fold the recorder's path integral and write the artifact (every rank calls)."""
+    if recorder.steps == 0:
+        raise ValueError("si importance: the run made no optimizer step, so there is no path integral")
+    info = {"architecture": art.architecture(trainer.model), **meta}
+    return recorder.save_artifact(directory, info, is_main=trainer.is_world_process_zero())
+
+
+def write_ewc_artifact(trainer: Any, directory: str, num_samples: int = 5000, targets: list[str] | None = None,
+                       exclude: list[str] | None = None, **meta: Any) -> dict[str, Any]:
+    """The diagonal Fisher of `trainer.model` over `num_samples` single examples of its train dataset."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        raise ConfigError("ewc importance needs per-example gradients and runs without DeepSpeed; drop "
+                          "trainer.deepspeed for the importance run (the model must fit on one device)")
+    model = trainer.model
+    selector = default_selector(targets or [], exclude or [])
+    names = [n for n, p in model.named_parameters() if p.requires_grad and selector(base_name(n), full_shape(p))]
+    if not names:
+        raise ConfigError(f"ewc importance: no trainable weight matches targets {targets or 'default'}")
+    trainer._train_batch_size = 1  # the Fisher needs per-example gradients: one example per batch
+    loader = trainer.get_train_dataloader()
+    fisher, count = fisher_importance(model, loader, num_samples, names,
+                                      loss_fn=lambda m, batch: trainer.compute_loss(m, batch))
+    fisher = {base_name(n): f.cpu() for n, f in fisher.items()}
+    sum_sq = {base_name(n): float(p.detach().double().pow(2).sum()) for n, p in model.named_parameters()
+              if n in set(names)}
+    info = {
+        "method": "ewc",
+        "architecture": art.architecture(model),
+        "steps": 0,
+        "examples": count,
+        "options": {"num_samples": num_samples, "targets": targets or [], "exclude": exclude or []},
+        "anchor_sum_sq": {"start": sum_sq, "end": sum_sq},  # no training: the anchor is the model as it is
+        "importance_sum_sq": {n: float(t.double().pow(2).sum()) for n, t in fisher.items()},
+        **meta,
+    }
+    if trainer.is_world_process_zero():
+        art.save_artifact(directory, fisher, info)
+    return info
+
+
+def run_importance(recipe: Any, overwrite: bool = False) -> str:
+    """`llmreg importance`: the recipe's `importance:` section decides the method; returns the artifact dir."""
+    from llmreg.recipe.build import build_run
+    from llmreg.recipe.run import FINAL_DIR, train
+
+    spec = recipe.importance
+    if spec is None:
+        raise ConfigError("llmreg importance needs an `importance:` section in the recipe (method: si or ewc)")
+    directory = spec.output or os.path.join(recipe.output_dir, IMPORTANCE_DIR)
+    meta = {"model": recipe.model.describe(), "data": recipe.data.train.describe()}
+    if spec.method == "ewc":
+        run = build_run(recipe)
+        write_ewc_artifact(run.trainer, directory, num_samples=spec.num_samples, targets=spec.targets,
+                           exclude=spec.exclude, **meta, final_model=None)
+        return directory
+    recorder = SIImportance(targets=spec.targets, exclude=spec.exclude, xi=spec.xi, fold=spec.fold,
+                            omega_clamp=spec.omega_clamp)
+    result = train(recipe, overwrite=overwrite, extra_regularizers=[recorder])
+    write_si_artifact(result.trainer, recorder, directory, **meta,
+                      final_model=os.path.abspath(os.path.join(recipe.output_dir, FINAL_DIR)))
+    return directory
+
