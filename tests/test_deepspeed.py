@@ -29,8 +29,8 @@ def _env():
     return env
 
 
-def _run(out, zero: int, regularizers) -> dict:
-    args = [WORKER, "--zero", str(zero), "--out", str(out), "--regularizers", json.dumps(regularizers)]
+def _run(out, zero: int, regularizers, *extra: str) -> dict:
+    args = [WORKER, "--zero", str(zero), "--out", str(out), "--regularizers", json.dumps(regularizers), *extra]
     if zero:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(29500 + zero + os.getpid() % 500), *args]
@@ -69,6 +69,62 @@ def test_two_process_zero_matches_single_process(zero, single, tmp_path):
     for rank in dist["per_rank"]:
         assert rank["stored"]["l2_sp.anchors"] <= total // 2 + 64
     assert sum(r["stored"]["l2_sp.anchors"] for r in dist["per_rank"]) >= total
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from conftest import random_artifact
+
+    from llmreg.data import build_char_tokenizer, tiny_llama
+
+    model = tiny_llama(vocab_size=len(build_char_tokenizer()), seed=0)  # the worker's model
+    return random_artifact(tmp_path_factory.mktemp("imp") / "importance", model, scale=100.0, layer_scale={"1": 3.0})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_forgetting_penalty_under_zero_matches_single_process(zero, artifact, tmp_path):
+    stack = [{"name": "forgetting_penalty", "artifact": artifact, "lam": 0.05, "layer_temperature": 1e-4}]
+    single = _run(tmp_path / "single", 0, stack)
+    dist = _run(tmp_path / "dist", zero, stack)
+    assert dist["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    assert max_rel_diff(single["weights"], dist["weights"]) < 1e-5
+    pen = [m["reg/forgetting_penalty/penalty"] for m in dist["metrics"]]
+    assert pen[-1] > 0 and pen == pytest.approx([m["reg/forgetting_penalty/penalty"] for m in single["metrics"]],
+                                                rel=1e-4)
+    coef = single["metrics"][0]
+    assert 0.01 < coef["reg/forgetting_penalty/layer_coef/0"] < 0.49  # the softmax is neither flat nor one-hot
+    # the penalty moved the weights: plain training ends elsewhere
+    assert max_rel_diff(single["weights"], _run(tmp_path / "plain", 0, [])["weights"]) > 1e-4
+    # each rank holds only its shard of the anchors and of the importance (the 14 decoder-layer matrices)
+    regularised = sum(w.numel() for n, w in single["weights"].items() if n.startswith("model.layers.") and w.ndim == 2)
+    for key in ("anchors", "importance"):
+        assert single["per_rank"][0]["stored"][f"forgetting_penalty.{key}"] == regularised
+        sizes = [r["stored"][f"forgetting_penalty.{key}"] for r in dist["per_rank"]]
+        assert all(s <= regularised // 2 + 64 for s in sizes), sizes
+        assert sum(sizes) >= regularised
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_si_importance_under_zero_matches_single_process(zero, tmp_path):
+    from llmreg.regularizers.forgetting import artifact as art
+
+    stack = [{"name": "si_importance", "xi": 1e-3}]
+    single = _run(tmp_path / "single", 0, stack, "--importance-out", str(tmp_path / "imp1"))
+    dist = _run(tmp_path / "dist", zero, stack, "--importance-out", str(tmp_path / "imp2"))
+    assert max_rel_diff(single["weights"], dist["weights"]) < 1e-5
+    one, two = art.read_meta(tmp_path / "imp1"), art.read_meta(tmp_path / "imp2")
+    assert one["parameters"] == two["parameters"] and one["steps"] == two["steps"] == 3
+    a = art.load_importance(str(tmp_path / "imp1"), one["parameters"])
+    b = art.load_importance(str(tmp_path / "imp2"), one["parameters"])
+    assert max_rel_diff(a, b) < 1e-3 and all(t.abs().sum() > 0 for t in a.values())
+    for which in ("start", "end"):
+        assert two["anchor_sum_sq"][which] == pytest.approx(one["anchor_sum_sq"][which], rel=1e-6)
+    # the path integral and start weights are kept as local shards
+    regularised = sum(t.numel() for t in a.values())
+    for rank in dist["per_rank"]:
+        assert rank["stored"]["si_importance.omega"] <= regularised // 2 + 64
 
 
 def test_optimizer_block_is_refused_with_one_line_error(tmp_path):

@@ -29,6 +29,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--importance-out", default=None, help="write the si_importance recorder's artifact here")
     return ap.parse_args()
 
 
@@ -94,6 +95,12 @@ def main() -> None:
         regularizers=json.loads(a.regularizers),
     )
     trainer.train()
+    if a.importance_out:
+        from llmreg.regularizers import SIImportance
+        from llmreg.regularizers.forgetting.phase1 import write_si_artifact
+
+        recorder = next(r for r in trainer.reg_stack if isinstance(r, SIImportance))
+        write_si_artifact(trainer, recorder, a.importance_out, model="tiny_llama seed 0")
 
     rank = args.process_index
     stored = {}
