@@ -126,7 +126,7 @@ def build_trainer(name: str, size: str, max_steps: int, rows: list[dict], output
         seed=SEED,
         data_seed=SEED,
     )
-    regularizers = [] if name == VANILLA else [name]
+    regularizers = [] if name == VANILLA else [regularizer_spec(name, model, output_dir)]
     trainer = RegTrainer(
         model=model,
         args=args,
@@ -137,6 +137,16 @@ def build_trainer(name: str, size: str, max_steps: int, rows: list[dict], output
     )
     trainer.remove_callback(PrinterCallback)  # the end-of-train metrics would clutter the table
     return trainer
+
+
+def regularizer_spec(name: str, model: Any, output_dir: str) -> Any:
+    """Default options, plus what a regularizer cannot run without: `forgetting_penalty` gets an importance
+    artifact for the benchmark model (random Omega; the values do not change the cost of a step)."""
+    if name == "forgetting_penalty":
+        from llmreg.regularizers.forgetting.artifact import random_artifact
+
+        return {"name": name, "artifact": random_artifact(os.path.join(output_dir, "importance"), model)}
+    return name
 
 
 # ---------------------------------------------------------------------------------------------

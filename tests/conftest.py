@@ -68,21 +68,9 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return max(((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item() for k in a)
 
 
-def random_artifact(directory, model, method: str = "si", seed: int = 0, scale: float = 1.0,
-                    layer_scale: dict[str, float] | None = None) -> str:
-    """An importance artifact for `model` as it is now (its weights are the anchor), with random Omega >= 0
-    on the default targets (the decoder layers' 2-D weights), times `layer_scale[layer]` per layer."""
-    from llmreg.regularizers.forgetting import artifact as art
-    from llmreg.regularizers.forgetting.targets import default_selector, layer_of, select_parameters
 
-    named = dict(model.named_parameters())
-    names = select_parameters(named.items(), default_selector([], []))
-    gen = torch.Generator().manual_seed(seed)
-    layer_scale = layer_scale or {}
-    omega = {n: scale * layer_scale.get(layer_of(n), 1.0) * torch.rand(named[n].shape, generator=gen) for n in names}
-    sum_sq = {n: float(named[n].detach().double().pow(2).sum()) for n in names}
-    return art.save_artifact(directory, omega, {
-        "method": method, "architecture": art.architecture(model), "steps": 0,
-        "anchor_sum_sq": {"start": sum_sq, "end": sum_sq},
-        "importance_sum_sq": {n: float(t.double().pow(2).sum()) for n, t in omega.items()},
-    })
+def random_artifact(directory, model, **kw) -> str:
+    """An importance artifact for `model` as it is now, with random Omega (see the library function)."""
+    from llmreg.regularizers.forgetting.artifact import random_artifact as make
+
+    return make(directory, model, **kw)

@@ -118,3 +118,22 @@ def load_importance(directory: str, names: Iterable[str]) -> dict[str, torch.Ten
 
     with safe_open(os.path.join(directory, TENSORS_FILE), framework="pt") as fh:
         return {name: fh.get_tensor(name).float() for name in names}
+
+
+def random_artifact(directory: str | os.PathLike, model: torch.nn.Module, method: str = "si", seed: int = 0,
+                    scale: float = 1.0, layer_scale: dict[str, float] | None = None) -> str:
+    """For tests and benchmarks: an artifact for `model` as it is now (its weights are both anchors) with
+    random Omega in [0, scale) on the default targets, times `layer_scale[layer]` per decoder layer."""
+    from llmreg.regularizers.forgetting.targets import default_selector, layer_of, select_parameters
+
+    named = dict(model.named_parameters())
+    names = select_parameters(named.items(), default_selector([], []))
+    gen = torch.Generator().manual_seed(seed)
+    layer_scale = layer_scale or {}
+    omega = {n: scale * layer_scale.get(layer_of(n), 1.0) * torch.rand(named[n].shape, generator=gen) for n in names}
+    sum_sq = {n: float(named[n].detach().double().pow(2).sum()) for n in names}
+    return save_artifact(directory, omega, {
+        "method": method, "architecture": architecture(model), "steps": 0, "model": "random (test/benchmark)",
+        "anchor_sum_sq": {"start": sum_sq, "end": sum_sq},
+        "importance_sum_sq": {n: float(t.double().pow(2).sum()) for n, t in omega.items()},
+    })
