@@ -7,6 +7,8 @@ ends with the newline the testbed model stops on, and `prompt + completion` is e
 text `llmreg.testbed.finetune` trains on (with SFT, loss on the completion only, as there;
 set `eos_token: "\\n"` in the SFT trainer section so TRL does not append `</s>`). The
 `recall` facts are those of the default build (`table_seed` 0).
+`testbed_general`: the old skills (all but sub) interleaved, the "general data" of the testbed,
+e.g. for the importance phase of the forgetting penalty.
 
 One generator serves every trainer kind through `format`:
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
+from llmreg.testbed.skills import OLD_SKILLS as TESTBED_OLD_SKILLS
 from llmreg.testbed.skills import SKILLS as TESTBED_SKILLS
 from llmreg.testbed.skills import make_examples
 
@@ -48,6 +51,13 @@ def _testbed_rows(skill: str) -> Callable[[int, int], list[tuple[str, str, str]]
     return rows
 
 
+def _testbed_general_rows(n: int, seed: int) -> list[tuple[str, str, str]]:
+    """The old skills in turn (copy, reverse, sort, add, recall, copy, ...), each drawn with its own seed."""
+    per_skill = -(-n // len(TESTBED_OLD_SKILLS))
+    by_skill = [_testbed_rows(skill)(per_skill, seed) for skill in TESTBED_OLD_SKILLS]
+    return [rows[i] for i in range(per_skill) for rows in by_skill][:n]
+
+
 def _corrupt(answer: str, rng: random.Random) -> str:
     """A near miss for preference data: one character replaced by another of its kind (digit or letter)."""
     i = rng.randrange(len(answer))
@@ -58,6 +68,7 @@ def _corrupt(answer: str, rng: random.Random) -> str:
 BUILTIN_TASKS: dict[str, Callable[..., list[tuple[str, str, str]]]] = {
     "arithmetic": _arithmetic_rows,
     **{f"testbed_{skill}": _testbed_rows(skill) for skill in TESTBED_SKILLS},
+    "testbed_general": _testbed_general_rows,
 }
 
 

@@ -33,8 +33,10 @@ class Run:
     trainer: Any
 
 
-def build_run(recipe: Recipe) -> Run:
-    """Everything `trainer.train()` needs; loads the tokenizer, the data and the model."""
+def build_run(recipe: Recipe, extra_regularizers: list | None = None) -> Run:
+    """Everything `trainer.train()` needs; loads the tokenizer, the data and the model.
+
+    `extra_regularizers`: objects appended to the recipe's regularizers (built by the caller)."""
     init_distributed_for_deepspeed(recipe)
     args = build_training_args(recipe)
     tokenizer = build_tokenizer(recipe.tokenizer)
@@ -43,7 +45,7 @@ def build_run(recipe: Recipe) -> Run:
     if recipe.data.eval is not None:
         eval_ds = prepare_dataset(load_source(recipe.data.eval, recipe.trainer.kind, "eval"), recipe, tokenizer, args)
     model = build_model(recipe, tokenizer, args)
-    trainer = build_trainer(recipe, args, model, tokenizer, train_ds, eval_ds)
+    trainer = build_trainer(recipe, args, model, tokenizer, train_ds, eval_ds, extra_regularizers)
     return Run(recipe=recipe, args=args, tokenizer=tokenizer, trainer=trainer)
 
 
@@ -111,12 +113,13 @@ def _with_eos(ids: list[int], eos: int | None, max_length: int) -> list[int]:
     return ids + [eos]
 
 
-def build_trainer(recipe: Recipe, args, model, tokenizer, train_ds, eval_ds):
+def build_trainer(recipe: Recipe, args, model, tokenizer, train_ds, eval_ds, extra_regularizers=None):
     from llmreg.trainers import TRAINERS
 
     kind = recipe.trainer.kind
+    regularizers = [*recipe.regularizers, *(extra_regularizers or [])]
     kwargs: dict[str, Any] = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                  processing_class=tokenizer, regularizers=list(recipe.regularizers))
+                                  processing_class=tokenizer, regularizers=regularizers)
     if kind == "hf":
         from transformers import DataCollatorForLanguageModeling
 

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
+from typing import Any
 
 from llmreg.core.options import ConfigError
 from llmreg.recipe.loader import dump_recipe
@@ -35,6 +36,7 @@ class RunResult:
     resumed_from: str | None
     checkpoints: list[str]
     global_step: int
+    trainer: Any = None  # the trainer that ran (for a caller that goes on from it, e.g. `llmreg importance`)
 
 
 def is_main_process() -> bool:
@@ -84,14 +86,16 @@ def clear_previous_run(output_dir: str) -> None:
             os.remove(path)
 
 
-def train(recipe: Recipe, overwrite: bool = False) -> RunResult:
-    """Build and train; writes the layout above. Call `resume_checkpoint` first to fail early."""
+def train(recipe: Recipe, overwrite: bool = False, extra_regularizers: list | None = None) -> RunResult:
+    """Build and train; writes the layout above. Call `resume_checkpoint` first to fail early.
+
+    `extra_regularizers`: regularizer objects appended to the recipe's (e.g. the importance recorder)."""
     from llmreg.recipe.build import build_run
 
     resume_from = resume_checkpoint(recipe, overwrite)
     if overwrite and is_main_process():  # before build_run: a DPO/GRPO run writes init/ there
         clear_previous_run(recipe.output_dir)
-    run = build_run(recipe)
+    run = build_run(recipe, extra_regularizers=extra_regularizers)
     if is_main_process():
         os.makedirs(recipe.output_dir, exist_ok=True)
         dump_recipe(recipe, os.path.join(recipe.output_dir, RECIPE_FILE))
@@ -101,4 +105,5 @@ def train(recipe: Recipe, overwrite: bool = False) -> RunResult:
     if run.trainer.is_world_process_zero():
         run.tokenizer.save_pretrained(final_dir)
     return RunResult(output_dir=recipe.output_dir, final_dir=final_dir, resumed_from=resume_from,
-                     checkpoints=checkpoints_in(recipe.output_dir), global_step=run.trainer.state.global_step)
+                     checkpoints=checkpoints_in(recipe.output_dir), global_step=run.trainer.state.global_step,
+                     trainer=run.trainer)

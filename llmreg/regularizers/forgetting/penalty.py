@@ -40,12 +40,16 @@ from llmreg.regularizers.forgetting.targets import (
 )
 
 
+DEFAULT_LAMBDA = {"si": 1e-3, "ewc": 0.5, "l2sp": 0.005}
+
+
 @dataclass
 class ForgettingPenaltyOptions:
     importance: Literal["si", "ewc", "l2sp"] = option(
         "si", "si | ewc: Omega from `artifact`; l2sp: Omega = 1 (no artifact)")
     artifact: str | None = option(None, "directory written by `llmreg importance` (importance.safetensors + .json)")
-    lam: float = option(1e-3, "penalty weight lambda (paper and code: 1e-3; EWC code baseline: 0.5)")
+    lam: float | None = option(None, "penalty weight lambda; default by importance: si 1e-3 (paper and code), "
+                                     "ewc 0.5 (the code's EWC baseline), l2sp 0.005 (= l2_sp's lam 0.01 / 2)")
     layer_weighting: Literal["softmax", "uniform", "none"] | None = option(
         None, "a_l: softmax(c*||Omega_l||) (paper) | uniform 1/L | none (a_l = 1); default softmax for si, "
               "none for ewc and l2sp")
@@ -95,7 +99,8 @@ class ForgettingPenalty(Regularizer):
     def config(self) -> PenaltyConfig:
         o = self.options
         weighting = o.layer_weighting or ("softmax" if o.importance == "si" else "none")
-        return PenaltyConfig(importance=o.importance, lam=o.lam, weighting=weighting, temperature=o.layer_temperature,
+        lam = DEFAULT_LAMBDA[o.importance] if o.lam is None else o.lam
+        return PenaltyConfig(importance=o.importance, lam=lam, weighting=weighting, temperature=o.layer_temperature,
                              selector=default_selector(o.targets, o.exclude), anchor=o.anchor, apply=o.apply,
                              artifact=o.artifact)
 

@@ -77,16 +77,18 @@ def run_importance(recipe: Any, overwrite: bool = False) -> str:
     if spec is None:
         raise ConfigError("llmreg importance needs an `importance:` section in the recipe (method: si or ewc)")
     directory = spec.output or os.path.join(recipe.output_dir, IMPORTANCE_DIR)
-    meta = {"model": recipe.model.describe(), "data": recipe.data.train.describe()}
+    model = recipe.model
+    meta = {"model": model.name_or_path or (f"testbed {model.testbed}" if getattr(model, "testbed", None) is not None
+                                            else f"from config {model.config}"),
+            "data": recipe.data.train.path}
     if spec.method == "ewc":
         run = build_run(recipe)
         write_ewc_artifact(run.trainer, directory, num_samples=spec.num_samples, targets=spec.targets,
-                           exclude=spec.exclude, **meta, final_model=None)
+                           exclude=spec.exclude, final_model=None, **meta)
         return directory
     recorder = SIImportance(targets=spec.targets, exclude=spec.exclude, xi=spec.xi, fold=spec.fold,
                             omega_clamp=spec.omega_clamp)
     result = train(recipe, overwrite=overwrite, extra_regularizers=[recorder])
-    write_si_artifact(result.trainer, recorder, directory, **meta,
-                      final_model=os.path.abspath(os.path.join(recipe.output_dir, FINAL_DIR)))
+    write_si_artifact(result.trainer, recorder, directory,
+                      final_model=os.path.abspath(os.path.join(recipe.output_dir, FINAL_DIR)), **meta)
     return directory
-
