@@ -38,6 +38,8 @@ class _DataKeys:
     subset: str | None = None
     max_examples: int | None = None
     text_field: str | None = None
+    prompt_field: str | None = None
+    completion_field: str | None = None
     num_examples: int | None = None
     seed: int | None = None
 
@@ -59,6 +61,7 @@ def _validate_source(value: Any, shared: dict, where: str, recipe_dir: str | Non
     if "path" not in own:
         raise ConfigError(f"{where}: missing key 'path' (a file, a save_to_disk directory, hub:<name> or builtin:<task>)")
     spec = SourceSpec(**check_mapping(SourceSpec, {**shared, **own}, where))
+    _check_fields(spec, where)
     if spec.kind == "builtin":
         _check_builtin(spec, where, own_seed="seed" in own, is_eval=is_eval)
     elif spec.kind == "hub":
@@ -66,6 +69,19 @@ def _validate_source(value: Any, shared: dict, where: str, recipe_dir: str | Non
     else:
         spec.path = _check_local(spec, where, recipe_dir)
     return spec
+
+
+def _check_fields(spec: SourceSpec, where: str) -> None:
+    """Column mapping: a text column, or a prompt and a completion column (both: one without the other
+    would leave the SFT trainer a half-renamed dataset it cannot read)."""
+    if (spec.prompt_field is None) != (spec.completion_field is None):
+        raise ConfigError(f"{where}: set prompt_field and completion_field together")
+    if spec.prompt_field is not None and spec.text_field is not None:
+        raise ConfigError(f"{where}: set text_field or prompt_field/completion_field, not both")
+    if spec.prompt_field is not None and spec.prompt_field == spec.completion_field:
+        raise ConfigError(f"{where}: prompt_field and completion_field name the same column '{spec.prompt_field}'")
+    if spec.prompt_field is not None and spec.kind == "builtin":
+        raise ConfigError(f"{where}: built-in data already has its columns; drop prompt_field/completion_field")
 
 
 def _check_builtin(spec: SourceSpec, where: str, own_seed: bool, is_eval: bool) -> None:
@@ -111,7 +127,7 @@ def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None) -> str:
 # -- loading (build time) ------------------------------------------------------------------------
 
 def load_source(spec: SourceSpec, trainer_kind: str, role: str):
-    """The `datasets.Dataset` for `spec`, with `max_examples` and `text_field` applied."""
+    """The `datasets.Dataset` for `spec`, with `max_examples` and the column mapping applied."""
     with located(f"data.{role}", (ValueError, FileNotFoundError)):
         ds = _load_raw(spec, trainer_kind, role)
         if spec.max_examples is not None:
@@ -120,7 +136,19 @@ def load_source(spec: SourceSpec, trainer_kind: str, role: str):
             if spec.text_field not in ds.column_names:
                 raise ConfigError(f"text_field '{spec.text_field}' is not a column (columns: {ds.column_names})")
             ds = ds.rename_column(spec.text_field, "text")
+        if spec.prompt_field is not None:
+            ds = _as_prompt_completion(ds, spec.prompt_field, spec.completion_field)
     return ds
+
+
+def _as_prompt_completion(ds, prompt: str, completion: str):
+    """Keep only the two columns, named as TRL's SFT expects; other columns (e.g. an unrelated `text`)
+    would make TRL pick a different dataset format."""
+    for field_name in (prompt, completion):
+        if field_name not in ds.column_names:
+            raise ConfigError(f"'{field_name}' is not a column (columns: {ds.column_names})")
+    ds = ds.select_columns([prompt, completion])
+    return ds.rename_columns({k: v for k, v in ((prompt, "prompt"), (completion, "completion")) if k != v})
 
 
 def _load_raw(spec: SourceSpec, trainer_kind: str, role: str):
