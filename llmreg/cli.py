@@ -1,6 +1,7 @@
 """`llmreg` command line: train, validate, list.
 
     llmreg train RECIPE [key=value ...] [--resume | --overwrite]
+    llmreg importance RECIPE [key=value ...] [--overwrite]
     llmreg validate RECIPE [key=value ...]
     llmreg list
     llmreg eval --suite SUITE --model PATH [--model PATH ...] [--base PATH] --out DIR [--limit N]
@@ -48,7 +49,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmreg", description="Regularized LLM training from YAML recipes.")
     _launcher_args(parser)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,validate,list,eval,testbed}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,importance,validate,list,eval,testbed}")
 
     train = sub.add_parser("train", help="validate a recipe, then train", description="Validate, then train.")
     _recipe_args(train)
@@ -56,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="delete an earlier run's checkpoints, metrics and final model in output_dir first")
     train.set_defaults(func=cmd_train)
+
+    imp = sub.add_parser("importance", help="phase 1 of forgetting_penalty: record importance, write the artifact",
+                         description="Run a recipe with an `importance:` section (si: train on general data and "
+                                     "record the SI path integral; ewc: the diagonal Fisher, no training) and "
+                                     "write <output_dir>/importance for forgetting_penalty's `artifact`.")
+    _recipe_args(imp)
+    imp.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+    imp.set_defaults(func=cmd_importance)
 
     validate = sub.add_parser("validate", help="check a recipe without loading a model or data")
     _recipe_args(validate)
@@ -118,10 +127,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from llmreg.core.options import ConfigError
     from llmreg.recipe import load_recipe
     from llmreg.recipe.run import RECIPE_FILE, resume_checkpoint, train
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.importance is not None:
+        raise ConfigError(f"{args.recipe} has an `importance:` section: run it with `llmreg importance`")
     if args.resume:
         recipe.resume = True
     resume_from = resume_checkpoint(recipe, args.overwrite)  # fail before anything loads
@@ -134,6 +146,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"  checkpoints  {', '.join(result.checkpoints) or '(none)'}",
         f"  final model  {result.final_dir}",
     )
+    return 0
+
+
+def cmd_importance(args: argparse.Namespace) -> int:
+    from llmreg.core.options import ConfigError
+    from llmreg.recipe import load_recipe
+    from llmreg.recipe.run import FINAL_DIR, resume_checkpoint
+    from llmreg.regularizers.forgetting.phase1 import run_importance
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.importance is None:
+        raise ConfigError(f"{args.recipe} has no `importance:` section (method: si or ewc)")
+    if recipe.importance.method == "si":
+        resume_checkpoint(recipe, args.overwrite)  # fail before anything loads
+    _say(f"recording {recipe.importance.method} importance with {args.recipe}", *summary(recipe))
+    directory = run_importance(recipe, overwrite=args.overwrite)
+    start = os.path.join(recipe.output_dir, FINAL_DIR) if recipe.importance.method == "si" else "the same model"
+    _say(f"done: importance artifact in {directory}",
+         f"  phase 2: start from {start} with regularizers: [{{name: forgetting_penalty, importance: "
+         f"{recipe.importance.method}, artifact: {directory}}}]")
     return 0
 
 
@@ -216,6 +248,8 @@ def summary(recipe) -> list[str]:
         f"  peft          {recipe.peft or 'none'}",
         f"  regularizers  {regs}",
         f"  output_dir    {recipe.output_dir}",
+        *([f"  importance    {recipe.importance.method} -> {recipe.importance.output or 'output_dir/importance'}"]
+          if recipe.importance is not None else []),
     ]
 
 

@@ -123,6 +123,7 @@ class Recipe:
     resume: bool = False
     seed: int = 42
     eval_during_training: EvalDuringTrainingSpec | None = None
+    importance: Any = None  # llmreg.recipe.importance.ImportanceSpec: phase 1 of the forgetting penalty
     path: str | None = None  # the recipe file it came from; not part of the recipe itself
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +141,7 @@ class Recipe:
             "resume": self.resume,
             "seed": self.seed,
             **({"eval_during_training": _compact(self.eval_during_training)} if self.eval_during_training else {}),
+            **({"importance": _compact(self.importance)} if self.importance else {}),
         }
 
 

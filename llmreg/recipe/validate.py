@@ -23,6 +23,7 @@ from llmreg.core.deepspeed_shim import check_deepspeed_config, load_deepspeed_co
 from llmreg.core.options import ConfigError, check_mapping, closest, field_types
 from llmreg.recipe.errors import located
 from llmreg.recipe.paths import looks_local, resolve_path
+from llmreg.recipe.importance import validate_importance
 from llmreg.recipe.schema import (
     BUILTIN_TOKENIZERS, DTYPES, TRAINER_KINDS, EvalDuringTrainingSpec, ModelSpec, Recipe, TokenizerSpec, TrainerSpec,
     trainer_config_class,
@@ -47,6 +48,7 @@ class _RecipeKeys:
     resume: bool = False
     seed: int = DEFAULT_SEED
     eval_during_training: dict | None = None
+    importance: dict | None = None
 
 
 def validate_recipe(raw: Any, recipe_path: str | None = None) -> Recipe:
@@ -74,6 +76,7 @@ def validate_recipe(raw: Any, recipe_path: str | None = None) -> Recipe:
         resume=top.get("resume", False),
         seed=seed,
         eval_during_training=validate_eval_during_training(top.get("eval_during_training"), recipe_dir, trainer),
+        importance=validate_importance(top.get("importance"), recipe_dir, trainer.args.get("deepspeed"), peft),
         path=os.path.abspath(recipe_path) if recipe_path else None,
     )
 
