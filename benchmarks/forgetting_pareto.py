@@ -16,10 +16,16 @@ Every method of a setup starts from the same base model and differs only in its 
 own `regularizers` are replaced). `METHODS` maps a name to a spec, a dict with:
 
 - `regularizers`: a list of regularizer dicts, as in a recipe (`[{"name": "l2_sp", "lam": 1.0}]`);
-- `prepare` (optional): `prepare(base_model_dir, workdir, steps) -> list[dict]`, called before training with
-  the setup's base model folder, an empty folder for this method and setup, and the number of training steps;
-  it may run a preliminary phase (e.g. an importance pass) and returns the regularizer list to train with
-  (`regularizers` is then ignored).
+- `prepare` (optional): `prepare(base_model_dir, workdir, steps) -> list[dict] | dict`, called before training
+  with the setup's base model folder, an empty folder for this method and setup, and the number of training
+  steps; it may run a preliminary phase (e.g. an importance pass) and returns the regularizer list to train
+  with (`regularizers` is then ignored), or {"regularizers": [...], "model": folder} when training must start
+  from another model than the base (forgetting_penalty with SI starts from the end of its importance run).
+
+`forgetting_penalty (si)` and `(ewc)` run phase 1 (`llmreg importance`) on each setup's general data: the
+testbed's old skills (`builtin:testbed_general`, recipes/forgetting/testbed_importance.yaml), and for
+stories260K the TinyStories validation stories from line 500 on (the suite scores the first 200, so the two
+do not overlap); then the penalty with its default options.
 
 Scores follow `llmreg.eval.run`'s sign convention: `target_gain` > 0 is better on the new task, `forgetting`
 (the mean retained drop) > 0 is ability lost, both in the suite metric's units (exact match 0-1; perplexity).
@@ -51,6 +57,7 @@ BEGIN, END = "<!-- forgetting_pareto:begin -->", "<!-- forgetting_pareto:end -->
 METHODS: dict[str, dict[str, Any]] = {
     "vanilla": {"regularizers": []},
     "l2_sp": {"regularizers": [{"name": "l2_sp"}]},  # its default options (lam 0.01)
+    # filled in below: they need the prepare function
 }
 SPEC_KEYS = {"regularizers", "prepare"}
 
@@ -130,19 +137,72 @@ def gsm8k_text(path: Path) -> Path:
 
 # -- one method on one setup -----------------------------------------------------------------------------------------
 
-def method_regularizers(name: str, spec: dict[str, Any], base: str, workdir: Path, steps: int) -> list[dict]:
+def importance_prepare(method: str) -> Callable[[str, str, int], dict[str, Any]]:
+    """`prepare` for forgetting_penalty: `llmreg importance` on the setup's general data, then the penalty."""
+
+    def prepare(base: str, workdir: str, steps: int) -> dict[str, Any]:
+        from llmreg.recipe.validate import validate_recipe
+        from llmreg.regularizers.forgetting.phase1 import run_importance
+
+        raw = general_data_recipe(base, Path(workdir), steps)
+        raw["importance"] = {"method": method, **({"num_samples": max(4, steps // 4)} if method == "ewc" else {})}
+        raw["output_dir"] = str(Path(workdir) / "phase1")
+        recipe = validate_recipe(raw, str(REPO / "recipes" / "forgetting" / "testbed_importance.yaml"))
+        artifact = run_importance(recipe, overwrite=True)
+        model = str(Path(recipe.output_dir) / "final") if method == "si" else base
+        return {"regularizers": [{"name": "forgetting_penalty", "importance": method, "artifact": artifact}],
+                "model": model}
+
+    prepare.__name__ = f"importance_prepare({method})"
+    return prepare
+
+
+def general_data_recipe(base: str, workdir: Path, steps: int) -> dict[str, Any]:
+    """Phase-1 recipe over general data for `base`: a quarter as many steps as the fine-tuning."""
+    import yaml
+
+    phase1_steps = max(1, steps // 4)
+    if (Path(base) / "testbed.json").is_file():
+        raw = yaml.safe_load((REPO / "recipes" / "forgetting" / "testbed_importance.yaml").read_text())
+        raw["data"]["num_examples"] = phase1_steps * raw["trainer"]["per_device_train_batch_size"]
+    else:
+        lines = [ln.strip() for ln in (SHARED / "tinystories" / "tinystories_validation_first1000.txt").read_text()
+                 .splitlines()[500:] if ln.strip()]
+        path = workdir / "tinystories_general.jsonl"
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"text": ln}) + "\n" for ln in lines))
+        raw = {"data": {"train": str(path)},
+               "trainer": {"kind": "hf", "per_device_train_batch_size": 8, "learning_rate": 1e-4,
+                           "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0,
+                           "logging_steps": 25, "save_strategy": "no"}}
+    raw["model"] = {"name_or_path": base, "dtype": "float32"}
+    raw["tokenizer"] = {"name_or_path": base}
+    raw["trainer"].update(max_steps=phase1_steps, disable_tqdm=True, save_strategy="no")
+    return raw
+
+
+METHODS["forgetting_penalty (si)"] = {"prepare": importance_prepare("si")}
+METHODS["forgetting_penalty (ewc)"] = {"prepare": importance_prepare("ewc")}
+
+
+def method_regularizers(name: str, spec: dict[str, Any], base: str, workdir: Path, steps: int) -> dict[str, Any]:
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise ValueError(f"METHODS[{name!r}]: unknown keys {sorted(unknown)} (a spec has {sorted(SPEC_KEYS)})")
-    prepare: Callable[[str, str, int], list[dict]] | None = spec.get("prepare")
+    prepare: Callable[[str, str, int], Any] | None = spec.get("prepare")
     if prepare is None:
-        return [dict(r) for r in spec.get("regularizers", [])]
+        return {"regularizers": [dict(r) for r in spec.get("regularizers", [])], "model": None}
     workdir.mkdir(parents=True, exist_ok=True)
-    return list(prepare(base, str(workdir), steps))
+    prepared = prepare(base, str(workdir), steps)
+    if isinstance(prepared, dict):
+        return {"regularizers": list(prepared["regularizers"]), "model": prepared.get("model")}
+    return {"regularizers": list(prepared), "model": None}
 
 
-def train_method(setup: dict[str, Any], regularizers: list[dict], steps: int | None, output_dir: Path) -> str:
-    """Train the setup's recipe with `regularizers` (and `steps`, if given); returns the final model folder."""
+def train_method(setup: dict[str, Any], regularizers: list[dict], steps: int | None, output_dir: Path,
+                 model: str | None = None) -> str:
+    """Train the setup's recipe with `regularizers` (and `steps`, and a starting `model`, if given); returns the
+    final model folder."""
     import copy
 
     from llmreg.recipe.run import train
@@ -151,6 +211,9 @@ def train_method(setup: dict[str, Any], regularizers: list[dict], steps: int | N
     raw = copy.deepcopy(setup["raw"])
     raw["regularizers"] = regularizers
     raw["output_dir"] = str(output_dir)
+    if model is not None:
+        raw["model"] = {"name_or_path": model, "dtype": raw["model"].get("dtype", "float32")}
+        raw["tokenizer"] = {"name_or_path": model}
     if steps is not None:
         raw["trainer"]["max_steps"] = steps
     if setup["name"] == "testbed":  # one pass over fresh examples, as testbed.finetune draws them
@@ -174,10 +237,11 @@ def run_setup(setup: dict[str, Any], methods: dict[str, dict], steps: int | None
     for name, spec in methods.items():
         out = workdir / setup["name"] / name
         t0 = time.time()
-        regularizers = method_regularizers(name, spec, setup["base"], out / "prepare", steps or
-                                           setup["raw"]["trainer"]["max_steps"])
+        prepared = method_regularizers(name, spec, setup["base"], out / "prepare", steps or
+                                       setup["raw"]["trainer"]["max_steps"])
+        regularizers = prepared["regularizers"]
         t1 = time.time()
-        final = train_method(setup, regularizers, steps, out)
+        final = train_method(setup, regularizers, steps, out, model=prepared["model"])
         t2 = time.time()
         runs[name] = evaluate_suite(suite, final, limit=setup["limit"], batch_size=32)
         details[name] = {"regularizers": regularizers, "prepare_seconds": round(t1 - t0, 1),
@@ -187,8 +251,9 @@ def run_setup(setup: dict[str, Any], methods: dict[str, dict], steps: int | None
     for name, extra in details.items():
         report["runs"][name].update(extra)
     steps_used = steps or setup["raw"]["trainer"]["max_steps"]
+    limit = setup["limit"] if setup["limit"] is not None else suite.limit  # documents per task; None: all
     return {"recipe": setup["recipe_path"], "suite": os.path.relpath(setup["suite"], REPO),
-            "base_model": setup["base"], "steps": steps_used, "limit": setup["limit"], **setup["info"],
+            "base_model": setup["base"], "steps": steps_used, "limit": limit, **setup["info"],
             "report": report}
 
 
@@ -230,7 +295,8 @@ def markdown_section(results: dict[str, Any], figures_rel: str) -> str:
         lines += [f"### {setup}", "",
                   f"Recipe `{os.path.relpath(r['recipe'], REPO) if r['recipe'] else r['recipe_note']}`"
                   f" ({r['steps']} steps), suite `{r['suite']}` ({metric}"
-                  f"{', lower is better' if metric.endswith('perplexity') else ''}; limit {r['limit'] or 'none'}).", ""]
+                  f"{', lower is better' if metric.endswith('perplexity') else ''};"
+                  f" {r['limit'] or 'all'} documents per task).", ""]
         if "build" in r:
             b = r["build"]
             lines += [f"Testbed build: {b['size']} Llama, {b['steps']} steps x {b['batch_size']}, seed {b['seed']},"
@@ -302,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     results: dict[str, Any] = {
-        "command": "python benchmarks/forgetting_pareto.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python benchmarks/forgetting_pareto.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch threads {_threads()}, "
                    f"load {os.getloadavg()[0]:.2f} at start",
         "methods": {name: {"regularizers": spec.get("regularizers", []), "prepare": _callable_name(spec.get("prepare"))}

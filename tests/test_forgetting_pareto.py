@@ -73,9 +73,14 @@ def test_prepare_gets_base_workdir_steps_and_its_list_is_used(tmp_path):
 
     got = fp.method_regularizers("m", {"regularizers": [{"name": "ignored"}], "prepare": prepare}, "/base",
                                  tmp_path / "w", 7)
-    assert got == [{"name": "l2_sp", "lam": 2.0}] and seen == [("/base", str(tmp_path / "w"), 7, True)]
+    assert got == {"regularizers": [{"name": "l2_sp", "lam": 2.0}], "model": None}
+    assert seen == [("/base", str(tmp_path / "w"), 7, True)]
     assert fp.method_regularizers("v", {"regularizers": [{"name": "l2_sp"}]}, "/b", tmp_path / "x", 1) == \
-        [{"name": "l2_sp"}]
+        {"regularizers": [{"name": "l2_sp"}], "model": None}
+    # a prepare that also names the model to start from (forgetting_penalty with SI)
+    both = fp.method_regularizers("s", {"prepare": lambda b, w, n: {"regularizers": [], "model": "/phase1"}}, "/b",
+                                  tmp_path / "z", 1)
+    assert both == {"regularizers": [], "model": "/phase1"}
     with pytest.raises(ValueError, match="unknown keys \\['regularisers'\\]"):
         fp.method_regularizers("bad", {"regularisers": []}, "/b", tmp_path / "y", 1)
 
