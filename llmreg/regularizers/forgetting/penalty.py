@@ -36,7 +36,7 @@ from llmreg.core.options import ConfigError
 from llmreg.regularizers.forgetting import artifact as art
 from llmreg.regularizers.forgetting.formulas import layer_coefficients, lora_product_penalty_grads
 from llmreg.regularizers.forgetting.targets import (
-    LoraTarget, Selector, default_selector, full_shape, layer_of, lora_targets, select_parameters,
+    LoraTarget, Selector, base_name, default_selector, full_shape, layer_of, lora_targets, select_parameters,
 )
 
 
@@ -130,9 +130,8 @@ class ForgettingPenalty(Regularizer):
         cfg = self.cfg
         if _is_peft(model):
             self._lora = lora_targets(model, cfg.selector)
-            shapes = {t.name: (t.lora_b.shape[0] if not hasattr(t.lora_b, "ds_shape") else t.lora_b.ds_shape[0],
-                               t.lora_a.shape[1] if not hasattr(t.lora_a, "ds_shape") else t.lora_a.ds_shape[1])
-                      for t in self._lora}
+            # dW = s * B @ A has B's rows and A's columns
+            shapes = {t.name: (full_shape(t.lora_b)[0], full_shape(t.lora_a)[1]) for t in self._lora}
             if not shapes:
                 raise ConfigError(f"{self.name}: no LoRA-adapted module matches targets {list(cfg.selector.include or [])}")
         else:
@@ -185,7 +184,7 @@ class ForgettingPenalty(Regularizer):
         self._params = {}
         full = art.load_importance(self.cfg.artifact, wanted) if self.meta else {}
         for name, p in shards.named_parameters():
-            key = _base(name)
+            key = base_name(name)
             if key not in wanted:
                 continue
             self._params[key] = p
@@ -295,14 +294,8 @@ class ForgettingPenalty(Regularizer):
 
 # -- helpers ---------------------------------------------------------------------------------------
 
-def _base(name: str) -> str:
-    from llmreg.regularizers.forgetting.targets import base_name
-
-    return base_name(name)
-
-
 def _base_named_parameters(model, trainable_only: bool = True):
-    return [(_base(n), p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
+    return [(base_name(n), p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
 
 
 def _lora_values(target: LoraTarget, shards: ShardAccess) -> tuple[torch.Tensor, torch.Tensor]:
