@@ -129,6 +129,9 @@ def main() -> None:
         metrics = [{k: v for k, v in h.items() if k.startswith("reg/")} for h in trainer.state.log_history if "loss" in h]
         torch.save({"losses": losses, "metrics": metrics, "weights": weights, "per_rank": gathered,
                     "group_names": names, "world": world}, os.path.join(a.out, "result.pt"))
+    if world > 1:  # leave together: a rank exiting while another still writes can abort the gloo/shm teardown
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
