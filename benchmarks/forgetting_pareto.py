@@ -302,6 +302,9 @@ def markdown_section(results: dict[str, Any], figures_rel: str) -> str:
             lines += [f"Testbed build: {b['size']} Llama, {b['steps']} steps x {b['batch_size']}, seed {b['seed']},"
                       f" {r['build_train_seconds']:.0f} s training (cached afterwards). Scores after the build:"
                       f" {', '.join(f'{k} {v:.3f}' for k, v in r['build_scores'].items())}.", ""]
+        if metric.endswith("perplexity"):
+            lines += ["Gains and drops are differences of raw perplexities, so a very high base perplexity dominates"
+                      " the target gain (and the per-task plot): compare the tuned values.", ""]
         head = ["method", "target gain", "mean retained drop", "Pareto", *target, *retain, "train s"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines.append("| base | | | | " + " | ".join(_num(report["base"][t]) for t in target + retain) + " | |")
