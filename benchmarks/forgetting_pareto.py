@@ -305,13 +305,14 @@ def markdown_section(results: dict[str, Any], figures_rel: str) -> str:
         if metric.endswith("perplexity"):
             lines += ["Gains and drops are differences of raw perplexities, so a very high base perplexity dominates"
                       " the target gain (and the per-task plot): compare the tuned values.", ""]
-        head = ["method", "target gain", "mean retained drop", "Pareto", *target, *retain, "train s"]
+        head = ["method", "target gain", "mean retained drop", "Pareto", *target, *retain, "prepare s", "train s"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines.append("| base | | | | " + " | ".join(_num(report["base"][t]) for t in target + retain) + " | |")
+        lines.append("| base | | | | " + " | ".join(_num(report["base"][t]) for t in target + retain) + " | | |")
         for name, run in report["runs"].items():
             cells = [name, _num(run["target_gain"]), _num(run["forgetting"]),
                      "yes" if name in report["pareto_front"] else "",
-                     *(_num(run["tasks"][t]["tuned"]) for t in target + retain), f"{run['train_seconds']:.0f}"]
+                     *(_num(run["tasks"][t]["tuned"]) for t in target + retain), f"{run['prepare_seconds']:.0f}",
+                     f"{run['train_seconds']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"![{setup} Pareto]({figures_rel}/forgetting_pareto_{setup}.png)"
                       f" ![{setup} per-task gains]({figures_rel}/forgetting_deltas_{setup}.png)", ""]
