@@ -231,8 +231,7 @@ def _first_doc_line(cls: type) -> str:
 
 def summary(recipe) -> list[str]:
     """A few lines describing a validated recipe."""
-    model = recipe.model.name_or_path or (f"testbed {recipe.model.testbed}" if recipe.model.testbed is not None
-                                          else f"new from config {recipe.model.config}")
+    model = recipe.model.describe()
     tokenizer = recipe.tokenizer.name_or_path or f"builtin {recipe.tokenizer.builtin}"
     data = _source_text(recipe.data.train) + (f"; eval {_source_text(recipe.data.eval)}" if recipe.data.eval else "")
     # repr for strings like eos_token "\n" that would otherwise break the line

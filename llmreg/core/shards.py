@@ -33,6 +33,12 @@ def zero_stage_of(model: torch.nn.Module) -> int:
     return 0
 
 
+def zero3_unpadded(p: torch.nn.Parameter, local: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition `local` of `p` without the tail that pads the last partition (no weight)."""
+    size = p.ds_tensor.ds_numel
+    return local[: max(0, min(size, p.ds_numel - size * dist.get_rank()))]
+
+
 class ShardAccess:
     def __init__(
         self,
@@ -133,10 +139,7 @@ class ShardAccess:
 
     def without_padding(self, p: torch.nn.Parameter, local: torch.Tensor) -> torch.Tensor:
         """`local` without the tail ZeRO-3 pads the last partition with (those elements are no weight)."""
-        if self.zero_stage != 3:
-            return local
-        size = p.ds_tensor.ds_numel
-        return local[: max(0, min(size, p.ds_numel - size * dist.get_rank()))]
+        return zero3_unpadded(p, local) if self.zero_stage == 3 else local
 
     def full_shape(self, p: torch.nn.Parameter) -> torch.Size:
         """The shape of the whole parameter, also when ZeRO-3 has partitioned it."""

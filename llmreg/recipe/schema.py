@@ -45,6 +45,12 @@ class ModelSpec:
     # the forgetting testbed's pre-trained model: a preset ("default") or build options (llmreg.testbed.build)
     testbed: str | dict | None = None
 
+    def describe(self) -> str:
+        """One line for logs and artifact metadata: the path or hub name, the testbed, or the config."""
+        if self.name_or_path:
+            return self.name_or_path
+        return f"testbed {self.testbed}" if self.testbed is not None else f"new from config {self.config}"
+
 
 @dataclass
 class TokenizerSpec:

@@ -61,7 +61,16 @@ def lora_product_penalty_grads(
 
     P = 2 * coef * omega * (dW - dW*) (out x in); dR/dB = s * P @ A^T; dR/dA = s * B^T @ P.
     """
-    p = quadratic_penalty_grad(scale * lora_b @ lora_a, scale * anchor_b @ anchor_a, omega, coef)
+    diff = scale * lora_b @ lora_a - scale * anchor_b @ anchor_a
+    return lora_grads_from_product_diff(lora_a, lora_b, diff, omega, coef, scale)
+
+
+def lora_grads_from_product_diff(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, diff: torch.Tensor, omega: torch.Tensor | float, coef: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lora_product_penalty_grads` given diff = s*B@A - s*B*@A* already formed (it is the costly product)."""
+    p = 2.0 * coef * omega * diff  # = quadratic_penalty_grad at dW - dW* = diff
     return scale * lora_b.T @ p, scale * p @ lora_a.T
 
 

@@ -33,8 +33,9 @@ import torch.distributed as dist
 
 from llmreg.core import Order, Regularizer, ShardAccess, option, register
 from llmreg.core.options import ConfigError
+from llmreg.core.shards import zero3_unpadded
 from llmreg.regularizers.forgetting import artifact as art
-from llmreg.regularizers.forgetting.formulas import layer_coefficients, lora_product_penalty_grads
+from llmreg.regularizers.forgetting.formulas import layer_coefficients, lora_grads_from_product_diff
 from llmreg.regularizers.forgetting.targets import (
     LoraTarget, Selector, base_name, default_selector, full_shape, layer_of, lora_targets, select_parameters,
 )
@@ -182,15 +183,15 @@ class ForgettingPenalty(Regularizer):
             return
         wanted = set(self._shapes)
         self._params = {}
-        full = art.load_importance(self.cfg.artifact, wanted) if self.meta else {}
         for name, p in shards.named_parameters():
             key = base_name(name)
             if key not in wanted:
                 continue
             self._params[key] = p
             self.anchors[key] = shards.local_param(p).detach().clone().float()
-            if self.meta:
-                self.importance[key] = shards.local_slice(p, full[key]).clone().float()
+            if self.meta:  # one whole tensor in memory at a time; only the local slice is kept
+                full = art.load_importance(self.cfg.artifact, [key])[key]
+                self.importance[key] = shards.local_slice(p, full).clone().float()
 
     @torch.no_grad()
     def _prepare_lora(self, shards: ShardAccess) -> None:
@@ -229,21 +230,21 @@ class ForgettingPenalty(Regularizer):
         self._penalty = shards.all_reduce_sum(penalty)
 
     def _lora_edit(self, shards: ShardAccess) -> torch.Tensor:
-        penalty = torch.zeros((), dtype=torch.float64)
+        penalty = torch.zeros((), device=self._device)
         for target in self._lora:
             a, b = _lora_values(target, shards)
             anchor_a, anchor_b = self.anchors[target.name + ":A"], self.anchors[target.name + ":B"]
             omega = self.importance.get(target.name, 1.0)
             coef = self._coef(target.name)
-            diff = target.scale * (b @ a - anchor_b @ anchor_a)
-            penalty += coef * float((omega * diff.pow(2)).sum())
+            diff = target.scale * (b @ a - anchor_b @ anchor_a)  # the one dense out x in product per module
+            penalty = penalty + coef * (omega * diff.pow(2)).sum()  # on the device: no sync per module
             if coef == 0.0:
                 continue
-            grad_a, grad_b = lora_product_penalty_grads(a, b, anchor_a, anchor_b, omega, coef, target.scale)
+            grad_a, grad_b = lora_grads_from_product_diff(a, b, diff, omega, coef, target.scale)
             for p, full in ((target.lora_a, grad_a), (target.lora_b, grad_b)):
                 if shards.owns(p):
                     shards.add_to_grad(p, shards.local_slice(p, full))
-        return penalty.float()  # every rank computed the whole sum: no reduction
+        return penalty  # every rank computed the whole sum: no reduction
 
     # -- the loss-term variant (tests, single process / DDP) ----------------------------------------
     def loss_terms(self, ctx) -> dict[str, torch.Tensor]:
@@ -314,9 +315,7 @@ def _weights_sum_sq(params: list[torch.nn.Parameter]) -> float:
     for p in params:
         if hasattr(p, "ds_tensor"):
             partitioned, device = True, p.ds_tensor.device
-            local = p.ds_tensor.reshape(-1)
-            start = local.numel() * dist.get_rank()
-            local = local[: max(0, min(local.numel(), p.ds_numel - start))]  # the last partition's padding is junk
+            local = zero3_unpadded(p, p.ds_tensor.reshape(-1))  # the last partition's padding is junk
         else:
             local = p.detach().reshape(-1)
         total += local.double().pow(2).sum().cpu()

@@ -77,10 +77,7 @@ def run_importance(recipe: Any, overwrite: bool = False) -> str:
     if spec is None:
         raise ConfigError("llmreg importance needs an `importance:` section in the recipe (method: si or ewc)")
     directory = spec.output or os.path.join(recipe.output_dir, IMPORTANCE_DIR)
-    model = recipe.model
-    meta = {"model": model.name_or_path or (f"testbed {model.testbed}" if getattr(model, "testbed", None) is not None
-                                            else f"from config {model.config}"),
-            "data": recipe.data.train.path}
+    meta = {"model": recipe.model.describe(), "data": recipe.data.train.path}
     if spec.method == "ewc":
         run = build_run(recipe)
         write_ewc_artifact(run.trainer, directory, num_samples=spec.num_samples, targets=spec.targets,
