@@ -74,3 +74,19 @@ def random_artifact(directory, model, **kw) -> str:
     from llmreg.regularizers.forgetting.artifact import random_artifact as make
 
     return make(directory, model, **kw)
+
+
+def edited_and_autograd_grads(model, tok, reg, shards, penalty_fn):
+    """Gradients two ways on one batch: the data loss's backward followed by `reg.pre_step` (the edit), and
+    autograd of the data loss plus `penalty_fn(model)` (the explicit penalty). Returns (edited, reference,
+    penalty), the gradients of the trainable parameters by name."""
+    batch = tok(["What is 1 + 2? Answer: 3"], return_tensors="pt")
+    model.zero_grad()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    reg.pre_step(shards)
+    edited = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    penalty = penalty_fn(model)
+    (model(**batch, labels=batch["input_ids"]).loss + penalty).backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return edited, reference, penalty

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import hf_args, losses, make_hf_trainer, max_rel_diff, random_artifact, weights
+from conftest import edited_and_autograd_grads, losses, make_hf_trainer, max_rel_diff, random_artifact, weights
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
@@ -48,20 +48,11 @@ def test_full_edit_equals_autograd_of_explicit_penalty(tok, tmp_path):
     assert torch.allclose(torch.tensor([a["0"], a["1"]]), torch.softmax(3e-9 * norms.double(), 0).float())
 
     _perturb(model)
-    batch = tok(["What is 1 + 2? Answer: 3"], return_tensors="pt")
-    model.zero_grad()
-    model(**batch, labels=batch["input_ids"]).loss.backward()
-    reg.pre_step(shards)
-    edited = {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    model.zero_grad()
-    loss = model(**batch, labels=batch["input_ids"]).loss
-    penalty = sum(0.7 * a[layer_of(n)] * (omega[n] * (p - start[n]).pow(2)).sum()
-                  for n, p in model.named_parameters() if n in omega)
-    (loss + penalty).backward()
+    edited, reference, penalty = edited_and_autograd_grads(model, tok, reg, shards, lambda m: sum(
+        0.7 * a[layer_of(n)] * (omega[n] * (p - start[n]).pow(2)).sum() for n, p in m.named_parameters() if n in omega))
     assert len(omega) == 14  # 7 linear weights in each of the 2 decoder layers; embeddings, norms, head untouched
-    for n, p in model.named_parameters():
-        assert torch.allclose(edited[n], p.grad, atol=1e-5, rtol=1e-4), n
+    for n in reference:
+        assert torch.allclose(edited[n], reference[n], atol=1e-5, rtol=1e-4), n
     assert reg.metrics()["penalty"] == pytest.approx(float(penalty.detach()), rel=1e-5)
     assert reg.metrics()["layer_coef/0"] == pytest.approx(a["0"])
 
@@ -84,31 +75,22 @@ def test_lora_edit_equals_autograd_of_dense_product_penalty(tok, tmp_path, impor
     _perturb(model)  # B moves off 0, so dW = s * B @ A is not zero
     modules = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
     assert len(modules) == 4
-    anchors = {n: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
-               for n, m in modules.items()}
-    anchors = {n: (a, b) for n, (a, b) in anchors.items()}
-    batch = tok(["What is 1 + 2? Answer: 3"], return_tensors="pt")
 
-    model.zero_grad()
-    model(**batch, labels=batch["input_ids"]).loss.backward()
-    reg.pre_step(shards)
-    edited = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    def explicit_penalty(_model):
+        penalty = 0.0
+        for name, m in modules.items():
+            key = name.replace("base_model.model.", "") + ".weight"
+            a0, b0 = reg.anchors[key + ":A"], reg.anchors[key + ":B"]
+            s = m.scaling["default"]
+            omega = reg.importance[key] if importance == "si" else 1.0
+            dw = s * m.lora_B["default"].weight @ m.lora_A["default"].weight - s * b0 @ a0
+            penalty = penalty + 0.3 * 0.5 * (omega * dw.pow(2)).sum()  # uniform a_l = 1/2 over 2 layers
+        return penalty
 
-    model.zero_grad()
-    loss = model(**batch, labels=batch["input_ids"]).loss
-    penalty = 0.0
-    for name, m in modules.items():
-        key = name.replace("base_model.model.", "") + ".weight"
-        a0, b0 = reg.anchors[key + ":A"], reg.anchors[key + ":B"]
-        s = m.scaling["default"]
-        omega = reg.importance[key] if importance == "si" else 1.0
-        dw = s * m.lora_B["default"].weight @ m.lora_A["default"].weight - s * b0 @ a0
-        penalty = penalty + 0.3 * 0.5 * (omega * dw.pow(2)).sum()  # uniform a_l = 1/2 over 2 layers
-    (loss + penalty).backward()
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            assert torch.allclose(edited[n], p.grad, atol=1e-6, rtol=1e-4), n
-    assert reg.metrics()["penalty"] == pytest.approx(float(penalty), rel=1e-5)
+    edited, reference, penalty = edited_and_autograd_grads(model, tok, reg, shards, explicit_penalty)
+    for n in reference:
+        assert torch.allclose(edited[n], reference[n], atol=1e-6, rtol=1e-4), n
+    assert reg.metrics()["penalty"] == pytest.approx(float(penalty.detach()), rel=1e-5)
     # only dW's importance (dense, out x in) and A*, B* are stored; no base weight copies
     assert all(":" in k for k in reg.anchors)
 

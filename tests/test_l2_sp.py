@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import losses, make_hf_trainer, max_rel_diff, weights
+from conftest import edited_and_autograd_grads, losses, make_hf_trainer, max_rel_diff, weights
 from transformers import Trainer
 
 from llmreg.core.shards import ShardAccess
@@ -31,19 +31,11 @@ def test_pre_step_edit_equals_explicit_penalty_gradient(tok):
     with torch.no_grad():  # move away from the anchor so the penalty is not zero
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    batch = tok(["What is 1 + 2? Answer: 3"], return_tensors="pt")
-
-    model.zero_grad()
-    model(**batch, labels=batch["input_ids"]).loss.backward()
-    reg.pre_step(shards)
-    edited = {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    model.zero_grad()
-    loss = model(**batch, labels=batch["input_ids"]).loss
-    loss = loss + sum(0.5 * 0.3 * (p - start[n]).pow(2).sum() for n, p in model.named_parameters())
-    loss.backward()
-    for n, p in model.named_parameters():
-        assert torch.allclose(edited[n], p.grad, atol=1e-6, rtol=1e-5), n
+    edited, reference, _ = edited_and_autograd_grads(model, tok, reg, shards, lambda m: sum(
+        0.5 * 0.3 * (p - start[n]).pow(2).sum() for n, p in m.named_parameters()))
+    assert reference.keys() == dict(model.named_parameters()).keys()
+    for n in reference:
+        assert torch.allclose(edited[n], reference[n], atol=1e-6, rtol=1e-5), n
     assert reg.metrics()["penalty"] > 0
 
 
