@@ -24,6 +24,7 @@ def _artifact(tmp_path):
 # options that make each regularizer do something visible in 2 steps (a callable gets a temporary directory)
 SETTINGS = {
     "forgetting_penalty": _artifact,
+    "half_ft": {"seed": 3},
     "l2_sp": {"lam": 1.0},
     "si_importance": {},
     "weight_decay": {"weight_decay": 0.1},

@@ -127,6 +127,34 @@ def test_si_importance_under_zero_matches_single_process(zero, tmp_path):
         assert rank["stored"]["si_importance.omega"] <= regularised // 2 + 64
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_half_ft_under_zero_freezes_the_same_set_and_matches_single_process(zero, tmp_path):
+    import llmreg
+    from llmreg.data import build_char_tokenizer, tiny_llama
+
+    stack = [{"name": "half_ft", "seed": 4}]
+    start = tiny_llama(vocab_size=len(build_char_tokenizer()), seed=0)  # the worker's model
+    reg = llmreg.build_regularizer(stack[0])
+    reg.setup(start, trainer=None)
+    frozen = set(reg.frozen)
+    trainable = sum(p.numel() for n, p in start.named_parameters() if n not in frozen)
+    single = _run(tmp_path / "single", 0, stack)
+    dist = _run(tmp_path / "dist", zero, stack)
+    assert dist["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    assert max_rel_diff(single["weights"], dist["weights"]) < 1e-5
+    for name, p in start.named_parameters():
+        if name in frozen:
+            assert torch.equal(dist["weights"][name], p.detach()), f"frozen {name} moved under ZeRO-{zero}"
+        else:
+            assert not torch.equal(dist["weights"][name], p.detach()), f"trainable {name} did not move"
+    # Adam state only for the trainable half: exactly its elements in one process, split (with at most a
+    # little alignment padding) across the two ranks under ZeRO
+    assert single["per_rank"][0]["adam_exp_avg_numel"] == trainable
+    ranks = [r["adam_exp_avg_numel"] for r in dist["per_rank"]]
+    assert trainable <= sum(ranks) <= trainable + 64 and max(ranks) <= trainable // 2 + 64, ranks
+
+
 def test_optimizer_block_is_refused_with_one_line_error(tmp_path):
     cfg = json.load(open(os.path.join(REPO, "ds_configs", "zero2.json")))
     cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-4}}

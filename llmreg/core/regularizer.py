@@ -24,7 +24,9 @@ named points of the host trainer's loop (the pattern of MosaicML Composer's
         optimizer.step
         post_step(shards)        decoupled updates after the optimizer step
     metrics()                    logged as reg/<name>/<key>
-    state_dict()/load_state_dict()  saved with every checkpoint, per rank
+    state_dict()/load_state_dict()  saved with every checkpoint, per rank; on resume
+                                 loaded after on_prepared, or before the optimizer
+                                 is built when `loads_state_early`
 
 Hooks run in the stack's order (see `stack.py`). A regularizer declares what it
 needs in `requires` (trainer kinds, ZeRO-3, PEFT, model outputs); the stack
@@ -100,6 +102,9 @@ class Regularizer:
     options_cls: ClassVar[type] = NoOptions
     order: ClassVar[int] = Order.OBJECTIVE
     requires: ClassVar[Requirements] = Requirements()
+    # On resume, state is loaded after `on_prepared` (it may hold local shards). A regularizer whose
+    # state decides what the optimizer holds (a frozen set) sets this to load it before the optimizer exists.
+    loads_state_early: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.options = build_options(self.options_cls, options, where=self.name)

@@ -170,7 +170,8 @@ class RegularizerStack:
     def state_dict(self) -> dict[str, Any]:
         return {label: reg.state_dict() for reg, label in zip(self.regularizers, self.labels)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], early: bool | None = None) -> None:
+        """Load every regularizer's state, or only those with `loads_state_early == early`."""
         missing = set(self.labels) - set(state)
         unexpected = set(state) - set(self.labels)
         if missing or unexpected:
@@ -178,7 +179,8 @@ class RegularizerStack:
                 f"regularizer state does not match the stack: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
             )
         for reg, label in zip(self.regularizers, self.labels):
-            reg.load_state_dict(state[label])
+            if early is None or reg.loads_state_early == early:
+                reg.load_state_dict(state[label])
 
 
 def assert_partition(groups: list[dict[str, Any]], trainable: list[tuple[str, torch.nn.Parameter]]) -> None:

@@ -7,7 +7,9 @@ Where each hook of `regularizer.py` is called from:
 - `param_groups`: `create_optimizer` (also used under DeepSpeed when the config
   has no `optimizer` block, which `__init__` enforces when groups are set);
 - `on_prepared`: end of `_prepare_for_training`, after accelerate / DeepSpeed
-  wrapped the model; regularizer state is loaded right after it on resume;
+  wrapped the model; regularizer state is loaded right after it on resume
+  (state of a `loads_state_early` regularizer at its start, before the
+  optimizer is built);
 - `loss_terms`: `compute_loss`, training mode only;
 - `pre_step`: after the boundary micro-step's backward: from `training_step`
   without DeepSpeed (before the Trainer clips), from the backward shim under
@@ -98,13 +100,14 @@ class RegularizedTrainerMixin:
     # -- preparation and resume ---------------------------------------------------------
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         if len(self.reg_stack) and resume_from_checkpoint is not None:
-            self._reg_state_file(resume_from_checkpoint)  # fail before the parent loads optimizer state
+            # fails before the parent loads optimizer state; a saved frozen set is back before the optimizer exists
+            self._reg_load_state(resume_from_checkpoint, early=True)
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         if len(self.reg_stack):
             self._reg_shards = ShardAccess.from_model(self.model, grad_scale=self._reg_grad_scale)
             self.reg_stack.on_prepared(self.model, self._reg_shards)
             if resume_from_checkpoint is not None:
-                self._reg_load_state(resume_from_checkpoint)
+                self._reg_load_state(resume_from_checkpoint, early=False)
             if self.is_deepspeed_enabled and self.reg_stack.any_overrides("pre_step"):
                 install_pre_step_shim(self.accelerator.deepspeed_engine_wrapped, self._reg_pre_step)
         return model, train_dataloader
@@ -133,9 +136,9 @@ class RegularizedTrainerMixin:
             )
         return path
 
-    def _reg_load_state(self, checkpoint_dir: str) -> None:
+    def _reg_load_state(self, checkpoint_dir: str, early: bool | None = None) -> None:
         saved = torch.load(self._reg_state_file(checkpoint_dir), map_location="cpu", weights_only=False)
-        self.reg_stack.load_state_dict(saved["state"])
+        self.reg_stack.load_state_dict(saved["state"], early=early)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

@@ -109,11 +109,15 @@ def main() -> None:
             if isinstance(value, dict) and value and all(torch.is_tensor(v) for v in value.values()):
                 stored[f"{label}.{attr}"] = sum(v.numel() for v in value.values())
     groups = optimizer_groups_by_name(trainer)
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wrapper
+    inner = getattr(inner, "optimizer", inner)  # DeepSpeed ZeRO optimizer -> the torch optimizer it steps
+    adam_numel = sum(st["exp_avg"].numel() for st in inner.state.values() if "exp_avg" in st)
+    mine = {"stored": stored, "groups": groups, "adam_exp_avg_numel": adam_numel}
     gathered = [None] * world
     if world > 1:
-        torch.distributed.all_gather_object(gathered, {"stored": stored, "groups": groups})
+        torch.distributed.all_gather_object(gathered, mine)
     else:
-        gathered = [{"stored": stored, "groups": groups}]
+        gathered = [mine]
 
     unwrapped = trainer.model
     if a.zero == 3:

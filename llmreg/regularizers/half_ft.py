@@ -1,0 +1,253 @@
+"""Half Fine-Tuning: freeze a random, category-balanced half of every decoder layer.
+
+Paper: Hui et al., "HFT: Half Fine-Tuning for Large Language Models", arXiv 2404.18466 (ACL 2025).
+No official code is public; spec: ../shared/methods/hft.md.
+
+Rule (per decoder layer, per `nn.Parameter`; biases follow their matrix):
+    attention  freeze 2 of {q, k, v, o}
+    FFN        freeze 2 of {gate, up, down} in a random floor(L/2) of the layers, 1 of 3 in the others
+    norms      freeze 1 of {input norm, post-attention norm}
+Embeddings, LM head and the final norm stay trainable. The draw is seeded by (seed, stage), so every
+rank draws the same set (checked by all-gathering a hash) and each stage of a multi-stage recipe draws
+a new one.
+
+Hooks: `setup` only: `requires_grad=False` before the optimizer and the DeepSpeed engine exist, so frozen
+tensors get no gradient, no optimizer state and no fp32 master copy (DESIGN.md trap 5). The frozen set is
+the regularizer's state: saved with every checkpoint and, on resume, loaded back *before* the optimizer
+is built (`loads_state_early`), never re-drawn.
+
+Departures from / additions to the paper:
+- The general category rule is "freeze n/2 of n members"; when n is odd (the 3-matrix FFN) the layers
+  alternate between ceil and floor as the paper does for the FFN. That also covers 2-matrix MLPs (1 of 2)
+  and 4-norm blocks such as Gemma (2 of 4), fallbacks the paper does not define (experimental).
+- `balance="params"` (package option, for GQA models): draw uniformly among the subsets of a category
+  whose parameter count is closest to the count rule's share of that category's parameters.
+- The final norm stays trainable (the paper does not say).
+- Only `hft_resample="stage"`, `granularity="category"` and ratio 0.5 are offered; the per-epoch
+  re-draw would need a new optimizer and engine per epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import random
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from llmreg.core import ConfigError, Order, Regularizer, Requirements, option, register
+
+logger = logging.getLogger(__name__)
+
+# Llama / Mistral / Qwen2 module names per category
+LLAMA_CATEGORIES: dict[str, list[str]] = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "ffn": ["gate_proj", "up_proj", "down_proj"],
+    "norms": ["input_layernorm", "post_attention_layernorm"],
+}
+# embedding and output-head names of the usual HF architectures
+EMBEDDING_PATTERN = re.compile(r"(?:^|\.)(?:embed_tokens|lm_head|wte|wpe|embed_out|word_embeddings)\.")
+_LAYER_PREFIX = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.)")
+
+
+# -- pure functions ------------------------------------------------------------------------------------
+
+def group_layers(
+    named_shapes: list[tuple[str, tuple[int, ...]]],
+    categories: dict[str, list[str]],
+) -> list[dict[str, dict[str, list[str]]]]:
+    """Per decoder layer (in index order): {category: {member: [parameter names]}}.
+
+    A member is a module name (`q_proj`) or a dotted path inside the layer (`attn.c_proj`, where a
+    bare name would be ambiguous). Every parameter inside a decoder layer must belong to exactly one
+    member; a layer that lacks a member, or holds a parameter no member claims, is an error naming it.
+    """
+    member_of: dict[str, tuple[str, str]] = {}
+    for cat, members in categories.items():
+        for m in members:
+            if m in member_of:
+                raise ConfigError(f"half_ft: module name '{m}' is listed in categories '{member_of[m][0]}' and '{cat}'")
+            member_of[m] = (cat, m)
+    layers: dict[int, dict[str, dict[str, list[str]]]] = {}
+    for name, _ in named_shapes:
+        match = _LAYER_PREFIX.match(name)
+        if not match:
+            continue
+        index = int(match.group(2))
+        path = "." + ".".join(name[len(match.group(1)):].split(".")[:-1]) + "."  # module path inside the layer
+        hits = [hit for m, hit in member_of.items() if f".{m}." in path]
+        if len(hits) != 1:
+            raise ConfigError(
+                f"half_ft: cannot classify '{name}' into one of the categories {_describe(categories)}; "
+                "pass `categories` mapping each category to this architecture's module names"
+            )
+        cat, member = hits[0]
+        layer = layers.setdefault(index, {c: {m: [] for m in ms} for c, ms in categories.items()})
+        layer[cat][member].append(name)
+    if not layers:
+        raise ConfigError("half_ft: the model has no decoder layers (no parameter named like 'layers.<i>.')")
+    for index, layer in sorted(layers.items()):
+        for cat, members in layer.items():
+            missing = [m for m, names in members.items() if not names]
+            if missing:
+                raise ConfigError(f"half_ft: decoder layer {index} has no module {missing} of category '{cat}'")
+    return [layers[i] for i in sorted(layers)]
+
+
+def _describe(categories: dict[str, list[str]]) -> str:
+    return "; ".join(f"{c}: {', '.join(ms)}" for c, ms in categories.items())
+
+
+def selection_rng(seed: int, stage: int) -> random.Random:
+    """The same generator on every rank and in every process for (seed, stage)."""
+    digest = hashlib.sha256(f"half_ft/{seed}/{stage}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def draw_frozen(
+    layers: list[dict[str, dict[str, list[str]]]],
+    sizes: dict[str, int],
+    seed: int,
+    stage: int = 0,
+    balance: str = "count",
+) -> list[str]:
+    """Names of the parameters HFT freezes (sorted). `sizes[name]` = number of elements.
+
+    A category of n members freezes n/2 of them; for odd n a random floor(L/2) of the layers freeze
+    ceil(n/2), the rest floor(n/2) (the paper's FFN rule: 2 of 3 in half the layers, 1 of 3 elsewhere).
+    """
+    if balance not in ("count", "params"):
+        raise ConfigError(f"half_ft: balance must be 'count' or 'params', got {balance!r}")
+    rng = selection_rng(seed, stage)
+    n_layers = len(layers)
+    categories = list(layers[0])
+    # one draw of "which layers round up" per odd category, in category order, before the layer loop
+    round_up = {cat: set(rng.sample(range(n_layers), n_layers // 2))
+                for cat in categories if len(layers[0][cat]) % 2}
+    frozen: list[str] = []
+    for index, layer in enumerate(layers):
+        for cat in categories:
+            members = list(layer[cat])
+            k = len(members) // 2 + (1 if index in round_up.get(cat, ()) else 0)
+            if balance == "count":
+                picked = rng.sample(members, k)
+            else:
+                counts = {m: sum(sizes[n] for n in layer[cat][m]) for m in members}
+                picked = list(rng.choice(closest_share_subsets(counts, k / len(members))))
+            for m in picked:
+                frozen.extend(layer[cat][m])
+    return sorted(frozen)
+
+
+def closest_share_subsets(counts: dict[str, int], share: float) -> list[tuple[str, ...]]:
+    """All subsets of the members whose summed count is closest to `share` of the total (ties kept,
+    in a fixed order). For equal counts these are exactly the subsets of size share * n."""
+    members = list(counts)
+    target = share * sum(counts.values())
+    subsets = [c for r in range(1, len(members)) for c in itertools.combinations(members, r)]
+    gaps = [abs(sum(counts[m] for m in s) - target) for s in subsets]
+    best = min(gaps)
+    return [s for s, g in zip(subsets, gaps) if g <= best + 1e-9 * max(target, 1.0)]
+
+
+def trainable_fraction(named_sizes: dict[str, int], frozen: set[str]) -> float:
+    total = sum(named_sizes.values())
+    return sum(n for name, n in named_sizes.items() if name not in frozen) / max(total, 1)
+
+
+# -- the regularizer -----------------------------------------------------------------------------------
+
+@dataclass
+class HalfFTOptions:
+    seed: int = option(0, "selection seed; the draw depends on (seed, stage) only")
+    stage: int = option(0, "stage index of a multi-stage recipe (filled in by `stages:`); each stage draws anew")
+    balance: Literal["count", "params"] = option(
+        "count", "count: freeze half of each category's matrices (paper); params: subsets closest to half the "
+        "category's parameters (GQA models)")
+    categories: dict[str, list[str]] = option(
+        {k: list(v) for k, v in LLAMA_CATEGORIES.items()},
+        "module names (or dotted paths such as attn.c_proj) per category inside a decoder layer; default: "
+        "Llama/Mistral/Qwen2 names")
+    train_embeddings: bool = option(True, "keep embeddings and LM head trainable (False: the paper's worse ablation)")
+
+
+@register("half_ft")
+class HalfFineTuning(Regularizer):
+    """HFT: freeze a seeded half of each decoder layer's attention, FFN and norm tensors (arXiv 2404.18466)."""
+
+    options_cls = HalfFTOptions
+    order = Order.FREEZE
+    requires = Requirements(supports_peft=False)
+    loads_state_early = True  # the frozen set must be back before the optimizer exists
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.frozen: list[str] = []
+        self._fraction = 1.0
+
+    def setup(self, model: torch.nn.Module, trainer: Any) -> None:
+        named = list(model.named_parameters())
+        sizes = {n: _numel(p) for n, p in named}
+        layers = group_layers([(n, tuple(_shape(p))) for n, p in named], self.options.categories)
+        frozen = draw_frozen(layers, sizes, self.options.seed, self.options.stage, self.options.balance)
+        if not self.options.train_embeddings:
+            frozen = sorted(set(frozen) | {n for n, _ in named if EMBEDDING_PATTERN.search(n)})
+        self._model = model
+        self._apply(frozen)
+        logger.info("half_ft (seed %d, stage %d): %d tensors frozen, %.1f%% of the parameters trainable",
+                    self.options.seed, self.options.stage, len(frozen), 100 * self._fraction)
+
+    def _apply(self, frozen: list[str]) -> None:
+        named = dict(self._model.named_parameters())
+        unknown = sorted(set(frozen) - set(named))
+        if unknown:
+            raise ConfigError(f"half_ft: the frozen set names parameters this model lacks: {unknown[:5]}")
+        _check_same_on_every_rank(frozen)
+        frozen_set = set(frozen)
+        for name, p in named.items():
+            if p.is_floating_point():
+                p.requires_grad_(name not in frozen_set)
+        self.frozen = list(frozen)
+        self._fraction = trainable_fraction({n: _numel(p) for n, p in named.items()}, frozen_set)
+
+    def metrics(self) -> dict[str, float]:
+        return {"trainable_fraction": self._fraction}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.options.seed, "stage": self.options.stage, "balance": self.options.balance,
+                "frozen": list(self.frozen)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "frozen" not in state:
+            raise ValueError("half_ft: the checkpoint's state has no frozen set; cannot resume with the same mask")
+        if sorted(state["frozen"]) != sorted(self.frozen):
+            logger.warning("half_ft: resuming with the checkpoint's frozen set (seed %s, stage %s), not this "
+                           "run's draw (seed %d, stage %d)", state.get("seed"), state.get("stage"),
+                           self.options.seed, self.options.stage)
+        self._apply(list(state["frozen"]))
+
+
+def _shape(p: torch.Tensor) -> torch.Size:
+    return getattr(p, "ds_shape", p.shape)  # ZeRO-3 placeholders keep the full shape in ds_shape
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def _check_same_on_every_rank(frozen: list[str]) -> None:
+    """A different trainable set on one rank would hang or corrupt the gradient reduction."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    digest = hashlib.sha256("\n".join(sorted(frozen)).encode()).hexdigest()
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"half_ft: ranks drew different frozen sets ({digests}); check that seed and stage "
+                           "are the same on every rank")
