@@ -151,6 +151,75 @@ class Recipe:
         }
 
 
+@dataclass
+class StageEvalSpec:
+    """`stage_eval:` (staged recipes): a suite run on the starting model and on each stage's final model;
+    with every stage's `eval_task` set, the continual-learning matrix R and op / bwt / fwt."""
+
+    suite: str  # suite YAML (eval/suites/*.yaml); absolute after validation
+    limit: int | None = None  # documents per task; None = the suite's own limits
+    batch_size: int = 8
+
+
+@dataclass
+class Stage:
+    """One stage of a staged recipe: a whole validated `Recipe` (its output_dir is `<output_dir>/<index>_<name>`)."""
+
+    index: int
+    name: str
+    recipe: Recipe
+    eval_task: str | None = None  # the task of the stage_eval suite that measures this stage's skill
+
+    @property
+    def dir_name(self) -> str:
+        return f"{self.index}_{self.name}"
+
+
+@dataclass
+class StagedRecipe:
+    """A recipe with `stages:` (llmreg.recipe.stages): the stages run in order, each from the previous one's
+    final model. `model`, `tokenizer`, `output_dir` and `seed` are shared; every stage has its own data,
+    trainer, peft, regularizers and eval_during_training (already merged over the top-level sections)."""
+
+    stages: list[Stage]
+    output_dir: str
+    seed: int = 42
+    resume: bool = False
+    stage_eval: StageEvalSpec | None = None
+    path: str | None = None  # the recipe file it came from
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.stages[0].recipe.model
+
+    @property
+    def tokenizer(self) -> TokenizerSpec:
+        return self.stages[0].recipe.tokenizer
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-safe data: the shared keys at the top, each stage's resolved sections in `stages`;
+        `validate_recipe(staged.to_dict())` gives this recipe back."""
+        stages = []
+        for stage in self.stages:
+            full = stage.recipe.to_dict()
+            stages.append({"name": stage.name, **{k: full[k] for k in STAGE_SECTIONS if k in full},
+                           **({"eval_task": stage.eval_task} if stage.eval_task else {})})
+        return {
+            "model": _compact(self.model),
+            "tokenizer": _compact(self.tokenizer),
+            "output_dir": self.output_dir,
+            "resume": self.resume,
+            "seed": self.seed,
+            **({"stage_eval": _compact(self.stage_eval)} if self.stage_eval else {}),
+            "stages": stages,
+        }
+
+
+# the sections a stage may set (merged over the top-level ones) and those only the top level may set
+STAGE_SECTIONS = ("data", "trainer", "peft", "regularizers", "eval_during_training")
+TOP_LEVEL_ONLY = ("model", "tokenizer", "output_dir", "seed")
+
+
 def _compact(obj: Any) -> dict[str, Any]:
     """Dataclass fields that are set (None means 'use the default', so it is left out)."""
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if getattr(obj, f.name) is not None}

@@ -25,8 +25,8 @@ from llmreg.recipe.errors import located
 from llmreg.recipe.paths import looks_local, resolve_path
 from llmreg.recipe.importance import validate_importance
 from llmreg.recipe.schema import (
-    BUILTIN_TOKENIZERS, DTYPES, TRAINER_KINDS, EvalDuringTrainingSpec, ModelSpec, Recipe, TokenizerSpec, TrainerSpec,
-    trainer_config_class,
+    BUILTIN_TOKENIZERS, DTYPES, TRAINER_KINDS, EvalDuringTrainingSpec, ModelSpec, Recipe, StagedRecipe, TokenizerSpec,
+    TrainerSpec, trainer_config_class,
 )
 from llmreg.recipe.sources import validate_data
 
@@ -49,13 +49,25 @@ class _RecipeKeys:
     seed: int = DEFAULT_SEED
     eval_during_training: dict | None = None
     importance: dict | None = None
+    stages: list | None = None  # llmreg.recipe.stages
+    stage_eval: dict | None = None
 
 
-def validate_recipe(raw: Any, recipe_path: str | None = None) -> Recipe:
-    """Check a raw recipe (parsed YAML, overrides applied) and return its typed form."""
+def validate_recipe(raw: Any, recipe_path: str | None = None) -> Recipe | StagedRecipe:
+    """Check a raw recipe (parsed YAML, overrides applied) and return its typed form.
+
+    A recipe with `stages:` gives a `StagedRecipe` (each stage validated as a whole recipe, see
+    llmreg.recipe.stages); any other recipe gives a `Recipe`."""
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe: expected a mapping of sections, got {type(raw).__name__}")
     top = check_mapping(_RecipeKeys, raw, "recipe")
+    if top.get("stages") is not None:
+        from llmreg.recipe.stages import validate_staged_recipe
+
+        return validate_staged_recipe(raw, recipe_path)
+    if top.get("stage_eval") is not None:
+        raise ConfigError("stage_eval: only a recipe with `stages:` evaluates after each stage; for one run use "
+                          "eval_during_training, or `llmreg eval` on its final model")
     for name in ("model", "data", "trainer"):
         if top.get(name) is None:
             raise ConfigError(f"recipe: missing section '{name}'")
@@ -72,7 +84,7 @@ def validate_recipe(raw: Any, recipe_path: str | None = None) -> Recipe:
         trainer=trainer,
         peft=peft,
         regularizers=validate_regularizers(top.get("regularizers"), trainer, peft),
-        output_dir=os.path.abspath(os.path.expanduser(top.get("output_dir") or _default_output_dir(recipe_path))),
+        output_dir=os.path.abspath(os.path.expanduser(top.get("output_dir") or default_output_dir(recipe_path))),
         resume=top.get("resume", False),
         seed=seed,
         eval_during_training=validate_eval_during_training(top.get("eval_during_training"), recipe_dir, trainer),
@@ -81,7 +93,7 @@ def validate_recipe(raw: Any, recipe_path: str | None = None) -> Recipe:
     )
 
 
-def _default_output_dir(recipe_path: str | None) -> str:
+def default_output_dir(recipe_path: str | None) -> str:
     stem = os.path.splitext(os.path.basename(recipe_path))[0] if recipe_path else "recipe"
     return os.path.join("runs", stem)
 
