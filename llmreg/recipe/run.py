@@ -11,6 +11,9 @@ A fresh run refuses an output directory that already holds checkpoints: the
 trainer would mix them with the new run's, and a later `--resume` would pick
 whichever has the highest step. `overwrite=True` (`llmreg train --overwrite`)
 first deletes the earlier run's files (only the names above, and `init/`).
+
+A recipe with `stages:` is a `StagedRecipe`: `llmreg.recipe.stages.run_stages` runs it, calling `train` once
+per stage.
 """
 
 from __future__ import annotations
@@ -92,6 +95,9 @@ def train(recipe: Recipe, overwrite: bool = False, extra_regularizers: list | No
     `extra_regularizers`: regularizer objects appended to the recipe's (e.g. the importance recorder)."""
     from llmreg.recipe.build import build_run
 
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"train() takes one Recipe, got {type(recipe).__name__}; a recipe with stages runs with "
+                        "llmreg.recipe.stages.run_stages")
     resume_from = resume_checkpoint(recipe, overwrite)
     if overwrite and is_main_process():  # before build_run: a DPO/GRPO run writes init/ there
         clear_previous_run(recipe.output_dir)
