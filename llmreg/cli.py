@@ -10,6 +10,7 @@
 `accelerate launch -m llmreg.cli train ...` and the `deepspeed` launcher: the
 trainer does the distribution, and only rank 0 prints. A bad recipe exits with
 status 2 and one line `error: <message>` on stderr, before anything is loaded.
+A recipe with `stages:` trains its stages in turn (llmreg.recipe.stages); `validate` shows each stage.
 """
 
 from __future__ import annotations
@@ -122,7 +123,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from llmreg.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    _say(f"ok: {args.recipe}", *summary(recipe))
+    _say(f"ok: {args.recipe}", *(staged_summary(recipe) if _is_staged(recipe) else summary(recipe)))
+    return 0
+
+
+def _is_staged(recipe) -> bool:
+    from llmreg.recipe.schema import StagedRecipe
+
+    return isinstance(recipe, StagedRecipe)
+
+
+def cmd_train_stages(args: argparse.Namespace, staged) -> int:
+    from llmreg.recipe.stages import STAGE_EVAL_DIR, plan_stages, run_stages
+
+    if args.resume:
+        staged.resume = True
+    plan_stages(staged, args.overwrite)  # fail before anything loads
+    _say(f"training {args.recipe}: {len(staged.stages)} stages", *staged_summary(staged))
+    result = run_stages(staged, overwrite=args.overwrite)
+    _say(f"done: {len(result.trained)} stages trained"
+         + (f", {len(result.skipped)} skipped ({', '.join(result.skipped)})" if result.skipped else "")
+         + f"; outputs in {result.output_dir}",
+         *(f"  stage {i + 1} final  {path}" for i, path in enumerate(result.final_dirs)),
+         *([f"  stage_eval     {os.path.join(result.output_dir, STAGE_EVAL_DIR)}"] if result.stage_eval else []))
     return 0
 
 
@@ -132,6 +155,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from llmreg.recipe.run import RECIPE_FILE, resume_checkpoint, train
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if _is_staged(recipe):
+        return cmd_train_stages(args, recipe)
     if recipe.importance is not None:
         raise ConfigError(f"{args.recipe} has an `importance:` section: run it with `llmreg importance`")
     if args.resume:
@@ -156,6 +181,8 @@ def cmd_importance(args: argparse.Namespace) -> int:
     from llmreg.regularizers.forgetting.phase1 import run_importance
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if _is_staged(recipe):
+        raise ConfigError(f"{args.recipe} has `stages:`; importance is recorded by a recipe without stages")
     if recipe.importance is None:
         raise ConfigError(f"{args.recipe} has no `importance:` section (method: si or ewc)")
     if recipe.importance.method == "si":
@@ -227,6 +254,29 @@ def _first_doc_line(cls: type) -> str:
     doc = cls.__doc__ or getattr(sys.modules.get(cls.__module__), "__doc__", None) or ""
     lines = [line.strip() for line in doc.strip().splitlines()]
     return lines[0] if lines else ""
+
+
+def staged_summary(staged) -> list[str]:
+    """The shared settings of a staged recipe, then each stage's own lines."""
+    from llmreg.recipe.stages import STAGE_EVAL_DIR
+
+    lines = summary(staged.stages[0].recipe)
+    shared = [line for line in lines if line.split()[0] in ("model", "tokenizer")]
+    shared.append(f"  output_dir    {staged.output_dir}")
+    if staged.stage_eval is not None:
+        spec = staged.stage_eval
+        shared.append(f"  stage_eval    {spec.suite} (limit {spec.limit}, batch_size {spec.batch_size}) -> "
+                      f"{os.path.join(staged.output_dir, STAGE_EVAL_DIR)}")
+    n = len(staged.stages)
+    for stage in staged.stages:
+        start = "the model above" if stage.index == 0 else f"stage {stage.index}'s final model"
+        shared.append(f"  stage {stage.index + 1}/{n}: {stage.name} ({stage.recipe.trainer.kind}), from {start}, "
+                      f"into {stage.recipe.output_dir}")
+        shared += ["    " + line for line in summary(stage.recipe)
+                   if line.split()[0] not in ("model", "tokenizer", "output_dir")]
+        if stage.eval_task:
+            shared.append(f"      eval_task     {stage.eval_task}")
+    return shared
 
 
 def summary(recipe) -> list[str]:
