@@ -314,3 +314,24 @@ def test_train_refuses_a_staged_recipe(tmp_path):
 
     with pytest.raises(TypeError, match="run_stages"):
         train(validate_recipe(staged_raw(tmp_path / "out")))
+
+
+def test_cli_trains_sft_then_dpo(tmp_path, capsys):
+    """`llmreg train` on a staged recipe: a DPO stage after an SFT one, starting from its final model."""
+    from llmreg.cli import main
+
+    out = tmp_path / "out"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(staged_raw(out, stages=[_stage("sft"), _stage("dpo", trainer={"kind": "dpo"})])))
+    assert main(["train", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "stage 1/2: sft (sft)" in printed and "stage 2/2: dpo (dpo), from " + str(out / "0_sft" / "final") in printed
+    assert "done: 2 stages trained" in printed
+    dpo_recipe = yaml.safe_load((out / "1_dpo" / "recipe.yaml").read_text())
+    assert dpo_recipe["trainer"]["kind"] == "dpo" and dpo_recipe["model"]["name_or_path"] == str(out / "0_sft" / "final")
+    logged = [json.loads(line) for line in (out / "1_dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards/chosen" in row for row in logged)  # DPO's own metrics: the second stage really is DPO
+    staged_file = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert [s["name"] for s in staged_file["stages"]] == ["sft", "dpo"]
+    assert main(["train", str(path)]) == 0  # everything finished: both skipped
+    assert "done: 0 stages trained, 2 skipped (sft, dpo)" in capsys.readouterr().out
