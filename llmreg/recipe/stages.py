@@ -310,7 +310,9 @@ def run_stages(staged: StagedRecipe, overwrite: bool = False) -> StagesResult:
                  + (f", resuming from {plan.resume_from}" if plan.resume_from else "")
                  + f", into {recipe.output_dir}")
             recipe.resume = plan.resume_from is not None
-            run = train(recipe)
+            # overwrite again per stage: the main process cleared everything above, but another rank may look
+            # at the stage directory before that finished (train() then skips the checkpoint check)
+            run = train(recipe, overwrite=overwrite)
             run.trainer.accelerator.wait_for_everyone()  # final/ is complete before any rank loads it
             _say(f"{header}: done, {run.global_step} steps; final model in {run.final_dir}")
             del run
