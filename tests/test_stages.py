@@ -86,7 +86,8 @@ def _stage(name, **sections):
 BAD = [
     (dict(stages=[_stage("sft"), _stage("dpo", trainer={"kind": "dpo", "learning_rat": 1e-5})]),
      "stages[1] (dpo): trainer: unknown key 'learning_rat'; did you mean 'learning_rate'?"),
-    (dict(stages=[_stage("a", trainr={"max_steps": 1})]), "stages[0] (a): unknown key 'trainr'; did you mean 'trainer'?"),
+    (dict(stages=[_stage("a", trainr={"max_steps": 1})]),
+     "stages[0] (a): unknown key 'trainr'; did you mean 'trainer'?"),
     (dict(stages=[_stage("a"), _stage("b", model={"config": {"size": "tiny"}})]),
      "stages[1] (b): model is set at the top level only"),
     (dict(stages=[_stage("a"), {"output_dir": "x"}]), "stages[1] (stage1): output_dir is set at the top level only"),
@@ -136,7 +137,8 @@ def test_cli_validate_reports_the_stage_and_exits_2(tmp_path, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(staged_raw(tmp_path / "out")))
     assert main(["validate", str(path), "stages.1.trainer.max_stepz=3"]) == 2
-    assert "error: stages[1] (b): trainer: unknown key 'max_stepz'; did you mean 'max_steps'?" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: stages[1] (b): trainer: unknown key 'max_stepz'; did you mean 'max_steps'?" in err
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
     assert "stage 1/2: a (sft), from the model above" in out and "stage 2/2: b (sft), from stage 1's final model" in out
@@ -158,7 +160,7 @@ def test_stage_sections_merge_over_the_top_level(tmp_path):
     assert isinstance(staged, StagedRecipe)
     a, b, c = (s.recipe for s in staged.stages)
     assert [s.name for s in staged.stages] == ["a", "b", "stage2"]
-    assert [r.output_dir for r in (a, b, c)] == [os.path.join(str(tmp_path / "out"), d) for d in ("0_a", "1_b", "2_stage2")]
+    assert [r.output_dir for r in (a, b, c)] == [str(tmp_path / "out" / d) for d in ("0_a", "1_b", "2_stage2")]
     # mappings merge key by key: b keeps the top-level max_steps and num_examples, changes lr and train
     assert (a.trainer.args["learning_rate"], b.trainer.args["learning_rate"]) == (1e-3, 1e-4)
     assert b.trainer.args["max_steps"] == 2 and b.data.train.num_examples == 32
@@ -306,7 +308,8 @@ def test_continual_report_orientation():
     assert report["R"] == [[0.9, -15.0], [0.5, -10.0]] and report["baseline"] == [0.1, -20.0]
     assert report["op"] == pytest.approx((0.5 - 10.0) / 2)
     assert report["bwt"] == pytest.approx(0.5 - 0.9) and report["fwt"] == pytest.approx(-15.0 + 20.0)
-    assert continual_report([*stages[:1], SimpleNamespace(name="c", dir_name="1_c", eval_task=None)], scores, {}) is None
+    no_task = SimpleNamespace(name="c", dir_name="1_c", eval_task=None)
+    assert continual_report([stages[0], no_task], scores, {}) is None
 
 
 def test_train_refuses_a_staged_recipe(tmp_path):
@@ -328,7 +331,8 @@ def test_cli_trains_sft_then_dpo(tmp_path, capsys):
     assert "stage 1/2: sft (sft)" in printed and "stage 2/2: dpo (dpo), from " + str(out / "0_sft" / "final") in printed
     assert "done: 2 stages trained" in printed
     dpo_recipe = yaml.safe_load((out / "1_dpo" / "recipe.yaml").read_text())
-    assert dpo_recipe["trainer"]["kind"] == "dpo" and dpo_recipe["model"]["name_or_path"] == str(out / "0_sft" / "final")
+    assert dpo_recipe["trainer"]["kind"] == "dpo"
+    assert dpo_recipe["model"]["name_or_path"] == str(out / "0_sft" / "final")
     logged = [json.loads(line) for line in (out / "1_dpo" / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/chosen" in row for row in logged)  # DPO's own metrics: the second stage really is DPO
     staged_file = yaml.safe_load((out / "recipe.yaml").read_text())
