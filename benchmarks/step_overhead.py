@@ -52,7 +52,7 @@ in `on_optimizer_step` of the last step (gradients and optimizer state both
 exist then). Activations are not part of it.
 
 `--json PATH` writes a list of {"name", "trainer", "step_time_ratio",
-"peak_mem_ratio", plus "step_time_ms", "step_time_ms_min/max",
+"peak_mem_ratio", "optimizer_state_ratio" (optimizer state bytes over vanilla's), plus "step_time_ms", "step_time_ms_min/max",
 "paired_step_time_ratio", "peak_mem_mb", "mem_measure", "state_mb", "steps",
 "warmup", "size", "device", "loadavg_1min"}, vanilla first with ratios 1.0. Regularizers that
 cannot run here with default options (another trainer kind only, or their
@@ -431,6 +431,9 @@ def summarise(variants: list[Variant], warmup: int, steps: int, size: str) -> tu
             "trainer": TRAINER_KIND,
             "step_time_ratio": ms / base_ms,
             "peak_mem_ratio": mem / base_mem if base_mem else float("nan"),
+            # optimizer state alone (what freezing saves): this variant's over vanilla's
+            "optimizer_state_ratio": (v.state_bytes.get("optimizer", 0) / base.state_bytes["optimizer"]
+                                      if base.state_bytes.get("optimizer") else float("nan")),
             "step_time_ms": ms,
             "step_time_ms_min": min(times),
             "step_time_ms_max": max(times),
@@ -446,18 +449,18 @@ def summarise(variants: list[Variant], warmup: int, steps: int, size: str) -> tu
         })
     mem_title = "CUDA peak allocated (MiB)" if cuda else "tensor state (MiB)"
     header = (f"| name | trainer | median step (ms) | min-max (ms) | step_time_ratio | paired ratio | {mem_title} "
-              "| peak_mem_ratio |")
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|"]
+              "| peak_mem_ratio | optimizer_state_ratio |")
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         lines.append(
             f"| {r['name']} | {r['trainer']} | {r['step_time_ms']:.1f} | "
             f"{r['step_time_ms_min']:.0f}-{r['step_time_ms_max']:.0f} | {r['step_time_ratio']:.3f} | "
             f"{r['paired_step_time_ratio']:.3f} | "
-            f"{r['peak_mem_mb']:.1f} | {r['peak_mem_ratio']:.3f} |"
+            f"{r['peak_mem_mb']:.1f} | {r['peak_mem_ratio']:.3f} | {r['optimizer_state_ratio']:.3f} |"
         )
     for v in variants:
         if v.skipped:
-            lines.append(f"| {v.name} | {TRAINER_KIND} | skipped: {v.skipped} | | | | | |")
+            lines.append(f"| {v.name} | {TRAINER_KIND} | skipped: {v.skipped} | | | | | | |")
     return records, "\n".join(lines)
 
 
@@ -521,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall time: {time.perf_counter() - wall:.1f} s; load average (1 min) at end: {_loadavg()}")
     if args.json:
         for r in records:
-            for key in ("step_time_ratio", "peak_mem_ratio"):
+            for key in ("step_time_ratio", "peak_mem_ratio", "optimizer_state_ratio"):
                 if not math.isfinite(r[key]):
                     r[key] = None
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

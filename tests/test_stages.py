@@ -217,8 +217,7 @@ def test_two_stages_chain_resume_and_stage_eval(tmp_path, probe, capsys, monkeyp
     from llmreg.recipe.stages import plan_stages, run_stages, starting_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    if not os.path.isfile(TINYSTORIES):
-        pytest.skip(f"needs {TINYSTORIES}")
+    assert os.path.isfile(TINYSTORIES), f"the shared data is missing: {TINYSTORIES}"
     suite = write_suite(tmp_path)
     out = tmp_path / "out"
     raw = staged_raw(out, regularizers=["_stage_probe"], stage_eval={"suite": suite, "limit": 2},
