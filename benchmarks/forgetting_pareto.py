@@ -57,6 +57,7 @@ BEGIN, END = "<!-- forgetting_pareto:begin -->", "<!-- forgetting_pareto:end -->
 METHODS: dict[str, dict[str, Any]] = {
     "vanilla": {"regularizers": []},
     "l2_sp": {"regularizers": [{"name": "l2_sp"}]},  # its default options (lam 0.01)
+    "half_ft": {"regularizers": [{"name": "half_ft"}]},  # seed 0, the paper's category rule
     # filled in below: they need the prepare function
 }
 SPEC_KEYS = {"regularizers", "prepare"}
