@@ -321,14 +321,10 @@ def markdown_section(results: dict[str, Any], figures_rel: str) -> str:
 
 
 def replace_section(path: Path, section: str) -> None:
-    """Put `section` between the markers of `path` (appended, with the markers, when they are missing)."""
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    """Put `section` between this script's markers in `path` (appended, with the markers, when they are missing)."""
+    from llmreg.eval.run import replace_marked_section
+
+    replace_marked_section(path, section, BEGIN, END)
 
 
 # -- command line ----------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from llmreg.eval.suite import Suite, load_suite, write_local_tasks
@@ -236,3 +237,16 @@ def write_report(report: dict, out_dir: str) -> list[str]:
     md_path = os.path.join(out_dir, "forgetting_report.md")
     write_markdown(report, md_path)
     return [json_path, md_path, *write_plots(report, out_dir)]
+
+
+def replace_marked_section(path: str | os.PathLike, section: str, begin: str, end: str) -> None:
+    """Put `section` (which starts with `begin` and ends with `end`) in place of the text between those markers
+    in the Markdown file `path`; appended when the markers are missing, the file created when it is."""
+    path = Path(path)
+    text = path.read_text() if path.is_file() else "# Benchmark results\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
