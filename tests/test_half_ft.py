@@ -212,3 +212,13 @@ def test_peft_is_refused_by_trainer_and_recipe(tmp_path):
         validate_recipe(raw)
     with pytest.raises(ConfigError, match="balance"):
         validate_recipe({**raw, "peft": None, "regularizers": [{"name": "half_ft", "balance": "half"}]})
+
+
+def test_state_loaded_before_setup_is_applied_instead_of_a_draw():
+    saved = _select(tiny_llama(num_hidden_layers=4), seed=0).state_dict()
+    later = llmreg.build_regularizer({"name": "half_ft", "seed": 7})
+    later.load_state_dict(saved)
+    model = tiny_llama(num_hidden_layers=4)
+    later.setup(model, trainer=None)
+    assert later.frozen == saved["frozen"] != _select(tiny_llama(num_hidden_layers=4), seed=7).frozen
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == set(saved["frozen"])

@@ -188,15 +188,20 @@ class HalfFineTuning(Regularizer):
         super().__init__(**options)
         self.frozen: list[str] = []
         self._fraction = 1.0
+        self._model: torch.nn.Module | None = None
+        self._loaded: list[str] | None = None  # a frozen set loaded before setup; setup applies it, no draw
 
     def setup(self, model: torch.nn.Module, trainer: Any) -> None:
+        self._model = model
+        if self._loaded is not None:
+            self._apply(self._loaded)
+            return
         named = list(model.named_parameters())
         sizes = {n: _numel(p) for n, p in named}
         layers = group_layers([(n, tuple(_shape(p))) for n, p in named], self.options.categories)
         frozen = draw_frozen(layers, sizes, self.options.seed, self.options.stage, self.options.balance)
         if not self.options.train_embeddings:
             frozen = sorted(set(frozen) | {n for n, _ in named if EMBEDDING_PATTERN.search(n)})
-        self._model = model
         self._apply(frozen)
         logger.info("half_ft (seed %d, stage %d): %d tensors frozen, %.1f%% of the parameters trainable",
                     self.options.seed, self.options.stage, len(frozen), 100 * self._fraction)
@@ -224,6 +229,9 @@ class HalfFineTuning(Regularizer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "frozen" not in state:
             raise ValueError("half_ft: the checkpoint's state has no frozen set; cannot resume with the same mask")
+        if self._model is None:  # not set up yet: setup applies this set instead of drawing one
+            self._loaded = self.frozen = list(state["frozen"])
+            return
         if sorted(state["frozen"]) != sorted(self.frozen):
             logger.warning("half_ft: resuming with the checkpoint's frozen set (seed %s, stage %s), not this "
                            "run's draw (seed %d, stage %d)", state.get("seed"), state.get("stage"),
