@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from typing import Any, Literal
 import torch
 
 from llmreg.core import ConfigError, Order, Regularizer, Requirements, option, register
+from llmreg.regularizers.forgetting.targets import LAYER_PATTERN, full_shape
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +53,12 @@ LLAMA_CATEGORIES: dict[str, list[str]] = {
 }
 # embedding and output-head names of the usual HF architectures
 EMBEDDING_PATTERN = re.compile(r"(?:^|\.)(?:embed_tokens|lm_head|wte|wpe|embed_out|word_embeddings)\.")
-_LAYER_PREFIX = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.)")
 
 
 # -- pure functions ------------------------------------------------------------------------------------
 
 def group_layers(
-    named_shapes: list[tuple[str, tuple[int, ...]]],
+    names: list[str],
     categories: dict[str, list[str]],
 ) -> list[dict[str, dict[str, list[str]]]]:
     """Per decoder layer (in index order): {category: {member: [parameter names]}}.
@@ -73,12 +74,12 @@ def group_layers(
                 raise ConfigError(f"half_ft: module name '{m}' is listed in categories '{member_of[m][0]}' and '{cat}'")
             member_of[m] = (cat, m)
     layers: dict[int, dict[str, dict[str, list[str]]]] = {}
-    for name, _ in named_shapes:
-        match = _LAYER_PREFIX.match(name)
+    for name in names:
+        match = LAYER_PATTERN.search(name)
         if not match:
             continue
-        index = int(match.group(2))
-        path = "." + ".".join(name[len(match.group(1)):].split(".")[:-1]) + "."  # module path inside the layer
+        index = int(match.group(1))
+        path = "." + ".".join(name[match.end():].split(".")[:-1]) + "."  # module path inside the layer
         hits = [hit for m, hit in member_of.items() if f".{m}." in path]
         if len(hits) != 1:
             raise ConfigError(
@@ -198,7 +199,7 @@ class HalfFineTuning(Regularizer):
             return
         named = list(model.named_parameters())
         sizes = {n: _numel(p) for n, p in named}
-        layers = group_layers([(n, tuple(_shape(p))) for n, p in named], self.options.categories)
+        layers = group_layers([n for n, _ in named], self.options.categories)
         frozen = draw_frozen(layers, sizes, self.options.seed, self.options.stage, self.options.balance)
         if not self.options.train_embeddings:
             frozen = sorted(set(frozen) | {n for n, _ in named if EMBEDDING_PATTERN.search(n)})
@@ -239,12 +240,8 @@ class HalfFineTuning(Regularizer):
         self._apply(list(state["frozen"]))
 
 
-def _shape(p: torch.Tensor) -> torch.Size:
-    return getattr(p, "ds_shape", p.shape)  # ZeRO-3 placeholders keep the full shape in ds_shape
-
-
 def _numel(p: torch.Tensor) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))
+    return math.prod(full_shape(p))  # also for a ZeRO-3 placeholder
 
 
 def _check_same_on_every_rank(frozen: list[str]) -> None:
