@@ -2,6 +2,7 @@
 
     python benchmarks/forgetting_pareto.py [--methods vanilla l2_sp] [--steps N]
     python benchmarks/forgetting_pareto.py --smoke --out /tmp/fp     # tiny and fast (CI): never writes benchmarks/
+    python benchmarks/forgetting_pareto.py --methods lfu --merge     # add/replace methods in the existing results
 
 Setups (each a recipe, trained through `llmreg.recipe`, and a suite, scored through `llmreg.eval`):
 
@@ -348,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="training steps for every setup (default: each recipe's own)")
     p.add_argument("--smoke", action="store_true", help="tiny testbed build, a few steps, a few documents per task")
     p.add_argument("--out", help="folder for the json, figures/ and RESULTS.md (default: benchmarks/)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other methods of the existing forgetting_pareto.json in --out and replace or add "
+                        "only the methods run now (same base models and steps assumed; checked)")
     p.add_argument("--workdir", help="folder for the trained models (default: runs/forgetting_pareto, "
                                      "with --smoke <out>/work)")
     args = p.parse_args(argv)
@@ -379,12 +383,41 @@ def main(argv: list[str] | None = None) -> int:
     for setup in (testbed_setup(args.smoke), stories_setup(args.smoke, workdir)):
         results["setups"][setup["name"]] = run_setup(setup, methods, steps, workdir, log)
     results["total_seconds"] = round(time.time() - t0, 1)
+    if args.merge:
+        results = merge_results(json.loads((out / "forgetting_pareto.json").read_text()), results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "forgetting_pareto.json").write_text(json.dumps(results, indent=2))
     figures = write_figures(results, out / "figures")
     replace_section(out / "RESULTS.md", markdown_section(results, "figures"))
     log(f"wrote {out / 'forgetting_pareto.json'}, {out / 'RESULTS.md'}, {', '.join(str(f) for f in figures)}")
     return 0
+
+
+def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old` with the methods of `new` added or replaced, per setup; the Pareto front recomputed.
+
+    Refuses to mix runs of different settings (steps, base model, document limit): their scores would not be
+    comparable."""
+    from llmreg.eval.run import pareto_front
+
+    merged = json.loads(json.dumps(old))
+    merged["methods"].update(new["methods"])
+    merged["command"] = f"{old.get('command', '?')}; then {new['command']}"
+    merged["total_seconds"] = round(old.get("total_seconds", 0.0) + new["total_seconds"], 1)
+    for name, setup in new["setups"].items():
+        if name not in merged["setups"]:
+            merged["setups"][name] = setup
+            continue
+        kept = merged["setups"][name]
+        for key in ("steps", "base_model", "limit"):
+            if kept.get(key) != setup.get(key):
+                raise SystemExit(f"--merge: setup {name!r} differs in {key!r} ({kept.get(key)!r} in the existing "
+                                 f"results, {setup.get(key)!r} now); rerun all methods instead")
+        runs = kept["report"]["runs"]
+        runs.update(setup["report"]["runs"])
+        kept["report"]["pareto_front"] = pareto_front(
+            {n: (r["forgetting"] or 0.0, r["target_gain"] or 0.0) for n, r in runs.items()})
+    return merged
 
 
 def _threads() -> int:

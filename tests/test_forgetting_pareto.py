@@ -104,3 +104,24 @@ def test_replace_section_keeps_the_rest(tmp_path):
     fresh = tmp_path / "new.md"
     fp.replace_section(fresh, f"{fp.BEGIN}\nx\n{fp.END}")
     assert fresh.read_text().endswith(f"{fp.BEGIN}\nx\n{fp.END}\n")
+
+
+def _result(runs: dict[str, tuple[float, float]], steps: int = 800) -> dict:
+    report = {"runs": {n: {"forgetting": f, "target_gain": g} for n, (f, g) in runs.items()}, "pareto_front": []}
+    return {"command": "c", "total_seconds": 1.0, "methods": {n: {} for n in runs},
+            "setups": {"testbed": {"steps": steps, "base_model": "b", "limit": None, "report": report}}}
+
+
+def test_merge_keeps_old_methods_replaces_rerun_ones_and_recomputes_the_front():
+    fp = load_script()
+    old = _result({"vanilla": (0.5, 0.8), "l2_sp": (0.3, 0.7)})
+    new = _result({"l2_sp": (0.1, 0.75), "lfu": (0.4, 0.9)})
+    merged = fp.merge_results(old, new)
+    runs = merged["setups"]["testbed"]["report"]["runs"]
+    assert set(runs) == {"vanilla", "l2_sp", "lfu"}
+    assert runs["l2_sp"]["forgetting"] == 0.1  # replaced by the new run
+    # vanilla (0.5 forgotten, 0.8 gained) is dominated by lfu (0.4, 0.9); l2_sp and lfu are on the front
+    assert sorted(merged["setups"]["testbed"]["report"]["pareto_front"]) == ["l2_sp", "lfu"]
+    assert old["setups"]["testbed"]["report"]["runs"]["l2_sp"]["forgetting"] == 0.3  # input untouched
+    with pytest.raises(SystemExit, match="steps"):
+        fp.merge_results(old, _result({"lfu": (0.4, 0.9)}, steps=10))
