@@ -34,14 +34,20 @@ import torch.nn.functional as F
 
 
 def effective_weight(weight: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor | None) -> torch.Tensor:
-    """W_eff = row[:, None] * W * col[None, :] in fp32 (or W's dtype when both are None)."""
+    """W_eff = row[:, None] * W * col[None, :] in at least fp32 (W itself when both are None)."""
     if row is None and col is None:
         return weight
+    acc = _acc(weight)
     # one new tensor, then in place: two passes over a weight-sized buffer
-    w = weight * row.float()[:, None] if row is not None else weight * col.float()[None, :]
+    w = weight * row.to(acc)[:, None] if row is not None else weight * col.to(acc)[None, :]
     if row is not None and col is not None:
-        w.mul_(col.float()[None, :])
+        w.mul_(col.to(acc)[None, :])
     return w
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32 for 16-bit tensors, else their own."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -75,18 +81,19 @@ class _MultipliedLinear(torch.autograd.Function):
             if need_w or need_row or need_col:
                 g2 = g.reshape(-1, g.shape[-1])
                 x2 = x.to(dtype).reshape(-1, x.shape[-1])
-                m = (g2.t() @ x2).float()  # dL/dW_eff, [d_out, d_in]
+                acc = _acc(weight)
+                m = (g2.t() @ x2).to(acc)  # dL/dW_eff, [d_out, d_in]
                 if need_row or need_col:
-                    mw = m * weight.float()
+                    mw = m * weight.to(acc)
                     if need_row:
-                        grad_row = (mw @ col.float() if col is not None else mw.sum(1)).to(row.dtype)
+                        grad_row = (mw @ col.to(acc) if col is not None else mw.sum(1)).to(row.dtype)
                     if need_col:
-                        grad_col = (row.float() @ mw if row is not None else mw.sum(0)).to(col.dtype)
+                        grad_col = (row.to(acc) @ mw if row is not None else mw.sum(0)).to(col.dtype)
                 if need_w:
                     if row is not None:
-                        m.mul_(row.float()[:, None])  # m is ours: scale it in place into dL/dW
+                        m.mul_(row.to(acc)[:, None])  # m is ours: scale it in place into dL/dW
                     if col is not None:
-                        m.mul_(col.float()[None, :])
+                        m.mul_(col.to(acc)[None, :])
                     grad_w = m.to(weight.dtype)
         return grad_x, grad_w, grad_row, grad_col
 
@@ -126,4 +133,4 @@ def multiplied_embedding(ids: torch.Tensor, table: torch.Tensor, row: torch.Tens
 def merge_linear(weight: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor | None) -> torch.Tensor:
     """The plain weight equal to the multiplied layer: ((s r)[:, None] * W * c[None, :]) in W's dtype.
     Embeddings merge the same way (per-token rows, per-feature columns)."""
-    return effective_weight(weight.float(), row, col).to(weight.dtype)
+    return effective_weight(weight.to(_acc(weight)), row, col).to(weight.dtype)

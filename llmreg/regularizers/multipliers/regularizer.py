@@ -93,6 +93,7 @@ class LearnableMultipliers(Regularizer):
     options_cls = MultipliersOptions
     order = Order.SURGERY
     requires = Requirements(supports_peft=False)
+    loads_state_early = True  # the plan decides what the optimizer holds: check it before optimizer state loads
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
