@@ -112,7 +112,9 @@ def main() -> None:
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wrapper
     inner = getattr(inner, "optimizer", inner)  # DeepSpeed ZeRO optimizer -> the torch optimizer it steps
     adam_numel = sum(st["exp_avg"].numel() for st in inner.state.values() if "exp_avg" in st)
-    mine = {"stored": stored, "groups": groups, "adam_exp_avg_numel": adam_numel}
+    engine = trainer.model_wrapped if a.zero else None
+    mine = {"stored": stored, "groups": groups, "adam_exp_avg_numel": adam_numel,
+            "ds_gradient_clipping": engine.gradient_clipping() if engine is not None else None}
     gathered = [None] * world
     if world > 1:
         torch.distributed.all_gather_object(gathered, mine)
