@@ -3,9 +3,14 @@ that skips the multipliers, resume, export to plain weights (tied embeddings too
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 import pytest
 import torch
-from conftest import losses, make_hf_trainer, max_rel_diff, weights
+from conftest import REPO, losses, make_hf_trainer, max_rel_diff, weights
+from test_recipe import nothing_loads  # noqa: F401  (a fixture)
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, TrainerCallback
 
 import llmreg
@@ -334,3 +339,62 @@ def test_attach_reads_zero3_placeholder_shapes():
     lin.weight.ds_shape = real.shape
     attach(holder, {"proj": LayerPlan(row=True, col=True)})
     assert lin.lrm_row.shape == (4,) and lin.lrm_col.shape == (6,)
+
+
+# -- recipe and command line ----------------------------------------------------------------------------
+
+QUICKSTART = os.path.join(REPO, "recipes", "multipliers", "quickstart.yaml")
+
+
+def test_quickstart_recipe_validates(nothing_loads):
+    from llmreg.recipe import load_recipe
+
+    recipe = load_recipe(QUICKSTART)
+    assert recipe.trainer.kind == "hf" and recipe.model.config == {"size": "tiny"}
+    assert recipe.regularizers == [{"name": "multipliers", "multipliers_placement": "all",
+                                    "multiplier_weight_decay": 2e-3, "multiplier_lr_scale": 1.0}]
+    assert recipe.trainer.args["max_grad_norm"] == 1.0 and recipe.trainer.args["weight_decay"] == 0.1
+    with pytest.raises(ConfigError, match="multipliers_placement"):
+        load_recipe(QUICKSTART, ["regularizers.0.multipliers_placement=rows"])
+
+
+NO_LLMREG = """
+import sys, json, torch
+sys.modules["llmreg"] = None  # any import of llmreg fails: the exported model must not need it
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ids = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits, sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+def test_cli_train_then_export_loads_without_llmreg(tmp_path):
+    from safetensors.torch import load_file
+    from test_cli import cli, run
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    out, plain = tmp_path / "run", tmp_path / "plain"
+    trained = cli("train", QUICKSTART, f"output_dir={out}", "trainer.max_steps=6", "trainer.save_steps=6",
+                  "data.num_examples=64")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    exported = cli("export", str(out), str(plain))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert f"done: merged the multipliers of 15 layers from {out / 'final'} into {plain}" in exported.stdout
+    assert cli("export", str(out), str(plain)).returncode == 2  # not empty, no --overwrite
+
+    # the wrapped model, rebuilt with the regularizer's own surgery from the run's final/ weights
+    wrapped = LlamaForCausalLM(AutoConfig.from_pretrained(out / "final"))
+    _wrapped(wrapped)
+    wrapped.load_state_dict(load_file(str(out / "final" / "model.safetensors")), strict=True)
+    assert max((p - 1).abs().max().item() for n, p in wrapped.named_parameters() if is_multiplier(n)) > 1e-4
+    ids = _ids(wrapped.config.vocab_size, seed=5)
+    script = tmp_path / "load.py"
+    script.write_text(NO_LLMREG)
+    loaded = run([sys.executable, str(script), str(plain), json.dumps(ids.tolist()), str(tmp_path / "logits.pt")],
+                 cwd=str(tmp_path))
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    with torch.no_grad():
+        diff = (torch.load(tmp_path / "logits.pt") - wrapped.eval()(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-5

@@ -84,7 +84,7 @@ def _model_class(config):
 def _build(config, dtype: torch.dtype, plan: dict | None = None) -> torch.nn.Module:
     model = _model_class(config)(config).to(dtype)
     if plan:
-        surgery.attach(model, plan, impl="explicit")
+        surgery.attach(model, plan)  # the default forward, as in training
     return model.eval()
 
 
