@@ -155,35 +155,42 @@ class LearnableMultipliers(Regularizer):
 
     # -- clipping ------------------------------------------------------------------------------------
     def pre_step(self, shards) -> None:
-        sums = torch.zeros(5, dtype=torch.float64)  # |g|^2 others, |g|^2 multipliers, sum m, sum m^2, count m
-        grads: list[tuple[torch.nn.Parameter, torch.Tensor, bool]] = []
+        grads: dict[bool, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {False: [], True: []}
+        values: list[torch.Tensor] = []
+        device = torch.device("cpu")
         for name, p in shards.named_parameters():
             mult = surgery.is_multiplier(name)
             if mult:
-                values = shards.without_padding(p, shards.local_param(p)).double()
-                sums[2] += values.sum()
-                sums[3] += values.square().sum()
-                sums[4] += values.numel()
+                values.append(shards.without_padding(p, shards.local_param(p)))
             g = shards.local_grad(p)
-            if g is None:
-                continue
-            sums[1 if mult else 0] += shards.without_padding(p, g).double().square().sum()
-            grads.append((p, g, mult))
-        sums = shards.all_reduce_sum(sums)
+            if g is not None:
+                grads[mult].append((p, g))
+                device = g.device  # where the collective must run (NCCL: the GPU)
+        # squared norms of the local pieces (no copies: torch's foreach norm, as clip_grad_norm_ uses), then
+        # one all-reduce of [|g|^2 others, |g|^2 multipliers, sum m, sum m^2, count m] across ZeRO ranks
+        sums = torch.zeros(5, dtype=torch.float64)
+        for i, mult in enumerate((False, True)):
+            pieces = [shards.without_padding(p, g) for p, g in grads[mult]]
+            if pieces:
+                sums[i] = torch.nn.utils.get_total_norm(pieces).double().cpu() ** 2
+        if values:
+            flat = torch.cat(values).double().cpu()
+            sums[2:] = torch.stack([flat.sum(), flat.square().sum(), torch.tensor(float(flat.numel()))])
+        sums = shards.all_reduce_sum(sums.to(device)).cpu()
         norm, mult_norm = math.sqrt(sums[0].item()), math.sqrt(sums[1].item())
         self._metrics = {"grad_norm": norm, "multiplier_grad_norm": mult_norm}
         if sums[4] > 0:
-            mean = sums[2].item() / sums[4].item()
-            self._metrics.update(multiplier_mean=mean, multiplier_rms=math.sqrt(sums[3].item() / sums[4].item()))
+            self._metrics.update(multiplier_mean=sums[2].item() / sums[4].item(),
+                                 multiplier_rms=math.sqrt(sums[3].item() / sums[4].item()))
         if self._max_norm is None:  # "include", or set up without a trainer: the trainer clips
             return
-        factors = (clip_factor(norm, self._max_norm),
-                   clip_factor(mult_norm, self.options.multiplier_max_grad_norm)
-                   if self.options.multiplier_clip == "separate" else 1.0)
-        for p, g, mult in grads:
-            factor = factors[1 if mult else 0]
+        factors = {False: clip_factor(norm, self._max_norm),
+                   True: clip_factor(mult_norm, self.options.multiplier_max_grad_norm)
+                   if self.options.multiplier_clip == "separate" else 1.0}
+        for mult, factor in factors.items():
             if factor != 1.0:
-                shards.add_to_grad(p, g, alpha=factor - 1.0)  # g * factor, in the optimizer's units
+                for p, g in grads[mult]:
+                    shards.add_to_grad(p, g, alpha=factor - 1.0)  # g * factor, in the optimizer's units
 
     def metrics(self) -> dict[str, float]:
         return dict(self._metrics)
