@@ -398,3 +398,14 @@ def test_cli_train_then_export_loads_without_llmreg(tmp_path):
     with torch.no_grad():
         diff = (torch.load(tmp_path / "logits.pt") - wrapped.eval()(input_ids=ids).logits).abs().max().item()
     assert diff < 1e-5
+
+
+def test_combines_with_the_weight_decay_policy(tok, tmp_path):
+    regs = ["multipliers", {"name": "weight_decay", "weight_decay": 0.1}]
+    trainer = make_hf_trainer(tok, tmp_path, regularizers=regs, max_steps=1)
+    trainer.create_optimizer()
+    name_of = {id(p): n for n, p in trainer.model.named_parameters()}
+    wd = {name_of[id(p)]: g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert {wd[n] for n in wd if is_multiplier(n)} == {2e-3}
+    assert wd["model.layers.0.mlp.up_proj.weight"] == 0.1
+    assert wd["model.embed_tokens.weight"] == 0.0 and wd["model.norm.weight"] == 0.0  # the policy's no_decay
