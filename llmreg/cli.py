@@ -260,6 +260,9 @@ def _check_model_path(path: str) -> None:
     if os.path.exists(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"eval: {path} is not a model folder (no config.json)")
+        from llmreg.regularizers.multipliers.export import refuse_wrapped
+
+        refuse_wrapped(path, "eval")
         return
     if os.environ.get("HF_HUB_OFFLINE") or path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise ConfigError(f"eval: model path not found: {path}")

@@ -409,3 +409,23 @@ def test_combines_with_the_weight_decay_policy(tok, tmp_path):
     assert {wd[n] for n in wd if is_multiplier(n)} == {2e-3}
     assert wd["model.layers.0.mlp.up_proj.weight"] == 0.1
     assert wd["model.embed_tokens.weight"] == 0.0 and wd["model.norm.weight"] == 0.0  # the policy's no_decay
+
+
+def test_loading_a_wrapped_model_folder_is_refused_with_the_export_hint(tok, tmp_path, capsys):
+    """transformers would drop the lrm_* tensors and load another model: recipes and eval refuse the folder."""
+    from llmreg.cli import main
+    from llmreg.recipe import load_recipe
+    from llmreg.recipe.models import build_model
+
+    trainer = make_hf_trainer(tok, tmp_path, regularizers=["multipliers"], max_steps=1)
+    trainer.save_model(str(tmp_path / "final"))
+    recipe = load_recipe(QUICKSTART, [f"model.name_or_path={tmp_path / 'final'}", "model.config=null"])
+    with pytest.raises(ConfigError, match=r"holds learnable multipliers .* llmreg export"):
+        build_model(recipe, tok, trainer.args)
+    suite = os.path.join(REPO, "eval", "suites", "stories260k.yaml")
+    assert main(["eval", "--suite", suite, "--model", str(tmp_path / "final"), "--model", str(tmp_path / "final"),
+                 "--out", str(tmp_path / "ev")]) == 2
+    assert "holds learnable multipliers" in capsys.readouterr().err
+    export_plain(str(tmp_path / "final"), str(tmp_path / "plain"))
+    recipe = load_recipe(QUICKSTART, [f"model.name_or_path={tmp_path / 'plain'}", "model.config=null"])
+    assert not any(is_multiplier(n) for n, _ in build_model(recipe, tok, trainer.args).named_parameters())

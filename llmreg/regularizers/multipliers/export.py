@@ -56,6 +56,19 @@ def model_folder(run_dir: str) -> str:
     raise ConfigError(f"export: {run_dir} is neither a run directory with final/ nor a model folder (no config.json)")
 
 
+def refuse_wrapped(path: str, where: str) -> None:
+    """A ConfigError when `path` is a model folder saved with multipliers: transformers would drop them and
+    silently load another model."""
+    config = os.path.join(str(path), "config.json")
+    if not os.path.isfile(config):
+        return
+    with open(config) as f:
+        if CONFIG_NOTE not in json.load(f):
+            return
+    raise ConfigError(f"{where}: {path} holds learnable multipliers (lrm_*) that transformers would drop; "
+                      f"fold them into the weights first: llmreg export {path} <OUT_DIR>, and use <OUT_DIR>")
+
+
 def load_state(folder: str) -> dict[str, torch.Tensor]:
     files = sorted(f for pat in WEIGHT_FILES for f in glob.glob(os.path.join(folder, pat)))
     if not files:
