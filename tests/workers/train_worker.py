@@ -30,6 +30,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--importance-out", default=None, help="write the si_importance recorder's artifact here")
+    ap.add_argument("--save-final", default=None, help="trainer.save_model() into this folder (all ranks)")
     return ap.parse_args()
 
 
@@ -95,6 +96,8 @@ def main() -> None:
         regularizers=json.loads(a.regularizers),
     )
     trainer.train()
+    if a.save_final:
+        trainer.save_model(a.save_final)  # every rank: gathers ZeRO-3 partitions, rank 0 writes
     if a.importance_out:
         from llmreg.regularizers import SIImportance
         from llmreg.regularizers.forgetting.phase1 import write_si_artifact
