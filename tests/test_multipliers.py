@@ -429,3 +429,11 @@ def test_loading_a_wrapped_model_folder_is_refused_with_the_export_hint(tok, tmp
     export_plain(str(tmp_path / "final"), str(tmp_path / "plain"))
     recipe = load_recipe(QUICKSTART, [f"model.name_or_path={tmp_path / 'plain'}", "model.config=null"])
     assert not any(is_multiplier(n) for n, _ in build_model(recipe, tok, trainer.args).named_parameters())
+
+
+def test_placement_none_adds_nothing_and_marks_nothing():
+    model = tiny_llama(vocab_size=60)
+    before = set(dict(model.named_parameters()))
+    reg = _wrapped(model, multipliers_placement="none")
+    assert reg.names == [] and set(dict(model.named_parameters())) == before
+    assert not hasattr(model.config, "llmreg_multipliers")

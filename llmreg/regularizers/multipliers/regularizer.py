@@ -125,7 +125,7 @@ class LearnableMultipliers(Regularizer):
         if self._loaded is not None:
             self._check_plan(self._loaded)
         config = getattr(model, "config", None)
-        if config is not None:
+        if config is not None and self.names:  # saved with the model: tells loaders these are wrapped weights
             setattr(config, CONFIG_NOTE, {
                 "placement": o.multipliers_placement, "parameters": len(self.names),
                 "note": "the weights hold learnable multipliers (lrm_row/lrm_col/lrm_scalar); "
