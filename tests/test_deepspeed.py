@@ -162,7 +162,7 @@ def test_multipliers_under_zero_match_single_process(zero, tmp_path):
     the non-multiplier gradients through the pre-step shim (DeepSpeed's own clipping switched off)."""
     from llmreg.regularizers.multipliers import is_multiplier
 
-    stack = [{"name": "multipliers", "multiplier_lr_scale": 0.5}]
+    stack = [{"name": "multipliers", "lr_scale": 0.5}]
     clip = ("--max-grad-norm", "0.05")  # well below the gradient norm: the clip acts on every step
     single = _run(tmp_path / "single", 0, stack, *clip)
     dist = _run(tmp_path / "dist", zero, stack, *clip, "--save-final", str(tmp_path / "final"))

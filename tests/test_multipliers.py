@@ -37,9 +37,9 @@ def _ids(vocab, seed=0):
 # -- identity at initialisation ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("options", [{}, {"multipliers_impl": "explicit"}, {"multipliers_placement": "symmetry_aware"},
-                                     {"multipliers_placement": "scalar"}, {"multipliers_tied_embeddings": "untie"},
-                                     {"multipliers_lm_head": True}])
+@pytest.mark.parametrize("options", [{}, {"impl": "explicit"}, {"placement": "symmetry_aware"},
+                                     {"placement": "scalar"}, {"tied_embeddings": "untie"},
+                                     {"lm_head": True}])
 def test_wrapped_model_equals_plain_model_at_init(options, tie):
     plain = tiny_llama(vocab_size=60, seed=0, tie_word_embeddings=tie)
     wrapped = tiny_llama(vocab_size=60, seed=0, tie_word_embeddings=tie)
@@ -149,7 +149,7 @@ def test_embedding_gradients_equal_the_closed_forms():
 # -- groups, clipping, state -------------------------------------------------------------------------------
 
 def test_multipliers_get_their_own_weight_decay_and_learning_rate(tok, tmp_path):
-    trainer = make_hf_trainer(tok, tmp_path, regularizers=[{"name": "multipliers", "multiplier_lr_scale": 3.0}],
+    trainer = make_hf_trainer(tok, tmp_path, regularizers=[{"name": "multipliers", "lr_scale": 3.0}],
                               max_steps=1, learning_rate=1e-3, weight_decay=0.1)
     trainer.create_optimizer()
     name_of = {id(p): n for n, p in trainer.model.named_parameters()}
@@ -173,9 +173,9 @@ class _GradsAtStep(TrainerCallback):
         self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
 
 
-def _step_grads(tok, tmp_path, max_grad_norm, **options):
+def _step_grads(tok, tmp_path, trainer_max_grad_norm, **options):
     regs = [{"name": "multipliers", **options}]
-    trainer = make_hf_trainer(tok, tmp_path, regularizers=regs, max_steps=1, max_grad_norm=max_grad_norm)
+    trainer = make_hf_trainer(tok, tmp_path, regularizers=regs, max_steps=1, max_grad_norm=trainer_max_grad_norm)
     probe = _GradsAtStep(trainer.model)
     trainer.add_callback(probe)
     trainer.train()
@@ -184,7 +184,7 @@ def _step_grads(tok, tmp_path, max_grad_norm, **options):
 
 
 def test_global_clip_skips_the_multipliers(tok, tmp_path):
-    grads, _ = _step_grads(tok, tmp_path / "raw", max_grad_norm=0.0)  # no clipping anywhere
+    grads, _ = _step_grads(tok, tmp_path / "raw", trainer_max_grad_norm=0.0)  # no clipping anywhere
     mult = {n for n in grads if is_multiplier(n)}
     norm = torch.sqrt(sum(g.double().square().sum() for n, g in grads.items() if n not in mult)).item()
     mult_norm = torch.sqrt(sum(g.double().square().sum() for n, g in grads.items() if n in mult)).item()
@@ -195,18 +195,18 @@ def test_global_clip_skips_the_multipliers(tok, tmp_path):
         return all(torch.allclose(got[n], grads[n] * (factor_mult if n in mult else factor_others), rtol=1e-5,
                                   atol=1e-9) for n in grads)
 
-    clipped, metrics = _step_grads(tok, tmp_path / "exclude", max_grad_norm=max_norm)
+    clipped, metrics = _step_grads(tok, tmp_path / "exclude", trainer_max_grad_norm=max_norm)
     assert metrics["reg/multipliers/grad_norm"] == pytest.approx(norm, rel=1e-5)
     assert metrics["reg/multipliers/multiplier_grad_norm"] == pytest.approx(mult_norm, rel=1e-5)
     # non-multipliers scaled by max_norm / (norm over the non-multiplier gradients only); multipliers untouched
     assert close(clipped, max_norm / (norm + 1e-6), 1.0)
     assert not close(clipped, max_norm / (norm + 1e-6), max_norm / (norm + 1e-6))
 
-    separate, _ = _step_grads(tok, tmp_path / "separate", max_grad_norm=max_norm, multiplier_clip="separate",
-                              multiplier_max_grad_norm=mult_norm / 4)
+    separate, _ = _step_grads(tok, tmp_path / "separate", trainer_max_grad_norm=max_norm, clip="separate",
+                              max_grad_norm=mult_norm / 4)
     assert close(separate, max_norm / (norm + 1e-6), (mult_norm / 4) / (mult_norm + 1e-6))
 
-    included, _ = _step_grads(tok, tmp_path / "include", max_grad_norm=max_norm, multiplier_clip="include")
+    included, _ = _step_grads(tok, tmp_path / "include", trainer_max_grad_norm=max_norm, clip="include")
     total = (norm ** 2 + mult_norm ** 2) ** 0.5
     assert close(included, max_norm / (total + 1e-6), max_norm / (total + 1e-6))
 
@@ -215,7 +215,7 @@ def test_clip_leaves_the_updates_of_the_multipliers_unscaled(tok, tmp_path):
     """With plain SGD the multipliers' update is -lr * their raw gradient even when the others are clipped."""
     def deltas(out, max_grad_norm):
         trainer = make_hf_trainer(tok, out, max_steps=1, learning_rate=0.1, optim="sgd", max_grad_norm=max_grad_norm,
-                                  regularizers=[{"name": "multipliers", "multiplier_weight_decay": 0.0}])
+                                  regularizers=[{"name": "multipliers", "weight_decay": 0.0}])
         before = weights(trainer.model)
         trainer.train()
         return {n: w - before[n] for n, w in weights(trainer.model).items()}
@@ -246,7 +246,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tok, tmp_path):
     assert max((final[n] - 1).abs().max().item() for n in final if is_multiplier(n)) > 1e-3  # they did move
     # a checkpoint trained with other multipliers is refused
     other = make_hf_trainer(tok, tmp_path / "cut", regularizers=[{"name": "multipliers",
-                                                                   "multipliers_placement": "symmetry_aware"}], **KW)
+                                                                   "placement": "symmetry_aware"}], **KW)
     with pytest.raises(Exception, match="lrm_|other multipliers"):
         other.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
 
@@ -256,7 +256,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tok, tmp_path):
 @pytest.mark.parametrize("tie,policy", [(False, "skip"), (True, "skip"), (True, "untie")],
                          ids=["untied", "tied-skip", "tied-untie"])
 def test_export_writes_a_plain_model_with_the_same_logits(tok, tmp_path, tie, policy):
-    regs = [{"name": "multipliers", "multipliers_tied_embeddings": policy}]
+    regs = [{"name": "multipliers", "tied_embeddings": policy}]
     model = tiny_llama(vocab_size=len(tok), seed=0, tie_word_embeddings=tie)
     trainer = make_hf_trainer(tok, tmp_path / "run", regularizers=regs, model=model, max_steps=4)
     trainer.train()
@@ -300,19 +300,19 @@ def test_saved_run_dir_holds_wrapped_weights_and_says_so(tok, tmp_path):
 # -- errors ---------------------------------------------------------------------------------------------
 
 def test_clear_errors():
-    with pytest.raises(ConfigError, match=r"multipliers_placement: expected one of \['all', 'symmetry_aware'"):
-        llmreg.build_regularizer({"name": "multipliers", "multipliers_placement": "symetry_aware"})
+    with pytest.raises(ConfigError, match=r"placement: expected one of \['all', 'symmetry_aware'"):
+        llmreg.build_regularizer({"name": "multipliers", "placement": "symetry_aware"})
     with pytest.raises(ConfigError, match="unknown placement 'rows'"):
         plan_for_model(tiny_llama(vocab_size=60), "rows")
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))  # Conv1D, not nn.Linear
     with pytest.raises(ConfigError, match="no nn.Linear layers inside decoder blocks"):
         _wrapped(gpt2)
     with pytest.raises(ConfigError, match="no rule for"):
-        _wrapped(tiny_llama(vocab_size=60), multipliers_placement="symmetry_aware", symmetry_table={"q_proj": "row"})
+        _wrapped(tiny_llama(vocab_size=60), placement="symmetry_aware", symmetry_table={"q_proj": "row"})
     with pytest.raises(ConfigError, match="unknown multiplier kind"):
         llmreg.build_regularizer({"name": "multipliers", "symmetry_table": {"q_proj": "rows"}})
-    with pytest.raises(ConfigError, match="needs mup_multipliers"):
-        llmreg.build_regularizer({"name": "multipliers", "multiplier_init": "mup"})
+    with pytest.raises(ConfigError, match="needs mup_values"):
+        llmreg.build_regularizer({"name": "multipliers", "init": "mup"})
     model = tiny_llama(vocab_size=60)
     _wrapped(model)
     with pytest.raises(ConfigError, match="already carries multipliers"):
@@ -321,7 +321,7 @@ def test_clear_errors():
 
 def test_mup_init_scales_the_layer_from_the_start():
     plain, wrapped = tiny_llama(vocab_size=60), tiny_llama(vocab_size=60)
-    _wrapped(wrapped, multiplier_init="mup", mup_multipliers={"down_proj": 0.5})
+    _wrapped(wrapped, init="mup", mup_values={"down_proj": 0.5})
     layer = wrapped.model.layers[0].mlp.down_proj
     x = torch.randn(3, layer.in_features)
     with torch.no_grad():
@@ -351,11 +351,11 @@ def test_quickstart_recipe_validates(nothing_loads):
 
     recipe = load_recipe(QUICKSTART)
     assert recipe.trainer.kind == "hf" and recipe.model.config == {"size": "tiny"}
-    assert recipe.regularizers == [{"name": "multipliers", "multipliers_placement": "all",
-                                    "multiplier_weight_decay": 2e-3, "multiplier_lr_scale": 1.0}]
+    assert recipe.regularizers == [{"name": "multipliers", "placement": "all",
+                                    "weight_decay": 2e-3, "lr_scale": 1.0}]
     assert recipe.trainer.args["max_grad_norm"] == 1.0 and recipe.trainer.args["weight_decay"] == 0.1
-    with pytest.raises(ConfigError, match="multipliers_placement"):
-        load_recipe(QUICKSTART, ["regularizers.0.multipliers_placement=rows"])
+    with pytest.raises(ConfigError, match="placement"):
+        load_recipe(QUICKSTART, ["regularizers.0.placement=rows"])
 
 
 NO_LLMREG = """
@@ -434,6 +434,6 @@ def test_loading_a_wrapped_model_folder_is_refused_with_the_export_hint(tok, tmp
 def test_placement_none_adds_nothing_and_marks_nothing():
     model = tiny_llama(vocab_size=60)
     before = set(dict(model.named_parameters()))
-    reg = _wrapped(model, multipliers_placement="none")
+    reg = _wrapped(model, placement="none")
     assert reg.names == [] and set(dict(model.named_parameters())) == before
     assert not hasattr(model.config, "llmreg_multipliers")

@@ -21,7 +21,7 @@ All extra element-wise work is on weight-sized tensors (d_out x d_in), not on ac
 (tokens x (d_in + d_out)): with training batches of thousands of tokens per micro-step the weight-sized
 form moves several times fewer bytes than scaling the activations (the spec's pseudo-code), and it
 adds no activation memory at all. The activation form is kept as `explicit_linear` (option
-`multipliers_impl="explicit"`), the reference the tests compare against.
+`impl="explicit"`), the reference the tests compare against.
 
 Precision: W_eff is formed in fp32 (the multipliers' dtype) and cast to the dtype the GEMM runs in (the
 autocast dtype under autocast, else the input's), as autocast would cast W itself.

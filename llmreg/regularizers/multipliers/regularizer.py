@@ -6,11 +6,11 @@ arXiv 2601.04890 (2026). Spec: ../shared/methods/multipliers.md. No official cod
 Hooks:
 - `setup` (before the optimizer and the DeepSpeed engine exist): model surgery, see `surgery.py`;
   under ZeRO-3 the model may already be partitioned by `zero.Init`, so shapes come from `ds_shape` and
-  the new fp32 parameters are converted by the engine like any other. Unless `multiplier_clip` is
+  the new fp32 parameters are converted by the engine like any other. Unless `clip` is
   "include", it also turns the trainer's own clipping off (`args.max_grad_norm = 0` and, under
   DeepSpeed, `gradient_clipping = 0` in the engine's config) and keeps the threshold to clip itself.
-- `param_groups`: the multipliers form their own group, weight decay `multiplier_weight_decay` (2e-3)
-  and learning rate `learning_rate * multiplier_lr_scale`. Every other parameter keeps the trainer's
+- `param_groups`: the multipliers form their own group, weight decay `weight_decay` (2e-3)
+  and learning rate `learning_rate * lr_scale`. Every other parameter keeps the trainer's
   default, which for the HF Trainer is the spec's table already: decay on matrices (embedding and LM
   head included), none on biases and norm gains.
 - `pre_step` (after the boundary backward, before the optimizer; under DeepSpeed through the pre-step
@@ -25,13 +25,13 @@ the regularizer's own state is the plan, checked on resume. The run's `final/` h
 
 Departures from the paper / package choices (all in the spec):
 - The forward builds W_eff inside one autograd.Function and saves only x and W (see `functional.py`); the
-  spec's activation-scaling form is `multipliers_impl="explicit"`. Both give the same values and
+  spec's activation-scaling form is `impl="explicit"`. Both give the same values and
   gradients. The "merged" variant (custom optimizer step on W_eff) is not offered.
 - Placement "all" puts row and column multipliers (no scalar, which duplicates the rows) on every linear
   layer inside the decoder blocks and on the input embedding; "scalar" puts one scalar there instead.
 - Biases are not scaled; tied embeddings get no embedding multipliers unless
-  `multipliers_tied_embeddings="untie"` (then export writes a separate LM head).
-- `multiplier_init="mup"` takes `mup_multipliers`, {module name: value} (q_proj, embed_tokens, ...): the
+  `tied_embeddings="untie"` (then export writes a separate LM head).
+- `init="mup"` takes `mup_values`, {module name: value} (q_proj, embed_tokens, ...): the
   value goes to one factor of the layer (its scalar, else its rows), so W_eff starts at value * W.
 - LoRA and other PEFT wrappers are refused (the combination is undefined); Muon is not wired here.
 - Under DeepSpeed bf16/fp16 the engine keeps an fp32 master copy of the multipliers; the forward uses
@@ -57,23 +57,23 @@ CONFIG_NOTE = "llmreg_multipliers"
 
 @dataclass
 class MultipliersOptions:
-    multipliers_placement: Literal["all", "symmetry_aware", "scalar", "none"] = option(
+    placement: Literal["all", "symmetry_aware", "scalar", "none"] = option(
         "all", "all: row+column multipliers on every decoder-block linear and the input embedding (paper default); "
         "symmetry_aware: the paper's redundancy-free table (App. C); scalar: one scalar per matrix; none: ablation")
-    multiplier_weight_decay: float = option(2e-3, "decoupled weight decay of the multipliers (paper Sec. 4.1)")
-    multiplier_lr_scale: float = option(1.0, "learning rate of the multipliers relative to the trainer's")
-    multiplier_init: Literal["ones", "mup"] = option(
-        "ones", "ones: identity at the start; mup: start from `mup_multipliers` (tuned muP forward multipliers)")
-    mup_multipliers: dict[str, float] = option({}, "with multiplier_init=mup: {module name: value}, e.g. {q_proj: 0.5}")
-    multiplier_dtype: Literal["float32", "bfloat16"] = option("float32", "storage dtype of the multipliers")
-    multiplier_clip: Literal["exclude", "separate", "include"] = option(
+    weight_decay: float = option(2e-3, "decoupled weight decay of the multipliers (paper Sec. 4.1)")
+    lr_scale: float = option(1.0, "learning rate of the multipliers relative to the trainer's")
+    init: Literal["ones", "mup"] = option(
+        "ones", "ones: identity at the start; mup: start from `mup_values` (tuned muP forward multipliers)")
+    mup_values: dict[str, float] = option({}, "with init=mup: {module name: value}, e.g. {q_proj: 0.5}")
+    dtype: Literal["float32", "bfloat16"] = option("float32", "storage dtype of the multipliers")
+    clip: Literal["exclude", "separate", "include"] = option(
         "exclude", "exclude: global clipping skips the multipliers (paper); separate: clip them by their own norm; "
         "include: ordinary global clipping (the paper warns against it)")
-    multiplier_max_grad_norm: float = option(1.0, "with multiplier_clip=separate: the multipliers' clip threshold")
-    multipliers_lm_head: bool = option(False, "per-logit row multipliers on the LM head (hurt in the paper)")
-    multipliers_tied_embeddings: Literal["skip", "untie"] = option(
+    max_grad_norm: float = option(1.0, "with clip=separate: the multipliers' clip threshold")
+    lm_head: bool = option(False, "per-logit row multipliers on the LM head (hurt in the paper)")
+    tied_embeddings: Literal["skip", "untie"] = option(
         "skip", "tied embeddings: skip embedding multipliers, or keep them (export then writes a separate LM head)")
-    multipliers_impl: Literal["fused", "explicit"] = option(
+    impl: Literal["fused", "explicit"] = option(
         "fused", "fused: one autograd.Function on W_eff, saves only x and W; explicit: scale the activations")
     symmetry_table: dict[str, str] = option(
         dict(surgery.SYMMETRY_AWARE), "symmetry_aware: module name -> multipliers ('row', 'col', 'row,col' or '')")
@@ -98,10 +98,10 @@ class LearnableMultipliers(Regularizer):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         o = self.options
-        if o.multiplier_init == "mup" and not o.mup_multipliers:
-            raise ConfigError("multipliers: multiplier_init='mup' needs mup_multipliers {module name: value}")
-        if o.multiplier_init == "ones" and o.mup_multipliers:
-            raise ConfigError("multipliers: mup_multipliers is given but multiplier_init is 'ones'; set multiplier_init=mup")
+        if o.init == "mup" and not o.mup_values:
+            raise ConfigError("multipliers: init='mup' needs mup_values {module name: value}")
+        if o.init == "ones" and o.mup_values:
+            raise ConfigError("multipliers: mup_values is given but init is 'ones'; set init=mup")
         for key, value in o.symmetry_table.items():
             surgery.parse_kinds(value, f"multipliers.symmetry_table.{key}")
         self.names: list[str] = []
@@ -116,27 +116,27 @@ class LearnableMultipliers(Regularizer):
     def setup(self, model: torch.nn.Module, trainer: Any) -> None:
         o = self.options
         self.plan, notes = surgery.plan_for_model(
-            model, o.multipliers_placement, lm_head=o.multipliers_lm_head,
-            tied_embeddings=o.multipliers_tied_embeddings, symmetry_table=o.symmetry_table)
-        init = o.mup_multipliers if o.multiplier_init == "mup" else None
-        dtype = torch.float32 if o.multiplier_dtype == "float32" else torch.bfloat16
-        self.names = surgery.attach(model, self.plan, dtype=dtype, init=init, impl=o.multipliers_impl)
+            model, o.placement, lm_head=o.lm_head,
+            tied_embeddings=o.tied_embeddings, symmetry_table=o.symmetry_table)
+        init = o.mup_values if o.init == "mup" else None
+        dtype = torch.float32 if o.dtype == "float32" else torch.bfloat16
+        self.names = surgery.attach(model, self.plan, dtype=dtype, init=init, impl=o.impl)
         self._set_up = True
         if self._loaded is not None:
             self._check_plan(self._loaded)
         config = getattr(model, "config", None)
         if config is not None and self.names:  # saved with the model: tells loaders these are wrapped weights
             setattr(config, CONFIG_NOTE, {
-                "placement": o.multipliers_placement, "parameters": len(self.names),
+                "placement": o.placement, "parameters": len(self.names),
                 "note": "the weights hold learnable multipliers (lrm_row/lrm_col/lrm_scalar); "
                         "`llmreg export RUN_DIR OUT_DIR` writes a plain model"})
         for note in notes:
             logger.info("multipliers: %s", note)
         logger.info("multipliers: %d multiplier tensors on %d layers (%s)", len(self.names), len(self.plan),
-                    o.multipliers_placement)
+                    o.placement)
         args = getattr(trainer, "args", None)
         self._base_lr = float(getattr(args, "learning_rate", 0.0) or 0.0) if args is not None else None
-        if args is not None and o.multiplier_clip != "include":
+        if args is not None and o.clip != "include":
             self._max_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
             _disable_trainer_clipping(trainer)
 
@@ -145,12 +145,12 @@ class LearnableMultipliers(Regularizer):
         names = [n for n, p in named_params if surgery.is_multiplier(n)]
         if not names:
             return None
-        group: dict[str, Any] = {"names": names, "weight_decay": self.options.multiplier_weight_decay}
-        if self.options.multiplier_lr_scale != 1.0:
+        group: dict[str, Any] = {"names": names, "weight_decay": self.options.weight_decay}
+        if self.options.lr_scale != 1.0:
             if self._base_lr is None:
-                raise ConfigError("multipliers: multiplier_lr_scale needs the trainer's learning rate (setup ran "
+                raise ConfigError("multipliers: lr_scale needs the trainer's learning rate (setup ran "
                                   "without a trainer)")
-            group["lr"] = self._base_lr * self.options.multiplier_lr_scale
+            group["lr"] = self._base_lr * self.options.lr_scale
         return [group]
 
     # -- clipping ------------------------------------------------------------------------------------
@@ -185,8 +185,8 @@ class LearnableMultipliers(Regularizer):
         if self._max_norm is None:  # "include", or set up without a trainer: the trainer clips
             return
         factors = {False: clip_factor(norm, self._max_norm),
-                   True: clip_factor(mult_norm, self.options.multiplier_max_grad_norm)
-                   if self.options.multiplier_clip == "separate" else 1.0}
+                   True: clip_factor(mult_norm, self.options.max_grad_norm)
+                   if self.options.clip == "separate" else 1.0}
         for mult, factor in factors.items():
             if factor != 1.0:
                 for p, g in grads[mult]:
@@ -199,7 +199,7 @@ class LearnableMultipliers(Regularizer):
     def state_dict(self) -> dict[str, Any]:
         if not self._set_up and self._loaded is not None:
             return dict(self._loaded)
-        return {"placement": self.options.multipliers_placement, "parameters": list(self.names)}
+        return {"placement": self.options.placement, "parameters": list(self.names)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "parameters" not in state:

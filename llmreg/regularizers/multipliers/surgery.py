@@ -106,7 +106,7 @@ def plan_for_model(model: nn.Module, placement: str, *, lm_head: bool = False, t
     tied = _is_tied(model)
     if isinstance(embed, nn.Embedding):
         if tied and tied_embeddings == "skip":
-            notes.append("tied input/output embeddings: no embedding multipliers (multipliers_tied_embeddings='skip')")
+            notes.append("tied input/output embeddings: no embedding multipliers (tied_embeddings='skip')")
         else:
             plan[names[id(embed)]] = everywhere
             if tied:
