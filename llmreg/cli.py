@@ -5,6 +5,7 @@
     llmreg validate RECIPE [key=value ...]
     llmreg list
     llmreg eval --suite SUITE --model PATH [--model PATH ...] [--base PATH] --out DIR [--limit N]
+    llmreg export RUN_DIR OUT_DIR [--overwrite] [--no-verify]
 
 `train` also runs under `torchrun --nproc_per_node N -m llmreg.cli train ...`,
 `accelerate launch -m llmreg.cli train ...` and the `deepspeed` launcher: the
@@ -50,7 +51,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmreg", description="Regularized LLM training from YAML recipes.")
     _launcher_args(parser)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,importance,validate,list,eval,testbed}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,importance,validate,list,eval,testbed,export}")
 
     train = sub.add_parser("train", help="validate a recipe, then train", description="Validate, then train.")
     _recipe_args(train)
@@ -89,7 +90,27 @@ def _parser() -> argparse.ArgumentParser:
                         add_help=False)
     tb.add_argument("rest", nargs=argparse.REMAINDER, help="build | forget PATH ... (see --help after it)")
     tb.set_defaults(func=cmd_testbed, overrides=[])
+    ex = sub.add_parser("export", help="fold learnable multipliers into plain weights (loads with stock transformers)",
+                        description="Merge the `multipliers` regularizer's lrm_* parameters of RUN_DIR/final (or of "
+                                    "the model folder RUN_DIR) into the weights and write a plain model to OUT_DIR; "
+                                    "checks that the logits on a fixed batch are unchanged.")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (uses its final/) or a model folder")
+    ex.add_argument("out_dir", metavar="OUT_DIR", help="folder for the plain model")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    ex.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logit comparison")
+    ex.set_defaults(func=cmd_export, overrides=[])
     return parser
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from llmreg.regularizers.multipliers.export import export_plain
+
+    result = export_plain(args.run_dir, args.out_dir, verify=args.verify, overwrite=args.overwrite)
+    check = (f"; max |logit difference| {result.max_abs_logit_diff:.2e}" if result.max_abs_logit_diff is not None
+             else "; not verified")
+    print(f"done: merged the multipliers of {result.layers} layers from {result.source} into {result.out_dir}"
+          + (" (separate LM head: the embeddings are no longer tied)" if result.untied else "") + check)
+    return 0
 
 
 def cmd_testbed(args: argparse.Namespace) -> int:
@@ -239,6 +260,9 @@ def _check_model_path(path: str) -> None:
     if os.path.exists(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"eval: {path} is not a model folder (no config.json)")
+        from llmreg.regularizers.multipliers.export import refuse_wrapped
+
+        refuse_wrapped(path, "eval")
         return
     if os.environ.get("HF_HUB_OFFLINE") or path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise ConfigError(f"eval: model path not found: {path}")

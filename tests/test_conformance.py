@@ -26,6 +26,7 @@ SETTINGS = {
     "forgetting_penalty": _artifact,
     "half_ft": {"seed": 3},
     "l2_sp": {"lam": 1.0},
+    "multipliers": {"lr_scale": 2.0},
     "si_importance": {},
     "weight_decay": {"weight_decay": 0.1},
 }

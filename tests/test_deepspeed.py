@@ -155,6 +155,47 @@ def test_half_ft_under_zero_freezes_the_same_set_and_matches_single_process(zero
     assert trainable <= sum(ranks) <= trainable + 64 and max(ranks) <= trainable // 2 + 64, ranks
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_multipliers_under_zero_match_single_process(zero, tmp_path):
+    """Surgery in setup (on zero.Init placeholders under ZeRO-3), the multipliers' own group, and the clip over
+    the non-multiplier gradients through the pre-step shim (DeepSpeed's own clipping switched off)."""
+    from llmreg.regularizers.multipliers import is_multiplier
+
+    stack = [{"name": "multipliers", "lr_scale": 0.5}]
+    clip = ("--max-grad-norm", "0.05")  # well below the gradient norm: the clip acts on every step
+    single = _run(tmp_path / "single", 0, stack, *clip)
+    dist = _run(tmp_path / "dist", zero, stack, *clip, "--save-final", str(tmp_path / "final"))
+    assert dist["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    mults = sorted(n for n in single["weights"] if is_multiplier(n))
+    assert len(mults) == 2 * (7 * 2 + 1) and set(dist["weights"]) == set(single["weights"])
+    assert max_rel_diff(single["weights"], dist["weights"]) < 1e-5  # multipliers included
+    assert max((single["weights"][n] - 1).abs().max().item() for n in mults) > 1e-3
+    norms = [m["reg/multipliers/grad_norm"] for m in dist["metrics"]]
+    assert min(norms) > 0.5 and norms == pytest.approx([m["reg/multipliers/grad_norm"] for m in single["metrics"]],
+                                                       rel=1e-4)
+    for rank in dist["per_rank"]:
+        assert rank["ds_gradient_clipping"] == 0.0
+        groups = {g["weight_decay"]: g["names"] for g in rank["groups"]}
+        assert groups[2e-3] == mults
+    # the gathered final/ exports to a plain model with the logits of the single-process wrapped model
+    from transformers import AutoModelForCausalLM
+
+    import llmreg
+    from llmreg.data import build_char_tokenizer, tiny_llama
+    from llmreg.regularizers.multipliers.export import export_plain
+
+    export_plain(str(tmp_path / "final"), str(tmp_path / "plain"))
+    wrapped = tiny_llama(vocab_size=len(build_char_tokenizer()), seed=0)
+    llmreg.build_regularizer(stack[0]).setup(wrapped, trainer=None)
+    wrapped.load_state_dict(single["weights"], strict=True)
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain"))
+    ids = torch.arange(40).reshape(2, 20) % wrapped.config.vocab_size
+    with torch.no_grad():
+        diff = (plain(input_ids=ids).logits - wrapped(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-4
+
+
 def test_optimizer_block_is_refused_with_one_line_error(tmp_path):
     cfg = json.load(open(os.path.join(REPO, "ds_configs", "zero2.json")))
     cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-4}}

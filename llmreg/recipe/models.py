@@ -75,6 +75,9 @@ def build_model(recipe: Recipe, tokenizer, args):
     if spec.testbed is not None:
         return AutoModelForCausalLM.from_pretrained(testbed_path(spec, args), dtype=dtype or "auto")
     if spec.name_or_path is not None:
+        from llmreg.regularizers.multipliers.export import refuse_wrapped
+
+        refuse_wrapped(spec.name_or_path, "model.name_or_path")
         with located("model.name_or_path", (OSError, ValueError)):
             return AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=dtype or "auto")
     config = model_config(spec, tokenizer)

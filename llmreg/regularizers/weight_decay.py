@@ -8,6 +8,9 @@ biases and norm gains do not.
 Hooks: `param_groups` only. The groups reach the HF optimizer and, with a
 DeepSpeed config without an `optimizer` block, DeepSpeed's ZeRO optimizer.
 
+Learnable multipliers (`lrm_*` parameters of the `multipliers` regularizer) are left to that regularizer's
+own group, so the two combine.
+
 Semantics: the value is handed to the trainer's optimizer. With the default
 `adamw_torch` that is decoupled decay multiplied by the learning rate,
 theta <- theta - lr * wd * theta (DESIGN.md trap 8), not L2 added to the loss.
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from llmreg.core import Order, Regularizer, option, register
+from llmreg.regularizers.multipliers.surgery import is_multiplier
 
 DEFAULT_NO_DECAY = [r"bias$", r"norm", r"embed", r"\bwte\b", r"\bwpe\b"]
 
@@ -63,5 +67,6 @@ class WeightDecayPolicy(Regularizer):
         wd = self.options.weight_decay
         if wd is None:
             wd = getattr(self, "_default_wd", 0.0)
+        named_params = [(n, p) for n, p in named_params if not is_multiplier(n)]
         decay, no_decay = split_by_decay(named_params, self.options.decay, self.options.no_decay, self.options.min_ndim)
         return [{"names": decay, "weight_decay": wd}, {"names": no_decay, "weight_decay": 0.0}]

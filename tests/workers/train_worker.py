@@ -30,6 +30,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--importance-out", default=None, help="write the si_importance recorder's artifact here")
+    ap.add_argument("--save-final", default=None, help="trainer.save_model() into this folder (all ranks)")
     return ap.parse_args()
 
 
@@ -95,6 +96,8 @@ def main() -> None:
         regularizers=json.loads(a.regularizers),
     )
     trainer.train()
+    if a.save_final:
+        trainer.save_model(a.save_final)  # every rank: gathers ZeRO-3 partitions, rank 0 writes
     if a.importance_out:
         from llmreg.regularizers import SIImportance
         from llmreg.regularizers.forgetting.phase1 import write_si_artifact
@@ -112,7 +115,9 @@ def main() -> None:
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wrapper
     inner = getattr(inner, "optimizer", inner)  # DeepSpeed ZeRO optimizer -> the torch optimizer it steps
     adam_numel = sum(st["exp_avg"].numel() for st in inner.state.values() if "exp_avg" in st)
-    mine = {"stored": stored, "groups": groups, "adam_exp_avg_numel": adam_numel}
+    engine = trainer.model_wrapped if a.zero else None
+    mine = {"stored": stored, "groups": groups, "adam_exp_avg_numel": adam_numel,
+            "ds_gradient_clipping": engine.gradient_clipping() if engine is not None else None}
     gathered = [None] * world
     if world > 1:
         torch.distributed.all_gather_object(gathered, mine)
