@@ -156,11 +156,15 @@ class RegularizedTrainerMixin:
         result = super().compute_loss(model, inputs, return_outputs=want_outputs, num_items_in_batch=num_items_in_batch)
         loss, outputs = result if want_outputs else (result, None)
         ctx = LossContext(model=model, inputs=inputs, loss=loss, outputs=outputs, trainer=self,
-                          num_items_in_batch=num_items_in_batch)
+                          num_items_in_batch=num_items_in_batch, extras=self._reg_loss_extras())
         extra = self.reg_stack.loss_terms(ctx)
         if extra is not None:
             loss = loss + extra / self._reg_ga_divisor(num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _reg_loss_extras(self) -> dict[str, Any]:
+        """Trainer-specific tensors of the micro-batch just computed (`LossContext.extras`); see trl_compat."""
+        return {}
 
     def _reg_ga_divisor(self, num_items_in_batch: Any) -> int:
         """How to scale a per-micro-batch mean term so it matches the host loss (DESIGN trap 7).

@@ -1,5 +1,33 @@
-"""Lp-Reg's math as pure functions (arXiv 2510.03222); the trainer wiring lives in `lp_reg.py`.
+"""Lp-Reg: low-probability token regularisation for RLVR with GRPO.
 
+Paper: Huang et al., "Low-probability Tokens Sustain Exploration in Reinforcement Learning with Verifiable
+Reward", arXiv 2510.03222 (v2). Official code: CarlanLark/Lp-Reg-dev (veRL). Spec: shared/methods/lp_reg.md.
+
+Per generation batch, the data-generating policy's next-token distribution is reduced to a min-p proxy (tokens
+with p < kappa * p_max removed, the rest renormalised). In the loss, the lowest-probability `rho` share of the
+negative-advantage tokens that the proxy keeps and that the policy rates below the proxy get the k3 penalty
+beta * (r - log r - 1), r = pi_proxy / pi_theta (value clamped to 10, veRL `low_var_kl`), added to GRPO's
+per-token loss before TRL's aggregation. No reference model (TRL beta = 0) and no entropy bonus.
+
+Hooks (RegGRPOTrainer only; the version-sensitive TRL access is in `llmreg/trl_compat.py`):
+- `on_rollout_hidden`: the proxy, from the policy's final hidden states and the LM head, chunked in fp32, in
+  TRL's own old-log-prob pass when it runs one (off-policy), else in one extra no-grad eval-mode pass;
+- `on_generation_batch`: the global threshold (rho-quantile of log pi_old over the negative-advantage tokens
+  of the whole generation batch, all ranks) and the per-token proxy go into the batch TRL splits;
+- `loss_terms`: the penalty on the micro-batch, from TRL's per-token log-probs (the fused LM head stays on),
+  normalised like TRL's `loss_type` (`trl_compat.aggregate_like_loss`).
+
+Departures and choices (see the spec's table of variants; the code's variants are options):
+- `scope="global"` (default, the paper's "lowest rho of the batch"): threshold from pi_old, selection by the
+  current detached log-prob, so off-policy a raised token leaves the set. The code's per-micro-batch rule is
+  `scope="micro_batch"` (k = max(1, floor(rho * n)) lowest; none when k == 1).
+- When TRL computes the old log-probs, the proxy pass uses TRL's model mode (train mode; LLM dropout is 0);
+  the extra pass runs in eval mode as the spec asks.
+- `estimator="full_forward_kl"` (package option, untested by the authors): KL(pi_proxy || pi_theta) over the
+  vocabulary at the selected positions, the proxy from the same logits detached (on-policy only; not ZeRO-3).
+- Models with logit scaling / softcapping and vision-language models are refused (the proxy is hidden @ W.T).
+
+Pure functions:
 - `minp_proxy_stats` / `minp_proxy_logprobs`: the min-p proxy of a next-token distribution, chunked over rows
   so that one [rows x vocab] fp32 buffer (plus its boolean filter mask) exists at a time, whatever the dtype of
   the logits. `hidden_proxy_stats` does the same from final hidden states and the LM-head weight, for trainers
@@ -14,10 +42,13 @@ Everything is computed in fp32. Filtering uses explicit boolean masks (the offic
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from llmreg.core import ConfigError, Order, Regularizer, Requirements, option, register
 
 DEFAULT_CHUNK_ROWS = 1024
 
@@ -239,3 +270,165 @@ def full_forward_kl(logits: torch.Tensor, kappa: float = 0.02, temperature: floa
         p_proxy = lp_proxy.exp()
     terms = torch.where(keep, p_proxy * (lp_proxy - logp_theta), torch.zeros_like(logp_theta))
     return beta * terms.sum(dim=-1)
+
+
+# -- the regularizer ---------------------------------------------------------------------------------------
+
+KEYS = ("lp_reg_proxy_logp", "lp_reg_kept", "lp_reg_threshold", "lp_reg_threshold_pos")
+
+
+@dataclass
+class LpRegOptions:
+    minp_kappa: float = option(0.02, "min-p ratio kappa: the proxy keeps tokens with p >= kappa * p_max")
+    rho: float = option(0.01, "share of the negative-advantage tokens, lowest probability first, that can be regularised")
+    beta: float = option(1.0, "penalty coefficient")
+    estimator: Literal["k3", "full_forward_kl"] = option(
+        "k3", "k3: per-token estimate at the sampled token (the code); full_forward_kl: KL(proxy || policy) over "
+        "the vocabulary at the selected positions (package option, on-policy, not ZeRO-3)")
+    k3_clamp: float | None = option(10.0, "clamp of the k3 value (the code's 10); null: no clamp")
+    scope: Literal["global", "micro_batch"] = option(
+        "global", "global: threshold over the whole generation batch (paper); micro_batch: the code's k-lowest rule")
+    threshold_type: Literal["minp", "fixed"] = option("minp", "minp: p >= kappa * p_max; fixed: p >= kappa")
+    filter_before_temperature: bool = option(False, "filter the raw logits before dividing by T (the code)")
+    minp_inclusive: bool = option(True, "keep p >= kappa * p_max (the code); False: p > kappa * p_max (the paper)")
+    soft_fill: bool = option(False, "minp_soft: filtered logits set to the row minimum instead of removed")
+    rho_pos: float = option(0.0, "also regularise this share of the lowest-probability positive-advantage tokens")
+    reverse_kl: bool = option(False, "k3 of KL(policy || proxy) instead (the paper's worse Fig. 10 ablation)")
+    chunk_size: int = option(DEFAULT_CHUNK_ROWS, "rows of [rows x vocab] fp32 logits formed at a time in the proxy pass")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.minp_kappa < 1.0:
+            raise ValueError(f"minp_kappa must be in (0, 1), got {self.minp_kappa}")
+        for name in ("rho", "rho_pos"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.beta < 0.0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.k3_clamp is not None and self.k3_clamp <= 0:
+            raise ValueError(f"k3_clamp must be positive or null, got {self.k3_clamp}")
+
+
+@register("lp_reg")
+class LpReg(Regularizer):
+    """Lp-Reg (arXiv 2510.03222): k3 pull of the lowest-probability negative-advantage tokens toward a min-p proxy."""
+
+    options_cls = LpRegOptions
+    order = Order.OBJECTIVE
+    requires = Requirements(trainers=("grpo",), needs_rollout_hidden=True)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.options.estimator == "full_forward_kl":
+            self.requires = Requirements(trainers=("grpo",), needs_rollout_hidden=True, needs_step_hidden=True)
+        self._parts: list[tuple[int, ProxyStats]] = []
+        self._reset_metrics()
+
+    def _reset_metrics(self) -> None:
+        self._n_selected = 0.0
+        self._n_valid = 0.0
+        self._entropy_sum = 0.0
+        self._thresholds: list[float] = []
+
+    def setup(self, model: torch.nn.Module, trainer: Any) -> None:
+        from llmreg import trl_compat
+
+        reason = trl_compat.check_plain_lm_head(model)
+        if reason:
+            raise ConfigError(f"lp_reg: {reason} (the proxy is formed as hidden @ lm_head.T)")
+        if trainer.loss_type not in trl_compat.LINEAR_LOSS_TYPES:
+            raise ConfigError(f"lp_reg: loss_type {trainer.loss_type!r} is not supported; use one of "
+                              f"{', '.join(trl_compat.LINEAR_LOSS_TYPES)}")
+        if self.options.estimator == "full_forward_kl":
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            if is_deepspeed_zero3_enabled():
+                raise ConfigError("lp_reg: estimator 'full_forward_kl' is not supported under ZeRO-3; use 'k3'")
+            if trl_compat.old_logps_computed_by_trl(trainer):
+                raise ConfigError("lp_reg: estimator 'full_forward_kl' is on-policy only (steps_per_generation <= "
+                                  "gradient_accumulation_steps, num_iterations = 1, no vLLM); use 'k3'")
+
+    # -- once per generation batch ----------------------------------------------------------------------
+    def _proxy_options(self) -> dict[str, Any]:
+        o = self.options
+        return dict(threshold_type=o.threshold_type, inclusive=o.minp_inclusive,
+                    filter_before_temperature=o.filter_before_temperature, soft_fill=o.soft_fill)
+
+    def on_rollout_hidden(self, chunk: Any) -> None:
+        stats = hidden_proxy_stats(chunk.hidden, chunk.weight, chunk.bias, chunk.targets, kappa=self.options.minp_kappa,
+                                   temperature=chunk.temperature, chunk_size=self.options.chunk_size,
+                                   **self._proxy_options())
+        self._parts.append((chunk.rows.start, stats))
+
+    def on_generation_batch(self, batch: dict[str, Any], trainer: Any) -> None:
+        from llmreg import trl_compat
+
+        parts = [stats for _, stats in sorted(self._parts, key=lambda item: item[0])]
+        self._parts = []
+        n = batch["completion_ids"].size(0)
+        if sum(p.logp.size(0) for p in parts) != n:
+            raise RuntimeError(f"lp_reg: the proxy pass covered {sum(p.logp.size(0) for p in parts)} rows of {n}")
+        old_logp, proxy, kept = (torch.cat([p[i] for p in parts]) for i in range(3))
+        mask = trl_compat.response_mask(batch).bool()
+        adv = batch["advantages"]
+        adv = adv if adv.dim() == 2 else adv[:, None]
+        batch["lp_reg_proxy_logp"] = proxy
+        batch["lp_reg_kept"] = kept
+        for key, rho, side in (("lp_reg_threshold", self.options.rho, adv < 0),
+                               ("lp_reg_threshold_pos", self.options.rho_pos, adv > 0)):
+            thr = None
+            if self.options.scope == "global" and rho > 0:
+                thr = lowp_threshold(trl_compat.gather_values(trainer, old_logp[mask & side].float()), rho)
+            value = -math.inf if thr is None else float(thr)
+            batch[key] = torch.full((n,), value, dtype=torch.float32, device=old_logp.device)
+            if key == "lp_reg_threshold" and thr is not None:
+                self._thresholds.append(math.exp(value))
+
+    # -- per micro-batch ---------------------------------------------------------------------------------
+    def loss_terms(self, ctx: Any) -> dict[str, torch.Tensor]:
+        from llmreg import trl_compat
+
+        inputs, extras = ctx.inputs, ctx.extras
+        logp = extras["per_token_logps"]
+        mask = trl_compat.response_mask(inputs)
+        o = self.options
+        thr = thr_pos = None
+        if o.scope == "global":
+            thr, thr_pos = inputs["lp_reg_threshold"][:1].squeeze(0), inputs["lp_reg_threshold_pos"][:1].squeeze(0)
+        penalty, selected = lp_reg_penalty(
+            logp, inputs["lp_reg_proxy_logp"], inputs["advantages"], mask, rho=o.rho, beta=o.beta, scope=o.scope,
+            threshold=thr, kept=None if o.soft_fill else inputs["lp_reg_kept"], k3_clamp=o.k3_clamp,
+            rho_pos=o.rho_pos, threshold_pos=thr_pos, reverse_kl=o.reverse_kl)
+        if o.estimator == "full_forward_kl":
+            penalty = self._full_kl(extras, selected, penalty)
+        entropies = extras.get("entropies")
+        valid = mask.bool()
+        self._n_selected += float(selected.sum())
+        self._n_valid += float(valid.sum())
+        if entropies is not None:
+            self._entropy_sum += float(entropies.detach()[valid].float().sum())
+        return {"penalty": trl_compat.aggregate_like_loss(ctx.trainer, penalty, mask, inputs)}
+
+    def _full_kl(self, extras: dict[str, Any], selected: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+        hidden, lm_head = extras["hidden_states"], extras["lm_head"]
+        full = torch.zeros_like(penalty)
+        if bool(selected.any()):
+            logits = lm_head(hidden[selected])
+            kl = full_forward_kl(logits, kappa=self.options.minp_kappa, temperature=self._temperature(extras),
+                                 beta=self.options.beta, inclusive=self.options.minp_inclusive)
+            full = full.masked_scatter(selected, kl.to(full.dtype))
+        return full
+
+    def _temperature(self, extras: dict[str, Any]) -> float:
+        return float(extras.get("temperature", 1.0))
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self._n_valid:
+            out["selected_share"] = self._n_selected / self._n_valid
+            out["entropy"] = self._entropy_sum / self._n_valid
+        if self._thresholds:
+            out["threshold_prob"] = sum(self._thresholds) / len(self._thresholds)
+        self._reset_metrics()
+        return out
