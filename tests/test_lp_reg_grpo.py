@@ -111,6 +111,7 @@ def test_proxy_pass_matches_explicit_logits(policy, tmp_path):
     assert spy.batches and spy.terms
     for rec in spy.batches:
         batch, mask = rec["batch"], trl_compat.response_mask(rec["batch"]).bool()
+        assert ("old_per_token_logps" in batch) == (policy == "off")  # pins trl_compat.old_logps_computed_by_trl
         logp, proxy, kept = ref_proxy(rec["logits"], batch["completion_ids"], kappa, rec["T"])
         assert torch.allclose(rec["old_logp"][mask], logp[mask].float(), atol=1e-4)
         assert torch.equal(batch["lp_reg_kept"][mask], kept[mask]) and not kept[mask].all()
