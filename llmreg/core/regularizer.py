@@ -11,6 +11,10 @@ named points of the host trainer's loop (the pattern of MosaicML Composer's
                                  trainable parameters
     on_prepared(model, shards)   after accelerate / DeepSpeed wrapped the model;
                                  `shards` reads each rank's local partition
+    GRPO, once per generation batch (trl_compat.GRPOHooks):
+        on_rollout_hidden(chunk)   the data-generating policy's final hidden states, chunk by chunk, no grad
+                                 (only with `requires.needs_rollout_hidden`)
+        on_generation_batch(batch) may add per-sample tensors that TRL shuffles and splits with the batch
     for each micro-batch:
         (forward hooks)          registered by the regularizer in setup /
                                  on_prepared through `self.add_hook(handle)`

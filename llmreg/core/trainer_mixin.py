@@ -10,7 +10,9 @@ Where each hook of `regularizer.py` is called from:
   wrapped the model; regularizer state is loaded right after it on resume
   (state of a `loads_state_early` regularizer at its start, before the
   optimizer is built);
-- `loss_terms`: `compute_loss`, training mode only;
+- `loss_terms`: `compute_loss`, training mode only; `ctx.extras` holds trainer-specific tensors of the
+  micro-batch (`_reg_loss_extras`; GRPO: per-token log-probs and entropies, from `trl_compat.GRPOHooks`);
+- `on_rollout_hidden` / `on_generation_batch` (GRPO only): `trl_compat.GRPOHooks`, mixed into RegGRPOTrainer;
 - `pre_step`: after the boundary micro-step's backward: from `training_step`
   without DeepSpeed (before the Trainer clips), from the backward shim under
   DeepSpeed (before `engine.step()` clips and steps);
