@@ -210,3 +210,50 @@ def test_proxy_materialises_one_chunk(dtype, rows):
     with VocabMemory(vocab) as mem:
         minp_proxy_stats(logits, ids, chunk_size=chunk)
     assert mem.peak <= 1.5 * one_chunk, (mem.peak, one_chunk)
+
+
+class FullKLSpy(LpReg):
+    """Checks each micro-batch's full-KL term against KL(proxy || policy) from the unfused model's logits."""
+
+    def __init__(self, **kw):
+        super().__init__(estimator="full_forward_kl", **kw)
+        self.checked = 0
+
+    def loss_terms(self, ctx):
+        out = super().loss_terms(ctx)
+        inp, trainer = ctx.inputs, ctx.trainer
+        ids = torch.cat([inp["prompt_ids"], inp["completion_ids"]], 1)
+        am = torch.cat([inp["prompt_mask"], inp["completion_mask"]], 1)
+        k = inp["completion_ids"].size(1)
+        with torch.no_grad():
+            logits = trl_compat.causal_lm(trainer.model)(input_ids=ids, attention_mask=am).logits[:, -k - 1:-1]
+        mask = trl_compat.response_mask(inp)
+        lp, proxy = ctx.extras["per_token_logps"].detach(), inp["lp_reg_proxy_logp"]
+        sel = (mask.bool() & (inp["advantages"][:, None] < 0) & (lp <= inp["lp_reg_threshold"][0])
+               & inp["lp_reg_kept"] & (lp < proxy))
+        pen = torch.zeros_like(lp)
+        for b, t in sel.nonzero().tolist():
+            z = logits[b, t].double() / trainer.temperature
+            p = torch.softmax(z, -1)
+            keep = p >= self.options.minp_kappa * p.max()
+            q = torch.where(keep, p, torch.zeros_like(p)) / p[keep].sum()
+            log_pi = torch.log_softmax(z, -1)
+            pen[b, t] = float((q[keep] * (q[keep].log() - log_pi[keep])).sum())
+        expected = (pen * mask).sum() / (inp["num_items_in_batch"] / trainer.args.steps_per_generation)
+        assert torch.allclose(out["penalty"].detach().double(), expected.double(), atol=1e-5), (out, expected)
+        self.checked += int(sel.any())
+        return out
+
+
+@pytest.mark.slow
+def test_full_forward_kl_estimator_in_the_trainer(tmp_path):
+    spy = FullKLSpy(rho=0.9, minp_kappa=0.7)
+    trainer = make(llmreg.RegGRPOTrainer, tmp_path, [spy], max_steps=4, bf16=False)
+    trainer.train()
+    assert spy.checked > 0 and max(reg_metric(trainer, "reg/lp_reg/penalty")) > 0
+
+
+def test_full_forward_kl_refuses_off_policy(tmp_path):
+    with pytest.raises(llmreg.ConfigError, match="on-policy only"):
+        make(llmreg.RegGRPOTrainer, tmp_path, [{"name": "lp_reg", "estimator": "full_forward_kl"}],
+             steps_per_generation=2)
