@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--zero", type=int, default=0, choices=[0, 2, 3])
     ap.add_argument("--regularizers", default="[]")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps-per-generation", type=int, default=None, help="2: off-policy, TRL computes old log-probs")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -41,11 +42,12 @@ def main() -> None:
 
     tok = build_char_tokenizer()
     args = trl.GRPOConfig(
-        output_dir=os.path.join(a.out, "trainer"), max_steps=a.steps, per_device_train_batch_size=8 // world,
+        output_dir=os.path.join(a.out, "trainer"), max_steps=a.steps, per_device_train_batch_size=8 // world // (a.steps_per_generation or 1),
         num_generations=2, max_completion_length=6, beta=0.0, epsilon=1.0, epsilon_high=9.0, loss_type="dapo",
         learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=True, bf16=False, seed=0, data_seed=0, disable_tqdm=True,
         deepspeed=os.path.join(REPO, "ds_configs", f"zero{a.zero}.json") if a.zero else None,
+        steps_per_generation=a.steps_per_generation,
     )
     model = tiny_llama(vocab_size=len(tok), seed=0)
     trainer = llmreg.RegGRPOTrainer(model=model, args=args, processing_class=tok, reward_funcs=digit_count_reward,
