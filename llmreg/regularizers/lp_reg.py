@@ -26,6 +26,15 @@ Departures and choices (see the spec's table of variants; the code's variants ar
 - `estimator="full_forward_kl"` (package option, untested by the authors): KL(pi_proxy || pi_theta) over the
   vocabulary at the selected positions, the proxy from the same logits detached (on-policy only; not ZeRO-3).
 - Models with logit scaling / softcapping and vision-language models are refused (the proxy is hidden @ W.T).
+- The proxy's projection runs in fp32 outside autocast; TRL's fused head (hence the current log-prob in
+  `logp < proxy_logp`) follows the trainer's autocast. Under bf16, when the filter removes nothing the two
+  differ only by rounding, which can select a token with a k3 value of order 1e-4 (negligible).
+- `soft_fill=True`: a filtered token has a finite proxy log-prob, so `kept` is not required for selection;
+  `logp < proxy_logp` decides, as in the code's `minp_soft`.
+- `scope="micro_batch"` works on each rank's own micro-batch (as the code); `"global"` gathers the
+  negative-advantage log-probs of all ranks once per generation batch.
+- Metrics: `selected_share` (regularised tokens over valid response tokens), `threshold_prob` (exp of the
+  global threshold), `entropy` (TRL's per-token policy entropy over valid tokens), `penalty` (the loss term).
 
 Pure functions:
 - `minp_proxy_stats` / `minp_proxy_logprobs`: the min-p proxy of a next-token distribution, chunked over rows
