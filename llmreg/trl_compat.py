@@ -66,6 +66,13 @@ def check_plain_lm_head(model: torch.nn.Module) -> str | None:
     return None
 
 
+def unsupported_loss_type(trainer: Any) -> str | None:
+    """Why a per-token term cannot join this trainer's loss, or None (`aggregate_like_loss` knows the type)."""
+    if trainer.loss_type not in LINEAR_LOSS_TYPES:
+        return f"loss_type {trainer.loss_type!r} is not supported; use one of {', '.join(LINEAR_LOSS_TYPES)}"
+    return None
+
+
 def old_logps_computed_by_trl(trainer: Any) -> bool:
     """Whether `_generate_and_score_completions` runs its own no-grad pass for the old log-probs (trl 1.16)."""
     generate_every = trainer.args.steps_per_generation * trainer.num_iterations

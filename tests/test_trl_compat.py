@@ -88,3 +88,12 @@ def test_refuses_scaled_heads(tmp_path):
     assert "final_logit_softcapping" in trl_compat.check_plain_lm_head(trainer.model)
     trainer.model.config.final_logit_softcapping = None
     assert trl_compat.check_plain_lm_head(trainer.model) is None
+
+
+def test_lp_reg_refuses_an_unknown_loss_type(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.loss_type = "something_new"
+    assert "something_new" in trl_compat.unsupported_loss_type(trainer)
+    reg = llmreg.build_regularizer({"name": "lp_reg"})
+    with pytest.raises(llmreg.ConfigError, match="loss_type 'something_new'"):
+        reg.setup(trainer.model, trainer)

@@ -346,9 +346,9 @@ class LpReg(Regularizer):
         reason = trl_compat.check_plain_lm_head(model)
         if reason:
             raise ConfigError(f"lp_reg: {reason} (the proxy is formed as hidden @ lm_head.T)")
-        if trainer.loss_type not in trl_compat.LINEAR_LOSS_TYPES:
-            raise ConfigError(f"lp_reg: loss_type {trainer.loss_type!r} is not supported; use one of "
-                              f"{', '.join(trl_compat.LINEAR_LOSS_TYPES)}")
+        reason = trl_compat.unsupported_loss_type(trainer)
+        if reason:
+            raise ConfigError(f"lp_reg: {reason}")
         if self.options.estimator == "full_forward_kl":
             from transformers.integrations import is_deepspeed_zero3_enabled
 
