@@ -152,7 +152,7 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--lr", type=float, default=None, help="override the recipes' learning rate")
     p.add_argument("--batch", type=int, default=None, help="completions per step (a multiple of 8)")
