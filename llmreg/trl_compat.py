@@ -86,7 +86,8 @@ def response_mask(inputs: dict[str, Any]) -> torch.Tensor:
     return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
 
 
-def aggregate_like_loss(trainer: Any, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+def aggregate_like_loss(trainer: Any, per_token: torch.Tensor, mask: torch.Tensor,
+                        inputs: dict[str, Any]) -> torch.Tensor:
     """`per_token` [B, T] reduced exactly as `_compute_loss` reduces its per-token loss for `trainer.loss_type`,
     in the units the regularizer mixin expects (it divides by the accumulation steps afterwards, as TRL does
     for every loss type; for dapo/cispo/vespo TRL's normaliser already contains that factor)."""

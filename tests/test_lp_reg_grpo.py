@@ -36,7 +36,8 @@ def make(cls, out, regs=None, **kw):
     tok = build_char_tokenizer()
     extra = {} if regs is None else {"regularizers": regs}
     return cls(model=tiny_llama(vocab_size=len(tok)), args=grpo_args(out, **kw), processing_class=tok,
-               reward_funcs=digit_count_reward, train_dataset=make_builtin_dataset(format="prompt_only", num_examples=32),
+               reward_funcs=digit_count_reward,
+               train_dataset=make_builtin_dataset(format="prompt_only", num_examples=32),
                **extra)
 
 

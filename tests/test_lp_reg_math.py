@@ -102,7 +102,8 @@ def test_bf16_logits_are_computed_in_fp32():
 
 def test_hidden_proxy_equals_logit_proxy():
     g = torch.Generator().manual_seed(6)
-    hidden, weight, bias = torch.randn(3, 5, 8, generator=g), torch.randn(30, 8, generator=g), torch.randn(30, generator=g)
+    hidden, weight = torch.randn(3, 5, 8, generator=g), torch.randn(30, 8, generator=g)
+    bias = torch.randn(30, generator=g)
     ids = torch.randint(0, 30, (3, 5), generator=g)
     a = hidden_proxy_stats(hidden, weight, bias, ids, kappa=0.05, temperature=0.9, chunk_size=4)
     b = minp_proxy_stats(hidden @ weight.T + bias, ids, kappa=0.05, temperature=0.9)
@@ -145,7 +146,8 @@ def _batch(seed, B=6, T=40, vocab=30):
     ids = torch.multinomial(torch.softmax(logits, -1).reshape(-1, vocab), 1, generator=g).reshape(B, T)
     proxy = minp_proxy_logprobs(logits, ids, kappa=0.02)
     # the current policy moved a little from the data-generating one
-    logp = torch.log_softmax(logits + 0.3 * torch.randn(B, T, vocab, generator=g), -1).gather(-1, ids[..., None])[..., 0]
+    moved = torch.log_softmax(logits + 0.3 * torch.randn(B, T, vocab, generator=g), -1)
+    logp = moved.gather(-1, ids[..., None])[..., 0]
     adv = torch.tensor([1.0, -1.0, -0.5, 0.5, -2.0, 0.0])[:B]
     mask = torch.ones(B, T)
     mask[:, -5:] = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -14,7 +15,7 @@ from conftest import REPO
 @pytest.mark.slow
 def test_rlvr_entropy_smoke(tmp_path):
     bench = REPO + "/benchmarks"
-    before = {p: p.stat().st_mtime for p in __import__("pathlib").Path(bench).rglob("*") if p.is_file()}
+    before = {p: p.stat().st_mtime for p in Path(bench).rglob("*") if p.is_file()}
     proc = subprocess.run([sys.executable, f"{bench}/rlvr_entropy.py", "--smoke", "--workdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -30,5 +31,5 @@ def test_rlvr_entropy_smoke(tmp_path):
     assert "entropy_coef: 0.002" in recipe
     assert (tmp_path / "rlvr_entropy.png").stat().st_size > 0
     assert "| lp_reg |" in proc.stdout
-    after = {p: p.stat().st_mtime for p in __import__("pathlib").Path(bench).rglob("*") if p.is_file()}
+    after = {p: p.stat().st_mtime for p in Path(bench).rglob("*") if p.is_file()}
     assert after == before

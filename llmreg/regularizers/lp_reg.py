@@ -283,13 +283,11 @@ def full_forward_kl(logits: torch.Tensor, kappa: float = 0.02, temperature: floa
 
 # -- the regularizer ---------------------------------------------------------------------------------------
 
-KEYS = ("lp_reg_proxy_logp", "lp_reg_kept", "lp_reg_threshold", "lp_reg_threshold_pos")
-
-
 @dataclass
 class LpRegOptions:
     minp_kappa: float = option(0.02, "min-p ratio kappa: the proxy keeps tokens with p >= kappa * p_max")
-    rho: float = option(0.01, "share of the negative-advantage tokens, lowest probability first, that can be regularised")
+    rho: float = option(0.01, "share of the negative-advantage tokens, lowest probability first, that can be "
+                                "regularised")
     beta: float = option(1.0, "penalty coefficient")
     estimator: Literal["k3", "full_forward_kl"] = option(
         "k3", "k3: per-token estimate at the sampled token (the code); full_forward_kl: KL(proxy || policy) over "
@@ -303,7 +301,8 @@ class LpRegOptions:
     soft_fill: bool = option(False, "minp_soft: filtered logits set to the row minimum instead of removed")
     rho_pos: float = option(0.0, "also regularise this share of the lowest-probability positive-advantage tokens")
     reverse_kl: bool = option(False, "k3 of KL(policy || proxy) instead (the paper's worse Fig. 10 ablation)")
-    chunk_size: int = option(DEFAULT_CHUNK_ROWS, "rows of [rows x vocab] fp32 logits formed at a time in the proxy pass")
+    chunk_size: int = option(DEFAULT_CHUNK_ROWS,
+                             "rows of [rows x vocab] fp32 logits formed at a time in the proxy pass")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.minp_kappa < 1.0:

@@ -42,7 +42,8 @@ def main() -> None:
 
     tok = build_char_tokenizer()
     args = trl.GRPOConfig(
-        output_dir=os.path.join(a.out, "trainer"), max_steps=a.steps, per_device_train_batch_size=8 // world // (a.steps_per_generation or 1),
+        output_dir=os.path.join(a.out, "trainer"), max_steps=a.steps,
+        per_device_train_batch_size=8 // world // (a.steps_per_generation or 1),
         num_generations=2, max_completion_length=6, beta=0.0, epsilon=1.0, epsilon_high=9.0, loss_type="dapo",
         learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=True, bf16=False, seed=0, data_seed=0, disable_tqdm=True,
@@ -79,8 +80,8 @@ def main() -> None:
         weights = {n: p.detach().clone() for n, p in unwrapped.named_parameters()}
     if args.process_index == 0:
         logs = [h for h in trainer.state.log_history if "loss" in h]
-        torch.save({"losses": [h["loss"] for h in logs], "metrics": [{k: v for k, v in h.items() if k.startswith("reg/")}
-                                                                     for h in logs],
+        metrics = [{k: v for k, v in h.items() if k.startswith("reg/")} for h in logs]
+        torch.save({"losses": [h["loss"] for h in logs], "metrics": metrics,
                     "weights": weights, "thresholds": gathered, "world": world}, os.path.join(a.out, "result.pt"))
     if world > 1:
         torch.distributed.barrier()
