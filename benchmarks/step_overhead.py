@@ -1,6 +1,7 @@
 """Per-step time and memory overhead of each registered regularizer.
 
     python benchmarks/step_overhead.py [--only NAME ...] [--steps N] [--size tiny|default] [--json PATH]
+    python benchmarks/step_overhead.py --trainer grpo [--only lp_reg] ...     # GRPO-only regularizers
 
 What is compared. "vanilla" is `RegTrainer(regularizers=[])`, which delegates
 every override straight to `transformers.Trainer`. Every other variant is
@@ -51,6 +52,12 @@ tuples of tensors, one level of objects deep), counted once per storage, read
 in `on_optimizer_step` of the last step (gradients and optimizer state both
 exist then). Activations are not part of it.
 
+`--trainer grpo` compares `RegGRPOTrainer(regularizers=[])` with each regularizer that supports GRPO
+(e.g. lp_reg), all with the same generation settings: the same prompts, 4 completions per prompt of exactly
+`max_completion_length` tokens (EOS suppressed with `min_new_tokens`, so every step generates the same number
+of tokens), T = 1, a dense deterministic reward of the completion ids, beta = 0, ratio clip [0, 10], dapo loss,
+on-policy. A GRPO step's time includes generation, the reward and (lp_reg) the proxy pass.
+
 `--json PATH` writes a list of {"name", "trainer", "step_time_ratio",
 "peak_mem_ratio", "optimizer_state_ratio" (optimizer state bytes over vanilla's), plus "step_time_ms", "step_time_ms_min/max",
 "paired_step_time_ratio", "peak_mem_mb", "mem_measure", "state_mb", "steps",
@@ -97,9 +104,48 @@ def random_token_rows(num_rows: int, seq_len: int, vocab_size: int, seed: int = 
     return [{"input_ids": row, "attention_mask": [1] * seq_len, "labels": row} for row in ids.tolist()]
 
 
+GRPO_PROMPTS_PER_STEP = 2
+GRPO_GENERATIONS = 4
+
+
+def completion_id_reward(completion_ids, **_):
+    """Dense and deterministic: a hash of the token ids in [0, 1), so every group has non-zero advantages."""
+    return [((sum((i + 1) * t for i, t in enumerate(ids)) * 2654435761) % 1000) / 1000.0 for ids in completion_ids]
+
+
+def build_grpo_trainer(name: str, size: str, max_steps: int, output_dir: str, callbacks: list) -> Any:
+    """A RegGRPOTrainer for variant `name` (VANILLA: no regularizer) on a freshly seeded model."""
+    import trl
+    from transformers import PrinterCallback
+
+    from llmreg import RegGRPOTrainer
+    from llmreg.data import build_char_tokenizer, make_builtin_dataset, tiny_llama
+
+    cuda = torch.cuda.is_available()
+    tok = build_char_tokenizer()
+    model = tiny_llama(size=size, seed=SEED)  # its vocabulary (8000 for default) is what the proxy pays for
+    length = SEQ_LEN[size] // 4
+    args = trl.GRPOConfig(
+        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=GRPO_PROMPTS_PER_STEP * GRPO_GENERATIONS,
+        num_generations=GRPO_GENERATIONS, max_completion_length=length, generation_kwargs={"min_new_tokens": length},
+        temperature=1.0, beta=0.0, epsilon=1.0, epsilon_high=9.0, loss_type="dapo", learning_rate=1e-5,
+        lr_scheduler_type="constant", use_cpu=not cuda, bf16=cuda, report_to=[], save_strategy="no",
+        logging_steps=10**9, disable_tqdm=True, seed=SEED, data_seed=SEED,
+    )
+    dataset = make_builtin_dataset(format="prompt_only", num_examples=GRPO_PROMPTS_PER_STEP * (max_steps + 1))
+    regularizers = [] if name == VANILLA else [name]
+    trainer = RegGRPOTrainer(model=model, args=args, processing_class=tok, reward_funcs=completion_id_reward,
+                             train_dataset=dataset, callbacks=callbacks, regularizers=regularizers)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def build_trainer(name: str, size: str, max_steps: int, rows: list[dict], output_dir: str, callbacks: list) -> Any:
     """A RegTrainer for variant `name` (VANILLA: no regularizer) on a freshly seeded model."""
     from transformers import PrinterCallback, TrainingArguments, default_data_collator
+
+    if TRAINER_KIND == "grpo":
+        return build_grpo_trainer(name, size, max_steps, output_dir, callbacks)
 
     from llmreg import RegTrainer
     from llmreg.data import tiny_llama
@@ -473,6 +519,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", choices=("tiny", "default"), default="default",
                         help="tiny: 2-layer toy, seq 64; default: ~20M-parameter Llama, seq 256")
     parser.add_argument("--json", metavar="PATH", default=None, help="write the per-variant ratios here")
+    parser.add_argument("--trainer", choices=("hf", "grpo"), default="hf",
+                        help="hf: RegTrainer on random tokens; grpo: RegGRPOTrainer (generation included)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -480,7 +528,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global TRAINER_KIND
     args = parse_args(argv)
+    TRAINER_KIND = args.trainer
     import llmreg
     from llmreg.core.options import ConfigError
 
@@ -506,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
-    print(f"step overhead: size={args.size} seq={SEQ_LEN[args.size]} batch={BATCH_SIZE} steps={args.steps} "
+    print(f"step overhead: trainer={TRAINER_KIND} size={args.size} seq={SEQ_LEN[args.size]} batch={BATCH_SIZE} steps={args.steps} "
           f"warmup={args.warmup} device={device_description()} load average (1 min) at start: {_loadavg()}")
     print(f"variants: {', '.join([VANILLA] + names)}")
     wall = time.perf_counter()

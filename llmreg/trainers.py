@@ -1,4 +1,4 @@
-"""The four drop-in trainers: `RegularizedTrainerMixin` + the parent, nothing else.
+"""The four drop-in trainers: `RegularizedTrainerMixin` + the parent (GRPO: plus `GRPOHooks`), nothing else.
 
 Each takes its parent's arguments plus `regularizers=[...]` (objects, registered
 names, or `{"name": ..., **options}` dicts).
@@ -10,6 +10,7 @@ import transformers
 import trl
 
 from llmreg.core.trainer_mixin import RegularizedTrainerMixin
+from llmreg.trl_compat import GRPOHooks
 
 
 class RegTrainer(RegularizedTrainerMixin, transformers.Trainer):
@@ -24,7 +25,10 @@ class RegDPOTrainer(RegularizedTrainerMixin, trl.DPOTrainer):
     trainer_kind = "dpo"
 
 
-class RegGRPOTrainer(RegularizedTrainerMixin, trl.GRPOTrainer):
+class RegGRPOTrainer(GRPOHooks, RegularizedTrainerMixin, trl.GRPOTrainer):
+    """`GRPOHooks` (llmreg.trl_compat) adds GRPO's hook points: rollout hidden states, generation-batch
+    tensors and the per-token log-probs of each micro-batch; it delegates straight to TRL with an empty stack."""
+
     trainer_kind = "grpo"
 
 

@@ -45,3 +45,20 @@ def test_step_overhead_cli_rejects_unknown_name(tmp_path):
     )
     assert proc.returncode == 2
     assert "did you mean 'l2_sp'" in proc.stderr
+
+
+def test_step_overhead_cli_grpo_mode(tmp_path):
+    """`--trainer grpo`: vanilla RegGRPOTrainer against lp_reg with the same generation settings."""
+    out = tmp_path / "grpo.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--trainer", "grpo", "--size", "tiny", "--steps", "2", "--warmup", "1",
+         "--only", "lp_reg", "--json", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    by_name = {r["name"]: r for r in json.loads(out.read_text())}
+    assert set(by_name) == {"vanilla", "lp_reg"}
+    assert all(r["trainer"] == "grpo" and r["steps"] == 2 for r in by_name.values())
+    assert by_name["vanilla"]["step_time_ratio"] == 1.0 and by_name["lp_reg"]["step_time_ratio"] > 0
+    assert "| lp_reg | grpo |" in proc.stdout

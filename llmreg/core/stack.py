@@ -70,6 +70,14 @@ class RegularizerStack:
     def needs_outputs(self) -> bool:
         return any(r.requires.needs_outputs for r in self.regularizers)
 
+    @property
+    def needs_step_hidden(self) -> bool:
+        return any(r.requires.needs_step_hidden for r in self.regularizers)
+
+    @property
+    def needs_rollout_hidden(self) -> bool:
+        return any(r.requires.needs_rollout_hidden for r in self.regularizers)
+
     # -- hooks ---------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module, trainer: Any) -> None:
         for reg in self.regularizers:
@@ -86,6 +94,15 @@ class RegularizerStack:
     def post_step(self, shards: ShardAccess) -> None:
         for reg in self.regularizers:
             reg.post_step(shards)
+
+    def on_rollout_hidden(self, chunk: Any) -> None:
+        for reg in self.regularizers:
+            if reg.requires.needs_rollout_hidden:
+                reg.on_rollout_hidden(chunk)
+
+    def on_generation_batch(self, batch: dict[str, Any], trainer: Any) -> None:
+        for reg in self.regularizers:
+            reg.on_generation_batch(batch, trainer)
 
     def teardown(self) -> None:
         for reg in self.regularizers:

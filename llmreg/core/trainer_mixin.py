@@ -10,7 +10,9 @@ Where each hook of `regularizer.py` is called from:
   wrapped the model; regularizer state is loaded right after it on resume
   (state of a `loads_state_early` regularizer at its start, before the
   optimizer is built);
-- `loss_terms`: `compute_loss`, training mode only;
+- `loss_terms`: `compute_loss`, training mode only; `ctx.extras` holds trainer-specific tensors of the
+  micro-batch (`_reg_loss_extras`; GRPO: per-token log-probs and entropies, from `trl_compat.GRPOHooks`);
+- `on_rollout_hidden` / `on_generation_batch` (GRPO only): `trl_compat.GRPOHooks`, mixed into RegGRPOTrainer;
 - `pre_step`: after the boundary micro-step's backward: from `training_step`
   without DeepSpeed (before the Trainer clips), from the backward shim under
   DeepSpeed (before `engine.step()` clips and steps);
@@ -156,11 +158,15 @@ class RegularizedTrainerMixin:
         result = super().compute_loss(model, inputs, return_outputs=want_outputs, num_items_in_batch=num_items_in_batch)
         loss, outputs = result if want_outputs else (result, None)
         ctx = LossContext(model=model, inputs=inputs, loss=loss, outputs=outputs, trainer=self,
-                          num_items_in_batch=num_items_in_batch)
+                          num_items_in_batch=num_items_in_batch, extras=self._reg_loss_extras())
         extra = self.reg_stack.loss_terms(ctx)
         if extra is not None:
             loss = loss + extra / self._reg_ga_divisor(num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _reg_loss_extras(self) -> dict[str, Any]:
+        """Trainer-specific tensors of the micro-batch just computed (`LossContext.extras`); see trl_compat."""
+        return {}
 
     def _reg_ga_divisor(self, num_items_in_batch: Any) -> int:
         """How to scale a per-micro-batch mean term so it matches the host loss (DESIGN trap 7).

@@ -73,7 +73,11 @@ def build_model(recipe: Recipe, tokenizer, args):
     spec = recipe.model
     dtype = _DTYPES.get(spec.dtype)
     if spec.testbed is not None:
-        return AutoModelForCausalLM.from_pretrained(testbed_path(spec, args), dtype=dtype or "auto")
+        model = AutoModelForCausalLM.from_pretrained(testbed_path(spec, args), dtype=dtype or "auto")
+        # testbed answers end with a newline: generation (GRPO rollouts) stops there, as the testbed's own scoring
+        newline = tokenizer.convert_tokens_to_ids("\n")
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, newline]
+        return model
     if spec.name_or_path is not None:
         from llmreg.regularizers.multipliers.export import refuse_wrapped
 

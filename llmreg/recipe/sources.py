@@ -137,18 +137,20 @@ def load_source(spec: SourceSpec, trainer_kind: str, role: str):
                 raise ConfigError(f"text_field '{spec.text_field}' is not a column (columns: {ds.column_names})")
             ds = ds.rename_column(spec.text_field, "text")
         if spec.prompt_field is not None:
-            ds = _as_prompt_completion(ds, spec.prompt_field, spec.completion_field)
+            # GRPO: the second column is the reference answer the reward function reads
+            ds = _as_prompt_completion(ds, spec.prompt_field, spec.completion_field,
+                                       "answer" if trainer_kind == "grpo" else "completion")
     return ds
 
 
-def _as_prompt_completion(ds, prompt: str, completion: str):
+def _as_prompt_completion(ds, prompt: str, completion: str, completion_name: str = "completion"):
     """Keep only the two columns, named as TRL's SFT expects; other columns (e.g. an unrelated `text`)
     would make TRL pick a different dataset format."""
     for field_name in (prompt, completion):
         if field_name not in ds.column_names:
             raise ConfigError(f"'{field_name}' is not a column (columns: {ds.column_names})")
     ds = ds.select_columns([prompt, completion])
-    return ds.rename_columns({k: v for k, v in ((prompt, "prompt"), (completion, "completion")) if k != v})
+    return ds.rename_columns({k: v for k, v in ((prompt, "prompt"), (completion, completion_name)) if k != v})
 
 
 def _load_raw(spec: SourceSpec, trainer_kind: str, role: str):

@@ -31,7 +31,8 @@ from llmreg.recipe.schema import (
 from llmreg.recipe.sources import validate_data
 
 DEFAULT_SEED = 42  # transformers' default, so a recipe without `seed` trains like the Trainer would
-REWARDS = {"exact_answer": "llmreg.data.builtin:exact_answer_reward"}
+REWARDS = {"exact_answer": "llmreg.data.builtin:exact_answer_reward",
+           "numeric_answer": "llmreg.data.rewards:numeric_answer_reward"}  # GSM8K-style "#### 42"
 # trainer fields the recipe fills in when it is silent (HF logs every 500 steps: too sparse for short runs)
 TRAINER_DEFAULTS = {"logging_steps": 10, "report_to": "none", "save_strategy": "steps"}
 

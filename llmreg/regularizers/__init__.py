@@ -4,6 +4,20 @@ from llmreg.regularizers.forgetting import ForgettingPenalty, SIImportance
 from llmreg.regularizers.half_ft import HalfFineTuning
 from llmreg.regularizers.multipliers import LearnableMultipliers
 from llmreg.regularizers.l2_sp import L2SP, l2_sp_grad, l2_sp_penalty
+from llmreg.regularizers.lp_reg import LpReg, lp_reg_penalty, minp_proxy_logprobs
 from llmreg.regularizers.weight_decay import WeightDecayPolicy, split_by_decay
 
-__all__ = ["ForgettingPenalty", "HalfFineTuning", "L2SP", "LearnableMultipliers", "SIImportance", "WeightDecayPolicy", "l2_sp_grad", "l2_sp_penalty", "split_by_decay"]
+__all__ = [
+    "ForgettingPenalty",
+    "HalfFineTuning",
+    "L2SP",
+    "LearnableMultipliers",
+    "LpReg",
+    "SIImportance",
+    "WeightDecayPolicy",
+    "l2_sp_grad",
+    "l2_sp_penalty",
+    "lp_reg_penalty",
+    "minp_proxy_logprobs",
+    "split_by_decay",
+]

@@ -1,0 +1,230 @@
+"""Every version-sensitive access to `trl.GRPOTrainer` internals, in one place (pinned by tests/test_trl_compat.py).
+
+Written against trl 1.16. What is relied on:
+
+- `GRPOTrainer._generate_and_score_completions(inputs) -> dict`: the generation batch (prompt_ids, prompt_mask,
+  completion_ids, completion_mask, advantages, num_items_in_batch, optional tool_mask), which `_prepare_inputs`
+  then shuffles and splits along the first dimension (any extra tensor key goes along).
+- `GRPOTrainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, ...)
+  -> (logps, entropies, aux)`: called once per micro-batch in `_compute_loss` (with grad, entropies on) and,
+  under `no_grad`, for the old log-probs when `_old_logps_computed_by_trl` holds (then the policy, before any
+  reference pass).
+- The fused LM head (`trl.trainer.utils.add_fused_lm_head`): the model's backbone is `<model>.base_model`, its
+  output `.last_hidden_state`; `maybe_gather_lm_head_ctx` gathers a ZeRO-3 partitioned head.
+- `_compute_loss`'s normalisation per `loss_type` (`aggregate_like_loss`).
+
+`GRPOHooks` is mixed into `RegGRPOTrainer` ahead of the regularizer mixin; with an empty stack (or one without
+GRPO hooks) each override delegates straight to the parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+LINEAR_LOSS_TYPES = ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "luspo")
+
+
+@dataclass
+class RolloutHidden:
+    """One chunk of the data-generating policy's pass over the generation batch (no grad).
+
+    `hidden` [b, K, H]: final hidden states at the positions that predict the K completion tokens;
+    `targets` [b, K]: those tokens; `rows`: the chunk's rows in the local generation batch;
+    `weight`/`bias`: the LM head, gathered under ZeRO-3 while the chunk is handled; `temperature`: TRL's.
+    """
+
+    hidden: torch.Tensor
+    targets: torch.Tensor
+    rows: slice
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    temperature: float
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The model TRL patched with its fused head (under PEFT, the base model with the adapters in it)."""
+    from accelerate.utils import is_peft_model
+
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def check_plain_lm_head(model: torch.nn.Module) -> str | None:
+    """Why the proxy cannot be formed as hidden @ lm_head.T, or None when it can (no logit scaling, softcap,
+    or vision-language text config)."""
+    config = causal_lm(model).config
+    text = config.get_text_config()
+    if text is not config:
+        return "vision-language models are not supported"
+    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        value = getattr(text, key, None)
+        if value not in (None, 1.0):
+            return f"models with `{key}` are not supported"
+    return None
+
+
+def unsupported_loss_type(trainer: Any) -> str | None:
+    """Why a per-token term cannot join this trainer's loss, or None (`aggregate_like_loss` knows the type)."""
+    if trainer.loss_type not in LINEAR_LOSS_TYPES:
+        return f"loss_type {trainer.loss_type!r} is not supported; use one of {', '.join(LINEAR_LOSS_TYPES)}"
+    return None
+
+
+def old_logps_computed_by_trl(trainer: Any) -> bool:
+    """Whether `_generate_and_score_completions` runs its own no-grad pass for the old log-probs (trl 1.16)."""
+    generate_every = trainer.args.steps_per_generation * trainer.num_iterations
+    return trainer.args.gradient_accumulation_steps % generate_every != 0 or bool(
+        trainer.use_vllm and trainer.vllm_importance_sampling_correction)
+
+
+def response_mask(inputs: dict[str, Any]) -> torch.Tensor:
+    """The tokens `_compute_loss` trains on."""
+    mask = inputs["completion_mask"]
+    return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
+
+
+def aggregate_like_loss(trainer: Any, per_token: torch.Tensor, mask: torch.Tensor,
+                        inputs: dict[str, Any]) -> torch.Tensor:
+    """`per_token` [B, T] reduced exactly as `_compute_loss` reduces its per-token loss for `trainer.loss_type`,
+    in the units the regularizer mixin expects (it divides by the accumulation steps afterwards, as TRL does
+    for every loss type; for dapo/cispo/vespo TRL's normaliser already contains that factor)."""
+    loss_type = trainer.loss_type
+    mask = mask.to(per_token.dtype)
+    if loss_type in ("grpo", "sapo"):
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return (per_token * mask).sum() / (per_token.size(0) * trainer.max_completion_length)
+    if loss_type in ("dapo", "cispo", "vespo"):
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
+        return (per_token * mask).sum() / (normalizer / trainer.args.steps_per_generation)
+    if loss_type == "luspo":
+        return (per_token * mask).sum(-1).mean()
+    raise ValueError(f"loss_type {loss_type!r} is not supported by per-token regularizers ({LINEAR_LOSS_TYPES})")
+
+
+def gather_values(trainer: Any, values: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor of different length per rank, concatenated over all ranks."""
+    if trainer.accelerator.num_processes == 1:
+        return values
+    sentinel = torch.finfo(values.dtype).min
+    padded = trainer.accelerator.pad_across_processes(values, dim=0, pad_index=sentinel)
+    gathered = trainer.accelerator.gather(padded)
+    return gathered[gathered != sentinel]
+
+
+@contextlib.contextmanager
+def _gathered_head(lm_head: torch.nn.Module):
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias):
+        yield lm_head.weight, lm_head.bias
+
+
+class GRPOHooks:
+    """Generic GRPO hook points for regularizers: rollout hidden states, generation-batch tensors, and the
+    per-token log-probs / entropies of each training micro-batch (`LossContext.extras`)."""
+
+    _reg_rollout_pending = False
+    _reg_step_capture: dict[str, Any] | None = None
+
+    def _reg_rollout_active(self) -> bool:
+        return len(self.reg_stack) > 0 and self.model.training
+
+    def _generate_and_score_completions(self, inputs):
+        if not self._reg_rollout_active():
+            return super()._generate_and_score_completions(inputs)
+        want_hidden = self.reg_stack.needs_rollout_hidden
+        self._reg_rollout_pending = want_hidden and old_logps_computed_by_trl(self)
+        self._reg_rollout_fused = False
+        try:
+            batch = super()._generate_and_score_completions(inputs)
+        finally:
+            self._reg_rollout_pending = False
+        if want_hidden and not self._reg_rollout_fused:
+            self._reg_rollout_pass(batch)
+        self.reg_stack.on_generation_batch(batch, self)
+        return batch
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        if self._reg_rollout_pending and not torch.is_grad_enabled() and model is self.model:
+            # TRL's old-log-prob pass of the policy: the proxy rides along on its backbone output
+            self._reg_rollout_pending = False
+            self._reg_rollout_fused = True
+            with self._reg_capture_hidden(logits_to_keep):
+                return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                                  *args, **kwargs)
+        if not (torch.is_grad_enabled() and len(self.reg_stack)):
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              *args, **kwargs)
+        hidden: list[torch.Tensor] = []
+        handle = None
+        if self.reg_stack.needs_step_hidden:
+            handle = causal_lm(self.model).base_model.register_forward_hook(
+                lambda module, args_, output: hidden.append(output.last_hidden_state[:, -logits_to_keep - 1:-1]))
+        try:
+            result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                                *args, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+        self._reg_step_capture = {"per_token_logps": result[0], "entropies": result[1]}
+        if hidden:
+            self._reg_step_capture["hidden_states"] = torch.cat(hidden, dim=0)
+            self._reg_step_capture["lm_head"] = causal_lm(self.model).get_output_embeddings()
+            self._reg_step_capture["temperature"] = self.temperature
+        return result
+
+    def _reg_loss_extras(self) -> dict[str, Any]:
+        extras, self._reg_step_capture = self._reg_step_capture or {}, None
+        return extras
+
+    # -- the rollout pass ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _reg_capture_hidden(self, logits_to_keep: int):
+        lm = causal_lm(self.model)
+        state = {"row": 0}
+
+        def hook(module, args, kwargs, output):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self._reg_emit_hidden(output.last_hidden_state, ids, logits_to_keep, state["row"])
+            state["row"] += ids.size(0)
+
+        handle = lm.base_model.register_forward_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _reg_emit_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor, k: int, row: int) -> None:
+        lm_head = causal_lm(self.model).get_output_embeddings()
+        with _gathered_head(lm_head) as (weight, bias):
+            self.reg_stack.on_rollout_hidden(RolloutHidden(
+                hidden=hidden[:, -k - 1:-1], targets=input_ids[:, -k:], rows=slice(row, row + input_ids.size(0)),
+                weight=weight, bias=bias, temperature=self.temperature))
+
+    def _reg_rollout_pass(self, batch: dict[str, Any]) -> None:
+        """One extra no-grad pass of the data-generating policy (eval mode), when TRL ran none."""
+        if any(key in batch for key in ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids")):
+            raise NotImplementedError("regularizers that need rollout hidden states support text-only models")
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        k = batch["completion_ids"].size(1)
+        chunk = self.args.per_device_train_batch_size
+        backbone = causal_lm(self.model).base_model
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, input_ids.size(0), chunk):
+                    ids, am = input_ids[start:start + chunk], attention_mask[start:start + chunk]
+                    with self.accelerator.autocast():
+                        hidden = backbone(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state
+                    self._reg_emit_hidden(hidden, ids, k, start)
+                    del hidden
+        finally:
+            self.model.train(was_training)
