@@ -421,14 +421,14 @@ class LfU(Regularizer):
         return {"consistency": self.options.lam * cons}
 
     def _resolve_plan(self) -> str:
+        checkpointing = any(getattr(layer, "gradient_checkpointing", False) for layer in self._layers)
+        retain_is_exact = not checkpointing or (self._mode_kind == "reps" and _hooks_outside_checkpoint(self._layers[0]))
+        if self.options.exec == "retain" and not retain_is_exact:
+            raise ConfigError("lfu: exec 'retain' with activation checkpointing would recompute the perturbed branch "
+                              "without its perturbation; use exec 'auto' or 'stacked'")
         if self.options.exec != "auto":
             return self.options.exec
-        checkpointing = any(getattr(layer, "gradient_checkpointing", False) for layer in self._layers)
-        if not checkpointing:
-            return "retain"
-        if self._mode_kind == "reps" and _hooks_outside_checkpoint(self._layers[0]):
-            return "retain"
-        return "stacked"
+        return "retain" if retain_is_exact else "stacked"
 
     def _token_count(self, mask: torch.Tensor | None, trainer: Any) -> float | None:
         """The host's normalisation: with `average_tokens_across_devices`, global tokens / world size."""
