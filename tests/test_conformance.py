@@ -26,6 +26,7 @@ SETTINGS = {
     "forgetting_penalty": _artifact,
     "half_ft": {"seed": 3},
     "l2_sp": {"lam": 1.0},
+    "lfu": {"aux": "lora", "alpha": 0.5},  # full FT: the auxiliary LoRA; PEFT: the adapter itself
     "si_importance": {},
     "weight_decay": {"weight_decay": 0.1},
 }

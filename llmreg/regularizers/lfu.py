@@ -200,6 +200,7 @@ class _Pass:
     delta: dict[Any, torch.Tensor] = field(default_factory=dict)  # the ascent step, same keys
     host_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # -1: embeddings, 0..L-1 layers
     pert_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    autocast: tuple | None = None  # (device type, dtype) when the host forward ran under autocast
 
 
 @register("lfu")
@@ -319,6 +320,8 @@ class LfU(Regularizer):
             if h.dim() != 3:
                 raise RuntimeError(f"lfu: decoder layer {index} returned a hidden state of shape {tuple(h.shape)}, "
                                    "expected [batch, tokens, hidden]")
+            if self._state.mode == "host" and index == 0:
+                self._state.autocast = _autocast_state(h.device.type)
             if self._mode_kind == "reps":
                 vec = self._aux_value(("reps", index), h.shape[0],
                                       lambda: torch.zeros(h.shape[-1], dtype=h.dtype, device=h.device))
@@ -402,7 +405,9 @@ class LfU(Regularizer):
             st.pert_rows = rows + 1
         st.mode = "pert"
         try:
-            self._decoder(**inputs, use_cache=False)
+            # accelerate's mixed precision wraps the top model's forward in autocast; this call bypasses it
+            with _same_autocast(st.autocast):
+                self._decoder(**inputs, use_cache=False)
         finally:
             st.mode = None
         if plan == "retain":
@@ -524,6 +529,20 @@ def _hooks_outside_checkpoint(layer: torch.nn.Module) -> bool:
     import transformers
 
     return isinstance(layer, GradientCheckpointingLayer) and int(transformers.__version__.split(".")[0]) >= 5
+
+
+def _autocast_state(device_type: str) -> tuple | None:
+    if torch.is_autocast_enabled(device_type):
+        return device_type, torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _same_autocast(state: tuple | None):
+    import contextlib
+
+    if state is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=state[0], dtype=state[1])
 
 
 def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
