@@ -382,15 +382,26 @@ class LfU(Regularizer):
             raise RuntimeError("lfu: the host forward did not pass through the model's decoder layers; LfU needs a "
                                "trainer whose compute_loss runs the model on the training batch")
         plan = self._resolve_plan()
+        # with sync_ascent_grad the ranks' gradients are averaged, so each must be the gradient of a token *sum*
+        # (a per-rank mean would weight ranks with fewer response tokens up); without it the scale is irrelevant
+        sync = self.options.sync_ascent_grad
         if self.options.ascent_batch == "fresh":
-            loss_for_g = self._fresh_ascent_loss(ctx)
+            batch = ctx.trainer._prepare_inputs(self._next_fresh_batch(ctx.trainer))
+            loss_for_g = self._ascent_loss(batch) * (_lm_token_count(batch) if sync else 1.0)
+        elif _is_deepspeed_engine(ctx.model):
+            # DeepSpeed >= 0.18 hooks the engine's outputs so that any backward through them runs its gradient
+            # prologue/epilogue (reduction, ZeRO bookkeeping): autograd.grad through ctx.loss would trigger it.
+            # The ascent gradient comes from a clean forward of the unwrapped module instead (one more forward).
+            loss_for_g = self._ascent_loss(ctx.inputs) * (_lm_token_count(ctx.inputs) if sync else 1.0)
+        elif sync and ctx.num_items_in_batch is None:
+            loss_for_g = ctx.loss * _lm_token_count(ctx.inputs)
         else:
-            loss_for_g = ctx.loss
+            loss_for_g = ctx.loss  # with num_items_in_batch: normalised by the global count, a scaled sum
         keys = list(st.eps)
         grads = torch.autograd.grad(loss_for_g, [st.eps[k] for k in keys], retain_graph=True, allow_unused=True)
         grads = [torch.zeros_like(st.eps[k]) if g is None else g for k, g in zip(keys, grads)]
         if self.options.sync_ascent_grad:
-            _all_reduce_sum(grads)
+            _all_reduce_mean(grads)
         deltas, norm = ascent_delta(grads, self.options.alpha, self.options.grad_norm_eps)
         st.delta = dict(zip(keys, deltas))
 
@@ -447,19 +458,21 @@ class LfU(Regularizer):
         dist.all_reduce(total)
         return float(total) / dist.get_world_size()
 
-    def _fresh_ascent_loss(self, ctx) -> torch.Tensor:
-        """The SFT loss of an independent random training batch, through the clean model with zero aux leaves."""
-        trainer = ctx.trainer
-        batch = trainer._prepare_inputs(self._next_fresh_batch(trainer))
+    def _ascent_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The model's own LM loss on `batch` (a fresh batch, or the host batch under DeepSpeed), through the
+        unwrapped model with the clean pass's zero aux leaves; its graph is freed by autograd.grad."""
+        if not torch.is_tensor(batch.get("labels")):
+            raise ConfigError("lfu: the ascent gradient needs batches with labels")
         st = self._state
         st.mode = "ascent"
         try:
-            out = self._model(**{k: v for k, v in batch.items() if k in BACKBONE_KEYS or k == "labels"},
-                              use_cache=False)
+            with _same_autocast(st.autocast):
+                out = self._model(**{k: v for k, v in batch.items() if k in BACKBONE_KEYS or k == "labels"},
+                                  use_cache=False)
         finally:
             st.mode = None
-        if out.loss is None:
-            raise ConfigError("lfu: ascent_batch 'fresh' needs batches with labels")
+        if getattr(out, "loss", None) is None:
+            raise ConfigError("lfu: the model returned no loss for the ascent batch")
         return out.loss
 
     def _next_fresh_batch(self, trainer: Any) -> dict[str, Any]:
@@ -531,6 +544,18 @@ def _hooks_outside_checkpoint(layer: torch.nn.Module) -> bool:
     return isinstance(layer, GradientCheckpointingLayer) and int(transformers.__version__.split(".")[0]) >= 5
 
 
+def _lm_token_count(batch: dict[str, Any]) -> float:
+    """Tokens a causal-LM loss averages over: shifted labels != -100 (1 without labels)."""
+    labels = batch.get("labels")
+    if not torch.is_tensor(labels):
+        return 1.0
+    return float(max(int((labels[..., 1:] != IGNORE_INDEX).sum()), 1))
+
+
+def _is_deepspeed_engine(model: Any) -> bool:
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
+
+
 def _autocast_state(device_type: str) -> tuple | None:
     if torch.is_autocast_enabled(device_type):
         return device_type, torch.get_autocast_dtype(device_type)
@@ -545,9 +570,10 @@ def _same_autocast(state: tuple | None):
     return torch.autocast(device_type=state[0], dtype=state[1])
 
 
-def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for t in tensors:
             dist.all_reduce(t)
+            t.div_(dist.get_world_size())
