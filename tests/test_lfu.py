@@ -367,3 +367,24 @@ def test_recipe_is_the_testbed_recipe_plus_lfu():
     assert recipe.regularizers == [{"name": "lfu", "lam": 5.0, "alpha": 0.1, "aux": "reps"}]
     with pytest.raises(ConfigError, match="aux"):
         load_recipe(f"{REPO}/recipes/lfu/testbed.yaml", ["regularizers.0.aux=lorra"])
+
+
+def test_step_overhead_runs_lfu_and_the_lora_variant(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "overhead.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, f"{REPO}/benchmarks/step_overhead.py", "--size", "tiny", "--steps", "2",
+                           "--warmup", "1", "--only", "lfu", "lfu_lora", "--json", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    by_name = {r["name"]: r for r in json.loads(out.read_text())}
+    assert set(by_name) == {"vanilla", "lfu", "lfu_lora"}
+    assert all(r["step_time_ratio"] > 0 for r in by_name.values())
+    # the LoRA variant holds its fixed A factors: more tensor state than vanilla; RepS holds only vectors
+    assert by_name["lfu_lora"]["peak_mem_ratio"] > by_name["lfu"]["peak_mem_ratio"] >= 1.0

@@ -47,18 +47,21 @@ Conventions and departures from the paper / official code:
 - `sync_ascent_grad: false` (code): each rank uses its local gradient for delta; `true` all-reduces g first.
 - `stacked` is not the spec's [x; x] batch: the clean branch is the host's own forward, so only one marker row
   is added to the perturbed branch.
-- The ascent gradient of the final backward for the auxiliary tensors is computed (and dropped): they are
-  leaves of the host graph. Cheap (vector sums / rank-r products).
+- The trainer's backward also computes (and drops) gradients for the zero auxiliary leaves, which are leaves of
+  the host graph; cheap (vector sums / rank-r products).
 - `grad_branch: clean` (option) sends the consistency's gradient through the clean branch with the perturbed
   states as detached targets, the direction of the released RepS code; it skips the second backward.
 - Under a DeepSpeed engine the ascent gradient comes from one more clean forward of the unwrapped module
   (see `loss_terms`), so that plan costs three forwards, like the official LoRA code.
+- No checkpointed state: the A factors are re-drawn from `seed`, the steering vectors start at 0 every step;
+  the `fresh` batch sampler restarts from its seed on resume (its draws are not replayed exactly).
+- Every gradient-enabled training forward of the top model opens a new clean pass; a regularizer placed before
+  LfU that runs its own forward of the top model inside `loss_terms` would replace the host's (not supported).
 - Not offered: `inplace_code_compat`, `reps_code_compat`, `logit_kl`, `last_layer_post_norm`, redrawing A.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -68,8 +71,6 @@ import torch
 import torch.nn.functional as F
 
 from llmreg.core import ConfigError, Order, Regularizer, Requirements, option, register
-
-logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 LAYER_CONTAINERS = ("layers", "h", "blocks", "layer")
