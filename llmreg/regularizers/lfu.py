@@ -49,8 +49,6 @@ Conventions and departures from the paper / official code:
   is added to the perturbed branch.
 - The trainer's backward also computes (and drops) gradients for the zero auxiliary leaves, which are leaves of
   the host graph; cheap (vector sums / rank-r products).
-- `grad_branch: clean` (option) sends the consistency's gradient through the clean branch with the perturbed
-  states as detached targets, the direction of the released RepS code; it skips the second backward.
 - Under a DeepSpeed engine the ascent gradient comes from one more clean forward of the unwrapped module
   (see `loss_terms`), so that plan costs three forwards, like the official LoRA code.
 - No checkpointed state: the A factors are re-drawn from `seed`, the steering vectors start at 0 every step;
@@ -176,10 +174,6 @@ class LfUOptions:
     ascent_batch: Literal["same", "fresh"] = option(
         "same", "same: the ascent gradient from the training batch itself (paper); fresh: from an independent "
         "random batch of the training set (official code)")
-    grad_branch: Literal["perturbed", "clean"] = option(
-        "perturbed", "perturbed: the consistency's gradient flows through the perturbed branch, clean targets "
-        "detached (paper); clean: through the clean hidden states, the perturbed forward run without a graph "
-        "(the released RepS code's direction; cheaper: no second backward)")
     sync_ascent_grad: bool = option(False, "all-reduce the ascent gradient so every rank uses the same delta")
     aux_lora_rank: int = option(8, "rank r of the full fine-tuning LoRA perturbation")
     aux_lora_alpha: float = option(16.0, "LoRA alpha of the perturbation; scale s = alpha / r")
@@ -416,9 +410,6 @@ class LfU(Regularizer):
 
         inputs = {k: v for k, v in ctx.inputs.items() if k in BACKBONE_KEYS and v is not None}
         rows = st.host_rows
-        through_clean = self.options.grad_branch == "clean"
-        if through_clean:
-            plan = "retain"  # no graph in the perturbed branch: nothing to recompute
         if plan == "stacked":
             if any(k in inputs for k in PACKED_KEYS):
                 raise ConfigError("lfu: exec 'stacked' (activation checkpointing with aux lora) does not support "
@@ -429,7 +420,7 @@ class LfU(Regularizer):
         st.mode = "pert"
         try:
             # accelerate's mixed precision wraps the top model's forward in autocast; this call bypasses it
-            with _same_autocast(st.autocast), torch.set_grad_enabled(not through_clean):
+            with _same_autocast(st.autocast):
                 self._decoder(**inputs, use_cache=False)
         finally:
             st.mode = None
@@ -440,8 +431,6 @@ class LfU(Regularizer):
         perturbed = [st.pert_hidden[i][1:] if plan == "stacked" else st.pert_hidden[i] for i in wanted]
         mask = response_mask(ctx.inputs)
         count = self._token_count(mask, ctx.trainer)
-        if through_clean:  # the clean states carry the gradient towards the (detached) perturbed ones
-            targets, perturbed = [p.detach() for p in perturbed], [st.host_hidden[i] for i in wanted]
         cons = consistency(targets, perturbed, mask, self.options.distance, count=count)
         st.host_hidden.clear()
         st.pert_hidden.clear()
