@@ -59,6 +59,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "vanilla": {"regularizers": []},
     "l2_sp": {"regularizers": [{"name": "l2_sp"}]},  # its default options (lam 0.01)
     "half_ft": {"regularizers": [{"name": "half_ft"}]},  # seed 0, the paper's category rule
+    "lfu": {"regularizers": [{"name": "lfu"}]},  # paper defaults lam 5, alpha 0.1; aux reps (steering vectors)
+    "lfu (lora)": {"regularizers": [{"name": "lfu", "aux": "lora"}]},  # the auxiliary LoRA perturbation
     # filled in below: they need the prepare function
 }
 SPEC_KEYS = {"regularizers", "prepare"}

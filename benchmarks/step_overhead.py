@@ -92,6 +92,10 @@ SEQ_LEN = {"tiny": 64, "default": 256}
 BATCH_SIZE = 4
 SEED = 0
 BATON_TIMEOUT_S = 1800.0
+# benchmark variants beyond the registered names: name -> regularizer spec (non-default options)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "lfu_lora": {"name": "lfu", "aux": "lora"},  # LfU with the auxiliary LoRA perturbation instead of RepS
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +196,8 @@ def regularizer_spec(name: str, model: Any, output_dir: str) -> Any:
         from llmreg.regularizers.forgetting.artifact import random_artifact
 
         return {"name": name, "artifact": random_artifact(os.path.join(output_dir, "importance"), model)}
+    if name in VARIANTS:
+        return dict(VARIANTS[name])
     return name
 
 
@@ -328,7 +334,7 @@ def _wait(variant: Variant) -> None:
 def skip_reason(name: str) -> str | None:
     from llmreg import get_regularizer_class
 
-    cls = get_regularizer_class(name)
+    cls = get_regularizer_class(VARIANTS[name]["name"] if name in VARIANTS else name)
     if TRAINER_KIND not in cls.requires.trainers:
         return f"needs trainer kind {'/'.join(cls.requires.trainers)}"
     return None
@@ -541,14 +547,14 @@ def main(argv: list[str] | None = None) -> int:
             if name == VANILLA:
                 continue
             try:
-                llmreg.get_regularizer_class(name)
+                llmreg.get_regularizer_class(VARIANTS[name]["name"] if name in VARIANTS else name)
             except ConfigError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
             if name not in names:
                 names.append(name)
     else:
-        names = registered
+        names = registered + list(VARIANTS)
 
     import transformers
 

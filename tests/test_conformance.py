@@ -31,6 +31,7 @@ SETTINGS = {
     "l2_sp": {"lam": 1.0},
     "multipliers": {"lr_scale": 2.0},
     "lp_reg": {"rho": 0.9, "minp_kappa": 0.7},  # the untrained tiny model is nearly uniform
+    "lfu": {"aux": "lora", "alpha": 0.5},  # full FT: the auxiliary LoRA; PEFT: the adapter itself
     "si_importance": {},
     "weight_decay": {"weight_decay": 0.1},
 }

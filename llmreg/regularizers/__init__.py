@@ -2,9 +2,10 @@
 
 from llmreg.regularizers.forgetting import ForgettingPenalty, SIImportance
 from llmreg.regularizers.half_ft import HalfFineTuning
-from llmreg.regularizers.multipliers import LearnableMultipliers
 from llmreg.regularizers.l2_sp import L2SP, l2_sp_grad, l2_sp_penalty
+from llmreg.regularizers.lfu import LfU
 from llmreg.regularizers.lp_reg import LpReg, lp_reg_penalty, minp_proxy_logprobs
+from llmreg.regularizers.multipliers import LearnableMultipliers
 from llmreg.regularizers.weight_decay import WeightDecayPolicy, split_by_decay
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "HalfFineTuning",
     "L2SP",
     "LearnableMultipliers",
+    "LfU",
     "LpReg",
     "SIImportance",
     "WeightDecayPolicy",

@@ -29,6 +29,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--peft", action="store_true", help="train a LoRA adapter (q_proj, v_proj) instead of full weights")
     ap.add_argument("--importance-out", default=None, help="write the si_importance recorder's artifact here")
     ap.add_argument("--save-final", default=None, help="trainer.save_model() into this folder (all ranks)")
     return ap.parse_args()
@@ -90,6 +91,12 @@ def main() -> None:
         disable_tqdm=True,
     )
     model = tiny_llama(vocab_size=len(tok), seed=0)  # under ZeRO-3 this runs inside zero.Init
+    if a.peft:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
     trainer = RegTrainer(
         model=model, args=args, train_dataset=ds,
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
