@@ -26,6 +26,7 @@ SETTINGS = {
     "forgetting_penalty": _artifact,
     "half_ft": {"seed": 3},
     "l2_sp": {"lam": 1.0},
+    "noisefit": {"num_layers": 1, "noise_std": 1.0},  # the tiny model has 2 decoder layers
     "si_importance": {},
     "weight_decay": {"weight_decay": 0.1},
 }
