@@ -198,3 +198,22 @@ def test_accelerate_backward_still_steps_inside_backward():
     src = inspect.getsource(DeepSpeedEngineWrapper.backward)
     assert "self.engine.backward(loss" in src and "self.engine.step()" in src
     assert "set_gradient_accumulation_boundary" in src
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_noisefit_under_zero_matches_single_process(zero, tmp_path):
+    """Two ranks x micro-batch 4 against one process with two accumulation steps of 4 over the same slices of the
+    global batch: the noise of a slice is seeded by (seed, step, shard = micro * world + rank), so both runs draw
+    the same noise per slice, and the per-slice statistics (std, mean variance) are the same too."""
+    stack = [{"name": "noisefit", "num_layers": 1, "noise_std": 1.0}]
+    single = _run(tmp_path / "single", 0, stack, "--grad-accum", "2")
+    dist = _run(tmp_path / "dist", zero, stack)
+    assert dist["world"] == 2
+    assert dist["losses"][0] == pytest.approx(single["losses"][0], rel=1e-4, abs=1e-4)
+    assert dist["losses"] == pytest.approx(single["losses"], rel=1e-4)
+    assert max_rel_diff(single["weights"], dist["weights"]) < 1e-4
+    # the noise is in play (the logged term is rank 0's micro-batch mean, so it is not compared)
+    assert min(m["reg/noisefit/soft"] for m in dist["metrics"]) > 1e-6
+    # the hybrid loss moved the weights elsewhere than plain training
+    assert max_rel_diff(single["weights"], _run(tmp_path / "plain", 0, [], "--grad-accum", "2")["weights"]) > 1e-4
