@@ -162,8 +162,9 @@ def explicit_loss(model, batch, selected, step, shard, opts):
 OPTION_SETS = {
     "default": {},
     "v1_quirks": {"noise_std": 0.8, "double_sigma": True, "shift_mask": False, "alpha": 0.3, "lam": 0.5},
-    "v2_detached": {"detach_teacher": True, "detach_noise_scale": True, "temperature": 2.0, "chunk_size": 5},
-    "no_chunk_checkpoint": {"checkpoint_chunks": False, "chunk_size": 4, "noise_std": 0.5},
+    "v2_detached": {"detach_teacher": True, "detach_noise_scale": True, "temperature": 2.0, "chunk_size": 5,
+                    "recompute_logits": "always"},
+    "recomputed_chunks": {"recompute_logits": "always", "chunk_size": 4, "noise_std": 0.8},
 }
 
 

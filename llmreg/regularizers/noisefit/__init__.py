@@ -34,7 +34,9 @@ divided by `ctx.ga_divisor`, so all three are averaged the same way over the acc
 
 Cost: about 3x the activation memory and 3x the FLOPs of SFT for the same micro-batch (three branches alive at
 backward, as in the paper); halve the micro-batch and double accumulation when it does not fit. The logits are
-never materialised for the whole batch: chunks of `chunk_size` positions, recomputed in backward.
+never materialised for the whole batch: chunks of `chunk_size` positions at the loss positions only, recomputed
+in backward when the three branches' fp32 logits would exceed 256 MiB (`recompute_logits="auto"`; at that size
+keeping them costs more memory than one more LM-head forward costs time).
 
 Departures from the v1 code:
 - defaults: double sigma off, shifted mask on (both available as options, `double_sigma` / `shift_mask`);

@@ -17,6 +17,8 @@ from llmreg.regularizers.noisefit.noise import (
 )
 
 logger = logging.getLogger(__name__)
+# recompute_logits="auto": keeping the logits costs about this much per copy and saves one LM-head forward per chunk
+RECOMPUTE_ABOVE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -40,7 +42,9 @@ class NoiseFiTOptions:
     detach_noise_scale: bool = option(False, "v2: add the noise as a detached offset (identity gradient through h)")
     seed: int = option(0, "seed of the calibration batch and of every noise draw")
     chunk_size: int = option(256, "positions per chunk of the chunked LM head / KL computation")
-    checkpoint_chunks: bool = option(True, "recompute each chunk's logits in backward instead of keeping them")
+    recompute_logits: Literal["auto", "always", "never"] = option(
+        "auto", "recompute each chunk's logits in backward instead of keeping them for it; auto: when the three "
+                "branches' fp32 logits at the loss positions would exceed 256 MiB (large vocabularies)")
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
@@ -189,14 +193,21 @@ class NoiseFiT(Regularizer):
         finally:
             handle.remove()
         hidden = captured["h"].split(rows, dim=0)
-        sums = hybrid_sums(hidden, positions(labels, opts.shift_mask), self._lm_head, opts.temperature,
-                           opts.detach_teacher, opts.chunk_size, opts.checkpoint_chunks)
+        pos = positions(labels, opts.shift_mask)
+        sums = hybrid_sums(hidden, pos, self._lm_head, opts.temperature, opts.detach_teacher, opts.chunk_size,
+                           self._recompute(pos.rows.numel()))
         out = hybrid_loss(sums, opts.alpha, opts.lam, ctx.token_mean, ctx.ga_divisor)
         for key in ("ce", "soft", "consistency"):
             value = out[key].detach()
             self._sums[key] = self._sums[key] + value if key in self._sums else value
         self._count += 1
         return out["loss"]
+
+    def _recompute(self, num_positions: int) -> bool:
+        if self.options.recompute_logits != "auto":
+            return self.options.recompute_logits == "always"
+        vocab = self._lm_head.out_features if hasattr(self._lm_head, "out_features") else self._lm_head.weight.shape[0]
+        return 3 * num_positions * vocab * 4 > RECOMPUTE_ABOVE_BYTES
 
     def _advance(self, trainer: Any) -> None:
         """Set the noise key (optimizer step, shard) of this micro-batch; see `training_noise_key`."""
