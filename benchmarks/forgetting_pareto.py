@@ -59,6 +59,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "vanilla": {"regularizers": []},
     "l2_sp": {"regularizers": [{"name": "l2_sp"}]},  # its default options (lam 0.01)
     "half_ft": {"regularizers": [{"name": "half_ft"}]},  # seed 0, the paper's category rule
+    "noisefit": {"regularizers": [{"name": "noisefit"}]},  # v1 defaults: k 3 high-SNR layers, sigma 0.1, alpha 0.5
     # filled in below: they need the prepare function
 }
 SPEC_KEYS = {"regularizers", "prepare"}
