@@ -362,3 +362,25 @@ def test_internals_calibration_batch_is_a_seeded_training_batch(tok, tmp_path):
     assert (one["labels"] == -100).any() and (one["labels"] != -100).any()  # prompt masked, completion kept
     assert internals.accepts_logits_to_keep(trainer.model)
     assert [n for n, _ in internals.decoder_layers(trainer.model)] == ["model.layers.0", "model.layers.1"]
+
+
+def test_shipped_recipe_validates_and_bad_options_fail():
+    import os
+
+    import yaml
+    from conftest import REPO
+
+    from llmreg.recipe.validate import validate_recipe
+
+    path = os.path.join(REPO, "recipes", "noisefit", "testbed.yaml")
+    raw = yaml.safe_load(open(path))
+    recipe = validate_recipe(raw, path)
+    assert recipe.regularizers == [{"name": "noisefit"}] and recipe.trainer.kind == "sft"
+    assert "llmreg train recipes/noisefit/testbed.yaml" in open(path).read()  # the header gives the command
+    raw["regularizers"] = [{"name": "noisefit", "select": "largest"}]
+    with pytest.raises(ConfigError, match="select: expected one of"):
+        validate_recipe(raw, path)
+    raw["regularizers"] = [{"name": "noisefit"}]
+    raw["trainer"] = {"kind": "dpo", "max_steps": 2}
+    with pytest.raises(ConfigError, match="does not support trainer kind 'dpo'"):
+        validate_recipe(raw, path)
