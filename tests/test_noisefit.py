@@ -384,3 +384,115 @@ def test_shipped_recipe_validates_and_bad_options_fail():
     raw["trainer"] = {"kind": "dpo", "max_steps": 2}
     with pytest.raises(ConfigError, match="does not support trainer kind 'dpo'"):
         validate_recipe(raw, path)
+
+
+# -- v2 calibration ---------------------------------------------------------------------------------------------------
+
+def explicit_policy(kl, dce, clean_ce, factors, hidden, max_ratio, prior, frac, bands):
+    import math
+
+    num_layers, num_scales = len(kl), len(factors)
+    score, valid = [], []
+    for l in range(num_layers):
+        raw = [kl[l][j] / (1 + dce[l][j] / abs(clean_ce)) / (1 + prior * math.log2(factors[j]) ** 2)
+               for j in range(num_scales)]
+        ok = [dce[l][j] / abs(clean_ce) <= max_ratio for j in range(num_scales)]
+        score.append([raw[j] if ok[j] else -math.inf for j in range(num_scales)] if any(ok) else raw)
+        valid.append(ok)
+    best = [max(row) for row in score]
+    med = sorted(best)[(num_layers - 1) // 2]
+    mad = max(sorted(abs(b - med) for b in best)[(num_layers - 1) // 2], 1e-12)
+    cand = [l for l in range(num_layers) if best[l] >= med + mad and best[l] > 0]
+    cap = math.ceil(math.sqrt(num_layers))
+    if not cand:
+        selected = [max(range(num_layers), key=lambda l: best[l])]
+    else:
+        by_score = sorted(cand, key=lambda l: -best[l])
+        picked = []
+        for band in range(bands):
+            lo, hi = math.floor(band * num_layers / bands), math.floor((band + 1) * num_layers / bands)
+            picked += [l for l in by_score if lo <= l < hi][:math.ceil(cap / bands)]
+        picked += [l for l in by_score if l not in picked]
+        selected = sorted(picked[:cap])
+    best_kl = [kl[l][max(range(num_scales), key=lambda j: score[l][j])] for l in selected]
+    target = max(sorted(best_kl)[(len(best_kl) - 1) // 2] * frac, 1e-12)
+    scales = {}
+    for l in selected:
+        usable = [j for j in range(num_scales) if valid[l][j] and score[l][j] > -math.inf]
+        reach = [j for j in usable if kl[l][j] >= target]
+        if reach:
+            j = reach[0]
+        elif usable:
+            j = min(usable, key=lambda j: abs(math.log(max(kl[l][j], 1e-12)) - math.log(target)))
+        else:
+            j = max(range(num_scales), key=lambda j: score[l][j])
+        scales[l] = factors[j] / math.sqrt(hidden)
+    return selected, scales
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_v2_policy_equals_explicit_rules(seed):
+    from llmreg.regularizers.noisefit.calibration import v2_policy
+
+    gen = torch.Generator().manual_seed(seed)
+    num_layers, factors = 10, [0.25, 0.5, 1.0, 1.5, 2.0]
+    kl = (torch.rand(num_layers, 5, generator=gen) * torch.tensor(factors)).double()  # grows with the scale
+    dce = torch.rand(num_layers, 5, generator=gen).double() * 0.04 * torch.tensor(factors).double()
+    dce[3] = 1.0  # every scale of layer 3 is rejected: its unfiltered scores are kept
+    got = v2_policy(kl, dce, 2.0, factors, 64, list(range(num_layers)), 0.02, 0.05, 0.75, 3 if seed % 2 else 1)
+    want = explicit_policy(kl.tolist(), dce.tolist(), 2.0, factors, 64, 0.02, 0.05, 0.75, 3 if seed % 2 else 1)
+    assert got["selected"] == want[0]
+    assert got["scales"] == pytest.approx(want[1])
+    assert len(got["selected"]) <= 4  # ceil(sqrt(10))
+
+
+def test_v2_calibration_grid_equals_explicit_kl_and_ce(tok, tmp_path):
+    model = tiny_llama(vocab_size=len(tok), seed=0, num_hidden_layers=4)
+    batch = batch_with_prompt_mask(tok)
+    reg = llmreg.build_regularizer({"name": "noisefit", "version": "v2", "scale_factors": [0.5, 4.0, 16.0]})
+    reg.setup(model, None)
+    reg.calibrate(model, [batch])
+    model.eval()
+    labels = batch["labels"]
+    mask = labels[:, 1:] != -100
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        clean = model(**inputs).logits[:, :-1].float()
+        clean_ce = F.cross_entropy(clean[mask], labels[:, 1:][mask])
+        for layer in (0, 2):
+            for j, factor in enumerate((0.5, 4.0, 16.0)):
+                def hook(m, a, out, layer=layer, j=j, factor=factor):
+                    eps = standard_normal(out.shape, out.device, "probe", 0, 0, 0, layer, j)
+                    return explicit_ani(out, eps, factor / 64 ** 0.5)
+                handle = model.model.layers[layer].register_forward_hook(hook)
+                noisy = model(**inputs).logits[:, :-1].float()
+                handle.remove()
+                lp, lq = F.log_softmax(clean[mask], -1), F.log_softmax(noisy[mask], -1)
+                sym = 0.5 * (F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
+                             + F.kl_div(lp, lq, log_target=True, reduction="none").sum(-1)).mean()
+                dce = (F.cross_entropy(noisy[mask], labels[:, 1:][mask]) - clean_ce).clamp(min=0)
+                assert reg.policy["kl"][layer][j] == pytest.approx(sym.item(), rel=1e-4, abs=1e-9)
+                assert reg.policy["ce_delta"][layer][j] == pytest.approx(dce.item(), rel=1e-3, abs=1e-6)
+    assert reg.policy["kl"][0][2] > reg.policy["kl"][0][0] > 0  # more noise, larger response
+    assert reg.scales and set(reg.scales) == set(reg.selected)
+    assert set(reg.scales.values()) <= {f / 8 for f in (0.5, 4.0, 16.0)}
+
+
+def test_v2_trains_writes_its_policy_and_resumes_with_it(tok, tmp_path):
+    import json
+
+    from conftest import make_hf_trainer
+
+    model = tiny_llama(vocab_size=len(tok), seed=0, num_hidden_layers=4)
+    trainer = make_hf_trainer(tok, tmp_path, regularizers=[{"name": "noisefit", "version": "v2"}], model=model,
+                              max_steps=2)
+    trainer.train()
+    reg = trainer.reg_stack.regularizers[0]
+    policy = json.load(open(tmp_path / "auto_noise_policy.json"))
+    assert policy["selected"] == reg.selected and len(reg.selected) <= 2  # ceil(sqrt(4))
+    assert reg.options.lam == 0.05 and reg.options.detach_teacher and reg.options.detach_noise_scale
+    fresh = llmreg.build_regularizer({"name": "noisefit", "version": "v2"})
+    fresh.load_state_dict(reg.state_dict())
+    assert fresh.scales == reg.scales and fresh.selected == reg.selected
+    with pytest.raises(ValueError, match="no noise scale"):
+        fresh.load_state_dict({"selected": reg.selected, "snr": []})

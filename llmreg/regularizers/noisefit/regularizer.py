@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -11,6 +14,7 @@ import torch
 
 from llmreg.core import ConfigError, LossContext, Order, Regularizer, Requirements, option, register
 from llmreg.regularizers.noisefit import internals
+from llmreg.regularizers.noisefit.calibration import symmetric_kl, v2_policy
 from llmreg.regularizers.noisefit.loss import hybrid_loss, hybrid_sums, positions
 from llmreg.regularizers.noisefit.noise import (
     adaptive_noise, branch_base, draw_seed, layer_snr, select_layers, standard_normal, training_noise_key,
@@ -33,13 +37,25 @@ class NoiseFiTOptions:
     snr_draws: int = option(10, "noise draws per layer for the SNR estimate")
     calib_batch_size: int = option(0, "rows of the seeded SNR calibration batch; 0: per_device_train_batch_size")
     alpha: float = option(0.5, "weight of the clean CE in the hybrid loss; (1 - alpha) weighs the soft term")
-    lam: float = option(0.1, "lambda: weight of the consistency KL(noisy 2 || noisy 1)")
+    lam: float | None = option(None, "lambda: weight of the consistency KL(noisy 2 || noisy 1); None: 0.1 (v1), "
+                                     "0.05 (v2)")
     temperature: float = option(1.0, "T: softmax temperature of the clean teacher")
     double_sigma: bool = option(False, "v1 quirk: the training noise base is sigma^2 * std(h) (selection uses sigma)")
     shift_mask: bool = option(True, "False: v1 bug, the soft/consistency mask labels != -100 is one position off")
-    detach_teacher: bool = option(False, "v2: detach the teacher and the consistency target, temper all sides by T, "
-                                         "soft term times T^2")
-    detach_noise_scale: bool = option(False, "v2: add the noise as a detached offset (identity gradient through h)")
+    detach_teacher: bool | None = option(
+        None, "detach the teacher and the consistency target, temper all sides by T, soft term times T^2 (v2); "
+              "None: False for v1, True for v2")
+    detach_noise_scale: bool | None = option(
+        None, "add the noise as a detached offset, identity gradient through h (v2); None: False for v1, True for v2")
+    version: Literal["v1", "v2"] = option(
+        "v1", "v1: SNR selection of k layers, noise base sigma*std(h); v2: KL-response calibration of the layers "
+              "(at most ceil(sqrt(L))) and of a scale s_l per layer, noise base s_l (k, select, noise_std unused)")
+    calib_batches: int = option(2, "v2: calibration batches per rank (seeded draws), statistics all-reduced")
+    scale_factors: list[float] = option([0.25, 0.5, 1.0, 1.5, 2.0], "v2: candidate scales, times 1/sqrt(hidden size)")
+    max_ce_ratio: float = option(0.02, "v2: reject scales whose relative CE increase exceeds this")
+    scale_prior: float = option(0.05, "v2: score divided by 1 + scale_prior * log2(factor)^2")
+    target_kl_frac: float = option(0.75, "v2: per-layer scale = smallest reaching this fraction of the median best KL")
+    depth_bands: int = option(3, "v2: spread the selected layers over this many depth bands (1: off)")
     seed: int = option(0, "seed of the calibration batch and of every noise draw")
     chunk_size: int = option(256, "positions per chunk of the chunked LM head / KL computation")
     recompute_logits: Literal["auto", "always", "never"] = option(
@@ -47,6 +63,10 @@ class NoiseFiTOptions:
                 "branches' fp32 logits at the loss positions would exceed 256 MiB (large vocabularies)")
 
     def __post_init__(self) -> None:
+        v2 = self.version == "v2"
+        self.lam = (0.05 if v2 else 0.1) if self.lam is None else self.lam
+        self.detach_teacher = v2 if self.detach_teacher is None else self.detach_teacher
+        self.detach_noise_scale = v2 if self.detach_noise_scale is None else self.detach_noise_scale
         if self.num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -56,8 +76,10 @@ class NoiseFiTOptions:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.temperature <= 0 or self.nf_clip <= 0:
             raise ValueError("temperature and nf_clip must be > 0")
-        if self.snr_draws < 1 or self.chunk_size < 1 or self.calib_batch_size < 0:
-            raise ValueError("snr_draws and chunk_size must be >= 1, calib_batch_size >= 0")
+        if self.snr_draws < 1 or self.chunk_size < 1 or self.calib_batch_size < 0 or self.calib_batches < 1:
+            raise ValueError("snr_draws, chunk_size and calib_batches must be >= 1, calib_batch_size >= 0")
+        if not self.scale_factors or min(self.scale_factors) <= 0 or sorted(self.scale_factors) != self.scale_factors:
+            raise ValueError(f"scale_factors must be positive and ascending, got {self.scale_factors}")
         try:
             re.compile(self.layers)
         except re.error as err:
@@ -77,6 +99,8 @@ class NoiseFiT(Regularizer):
         super().__init__(**options)
         self.selected: list[int] | None = None  # positions among all decoder layers
         self.snr: list[float] = []
+        self.scales: dict[int, float] = {}  # v2: noise base per selected layer
+        self.policy: dict[str, Any] = {}  # v2: the calibration's report (auto_noise_policy.json)
         self._trainer: Any = None
         self._layers: list[tuple[str, torch.nn.Module]] = []
         self._candidates: list[int] = []
@@ -97,7 +121,7 @@ class NoiseFiT(Regularizer):
         if not self._candidates:
             raise ConfigError(f"noisefit: layers={self.options.layers!r} matches none of the {len(self._layers)} "
                               f"decoder layers (e.g. '{self._layers[0][0]}')")
-        if self.options.num_layers > len(self._candidates):
+        if self.options.version == "v1" and self.options.num_layers > len(self._candidates):
             raise ConfigError(f"noisefit: num_layers={self.options.num_layers} but only {len(self._candidates)} "
                               "candidate decoder layers")
         self._body = internals.backbone(model)
@@ -109,9 +133,96 @@ class NoiseFiT(Regularizer):
     def on_prepared(self, model: torch.nn.Module, shards: Any) -> None:
         if self.selected is None:
             size = self.options.calib_batch_size or self._trainer.args.per_device_train_batch_size
-            gen = torch.Generator().manual_seed(draw_seed("calib", self.options.seed))
-            self.select(model, internals.calibration_batch(self._trainer, size, gen))
+            if self.options.version == "v1":
+                gen = torch.Generator().manual_seed(draw_seed("calib", self.options.seed))
+                self.select(model, internals.calibration_batch(self._trainer, size, gen))
+            else:
+                rank = self._trainer.args.process_index
+                batches = [internals.calibration_batch(
+                    self._trainer, size, torch.Generator().manual_seed(draw_seed("calib", self.options.seed, rank, b)))
+                    for b in range(self.options.calib_batches)]
+                self.calibrate(model, batches)
+                if self._trainer.args.process_index == 0:
+                    path = os.path.join(self._trainer.args.output_dir, "auto_noise_policy.json")
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "w") as f:
+                        json.dump(self.policy, f, indent=2)
         self._install_hooks()
+
+    def calibrate(self, model: torch.nn.Module, batches: list[dict[str, Any]]) -> list[int]:
+        """v2: the KL / CE response of every candidate layer to every candidate scale on `batches` (eval mode,
+        no grad; sums all-reduced over ranks), then `calibration.v2_policy`."""
+        opts = self.options
+        hidden = self._lm_head.in_features if hasattr(self._lm_head, "in_features") else None
+        factors = list(opts.scale_factors)
+        kl = torch.zeros(len(self._candidates), len(factors), dtype=torch.float64)
+        dce = torch.zeros_like(kl)
+        counts = torch.zeros(2, dtype=torch.float64)  # (batches, clean CE sum)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for b, batch in enumerate(batches):
+                    pos = positions(batch["labels"], True)
+                    clean_h = self._final_hidden(model, batch)
+                    hidden = clean_h.shape[-1]
+                    clean_lp, clean_ce = self._probe_logprobs(clean_h, pos)
+                    counts += torch.tensor([1.0, clean_ce])
+                    for r, layer in enumerate(self._candidates):
+                        for j, factor in enumerate(factors):
+                            scale = factor / math.sqrt(hidden)
+                            hook = self._layers[layer][1].register_forward_hook(self._probe_hook(scale, (b, layer, j)))
+                            try:
+                                noisy_lp, noisy_ce = self._probe_logprobs(self._final_hidden(model, batch), pos)
+                            finally:
+                                hook.remove()
+                            kl[r, j] += float(_masked_mean(symmetric_kl(clean_lp, noisy_lp), pos.ce)) \
+                                * opts.temperature ** 2
+                            dce[r, j] += max(noisy_ce - clean_ce, 0.0)
+        finally:
+            model.train(was_training)
+        kl, dce, counts = (_all_reduce_sum(t) for t in (kl, dce, counts))
+        n = counts[0].clamp(min=1)
+        self.policy = v2_policy(kl / n, dce / n, float(counts[1] / n), factors, hidden, self._candidates,
+                                opts.max_ce_ratio, opts.scale_prior, opts.target_kl_frac, opts.depth_bands,
+                                num_layers=len(self._layers))
+        self.policy.update(clean_ce=float(counts[1] / n), kl=(kl / n).tolist(), ce_delta=(dce / n).tolist(),
+                           scale_factors=factors, layers=list(self._candidates))
+        self.selected = _broadcast(self.policy["selected"])
+        self.scales = {int(k): float(v) for k, v in _broadcast_obj(self.policy["scales"]).items()}
+        logger.info("noisefit v2: noise on layers %s with scales %s", self.selected, self.scales)
+        return self.selected
+
+    def _final_hidden(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        captured: dict[str, torch.Tensor] = {}
+        handle = self._body.register_forward_hook(
+            lambda m, a, out: captured.__setitem__("h", internals.final_hidden(out)))
+        try:
+            model(**_model_inputs(batch), **self._forward_kwargs())
+        finally:
+            handle.remove()
+        return captured["h"]
+
+    def _probe_logprobs(self, hidden: torch.Tensor, pos: Any) -> tuple[torch.Tensor, float]:
+        """Tempered log-probabilities at the loss positions, and the (untempered) token-mean CE there."""
+        z = self._lm_head(hidden[pos.rows, pos.cols]).float()
+        ce = torch.nn.functional.cross_entropy(z[pos.ce], pos.target[pos.ce], reduction="mean") if pos.ce.any() \
+            else z.new_zeros(())
+        return torch.log_softmax(z / self.options.temperature, -1), float(ce)
+
+    def _probe_hook(self, scale: float, key: tuple):
+        opts = self.options
+
+        def hook(module, args, output):
+            h = output if torch.is_tensor(output) else output[0]
+            eps = standard_normal(h.shape, h.device, "probe", opts.seed, self._trainer_rank(), *key)
+            noisy = adaptive_noise(h, eps, scale, opts.beta, opts.nf_clip, detach_scale=True)
+            return noisy if torch.is_tensor(output) else (noisy, *output[1:])
+
+        return hook
+
+    def _trainer_rank(self) -> int:
+        return getattr(getattr(self._trainer, "args", None), "process_index", 0)
 
     def select(self, model: torch.nn.Module, batch: dict[str, Any]) -> list[int]:
         """Score every candidate layer on `batch` (eval mode, no grad) and keep the top / bottom k.
@@ -171,7 +282,8 @@ class NoiseFiT(Regularizer):
             for branch in (1, 2):
                 hb = h[branch * rows:(branch + 1) * rows]
                 eps = standard_normal(hb.shape, hb.device, *training_noise_key(opts.seed, *self._key, layer, branch))
-                base = branch_base(hb, opts.noise_std, opts.double_sigma)
+                base = self.scales[layer] if opts.version == "v2" else branch_base(hb, opts.noise_std,
+                                                                                       opts.double_sigma)
                 parts.append(adaptive_noise(hb, eps, base, opts.beta, opts.nf_clip, opts.detach_noise_scale))
             noisy = torch.cat(parts, dim=0)
             return noisy if torch.is_tensor(output) else (noisy, *output[1:])
@@ -228,12 +340,16 @@ class NoiseFiT(Regularizer):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"selected": list(self.selected or []), "snr": list(self.snr)}
+        return {"selected": list(self.selected or []), "snr": list(self.snr),
+                "scales": {int(k): float(v) for k, v in self.scales.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "selected" not in state:
             raise ValueError("noisefit: the checkpoint's state has no selected layers")
         self.selected, self.snr = list(state["selected"]), list(state.get("snr", []))
+        self.scales = {int(k): float(v) for k, v in state.get("scales", {}).items()}
+        if self.options.version == "v2" and set(self.scales) != set(self.selected):
+            raise ValueError("noisefit v2: the checkpoint's state has no noise scale for every selected layer")
         if self._layers and self._hook_handles:  # already training: move the hooks to the saved layers
             self._install_hooks()
 
@@ -263,6 +379,31 @@ def _repeat3(value: Any, rows: int) -> Any:
         return value  # broadcast along the batch (e.g. shared position_ids)
     raise ConfigError(f"noisefit: cannot stack model input of shape {tuple(getattr(value, 'shape', ()))} for "
                       f"{rows} rows")
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+        moved = t.to(device)
+        dist.all_reduce(moved)
+        return moved.cpu()
+    return t
+
+
+def _broadcast_obj(obj: Any) -> Any:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
 
 
 def _broadcast(picked: list[int]) -> list[int]:
