@@ -287,12 +287,16 @@ def test_gradient_checkpointing_replays_the_same_noise(tok, tmp_path):
     assert max_rel_diff(results[0][1], results[1][1]) < 1e-5
 
 
-def test_sft_trains_on_completion_tokens_and_differs_from_plain_sft(tok, tmp_path):
+@pytest.mark.parametrize("batch, ga", [(4, 1), (2, 2)])
+def test_sft_trains_on_completion_tokens_and_differs_from_plain_sft(tok, tmp_path, batch, ga):
+    """alpha = 1, lambda = 0 leaves TRL's completion-only CE, normalised like SFT's own (also over an accumulation
+    window: num_items_in_batch)."""
     out = {}
     for regs in ([], [{"name": "noisefit", "num_layers": 1, "noise_std": 1.0, "alpha": 1.0, "lam": 0.0}],
                  [{"name": "noisefit", "num_layers": 1, "noise_std": 1.0}]):
         args = trl.SFTConfig(output_dir=str(tmp_path), max_length=48, learning_rate=1e-2, logging_steps=1, report_to=[],
-                             max_steps=2, use_cpu=True, seed=0, disable_tqdm=True, per_device_train_batch_size=4,
+                             max_steps=2, use_cpu=True, seed=0, disable_tqdm=True, per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=ga,
                              save_strategy="no", lr_scheduler_type="constant", optim="sgd", max_grad_norm=0.0)
         trainer = llmreg.RegSFTTrainer(model=tiny_llama(vocab_size=len(tok), seed=0), args=args, processing_class=tok,
                                        regularizers=regs,
