@@ -109,6 +109,18 @@ def test_snr_ranking_equals_explicit_computation(tok):
         assert reg.select(model, batch) == want
         assert reg.snr == pytest.approx(snr, rel=1e-4)
     assert len(set(round(s, 3) for s in snr)) == 5  # a real ranking, no ties
+    # v1 quirk: the last layer scored after the final norm
+    with torch.no_grad():
+        normed = model.model.norm(captured[4])
+    base = sigma * normed.flatten().std()
+    noise = sum((explicit_ani(normed, standard_normal(normed.shape, normed.device, "snr", seed, 4, k), base)
+                 - normed).abs().mean() for k in range(draws)) / draws
+    reg = llmreg.build_regularizer({"name": "noisefit", "num_layers": 2, "noise_std": sigma, "snr_draws": draws,
+                                    "seed": seed, "last_layer_post_norm": True})
+    reg.setup(model, None)
+    reg.select(model, batch)
+    assert reg.snr[:4] == pytest.approx(snr[:4], rel=1e-4)
+    assert reg.snr[4] == pytest.approx((normed.abs().mean() / (noise + 1e-6)).item(), rel=1e-4) != snr[4]
 
 
 # -- the hybrid loss --------------------------------------------------------------------------------------------------
@@ -325,6 +337,10 @@ def test_clear_errors(tok, tmp_path):
         llmreg.build_regularizer({"name": "noisefit", "num_layer": 2})
     with pytest.raises(ConfigError, match="alpha must be in"):
         llmreg.build_regularizer({"name": "noisefit", "alpha": 1.5})
+    with pytest.raises(ConfigError, match="final_logit_softcapping"):
+        capped = tiny_llama(vocab_size=len(tok), seed=0)
+        capped.config.final_logit_softcapping = 30.0
+        llmreg.build_regularizer({"name": "noisefit", "num_layers": 1}).setup(capped, None)
     for kind in ("dpo", "grpo"):
         with pytest.raises(ConfigError, match=f"'noisefit' does not support trainer kind '{kind}'"):
             llmreg.RegularizerStack(["noisefit"], trainer_kind=kind)

@@ -3,7 +3,7 @@
 Paper: Khadangi, Sartipi, Tchappi, Bahmani, "Noise Augmented Fine Tuning for Mitigating Hallucinations in Large
 Language Models", arXiv 2504.03302. Code: akhadangi/NoiseFiT (v1 `NoiseFiT_v1_manual_snr.py`). Spec:
 ../shared/methods/noisefit.md. The package implements v1 with the spec's two default changes (no double sigma,
-shifted mask); v2's detached teacher and detached noise scale are options.
+shifted mask); v2's calibration, detached teacher and detached noise scale are options.
 
 Algorithm:
 - Before training (`on_prepared`): one clean no-grad forward on a seeded draw of training rows; every candidate
@@ -20,7 +20,7 @@ Algorithm:
   evaluation and `generate()` see the clean model.
 
 Hooks used: setup (checks, layer discovery), on_prepared (selection, noise hooks), training_loss, post_step
-(disarm), metrics (ce / soft / consistency), state_dict (the selected layers, so a resume does not re-select).
+(disarm), metrics (ce / soft / consistency), state_dict (the selected layers and v2's scales, so a resume does not re-select).
 
 Noise draws: eps of (layer, branch) is drawn from a private generator seeded by (seed, optimizer step, shard,
 layer, branch) with shard = micro_step * world_size + rank (noise.training_noise_key). The draw is re-made from
@@ -45,10 +45,18 @@ Departures from the v1 code:
 - std(h) stays a tensor (v1's `.item()` forces a host sync); like `.item()` it carries no gradient;
 - noise is drawn from keyed private generators instead of the global RNG (reproducible per rank and step);
 - the CE is computed from the same chunked logits instead of the model's own loss; equal up to float rounding.
-Not implemented (spec options): v2's KL-response calibration (`noisefit_version="v2"`), the embedding SNR probe,
-scoring the last layer after the final norm, sequential branches (`pack_branches="never"`) and prefix sharing.
-Also TRL SFT's own train metrics (entropy, token accuracy, num_tokens) are not recorded, since its
-`compute_loss` does not run; padding-free batches and DPO / GRPO are refused.
+Options for the official code's variants: `double_sigma`, `shift_mask=False` (v1 quirks), `last_layer_post_norm`
+(v1 scores the last layer after the final norm), `detach_teacher` / `detach_noise_scale` (v2), and
+`version="v2"`: v2's KL-response calibration (calibration.py) of the layers (at most ceil(sqrt(L))) and of a noise
+base s_l per layer, computed on `calib_batches` seeded batches per rank with the sums all-reduced, written to
+`<output_dir>/auto_noise_policy.json` and kept in the state; with it the noise base is s_l (no std(h) factor), and
+lam / detach_teacher / detach_noise_scale default to v2's 0.05 / True / True. v2's probe noise is drawn from keyed
+generators like the training noise.
+Not implemented (spec options): the embedding SNR probe of the first commit (`snr_probe="embedding"`), sequential
+branches (`pack_branches="never"`) and v2's prefix sharing. TRL SFT's own train metrics (entropy, token accuracy,
+num_tokens) are not recorded, since its `compute_loss` does not run; padding-free batches and DPO / GRPO are
+refused, and so are models whose logits are scaled or soft-capped after the LM head (Gemma 2, Cohere): the
+chunked head is the plain `lm_head` module.
 """
 
 from llmreg.regularizers.noisefit.regularizer import NoiseFiT, NoiseFiTOptions

@@ -35,6 +35,8 @@ class NoiseFiTOptions:
     beta: float = option(0.1, "beta: down-weighting of elements far from the token's median")
     nf_clip: float = option(5.0, "cap on the variance factor nf")
     snr_draws: int = option(10, "noise draws per layer for the SNR estimate")
+    last_layer_post_norm: bool = option(False, "v1 quirk: score the last decoder layer on the final-norm output "
+                                               "(hidden_states[-1]) while its hook still sees the raw layer output")
     calib_batch_size: int = option(0, "rows of the seeded SNR calibration batch; 0: per_device_train_batch_size")
     alpha: float = option(0.5, "weight of the clean CE in the hybrid loss; (1 - alpha) weighs the soft term")
     lam: float | None = option(None, "lambda: weight of the consistency KL(noisy 2 || noisy 1); None: 0.1 (v1), "
@@ -129,6 +131,13 @@ class NoiseFiT(Regularizer):
         if self._lm_head is None:
             raise ConfigError(f"noisefit: {type(model).__name__} has no output embeddings (LM head)")
         self._keep_one = internals.accepts_logits_to_keep(model)
+        config = getattr(internals.unwrap(model), "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+                  if getattr(text, k, None) not in (None, 1, 1.0)]
+        if scaled:
+            raise ConfigError(f"noisefit: {type(internals.unwrap(model)).__name__} transforms its logits after the LM "
+                              f"head ({', '.join(scaled)}); the chunked LM head does not reproduce that")
 
     def on_prepared(self, model: torch.nn.Module, shards: Any) -> None:
         if self.selected is None:
@@ -238,7 +247,14 @@ class NoiseFiT(Regularizer):
                 scores[index] = layer_snr(h, opts.noise_std, opts.beta, opts.nf_clip, opts.snr_draws, opts.seed, index)
             return hook
 
-        handles = [self._layers[i][1].register_forward_hook(capture(i)) for i in self._candidates]
+        last = len(self._layers) - 1
+        post_norm = opts.last_layer_post_norm and last in self._candidates
+        handles = [self._layers[i][1].register_forward_hook(capture(i)) for i in self._candidates
+                   if not (post_norm and i == last)]
+        if post_norm:
+            hook = capture(last)
+            handles.append(self._body.register_forward_hook(
+                lambda m, a, out: hook(m, a, internals.final_hidden(out))))
         was_training = model.training
         model.eval()
         try:
