@@ -52,7 +52,7 @@ def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def chunk_sums(h0, h1, h2, target, ce_w, kl_w, lm_head: Callable, temperature: float, detach_teacher: bool):
     """(NLL sum, soft sum, consistency sum) over one chunk of positions; weights select the positions per term."""
-    z0, z1, z2 = (lm_head(h).float() for h in (h0, h1, h2))
+    z0, z1, z2 = lm_head(torch.cat([h0, h1, h2])).float().split(h0.shape[0])  # one head call per chunk
     nll = F.cross_entropy(z0, target.clamp(min=0), reduction="none")
     nll_sum = (nll * ce_w).sum()
     if detach_teacher:  # v2: T on every side, a detached teacher and consistency target, soft term times T^2
