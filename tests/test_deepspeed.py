@@ -219,3 +219,15 @@ def test_noisefit_under_zero_matches_single_process(zero, tmp_path):
     assert min(m["reg/noisefit/soft"] for m in dist["metrics"]) > 1e-6
     # the hybrid loss moved the weights elsewhere than plain training
     assert max_rel_diff(single["weights"], _run(tmp_path / "plain", 0, [], "--grad-accum", "2")["weights"]) > 1e-4
+
+
+@pytest.mark.slow
+def test_noisefit_v2_calibration_under_zero3_matches_single_process(tmp_path):
+    """v2: each rank scores its own calibration batches and the sums are all-reduced; rank r draws global batches
+    r*n .. r*n+n-1, so two ranks x 1 batch score what one process scores with 2, and train the same."""
+    stack = [{"name": "noisefit", "version": "v2", "calib_batch_size": 2}]
+    single = _run(tmp_path / "single", 0, [{**stack[0], "calib_batches": 2}], "--grad-accum", "2")
+    dist = _run(tmp_path / "dist", 3, [{**stack[0], "calib_batches": 1}])
+    assert dist["losses"] == pytest.approx(single["losses"], rel=1e-4)
+    assert max_rel_diff(single["weights"], dist["weights"]) < 1e-4
+    assert min(m["reg/noisefit/soft"] for m in dist["metrics"]) > 0

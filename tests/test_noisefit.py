@@ -482,7 +482,7 @@ def test_v2_calibration_grid_equals_explicit_kl_and_ce(tok, tmp_path):
         for layer in (0, 2):
             for j, factor in enumerate((0.5, 4.0, 16.0)):
                 def hook(m, a, out, layer=layer, j=j, factor=factor):
-                    eps = standard_normal(out.shape, out.device, "probe", 0, 0, 0, layer, j)
+                    eps = standard_normal(out.shape, out.device, "probe", 0, 0, layer, j)
                     return explicit_ani(out, eps, factor / 64 ** 0.5)
                 handle = model.model.layers[layer].register_forward_hook(hook)
                 noisy = model(**inputs).logits[:, :-1].float()

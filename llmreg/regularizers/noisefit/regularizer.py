@@ -146,11 +146,14 @@ class NoiseFiT(Regularizer):
                 gen = torch.Generator().manual_seed(draw_seed("calib", self.options.seed))
                 self.select(model, internals.calibration_batch(self._trainer, size, gen))
             else:
-                rank = self._trainer.args.process_index
+                # rank r draws global calibration batches r*n .. r*n+n-1, so N ranks x n batches score the same
+                # batches (and probe noise) as one process with N*n
+                first = self._trainer.args.process_index * self.options.calib_batches
+                indices = list(range(first, first + self.options.calib_batches))
                 batches = [internals.calibration_batch(
-                    self._trainer, size, torch.Generator().manual_seed(draw_seed("calib", self.options.seed, rank, b)))
-                    for b in range(self.options.calib_batches)]
-                self.calibrate(model, batches)
+                    self._trainer, size, torch.Generator().manual_seed(draw_seed("calib", self.options.seed, g)))
+                    for g in indices]
+                self.calibrate(model, batches, indices)
                 if self._trainer.args.process_index == 0:
                     path = os.path.join(self._trainer.args.output_dir, "auto_noise_policy.json")
                     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -158,7 +161,8 @@ class NoiseFiT(Regularizer):
                         json.dump(self.policy, f, indent=2)
         self._install_hooks()
 
-    def calibrate(self, model: torch.nn.Module, batches: list[dict[str, Any]]) -> list[int]:
+    def calibrate(self, model: torch.nn.Module, batches: list[dict[str, Any]],
+                  indices: list[int] | None = None) -> list[int]:
         """v2: the KL / CE response of every candidate layer to every candidate scale on `batches` (eval mode,
         no grad; sums all-reduced over ranks), then `calibration.v2_policy`."""
         opts = self.options
@@ -171,7 +175,7 @@ class NoiseFiT(Regularizer):
         model.eval()
         try:
             with torch.no_grad():
-                for b, batch in enumerate(batches):
+                for b, batch in zip(indices or range(len(batches)), batches):
                     pos = positions(batch["labels"], True)
                     clean_h = self._final_hidden(model, batch)
                     hidden = clean_h.shape[-1]
@@ -224,14 +228,12 @@ class NoiseFiT(Regularizer):
 
         def hook(module, args, output):
             h = output if torch.is_tensor(output) else output[0]
-            eps = standard_normal(h.shape, h.device, "probe", opts.seed, self._trainer_rank(), *key)
+            eps = standard_normal(h.shape, h.device, "probe", opts.seed, *key)
             noisy = adaptive_noise(h, eps, scale, opts.beta, opts.nf_clip, detach_scale=True)
             return noisy if torch.is_tensor(output) else (noisy, *output[1:])
 
         return hook
 
-    def _trainer_rank(self) -> int:
-        return getattr(getattr(self._trainer, "args", None), "process_index", 0)
 
     def select(self, model: torch.nn.Module, batch: dict[str, Any]) -> list[int]:
         """Score every candidate layer on `batch` (eval mode, no grad) and keep the top / bottom k.
