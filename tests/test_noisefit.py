@@ -250,6 +250,8 @@ def test_eval_and_generate_see_the_clean_model(tok, tmp_path):
     assert not torch.allclose(noisy[:2], noisy[2:4])  # armed and training: the noisy rows differ
     assert torch.allclose(noisy[:2], clean(**{k: v for k, v in stacked.items()}).logits[:2], atol=1e-6)
     inputs = {k: v for k, v in stacked.items()}
+    plain = {k: v for k, v in batch.items() if k != "labels"}  # armed, training, grad: another forward's rows
+    assert torch.equal(model(**plain).logits, clean(**plain).logits)
     with torch.no_grad():  # training mode but no grad: a generate() or an eval loop in train mode
         assert torch.equal(model(**inputs).logits, clean(**inputs).logits)
     model.eval()

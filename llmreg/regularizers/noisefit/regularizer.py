@@ -293,9 +293,10 @@ class NoiseFiT(Regularizer):
                 return None
             h = output if torch.is_tensor(output) else output[0]
             rows = self._rows
-            if h.dim() != 3 or h.shape[0] != 3 * rows:
-                raise RuntimeError(f"noisefit: layer {layer} returned shape {tuple(h.shape)}, expected "
-                                   f"[{3 * rows}, T, d] (clean + 2 noisy branches of {rows} rows)")
+            if h.dim() != 3:
+                raise RuntimeError(f"noisefit: layer {layer} returned shape {tuple(h.shape)}, expected [rows, T, d]")
+            if h.shape[0] != 3 * rows:  # another forward between the stacked one and the optimizer step
+                return None
             parts = [h[:rows]]
             for branch in (1, 2):
                 hb = h[branch * rows:(branch + 1) * rows]
