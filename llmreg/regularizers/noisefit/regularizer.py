@@ -328,8 +328,11 @@ class NoiseFiT(Regularizer):
         sums = hybrid_sums(hidden, pos, self._lm_head, opts.temperature, opts.detach_teacher, opts.chunk_size,
                            self._recompute(pos.rows.numel()))
         out = hybrid_loss(sums, opts.alpha, opts.lam, ctx.token_mean, ctx.ga_divisor)
-        for key in ("ce", "soft", "consistency"):
-            value = out[key].detach()
+        # logged per micro-batch as plain token means (the loss's CE is in the host's accumulation units)
+        logged = {"ce": sums["nll_sum"] / sums["ce_count"].clamp(min=1), "soft": out["soft"],
+                  "consistency": out["consistency"]}
+        for key, value in logged.items():
+            value = value.detach()
             self._sums[key] = self._sums[key] + value if key in self._sums else value
         self._count += 1
         return out["loss"]
