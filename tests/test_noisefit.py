@@ -518,3 +518,30 @@ def test_v2_trains_writes_its_policy_and_resumes_with_it(tok, tmp_path):
     assert fresh.scales == reg.scales and fresh.selected == reg.selected
     with pytest.raises(ValueError, match="no noise scale"):
         fresh.load_state_dict({"selected": reg.selected, "snr": []})
+
+
+def test_core_training_loss_hook_in_host_units_reproduces_the_host(tok, tmp_path):
+    """The core `training_loss` hook: a regularizer that recomputes the plain causal-LM loss with `ctx.token_mean`
+    trains exactly like the host Trainer, also with gradient accumulation (num_items_in_batch)."""
+    from transformers import DataCollatorForLanguageModeling
+
+    from llmreg.core import Regularizer
+
+    class PlainCE(Regularizer):
+        def training_loss(self, ctx):
+            logits = ctx.model(**{k: v for k, v in ctx.inputs.items() if k != "labels"}).logits.float()
+            labels = ctx.inputs["labels"][:, 1:]
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                  ignore_index=-100, reduction="sum")
+            return ctx.token_mean(nll, (labels != -100).sum())
+
+    results = {}
+    for name, regs in (("host", []), ("hook", [PlainCE()])):
+        trainer = llmreg.RegTrainer(model=tiny_llama(vocab_size=len(tok), seed=0), train_dataset=lm_dataset(tok, n=16),
+                                    args=hf_args(tmp_path / name, max_steps=2, per_device_train_batch_size=2,
+                                                 gradient_accumulation_steps=2, optim="sgd", max_grad_norm=0.0),
+                                    data_collator=DataCollatorForLanguageModeling(tok, mlm=False), regularizers=regs)
+        trainer.train()
+        results[name] = (losses(trainer), weights(trainer.model))
+    assert results["hook"][0] == pytest.approx(results["host"][0], rel=1e-5)
+    assert max_rel_diff(results["host"][1], results["hook"][1]) < 1e-5
