@@ -202,6 +202,25 @@ def test_loss_and_gradient_equal_explicit_hybrid_formula_on_seeded_noise(tok, wh
     assert max_rel_diff(ref, got) < 1e-4
 
 
+def test_three_separate_forwards_equal_the_stacked_one(tok, tmp_path):
+    batch = batch_with_prompt_mask(tok)
+    results = {}
+    for pack in ("auto", "never"):
+        model = tiny_llama(vocab_size=len(tok), seed=0, num_hidden_layers=3)
+        reg = prepared(model, [0, 2], num_layers=2, noise_std=0.8, pack_branches=pack)
+        model.train()
+        loss = reg.training_loss(llmreg.LossContext(model=model, inputs=batch, loss=None, outputs=None,
+                                                    trainer=fake_trainer()))
+        loss.backward()
+        results[pack] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert results["never"][0] == pytest.approx(results["auto"][0], rel=1e-6)
+    assert max_rel_diff(results["auto"][1], results["never"][1]) < 1e-5
+    with pytest.raises(ConfigError, match="gradient checkpointing"):
+        llmreg.RegTrainer(model=tiny_llama(vocab_size=len(tok)), train_dataset=lm_dataset(tok, n=8),
+                          args=hf_args(tmp_path, gradient_checkpointing=True),
+                          regularizers=[{"name": "noisefit", "num_layers": 1, "pack_branches": "never"}])
+
+
 def test_noise_key_follows_step_and_shard(tok):
     model = tiny_llama(vocab_size=len(tok), seed=0, num_hidden_layers=3)
     batch = batch_with_prompt_mask(tok)

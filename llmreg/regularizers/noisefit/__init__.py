@@ -52,8 +52,10 @@ base s_l per layer, computed on `calib_batches` seeded batches per rank with the
 `<output_dir>/auto_noise_policy.json` and kept in the state; with it the noise base is s_l (no std(h) factor), and
 lam / detach_teacher / detach_noise_scale default to v2's 0.05 / True / True. v2's probe noise is drawn from keyed
 generators like the training noise.
-Not implemented (spec options): the embedding SNR probe of the first commit (`snr_probe="embedding"`), sequential
-branches (`pack_branches="never"`) and v2's prefix sharing. TRL SFT's own train metrics (entropy, token accuracy,
+`pack_branches="never"` runs the official code's three forwards (same noise keys and per-branch statistics, so
+the same loss; refused with gradient checkpointing, where a recomputed layer could not tell its branch).
+Not implemented (spec options): the embedding SNR probe of the first commit (`snr_probe="embedding"`) and v2's
+prefix sharing. TRL SFT's own train metrics (entropy, token accuracy,
 num_tokens) are not recorded, since its `compute_loss` does not run; padding-free batches and DPO / GRPO are
 refused, and so are models whose logits are scaled or soft-capped after the LM head (Gemma 2, Cohere): the
 chunked head is the plain `lm_head` module.

@@ -58,6 +58,9 @@ class NoiseFiTOptions:
     scale_prior: float = option(0.05, "v2: score divided by 1 + scale_prior * log2(factor)^2")
     target_kl_frac: float = option(0.75, "v2: per-layer scale = smallest reaching this fraction of the median best KL")
     depth_bands: int = option(3, "v2: spread the selected layers over this many depth bands (1: off)")
+    pack_branches: Literal["auto", "never"] = option(
+        "auto", "auto: clean and both noisy branches stacked in one forward; never: three forwards of the batch (as "
+                "the official code; lower peak per forward, same activations kept; not with gradient checkpointing)")
     seed: int = option(0, "seed of the calibration batch and of every noise draw")
     chunk_size: int = option(256, "positions per chunk of the chunked LM head / KL computation")
     recompute_logits: Literal["auto", "always", "never"] = option(
@@ -107,6 +110,7 @@ class NoiseFiT(Regularizer):
         self._layers: list[tuple[str, torch.nn.Module]] = []
         self._candidates: list[int] = []
         self._rows: int | None = None  # rows per branch of the armed stacked forward; None: hooks are off
+        self._branch: int | None = None  # pack_branches="never": the branch of the running forward
         self._key = (0, 0)  # (optimizer step, shard) of the current micro-batch
         self._micro = (-1, -1)  # (optimizer step, micro-step index)
         self._sums: dict[str, torch.Tensor] = {}
@@ -117,6 +121,12 @@ class NoiseFiT(Regularizer):
         self._trainer = trainer
         if trainer is not None:
             _check_trainer(trainer)
+        checkpointing = getattr(internals.unwrap(model), "is_gradient_checkpointing", False) or any(
+            getattr(getattr(trainer, "args", None), k, False) for k in ("gradient_checkpointing",
+                                                                          "activation_checkpointing"))
+        if self.options.pack_branches == "never" and checkpointing:
+            raise ConfigError("noisefit: pack_branches='never' cannot be combined with gradient checkpointing "
+                              "(the recomputation of a layer cannot tell which branch it belonged to)")
         self._layers = internals.decoder_layers(model)
         pattern = re.compile(self.options.layers) if self.options.layers else None
         self._candidates = [i for i, (name, _) in enumerate(self._layers) if pattern is None or pattern.search(name)]
@@ -291,39 +301,51 @@ class NoiseFiT(Regularizer):
             # off in eval mode, under no_grad (generate, evaluation) and outside the stacked training forward
             if self._rows is None or not module.training or not torch.is_grad_enabled():
                 return None
+            if self._branch is not None:  # pack_branches="never": one branch per forward
+                if self._branch == 0:
+                    return None
+                h = output if torch.is_tensor(output) else output[0]
+                noisy = self._noisy_branch(h, layer, self._branch)
+                return noisy if torch.is_tensor(output) else (noisy, *output[1:])
             h = output if torch.is_tensor(output) else output[0]
             rows = self._rows
             if h.dim() != 3:
                 raise RuntimeError(f"noisefit: layer {layer} returned shape {tuple(h.shape)}, expected [rows, T, d]")
             if h.shape[0] != 3 * rows:  # another forward between the stacked one and the optimizer step
                 return None
-            parts = [h[:rows]]
-            for branch in (1, 2):
-                hb = h[branch * rows:(branch + 1) * rows]
-                eps = standard_normal(hb.shape, hb.device, *training_noise_key(opts.seed, *self._key, layer, branch))
-                base = self.scales[layer] if opts.version == "v2" else branch_base(hb, opts.noise_std,
-                                                                                       opts.double_sigma)
-                parts.append(adaptive_noise(hb, eps, base, opts.beta, opts.nf_clip, opts.detach_noise_scale))
+            parts = [h[:rows]] + [self._noisy_branch(h[b * rows:(b + 1) * rows], layer, b) for b in (1, 2)]
             noisy = torch.cat(parts, dim=0)
             return noisy if torch.is_tensor(output) else (noisy, *output[1:])
 
         return hook
+
+    def _noisy_branch(self, hb: torch.Tensor, layer: int, branch: int) -> torch.Tensor:
+        opts = self.options
+        eps = standard_normal(hb.shape, hb.device, *training_noise_key(opts.seed, *self._key, layer, branch))
+        base = self.scales[layer] if opts.version == "v2" else branch_base(hb, opts.noise_std, opts.double_sigma)
+        return adaptive_noise(hb, eps, base, opts.beta, opts.nf_clip, opts.detach_noise_scale)
 
     def training_loss(self, ctx: LossContext) -> torch.Tensor:
         opts = self.options
         labels = ctx.inputs["labels"]
         rows = labels.shape[0]
         self._advance(ctx.trainer)
-        stacked = {k: _repeat3(v, rows) for k, v in _model_inputs(ctx.inputs).items()}
-        captured: dict[str, torch.Tensor] = {}
-        handle = self._body.register_forward_hook(
-            lambda m, a, out: captured.__setitem__("h", internals.final_hidden(out)))
+        captured: list[torch.Tensor] = []
+        handle = self._body.register_forward_hook(lambda m, a, out: captured.append(internals.final_hidden(out)))
         self._rows = rows  # armed until post_step: a checkpointed layer re-runs its hook during backward
         try:
-            ctx.model(**stacked, **self._forward_kwargs())
+            if opts.pack_branches == "auto":
+                stacked = {k: _repeat3(v, rows) for k, v in _model_inputs(ctx.inputs).items()}
+                ctx.model(**stacked, **self._forward_kwargs())
+                hidden = captured[0].split(rows, dim=0)
+            else:
+                for branch in (0, 1, 2):
+                    self._branch = branch
+                    ctx.model(**_model_inputs(ctx.inputs), **self._forward_kwargs())
+                hidden = tuple(captured)
         finally:
             handle.remove()
-        hidden = captured["h"].split(rows, dim=0)
+            self._branch = None
         pos = positions(labels, opts.shift_mask)
         sums = hybrid_sums(hidden, pos, self._lm_head, opts.temperature, opts.detach_teacher, opts.chunk_size,
                            self._recompute(pos.rows.numel()))
