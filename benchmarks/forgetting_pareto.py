@@ -185,8 +185,18 @@ def general_data_recipe(base: str, workdir: Path, steps: int) -> dict[str, Any]:
     return raw
 
 
+def noisefit_prepare(base: str, workdir: str, steps: int) -> list[dict[str, Any]]:
+    """noisefit with its default options (v1: k = 3 high-SNR layers, sigma 0.1, alpha 0.5, lambda 0.1); only a
+    model with fewer than 3 decoder layers (the 2-layer --smoke testbed) gets k = its layer count."""
+    from transformers import AutoConfig
+
+    layers = AutoConfig.from_pretrained(base).num_hidden_layers
+    return [{"name": "noisefit"} if layers >= 3 else {"name": "noisefit", "num_layers": layers}]
+
+
 METHODS["forgetting_penalty (si)"] = {"prepare": importance_prepare("si")}
 METHODS["forgetting_penalty (ewc)"] = {"prepare": importance_prepare("ewc")}
+METHODS["noisefit"] = {"prepare": noisefit_prepare}
 
 
 def method_regularizers(name: str, spec: dict[str, Any], base: str, workdir: Path, steps: int) -> dict[str, Any]:

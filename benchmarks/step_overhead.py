@@ -191,13 +191,17 @@ def build_trainer(name: str, size: str, max_steps: int, rows: list[dict], output
 
 def regularizer_spec(name: str, model: Any, output_dir: str) -> Any:
     """Default options, plus what a regularizer cannot run without: `forgetting_penalty` gets an importance
-    artifact for the benchmark model (random Omega; the values do not change the cost of a step)."""
+    artifact for the benchmark model (random Omega; the values do not change the cost of a step); `noisefit` gets
+    k = 2 on the 2-layer tiny model."""
     if name == "forgetting_penalty":
         from llmreg.regularizers.forgetting.artifact import random_artifact
 
         return {"name": name, "artifact": random_artifact(os.path.join(output_dir, "importance"), model)}
     if name in VARIANTS:
         return dict(VARIANTS[name])
+    if name == "noisefit" and model.config.num_hidden_layers < 3:
+        # its default k = 3 noisy layers needs 3 decoder layers; the 2-layer `--size tiny` smoke model gets k = 2
+        return {"name": name, "num_layers": model.config.num_hidden_layers}
     return name
 
 

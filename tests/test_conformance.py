@@ -32,6 +32,7 @@ SETTINGS = {
     "multipliers": {"lr_scale": 2.0},
     "lp_reg": {"rho": 0.9, "minp_kappa": 0.7},  # the untrained tiny model is nearly uniform
     "lfu": {"aux": "lora", "alpha": 0.5},  # full FT: the auxiliary LoRA; PEFT: the adapter itself
+    "noisefit": {"num_layers": 1, "noise_std": 1.0},  # the tiny model has 2 decoder layers
     "si_importance": {},
     "weight_decay": {"weight_decay": 0.1},
 }

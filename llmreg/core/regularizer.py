@@ -18,6 +18,14 @@ named points of the host trainer's loop (the pattern of MosaicML Composer's
     for each micro-batch:
         (forward hooks)          registered by the regularizer in setup /
                                  on_prepared through `self.add_hook(handle)`
+        training_loss(ctx)       optional, at most one regularizer per stack:
+                                 replaces the host's own training loss (and its
+                                 forward), for methods that must change the
+                                 forward itself (NoiseFiT's stacked clean +
+                                 noisy branches). It returns the loss in the
+                                 host's units: token-sum terms through
+                                 `ctx.token_mean`, per-micro-batch means divided
+                                 by `ctx.ga_divisor` (see `LossContext`)
         loss_terms(ctx)          extra objective terms, scaled like the host
                                  trainer's own loss under gradient accumulation
         backward                 exactly once per micro-step
@@ -85,16 +93,25 @@ class Requirements:
 
 @dataclass
 class LossContext:
-    """What `loss_terms` sees for one micro-batch."""
+    """What `training_loss` and `loss_terms` see for one micro-batch.
+
+    `loss` / `outputs` are None in `training_loss` (the host has not run). `ga_divisor` is what a
+    per-micro-batch mean must be divided by to match the host loss under gradient accumulation;
+    `token_mean(token_sum, token_count)` normalises a sum over label tokens the way the host's own
+    causal-LM loss is normalised (over the accumulation window with `num_items_in_batch`, else over
+    the micro-batch's `token_count`).
+    """
 
     model: torch.nn.Module
     inputs: dict[str, Any]
-    loss: torch.Tensor
+    loss: torch.Tensor | None
     outputs: Any
     trainer: Any
     num_items_in_batch: Any = None
     # trainer-specific tensors of this micro-batch's forward (GRPO: per_token_logps, entropies; see trl_compat)
     extras: dict[str, Any] = field(default_factory=dict)
+    ga_divisor: int = 1
+    token_mean: Any = None  # Callable[[Tensor, Tensor], Tensor]; set by the trainer mixin
 
 
 @dataclass
@@ -132,6 +149,15 @@ class Regularizer:
 
     def on_prepared(self, model: torch.nn.Module, shards: ShardAccess) -> None:
         """After accelerate / DeepSpeed wrapped the model."""
+
+    def training_loss(self, ctx: LossContext) -> torch.Tensor | None:
+        """Replace the host trainer's training loss for this micro-batch (None: leave it to the host).
+
+        Only one regularizer of a stack may override this, and it cannot be combined with one that
+        `needs_outputs`. The returned loss is in the host's units (see `LossContext`); other
+        regularizers' `loss_terms` are still added to it.
+        """
+        return None
 
     def loss_terms(self, ctx: LossContext) -> dict[str, torch.Tensor]:
         """Extra terms added to the micro-batch loss (already weighted)."""

@@ -38,6 +38,7 @@ class RegularizerStack:
         self.trainer_kind = trainer_kind
         self.labels = _unique_labels(self.regularizers)
         self._check_trainer_kind()
+        self.loss_owner = self._find_loss_owner()
         self._term_sums: dict[str, dict[str, float]] = {}
         self._term_counts: Counter[str] = Counter()
 
@@ -58,6 +59,18 @@ class RegularizerStack:
                     f"regularizer '{reg.name}' does not support trainer kind '{self.trainer_kind}' "
                     f"(supported: {', '.join(reg.requires.trainers)})"
                 )
+
+    def _find_loss_owner(self) -> Regularizer | None:
+        """The one regularizer that replaces the host's training loss, if any."""
+        owners = [r for r in self.regularizers if r.overrides("training_loss")]
+        if len(owners) > 1:
+            raise ConfigError(f"regularizers {', '.join(repr(r.name) for r in owners)} each replace the training "
+                              "loss; at most one of them can be used at a time")
+        if owners and any(r.requires.needs_outputs for r in self.regularizers):
+            needs = [r.name for r in self.regularizers if r.requires.needs_outputs]
+            raise ConfigError(f"regularizer '{owners[0].name}' replaces the host's forward and loss, so the model "
+                              f"outputs that {', '.join(needs)} need do not exist; they cannot be combined")
+        return owners[0] if owners else None
 
     def check_environment(self, *, zero_stage: int, is_peft: bool) -> None:
         for reg in self.regularizers:

@@ -12,6 +12,7 @@ Where each hook of `regularizer.py` is called from:
   optimizer is built);
 - `loss_terms`: `compute_loss`, training mode only; `ctx.extras` holds trainer-specific tensors of the
   micro-batch (`_reg_loss_extras`; GRPO: per-token log-probs and entropies, from `trl_compat.GRPOHooks`);
+  `training_loss` (one regularizer at most) replaces the parent's `compute_loss` before `loss_terms` run;
 - `on_rollout_hidden` / `on_generation_batch` (GRPO only): `trl_compat.GRPOHooks`, mixed into RegGRPOTrainer;
 - `pre_step`: after the boundary micro-step's backward: from `training_step`
   without DeepSpeed (before the Trainer clips), from the backward shim under
@@ -154,19 +155,39 @@ class RegularizedTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not len(self.reg_stack) or not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        want_outputs = return_outputs or self.reg_stack.needs_outputs
-        result = super().compute_loss(model, inputs, return_outputs=want_outputs, num_items_in_batch=num_items_in_batch)
-        loss, outputs = result if want_outputs else (result, None)
+        divisor = self._reg_ga_divisor(num_items_in_batch)
+        owner = self.reg_stack.loss_owner
+        if owner is not None:
+            ctx = LossContext(model=model, inputs=inputs, loss=None, outputs=None, trainer=self,
+                              num_items_in_batch=num_items_in_batch, ga_divisor=divisor,
+                              token_mean=lambda total, count: self._reg_token_mean(total, count, num_items_in_batch))
+            loss, outputs = owner.training_loss(ctx), None
+        else:
+            want_outputs = return_outputs or self.reg_stack.needs_outputs
+            result = super().compute_loss(model, inputs, return_outputs=want_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+            loss, outputs = result if want_outputs else (result, None)
         ctx = LossContext(model=model, inputs=inputs, loss=loss, outputs=outputs, trainer=self,
-                          num_items_in_batch=num_items_in_batch, extras=self._reg_loss_extras())
+                          num_items_in_batch=num_items_in_batch, ga_divisor=divisor, extras=self._reg_loss_extras())
         extra = self.reg_stack.loss_terms(ctx)
         if extra is not None:
-            loss = loss + extra / self._reg_ga_divisor(num_items_in_batch)
+            loss = loss + extra / divisor
         return (loss, outputs) if return_outputs else loss
 
     def _reg_loss_extras(self) -> dict[str, Any]:
         """Trainer-specific tensors of the micro-batch just computed (`LossContext.extras`); see trl_compat."""
         return {}
+    def _reg_token_mean(self, token_sum: torch.Tensor, token_count: Any, num_items_in_batch: Any) -> torch.Tensor:
+        """A sum over label tokens in the units of the host's own causal-LM loss (`Trainer.compute_loss`,
+        `SFTTrainer.compute_loss`): over `num_items_in_batch` (the whole accumulation window, every rank's tokens
+        when `average_tokens_across_devices`, hence the factor of processes that DDP's averaging undoes) when the
+        host scales for accumulation, else over this micro-batch's `token_count`."""
+        if self._reg_loss_is_scaled(num_items_in_batch) and num_items_in_batch is not None:
+            loss = token_sum / torch.as_tensor(num_items_in_batch, device=token_sum.device).clamp(min=1)
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+            return loss
+        return token_sum / torch.as_tensor(token_count, device=token_sum.device).clamp(min=1)
 
     def _reg_ga_divisor(self, num_items_in_batch: Any) -> int:
         """How to scale a per-micro-batch mean term so it matches the host loss (DESIGN trap 7).
@@ -175,10 +196,14 @@ class RegularizedTrainerMixin:
         whole accumulated batch), `training_step` leaves it alone, so a per-micro-batch mean must be divided by
         the number of accumulation steps here; otherwise `training_step` divides the sum for us.
         """
+        return self.current_gradient_accumulation_steps if self._reg_loss_is_scaled(num_items_in_batch) else 1
+
+    def _reg_loss_is_scaled(self, num_items_in_batch: Any) -> bool:
+        """Whether the host loss is normalised over the whole accumulation window (`training_step`'s rule)."""
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
-        return self.current_gradient_accumulation_steps if scaled else 1
+        return bool(scaled)
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)

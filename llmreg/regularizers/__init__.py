@@ -6,6 +6,7 @@ from llmreg.regularizers.l2_sp import L2SP, l2_sp_grad, l2_sp_penalty
 from llmreg.regularizers.lfu import LfU
 from llmreg.regularizers.lp_reg import LpReg, lp_reg_penalty, minp_proxy_logprobs
 from llmreg.regularizers.multipliers import LearnableMultipliers
+from llmreg.regularizers.noisefit import NoiseFiT
 from llmreg.regularizers.weight_decay import WeightDecayPolicy, split_by_decay
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "LearnableMultipliers",
     "LfU",
     "LpReg",
+    "NoiseFiT",
     "SIImportance",
     "WeightDecayPolicy",
     "l2_sp_grad",

@@ -1,0 +1,462 @@
+"""The `noisefit` regularizer: SNR layer selection, noise hooks, and the hybrid loss as the training loss."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from llmreg.core import ConfigError, LossContext, Order, Regularizer, Requirements, option, register
+from llmreg.regularizers.noisefit import internals
+from llmreg.regularizers.noisefit.calibration import symmetric_kl, v2_policy
+from llmreg.regularizers.noisefit.loss import hybrid_loss, hybrid_sums, positions
+from llmreg.regularizers.noisefit.noise import (
+    adaptive_noise, branch_base, draw_seed, layer_snr, select_layers, standard_normal, training_noise_key,
+)
+
+logger = logging.getLogger(__name__)
+# recompute_logits="auto": keeping the logits costs about this much per copy and saves one LM-head forward per chunk
+RECOMPUTE_ABOVE_BYTES = 256 * 2**20
+
+
+@dataclass
+class NoiseFiTOptions:
+    noise_std: float = option(0.1, "sigma: noise std relative to std(h) of the branch's hidden states")
+    num_layers: int = option(3, "k: number of decoder layers that get noise")
+    select: Literal["high", "low"] = option("high", "pick the k layers of highest (v1 'Largest') or lowest SNR")
+    layers: str = option("", "regex searched in the decoder-layer module names to restrict the candidates "
+                             "(e.g. 'layers\\.(2|3|4)$'); empty: every decoder layer")
+    beta: float = option(0.1, "beta: down-weighting of elements far from the token's median")
+    nf_clip: float = option(5.0, "cap on the variance factor nf")
+    snr_draws: int = option(10, "noise draws per layer for the SNR estimate")
+    last_layer_post_norm: bool = option(False, "v1 quirk: score the last decoder layer on the final-norm output "
+                                               "(hidden_states[-1]) while its hook still sees the raw layer output")
+    calib_batch_size: int = option(0, "rows of the seeded SNR calibration batch; 0: per_device_train_batch_size")
+    alpha: float = option(0.5, "weight of the clean CE in the hybrid loss; (1 - alpha) weighs the soft term")
+    lam: float | None = option(None, "lambda: weight of the consistency KL(noisy 2 || noisy 1); None: 0.1 (v1), "
+                                     "0.05 (v2)")
+    temperature: float = option(1.0, "T: softmax temperature of the clean teacher")
+    double_sigma: bool = option(False, "v1 quirk: the training noise base is sigma^2 * std(h) (selection uses sigma)")
+    shift_mask: bool = option(True, "False: v1 bug, the soft/consistency mask labels != -100 is one position off")
+    detach_teacher: bool | None = option(
+        None, "detach the teacher and the consistency target, temper all sides by T, soft term times T^2 (v2); "
+              "None: False for v1, True for v2")
+    detach_noise_scale: bool | None = option(
+        None, "add the noise as a detached offset, identity gradient through h (v2); None: False for v1, True for v2")
+    version: Literal["v1", "v2"] = option(
+        "v1", "v1: SNR selection of k layers, noise base sigma*std(h); v2: KL-response calibration of the layers "
+              "(at most ceil(sqrt(L))) and of a scale s_l per layer, noise base s_l (k, select, noise_std unused)")
+    calib_batches: int = option(2, "v2: calibration batches per rank (seeded draws), statistics all-reduced")
+    scale_factors: list[float] = option([0.25, 0.5, 1.0, 1.5, 2.0], "v2: candidate scales, times 1/sqrt(hidden size)")
+    max_ce_ratio: float = option(0.02, "v2: reject scales whose relative CE increase exceeds this")
+    scale_prior: float = option(0.05, "v2: score divided by 1 + scale_prior * log2(factor)^2")
+    target_kl_frac: float = option(0.75, "v2: per-layer scale = smallest reaching this fraction of the median best KL")
+    depth_bands: int = option(3, "v2: spread the selected layers over this many depth bands (1: off)")
+    pack_branches: Literal["auto", "never"] = option(
+        "auto", "auto: clean and both noisy branches stacked in one forward; never: three forwards of the batch (as "
+                "the official code; lower peak per forward, same activations kept; not with gradient checkpointing)")
+    seed: int = option(0, "seed of the calibration batch and of every noise draw")
+    chunk_size: int = option(256, "positions per chunk of the chunked LM head / KL computation")
+    recompute_logits: Literal["auto", "always", "never"] = option(
+        "auto", "recompute each chunk's logits in backward instead of keeping them for it; auto: when the three "
+                "branches' fp32 logits at the loss positions would exceed 256 MiB (large vocabularies)")
+
+    def __post_init__(self) -> None:
+        v2 = self.version == "v2"
+        self.lam = (0.05 if v2 else 0.1) if self.lam is None else self.lam
+        self.detach_teacher = v2 if self.detach_teacher is None else self.detach_teacher
+        self.detach_noise_scale = v2 if self.detach_noise_scale is None else self.detach_noise_scale
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        for name in ("noise_std", "beta", "lam"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.temperature <= 0 or self.nf_clip <= 0:
+            raise ValueError("temperature and nf_clip must be > 0")
+        if self.snr_draws < 1 or self.chunk_size < 1 or self.calib_batch_size < 0 or self.calib_batches < 1:
+            raise ValueError("snr_draws, chunk_size and calib_batches must be >= 1, calib_batch_size >= 0")
+        if not self.scale_factors or min(self.scale_factors) <= 0 or sorted(self.scale_factors) != self.scale_factors:
+            raise ValueError(f"scale_factors must be positive and ascending, got {self.scale_factors}")
+        try:
+            re.compile(self.layers)
+        except re.error as err:
+            raise ValueError(f"layers is not a valid regex: {err}") from None
+
+
+@register("noisefit")
+class NoiseFiT(Regularizer):
+    """NoiseFiT (arXiv 2504.03302): adaptive noise on SNR-selected layers, trained with the hybrid loss."""
+
+    options_cls = NoiseFiTOptions
+    order = Order.OBJECTIVE
+    # it replaces the causal-LM loss of the Trainer and SFTTrainer; DPO / GRPO losses are not a token CE
+    requires = Requirements(trainers=("hf", "sft"))
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.selected: list[int] | None = None  # positions among all decoder layers
+        self.snr: list[float] = []
+        self.scales: dict[int, float] = {}  # v2: noise base per selected layer
+        self.policy: dict[str, Any] = {}  # v2: the calibration's report (auto_noise_policy.json)
+        self._trainer: Any = None
+        self._layers: list[tuple[str, torch.nn.Module]] = []
+        self._candidates: list[int] = []
+        self._rows: int | None = None  # rows per branch of the armed stacked forward; None: hooks are off
+        self._branch: int | None = None  # pack_branches="never": the branch of the running forward
+        self._key = (0, 0)  # (optimizer step, shard) of the current micro-batch
+        self._micro = (-1, -1)  # (optimizer step, micro-step index)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    # -- setup and layer selection ----------------------------------------------------------------------------
+    def setup(self, model: torch.nn.Module, trainer: Any) -> None:
+        self._trainer = trainer
+        if trainer is not None:
+            _check_trainer(trainer)
+        checkpointing = getattr(internals.unwrap(model), "is_gradient_checkpointing", False) or any(
+            getattr(getattr(trainer, "args", None), k, False) for k in ("gradient_checkpointing",
+                                                                          "activation_checkpointing"))
+        if self.options.pack_branches == "never" and checkpointing:
+            raise ConfigError("noisefit: pack_branches='never' cannot be combined with gradient checkpointing "
+                              "(the recomputation of a layer cannot tell which branch it belonged to)")
+        self._layers = internals.decoder_layers(model)
+        pattern = re.compile(self.options.layers) if self.options.layers else None
+        self._candidates = [i for i, (name, _) in enumerate(self._layers) if pattern is None or pattern.search(name)]
+        if not self._candidates:
+            raise ConfigError(f"noisefit: layers={self.options.layers!r} matches none of the {len(self._layers)} "
+                              f"decoder layers (e.g. '{self._layers[0][0]}')")
+        if self.options.version == "v1" and self.options.num_layers > len(self._candidates):
+            raise ConfigError(f"noisefit: num_layers={self.options.num_layers} but only {len(self._candidates)} "
+                              "candidate decoder layers")
+        self._body = internals.backbone(model)
+        self._lm_head = model.get_output_embeddings()
+        if self._lm_head is None:
+            raise ConfigError(f"noisefit: {type(model).__name__} has no output embeddings (LM head)")
+        self._keep_one = internals.accepts_logits_to_keep(model)
+        config = getattr(internals.unwrap(model), "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+                  if getattr(text, k, None) not in (None, 1, 1.0)]
+        if scaled:
+            raise ConfigError(f"noisefit: {type(internals.unwrap(model)).__name__} transforms its logits after the LM "
+                              f"head ({', '.join(scaled)}); the chunked LM head does not reproduce that")
+
+    def on_prepared(self, model: torch.nn.Module, shards: Any) -> None:
+        if self.selected is None:
+            size = self.options.calib_batch_size or self._trainer.args.per_device_train_batch_size
+            if self.options.version == "v1":
+                gen = torch.Generator().manual_seed(draw_seed("calib", self.options.seed))
+                self.select(model, internals.calibration_batch(self._trainer, size, gen))
+            else:
+                # rank r draws global calibration batches r*n .. r*n+n-1, so N ranks x n batches score the same
+                # batches (and probe noise) as one process with N*n
+                first = self._trainer.args.process_index * self.options.calib_batches
+                indices = list(range(first, first + self.options.calib_batches))
+                batches = [internals.calibration_batch(
+                    self._trainer, size, torch.Generator().manual_seed(draw_seed("calib", self.options.seed, g)))
+                    for g in indices]
+                self.calibrate(model, batches, indices)
+                if self._trainer.args.process_index == 0:
+                    path = os.path.join(self._trainer.args.output_dir, "auto_noise_policy.json")
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "w") as f:
+                        json.dump(self.policy, f, indent=2)
+        self._install_hooks()
+
+    def calibrate(self, model: torch.nn.Module, batches: list[dict[str, Any]],
+                  indices: list[int] | None = None) -> list[int]:
+        """v2: the KL / CE response of every candidate layer to every candidate scale on `batches` (eval mode,
+        no grad; sums all-reduced over ranks), then `calibration.v2_policy`."""
+        opts = self.options
+        hidden = self._lm_head.in_features if hasattr(self._lm_head, "in_features") else None
+        factors = list(opts.scale_factors)
+        kl = torch.zeros(len(self._candidates), len(factors), dtype=torch.float64)
+        dce = torch.zeros_like(kl)
+        counts = torch.zeros(2, dtype=torch.float64)  # (batches, clean CE sum)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for b, batch in zip(indices or range(len(batches)), batches):
+                    pos = positions(batch["labels"], True)
+                    clean_h = self._final_hidden(model, batch)
+                    hidden = clean_h.shape[-1]
+                    clean_lp, clean_ce = self._probe_logprobs(clean_h, pos)
+                    counts += torch.tensor([1.0, clean_ce])
+                    for r, layer in enumerate(self._candidates):
+                        for j, factor in enumerate(factors):
+                            scale = factor / math.sqrt(hidden)
+                            hook = self._layers[layer][1].register_forward_hook(self._probe_hook(scale, (b, layer, j)))
+                            try:
+                                noisy_lp, noisy_ce = self._probe_logprobs(self._final_hidden(model, batch), pos)
+                            finally:
+                                hook.remove()
+                            kl[r, j] += float(_masked_mean(symmetric_kl(clean_lp, noisy_lp), pos.ce)) \
+                                * opts.temperature ** 2
+                            dce[r, j] += max(noisy_ce - clean_ce, 0.0)
+        finally:
+            model.train(was_training)
+        kl, dce, counts = (_all_reduce_sum(t) for t in (kl, dce, counts))
+        n = counts[0].clamp(min=1)
+        self.policy = v2_policy(kl / n, dce / n, float(counts[1] / n), factors, hidden, self._candidates,
+                                opts.max_ce_ratio, opts.scale_prior, opts.target_kl_frac, opts.depth_bands,
+                                num_layers=len(self._layers))
+        self.policy.update(clean_ce=float(counts[1] / n), kl=(kl / n).tolist(), ce_delta=(dce / n).tolist(),
+                           scale_factors=factors, layers=list(self._candidates))
+        self.selected = _broadcast(self.policy["selected"])
+        self.scales = {int(k): float(v) for k, v in _broadcast_obj(self.policy["scales"]).items()}
+        logger.info("noisefit v2: noise on layers %s with scales %s", self.selected, self.scales)
+        return self.selected
+
+    def _final_hidden(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        captured: dict[str, torch.Tensor] = {}
+        handle = self._body.register_forward_hook(
+            lambda m, a, out: captured.__setitem__("h", internals.final_hidden(out)))
+        try:
+            model(**_model_inputs(batch), **self._forward_kwargs())
+        finally:
+            handle.remove()
+        return captured["h"]
+
+    def _probe_logprobs(self, hidden: torch.Tensor, pos: Any) -> tuple[torch.Tensor, float]:
+        """Tempered log-probabilities at the loss positions, and the (untempered) token-mean CE there."""
+        z = self._lm_head(hidden[pos.rows, pos.cols]).float()
+        ce = torch.nn.functional.cross_entropy(z[pos.ce], pos.target[pos.ce], reduction="mean") if pos.ce.any() \
+            else z.new_zeros(())
+        return torch.log_softmax(z / self.options.temperature, -1), float(ce)
+
+    def _probe_hook(self, scale: float, key: tuple):
+        opts = self.options
+
+        def hook(module, args, output):
+            h = output if torch.is_tensor(output) else output[0]
+            eps = standard_normal(h.shape, h.device, "probe", opts.seed, *key)
+            noisy = adaptive_noise(h, eps, scale, opts.beta, opts.nf_clip, detach_scale=True)
+            return noisy if torch.is_tensor(output) else (noisy, *output[1:])
+
+        return hook
+
+
+    def select(self, model: torch.nn.Module, batch: dict[str, Any]) -> list[int]:
+        """Score every candidate layer on `batch` (eval mode, no grad) and keep the top / bottom k.
+
+        Every rank runs the forward (under ZeRO-3 the parameter gathers are collective) on the same seeded batch
+        with the same seeded draws; rank 0's choice is then broadcast so the ranks cannot disagree."""
+        scores: dict[int, torch.Tensor] = {}
+        opts = self.options
+
+        def capture(index):
+            def hook(module, args, output):
+                h = output if torch.is_tensor(output) else output[0]
+                scores[index] = layer_snr(h, opts.noise_std, opts.beta, opts.nf_clip, opts.snr_draws, opts.seed, index)
+            return hook
+
+        last = len(self._layers) - 1
+        post_norm = opts.last_layer_post_norm and last in self._candidates
+        handles = [self._layers[i][1].register_forward_hook(capture(i)) for i in self._candidates
+                   if not (post_norm and i == last)]
+        if post_norm:
+            hook = capture(last)
+            handles.append(self._body.register_forward_hook(
+                lambda m, a, out: hook(m, a, internals.final_hidden(out))))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(**_model_inputs(batch), **self._forward_kwargs())
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        snr = torch.stack([scores[i] for i in self._candidates]).cpu()
+        picked = [self._candidates[j] for j in select_layers(snr, opts.num_layers, opts.select)]
+        self.selected = _broadcast(picked)
+        self.snr = snr.tolist()
+        logger.info("noisefit: SNR %s; noise on layers %s (%s SNR)", [round(s, 3) for s in self.snr],
+                    self.selected, opts.select)
+        return self.selected
+
+    def _install_hooks(self) -> None:
+        self.teardown()
+        for index in self.selected:
+            self.add_hook(self._layers[index][1].register_forward_hook(self._noise_hook(index)))
+
+    def _forward_kwargs(self) -> dict[str, Any]:
+        # only the final hidden states are used: skip the [rows, T, V] logits of the model's own head
+        return {"use_cache": False, **({"logits_to_keep": 1} if self._keep_one else {})}
+
+    # -- training ---------------------------------------------------------------------------------------------
+    def _noise_hook(self, layer: int):
+        opts = self.options
+
+        def hook(module, args, output):
+            # off in eval mode, under no_grad (generate, evaluation) and outside the stacked training forward
+            if self._rows is None or not module.training or not torch.is_grad_enabled():
+                return None
+            if self._branch is not None:  # pack_branches="never": one branch per forward
+                if self._branch == 0:
+                    return None
+                h = output if torch.is_tensor(output) else output[0]
+                noisy = self._noisy_branch(h, layer, self._branch)
+                return noisy if torch.is_tensor(output) else (noisy, *output[1:])
+            h = output if torch.is_tensor(output) else output[0]
+            rows = self._rows
+            if h.dim() != 3:
+                raise RuntimeError(f"noisefit: layer {layer} returned shape {tuple(h.shape)}, expected [rows, T, d]")
+            if h.shape[0] != 3 * rows:  # another forward between the stacked one and the optimizer step
+                return None
+            parts = [h[:rows]] + [self._noisy_branch(h[b * rows:(b + 1) * rows], layer, b) for b in (1, 2)]
+            noisy = torch.cat(parts, dim=0)
+            return noisy if torch.is_tensor(output) else (noisy, *output[1:])
+
+        return hook
+
+    def _noisy_branch(self, hb: torch.Tensor, layer: int, branch: int) -> torch.Tensor:
+        opts = self.options
+        eps = standard_normal(hb.shape, hb.device, *training_noise_key(opts.seed, *self._key, layer, branch))
+        base = self.scales[layer] if opts.version == "v2" else branch_base(hb, opts.noise_std, opts.double_sigma)
+        return adaptive_noise(hb, eps, base, opts.beta, opts.nf_clip, opts.detach_noise_scale)
+
+    def training_loss(self, ctx: LossContext) -> torch.Tensor:
+        opts = self.options
+        labels = ctx.inputs["labels"]
+        rows = labels.shape[0]
+        self._advance(ctx.trainer)
+        captured: list[torch.Tensor] = []
+        handle = self._body.register_forward_hook(lambda m, a, out: captured.append(internals.final_hidden(out)))
+        self._rows = rows  # armed until post_step: a checkpointed layer re-runs its hook during backward
+        try:
+            if opts.pack_branches == "auto":
+                stacked = {k: _repeat3(v, rows) for k, v in _model_inputs(ctx.inputs).items()}
+                ctx.model(**stacked, **self._forward_kwargs())
+                hidden = captured[0].split(rows, dim=0)
+            else:
+                for branch in (0, 1, 2):
+                    self._branch = branch
+                    ctx.model(**_model_inputs(ctx.inputs), **self._forward_kwargs())
+                hidden = tuple(captured)
+        finally:
+            handle.remove()
+            self._branch = None
+        pos = positions(labels, opts.shift_mask)
+        sums = hybrid_sums(hidden, pos, self._lm_head, opts.temperature, opts.detach_teacher, opts.chunk_size,
+                           self._recompute(pos.rows.numel()))
+        out = hybrid_loss(sums, opts.alpha, opts.lam, ctx.token_mean, ctx.ga_divisor)
+        # logged per micro-batch as plain token means (the loss's CE is in the host's accumulation units)
+        logged = {"ce": sums["nll_sum"] / sums["ce_count"].clamp(min=1), "soft": out["soft"],
+                  "consistency": out["consistency"]}
+        for key, value in logged.items():
+            value = value.detach()
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
+        self._count += 1
+        return out["loss"]
+
+    def _recompute(self, num_positions: int) -> bool:
+        if self.options.recompute_logits != "auto":
+            return self.options.recompute_logits == "always"
+        vocab = self._lm_head.out_features if hasattr(self._lm_head, "out_features") else self._lm_head.weight.shape[0]
+        return 3 * num_positions * vocab * 4 > RECOMPUTE_ABOVE_BYTES
+
+    def _advance(self, trainer: Any) -> None:
+        """Set the noise key (optimizer step, shard) of this micro-batch; see `training_noise_key`."""
+        step = trainer.state.global_step
+        micro = self._micro[1] + 1 if self._micro[0] == step else 0
+        self._micro = (step, micro)
+        self._key = (step, micro * trainer.args.world_size + trainer.args.process_index)
+
+    def post_step(self, shards: Any) -> None:
+        self._rows = None  # every backward of the step has run: the hooks go quiet until the next stacked forward
+
+    # -- logging and state ------------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        out = {k: float(v) / max(self._count, 1) for k, v in self._sums.items()}
+        self._sums, self._count = {}, 0
+        if self.selected is not None:
+            out["num_noisy_layers"] = float(len(self.selected))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"selected": list(self.selected or []), "snr": list(self.snr),
+                "scales": {int(k): float(v) for k, v in self.scales.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "selected" not in state:
+            raise ValueError("noisefit: the checkpoint's state has no selected layers")
+        self.selected, self.snr = list(state["selected"]), list(state.get("snr", []))
+        self.scales = {int(k): float(v) for k, v in state.get("scales", {}).items()}
+        if self.options.version == "v2" and set(self.scales) != set(self.selected):
+            raise ValueError("noisefit v2: the checkpoint's state has no noise scale for every selected layer")
+        if self._layers and self._hook_handles:  # already training: move the hooks to the saved layers
+            self._install_hooks()
+
+
+def _check_trainer(trainer: Any) -> None:
+    """What the replaced loss cannot honour, refused before training."""
+    args = trainer.args
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        raise ConfigError("noisefit replaces the training loss; it cannot be combined with compute_loss_func")
+    if getattr(args, "label_smoothing_factor", 0.0):
+        raise ConfigError("noisefit: label_smoothing_factor must be 0 (its CE is the plain token-mean NLL)")
+    if getattr(args, "loss_type", "nll") != "nll":
+        raise ConfigError(f"noisefit: loss_type={args.loss_type!r} is not supported; use 'nll'")
+    if getattr(args, "padding_free", False):
+        raise ConfigError("noisefit stacks the batch three times along the batch dimension; padding_free is not "
+                          "supported")
+
+
+def _model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in inputs.items() if k not in ("labels", "use_cache", "num_items_in_batch")}
+
+
+def _repeat3(value: Any, rows: int) -> Any:
+    if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == rows:
+        return torch.cat([value, value, value], dim=0)
+    if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == 1 and rows > 1:
+        return value  # broadcast along the batch (e.g. shared position_ids)
+    raise ConfigError(f"noisefit: cannot stack model input of shape {tuple(getattr(value, 'shape', ()))} for "
+                      f"{rows} rows")
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+        moved = t.to(device)
+        dist.all_reduce(moved)
+        return moved.cpu()
+    return t
+
+
+def _broadcast_obj(obj: Any) -> Any:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def _broadcast(picked: list[int]) -> list[int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [picked]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] != picked:
+            logger.warning("noisefit: this rank scored layers %s, rank 0 chose %s; using rank 0's", picked, box[0])
+        return list(box[0])
+    return picked
