@@ -5,6 +5,7 @@
     llmreg validate RECIPE [key=value ...]
     llmreg list
     llmreg eval --suite SUITE --model PATH [--model PATH ...] [--base PATH] --out DIR [--limit N]
+    llmreg sweep RECIPE [key=value ...] --grid key=v1,v2 [key=v1,v2 ...] [--out DIR] [--overwrite]
 
 `train` also runs under `torchrun --nproc_per_node N -m llmreg.cli train ...`,
 `accelerate launch -m llmreg.cli train ...` and the `deepspeed` launcher: the
@@ -50,7 +51,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmreg", description="Regularized LLM training from YAML recipes.")
     _launcher_args(parser)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,importance,validate,list,eval,testbed}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,importance,validate,list,eval,testbed,sweep}")
 
     train = sub.add_parser("train", help="validate a recipe, then train", description="Validate, then train.")
     _recipe_args(train)
@@ -89,7 +90,26 @@ def _parser() -> argparse.ArgumentParser:
                         add_help=False)
     tb.add_argument("rest", nargs=argparse.REMAINDER, help="build | forget PATH ... (see --help after it)")
     tb.set_defaults(func=cmd_testbed, overrides=[])
+
+    sw = sub.add_parser("sweep", help="run a grid of a pretrain recipe, one run after another (resumable)",
+                        description="Train every point of the grid (skipping finished ones), then tabulate the "
+                                    "final validation loss and check the best point's grid neighbours "
+                                    "(llmreg.pretrain.sweep). Base overrides go before --grid.")
+    _recipe_args(sw)
+    sw.add_argument("--grid", nargs="+", required=True, metavar="key=v1,v2",
+                    help="one axis per argument, e.g. trainer.weight_decay=0.1,0.4,1.6 trainer.num_train_epochs=4,8")
+    sw.add_argument("--out", metavar="DIR", help="sweep folder (default <output_dir>/sweep)")
+    sw.add_argument("--overwrite", action="store_true", help="redo every point, finished ones included")
+    sw.set_defaults(func=cmd_sweep)
     return parser
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from llmreg.pretrain.sweep import plan_sweep, run_sweep
+
+    plan = plan_sweep(args.recipe, args.overrides, args.grid, out=args.out, overwrite=args.overwrite)
+    run_sweep(plan, overwrite=args.overwrite, say=_say)
+    return 0
 
 
 def cmd_testbed(args: argparse.Namespace) -> int:
