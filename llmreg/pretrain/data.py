@@ -20,9 +20,9 @@ Epochs: `trainer.num_train_epochs` repeats the same blocks; the HF Trainer draws
 epoch from `data_seed` (defaulting to the recipe `seed`), so an ensemble member with seed k differs in
 initialisation and data order (the paper's train_seed = data_seed).
 
-Labels are the input ids themselves (no padding, every block is full), collated with
-`default_data_collator`: the language-modelling collator would mask every token equal to the pad token,
-which for tokenizers that pad with EOS would drop the document ends from the loss.
+Labels are the input ids themselves (no padding, every block is full), made by `collate_blocks`: the
+language-modelling collator would mask every token equal to the pad token, which for tokenizers that pad
+with EOS would drop the document ends from the loss.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from llmreg.core.options import ConfigError, check_mapping
 from llmreg.recipe.paths import TEXT_EXTENSIONS, resolve_path
@@ -133,24 +135,33 @@ def hold_out(docs: list, fraction: float) -> tuple[list, list]:
     return list(docs[:-n_val]), list(docs[-n_val:])
 
 
-def pack(token_docs: list[list[int]], block_size: int, token_budget: int | None = None) -> list[list[int]]:
-    """Concatenate, keep the first `token_budget` tokens, cut into full blocks (the remainder is dropped)."""
-    stream = [t for doc in token_docs for t in doc]
+def pack(token_docs: list[list[int]], block_size: int, token_budget: int | None = None) -> np.ndarray:
+    """Concatenate, keep the first `token_budget` tokens, cut into full blocks (the remainder is dropped):
+    an int32 array [blocks, block_size] (numpy, not lists: the paper's seed set is 210M tokens)."""
+    stream = np.concatenate([np.asarray(d, dtype=np.int32) for d in token_docs]) if token_docs else \
+        np.zeros(0, dtype=np.int32)
     if token_budget is not None:
         if token_budget > len(stream):
             raise ConfigError(f"data.pretrain.token_budget: {token_budget} tokens asked, the training text has "
                               f"only {len(stream)}")
         stream = stream[:token_budget]
     n = len(stream) // block_size
-    return [stream[i * block_size:(i + 1) * block_size] for i in range(n)]
+    return stream[:n * block_size].reshape(n, block_size)
 
 
-def blocks_dataset(blocks: list[list[int]]):
-    """A `datasets.Dataset` of input_ids = labels, full attention."""
+def blocks_dataset(blocks):
+    """A `datasets.Dataset` with one column, input_ids (the labels are the same ids: `collate_blocks`)."""
     from datasets import Dataset
 
-    return Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks],
-                              "labels": [list(b) for b in blocks]})
+    return Dataset.from_dict({"input_ids": np.asarray(blocks, dtype=np.int32)})
+
+
+def collate_blocks(features: list[dict]) -> dict:
+    """Full blocks -> input_ids and labels (equal; the model shifts them); no padding, no attention mask."""
+    import torch
+
+    ids = torch.tensor(np.stack([np.asarray(f["input_ids"]) for f in features]), dtype=torch.long)
+    return {"input_ids": ids, "labels": ids.clone()}
 
 
 # -- build time --------------------------------------------------------------------------------------
@@ -175,7 +186,7 @@ def _source_documents(source, separator: str, role: str) -> list[str]:
     return [t for t in ds["text"] if t and t.strip()]
 
 
-def pretrain_blocks(recipe, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+def pretrain_blocks(recipe, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(training blocks of the budget, validation blocks) of a recipe with `data.pretrain`."""
     spec: PretrainSpec = recipe.data.pretrain
     train_docs = tokenize_documents(_source_documents(recipe.data.train, spec.document_separator, "train"), tokenizer)
@@ -185,9 +196,9 @@ def pretrain_blocks(recipe, tokenizer) -> tuple[list[list[int]], list[list[int]]
         train_docs, val_docs = hold_out(train_docs, spec.validation_fraction)
     train = pack(train_docs, spec.block_size, spec.token_budget)
     val = pack(val_docs, spec.block_size)
-    if not train:
+    if not len(train):
         raise ConfigError(f"data.train: fewer tokens than one block of {spec.block_size}")
-    if val_docs and not val:
+    if val_docs and not len(val):
         raise ConfigError(f"data.pretrain: the validation documents have fewer tokens than one block "
                           f"({spec.block_size}); raise validation_fraction")
     return train, val
@@ -203,7 +214,7 @@ def pretrain_datasets(recipe, tokenizer, args=None):
         cache = spec.synthetic.cache_dir or os.path.join(recipe.output_dir, "synthetic")
         synthetic = synthetic_blocks(spec.synthetic, spec.block_size, tokenizer, cache, args=args)
         train = mix_blocks(train, synthetic, spec.synthetic.fraction, seed=spec.synthetic.seed)
-    return blocks_dataset(train), (blocks_dataset(val) if val else None)
+    return blocks_dataset(train), (blocks_dataset(val) if len(val) else None)
 
 
 def check_pretrain_recipe(recipe) -> None:

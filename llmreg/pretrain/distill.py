@@ -23,6 +23,7 @@ import os
 import random
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from llmreg.core.options import ConfigError
@@ -136,7 +137,7 @@ def _write_cache(cache_dir: str, meta: dict, rows: list[dict], tokenizer) -> Non
         json.dump(meta, f, indent=2)
 
 
-def mix_blocks(real: list[list[int]], synthetic: list[list[int]], fraction: float, seed: int = 0) -> list[list[int]]:
+def mix_blocks(real, synthetic: list[list[int]], fraction: float, seed: int = 0) -> np.ndarray:
     """The real blocks plus round(R*w/(1-w)) synthetic ones (see the module docstring)."""
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"synthetic fraction must be in (0, 1), got {fraction}")
@@ -149,4 +150,5 @@ def mix_blocks(real: list[list[int]], synthetic: list[list[int]], fraction: floa
         order = list(range(len(synthetic)))
         rng.shuffle(order)
         picked += [synthetic[i] for i in order[:need - len(picked)]]
-    return list(real) + picked
+    return np.concatenate([np.asarray(real, dtype=np.int32).reshape(-1, len(synthetic[0])),
+                           np.asarray(picked, dtype=np.int32).reshape(-1, len(synthetic[0]))])

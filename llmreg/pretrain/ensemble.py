@@ -26,6 +26,7 @@ import math
 import os
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from llmreg.core.options import ConfigError
@@ -115,7 +116,7 @@ def validation_loss(model: torch.nn.Module, blocks: Sequence[Sequence[int]], bat
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
-        ids = torch.tensor(blocks[i:i + batch_size], dtype=torch.long, device=_device(model))
+        ids = torch.as_tensor(np.asarray(blocks[i:i + batch_size]), dtype=torch.long, device=_device(model))
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)

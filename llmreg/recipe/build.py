@@ -131,10 +131,10 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_ds, eval_ds, ext
         from transformers import DataCollatorForLanguageModeling
 
         kwargs["data_collator"] = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-        if recipe.data.pretrain is not None:  # full blocks with their labels; no pad masking (pretrain.data)
-            from transformers import default_data_collator
+        if recipe.data.pretrain is not None:  # full blocks, labels = ids, no pad masking (llmreg.pretrain.data)
+            from llmreg.pretrain.data import collate_blocks
 
-            kwargs["data_collator"] = default_data_collator
+            kwargs["data_collator"] = collate_blocks
         if recipe.peft is not None:
             from peft import LoraConfig, get_peft_model
 
