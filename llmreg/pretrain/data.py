@@ -64,8 +64,11 @@ class PretrainSpec:
 
 def validate_pretrain(section: Any, recipe_dir: str | None, where: str = "data.pretrain") -> PretrainSpec:
     """Check `data.pretrain` (no file is read but the teachers' config.json existence)."""
-    values = check_mapping(PretrainSpec, section or {}, where)
-    synthetic = values.pop("synthetic", None)
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a mapping (block_size, token_budget, ...), got {section!r}")
+    section = dict(section or {})
+    synthetic = section.pop("synthetic", None)  # a mapping here, a SyntheticSpec once checked
+    values = check_mapping(PretrainSpec, section, where)
     spec = PretrainSpec(**values)
     if spec.block_size < 2:
         raise ConfigError(f"{where}.block_size: must be >= 2, got {spec.block_size}")
