@@ -378,8 +378,8 @@ def test_ensemble_refuses_mismatched_members(tmp_path):
 
 @pytest.mark.slow
 def test_ensemble_lm_eval_matches_members(tmp_path, tokenizer):
-    """lm-eval through the ensemble: two copies of one model score exactly like it; two different members give
-    a perplexity between nothing in particular, but not either member's."""
+    """lm-eval through the ensemble: two copies of one model score exactly like it; a mixture of two different
+    members scores like neither, and no worse than their geometric-mean perplexity (mixture log-loss <= mean)."""
     from llmreg.data import tiny_llama
     from llmreg.eval.run import evaluate_suite
     from llmreg.pretrain.ensemble import evaluate_ensemble_suite
@@ -392,7 +392,7 @@ def test_ensemble_lm_eval_matches_members(tmp_path, tokenizer):
         tokenizer.save_pretrained(path)
         paths.append(str(path))
     suite = tmp_path / "suite.yaml"
-    suite.write_text("target: [tinystories_ppl]\nretain: []\n")
+    suite.write_text("target: [tinystories_ppl]\nretain: [gsm8k_ppl]\n")
     single = evaluate_suite(str(suite), paths[0], limit=3)["tinystories_ppl"]
     same = evaluate_ensemble_suite(str(suite), [paths[0], paths[0]], limit=3)["tinystories_ppl"]
     assert same == pytest.approx(single, rel=1e-5)
