@@ -223,7 +223,7 @@ def write_figures(results: dict, figures: Path) -> list[Path]:
 def markdown_section(results: dict, figures_rel: str) -> str:
     lines = [BEGIN, "## Data-constrained pre-training: weight decay, epochs, ensembles (arXiv 2509.14786)", "",
              f"`{results['command']}` on {results['machine']}; {results['total_seconds'] / 60:.0f} min in all.",
-             f"Model {results['model']}, {results['params'] / 1e6:.2f}M parameters; seed set "
+             f"Model: Llama, {_model_text(results['model'])}, {results['params'] / 1e6:.2f}M parameters; seed set "
              f"{results['budget_tokens']} TinyStories tokens (blocks of {results['block_size']}), repeated E epochs; "
              f"validation: {results['eval_tokens']} held-out tokens; lr {results['learning_rate']}, cosine to 0, "
              "decoupled AdamW (decay x scheduled lr, torch semantics), 2-D weights decay. One seed per grid point.",
@@ -244,9 +244,10 @@ def markdown_section(results: dict, figures_rel: str) -> str:
                                  "not well above 0.1 at this scale (the paper: 0.8-3.2 at 200M tokens)."))
         ks = ", ".join(f"K={k}: {l:.4f}" for k, l in zip(ens["K"], ens["logits"]))
         lines.append(f"- Ensemble (members: {ens['member_epochs']} epochs, wd {ens['member_weight_decay']}, seeds "
-                     f"0..{len(ens['K']) - 1}; logit averaging): {ks}. Gain over the tuned single model "
-                     f"({b['eval_loss']:.4f}, the same {results['budget_tokens']} tokens): "
+                     f"0..{len(ens['K']) - 1}; logit averaging): {ks}. Gain (loss decrease) over the tuned single "
+                     f"model ({b['eval_loss']:.4f}, the same {results['budget_tokens']} tokens): "
                      + ", ".join(f"K={k} {b['eval_loss'] - l:+.4f}" for k, l in zip(ens["K"], ens["logits"]) if k > 1)
+                     + f"; over one member (K=1): K={ens['K'][-1]} {ens['logits'][0] - ens['logits'][-1]:+.4f}"
                      + f"; over the standard-wd best: K={ens['K'][-1]} {s['eval_loss'] - ens['logits'][-1]:+.4f}. "
                      "Probability averaging: " + ", ".join(f"K={k} {l:.4f}" for k, l in zip(ens["K"], ens["probs"]))
                      + ".")
@@ -267,6 +268,12 @@ def markdown_section(results: dict, figures_rel: str) -> str:
               "200M tokens); lr fixed at 3e-3 (the paper tunes it jointly); one seed per grid point, so differences "
               "of a few hundredths are within seed noise; the four-point size fit has three parameters.", END]
     return "\n".join(lines)
+
+
+def _model_text(config: dict) -> str:
+    keys = (("hidden_size", "hidden"), ("intermediate_size", "MLP"), ("num_hidden_layers", "layers"),
+            ("num_attention_heads", "heads"))
+    return ", ".join(f"{label} {config[k]}" for k, label in keys if k in config) + ", vocabulary 512 (stories260K)"
 
 
 def merge_results(old: dict, new: dict) -> dict:
