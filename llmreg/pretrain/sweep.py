@@ -182,6 +182,7 @@ def write_final_eval(trainer, recipe) -> dict:
     if trainer.is_world_process_zero():
         with open(os.path.join(recipe.output_dir, FINAL_EVAL_FILE), "w") as f:
             json.dump(result, f, indent=2)
+    trainer.accelerator.wait_for_everyone()  # under torchrun every rank reads the file next (run_sweep)
     return result
 
 
@@ -290,6 +291,9 @@ def format_table(axes: list[tuple[str, list[Any]]], losses: dict[tuple[int, ...]
 
 
 def write_summary(plan: SweepPlan) -> dict:
+    """The summary dict; the files are written by the main process only (a sweep under torchrun runs on all)."""
+    from llmreg.recipe.run import is_main_process
+
     losses = {p.index: (p.result or {}).get(METRIC) for p in plan.points}
     info = summarize(plan.axes, losses)
     best = info["best"]
@@ -306,10 +310,11 @@ def write_summary(plan: SweepPlan) -> dict:
         "local_minima": [by_index[p].name for p in info["local_minima"]],
         "table": table,
     }
-    with open(os.path.join(plan.out, SWEEP_JSON), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(plan.out, SWEEP_MD), "w") as f:
-        f.write(markdown_report(summary))
+    if is_main_process():
+        with open(os.path.join(plan.out, SWEEP_JSON), "w") as f:
+            json.dump(summary, f, indent=2)
+        with open(os.path.join(plan.out, SWEEP_MD), "w") as f:
+            f.write(markdown_report(summary))
     return summary
 
 
