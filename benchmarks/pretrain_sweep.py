@@ -10,9 +10,10 @@ tokens, lr 3e-3, cosine to 0, decoupled AdamW, 2-D weights decay) on a fixed bud
 stories (held out, the same for every run). Per variant:
 
 1. grid: weight decay x epochs (`llmreg sweep` machinery: resumable, neighbour check), lr fixed;
-2. ensemble: K members (seeds 0..K-1, initialisation and data order) with the paper's member rule
-   (2x the best grid point's epochs, half its weight decay), validation loss of the first k members for
-   k = 1..K under logit averaging (and probability averaging), and the fit L(K) = A / K^beta + E;
+2. ensembles: K members (seeds 0..K-1, initialisation and data order) with the paper's member rule
+   (2x the best grid point's epochs, half its weight decay) and with the tuned point's own configuration
+   (member 0 is the grid's best run); validation loss of the first k members for k = 1..K under logit
+   averaging (and probability averaging), and the fit L(K) = A / K^beta + E;
 3. sizes: the best grid point's (epochs, wd) at other widths (--sizes), and the fit L(N) = A / N^alpha + E.
 
 Variants: `VARIANTS` maps a name to extra recipe overrides; `multipliers` appends the `multipliers`
@@ -52,8 +53,9 @@ VARIANTS: dict[str, list[str]] = {
     "multipliers": ["regularizers.1={name: multipliers}"],
 }
 
-DEFAULTS = dict(wd=[0.1, 0.4, 1.6, 3.2], epochs=[4, 8, 16], budget=24576, ensemble=4, sizes=[64, 96, 160])
-SMOKE = dict(wd=[0.1, 1.6], epochs=[1, 2], budget=1024, ensemble=2, sizes=[16, 24])
+DEFAULTS = dict(wd=[0.1, 0.4, 1.6, 3.2], epochs=[4, 8, 16], budget=24576, ensemble=4, sizes=[64, 96, 160],
+                member_rules=["paper", "tuned"])
+SMOKE = dict(wd=[0.1, 1.6], epochs=[1, 2], budget=1024, ensemble=2, sizes=[16, 24], member_rules=["paper", "tuned"])
 SMOKE_OVERRIDES = ["model.config.hidden_size=32", "model.config.intermediate_size=64",
                    "model.config.num_hidden_layers=1", "model.config.num_attention_heads=2",
                    "model.config.num_key_value_heads=2", "data.pretrain.block_size=32",
@@ -120,24 +122,22 @@ def run_variant(name: str, cfg: dict, base: list[str], workdir: Path) -> dict:
     std = [p for p in grid["points"] if p["values"]["trainer.weight_decay"] == min(cfg["wd"])]
     std_best = min(std, key=lambda p: p["eval_loss"])
 
-    member_wd, member_epochs = best_wd / 2, best_epochs * 2
-    log(f"== variant {name}: ensemble members (epochs {member_epochs}, wd {member_wd})")
-    members = sweep([*overrides, f"trainer.weight_decay={member_wd}", f"trainer.num_train_epochs={member_epochs}"],
-                    [f"seed={','.join(str(s) for s in range(cfg['ensemble']))}"], workdir / name / "members")
-    paths = [os.path.join(p["run_dir"], "final") for p in members["points"]]
     recipe = load_recipe(str(RECIPE), overrides)
     _, val = pretrain_blocks(recipe, build_tokenizer(recipe.tokenizer))
-    models = load_members(paths)
-    ensemble = {"member_epochs": member_epochs, "member_weight_decay": member_wd,
-                "member_losses": [p["eval_loss"] for p in members["points"]], "K": [], "logits": [], "probs": []}
-    for k in range(1, len(models) + 1):
-        ensemble["K"].append(k)
-        for combine in ("logits", "probs"):
-            ensemble[combine].append(validation_loss(EnsembleCausalLM(models[:k], combine), val))
-        log(f"    K={k}: logits {ensemble['logits'][-1]:.4f}, probs {ensemble['probs'][-1]:.4f}")
-    if len(models) >= 3:
-        ensemble["fit_logits"] = fit_power_law(ensemble["K"], ensemble["logits"]).as_dict()
-    del models
+    ensembles = {}
+    for rule in cfg["member_rules"]:
+        if rule == "paper":  # 2x the tuned epochs, half its weight decay (ensemble_members.py)
+            member_epochs, member_wd = best_epochs * 2, best_wd / 2
+        else:  # "tuned": the tuned single model's own (epochs, wd); member 0 is the grid's best run itself
+            member_epochs, member_wd = best_epochs, best_wd
+        log(f"== variant {name}: ensemble members, {rule} rule (epochs {member_epochs}, wd {member_wd})")
+        seeds = list(range(cfg["ensemble"])) if rule == "paper" else list(range(1, cfg["ensemble"]))
+        members = sweep([*overrides, f"trainer.weight_decay={member_wd}", f"trainer.num_train_epochs={member_epochs}"],
+                        [f"seed={','.join(map(str, seeds))}"], workdir / name / f"members_{rule}")
+        points = members["points"]
+        if rule == "tuned":
+            points = [next(p for p in grid["points"] if p["values"] == best), *points]
+        ensembles[rule] = evaluate_ensemble(points, val, member_epochs, member_wd)
 
     log(f"== variant {name}: sizes")
     sizes = {"hidden": [], "params": [], "eval_loss": []}
@@ -165,7 +165,25 @@ def run_variant(name: str, cfg: dict, base: list[str], workdir: Path) -> dict:
             "standard_wd_best": {"weight_decay": std_best["values"]["trainer.weight_decay"],
                                  "epochs": std_best["values"]["trainer.num_train_epochs"],
                                  "eval_loss": std_best["eval_loss"]},
-            "ensemble": ensemble, "sizes": sizes, "seconds": round(time.time() - t0, 1)}
+            "ensembles": ensembles, "sizes": sizes, "seconds": round(time.time() - t0, 1)}
+
+
+def evaluate_ensemble(points: list[dict], val, member_epochs, member_wd) -> dict:
+    """Validation loss of the first k members, k = 1..K, under both combination rules; the L(K) fit."""
+    from llmreg.pretrain.ensemble import EnsembleCausalLM, load_members, validation_loss
+    from llmreg.pretrain.fit import fit_power_law
+
+    models = load_members([os.path.join(p["run_dir"], "final") for p in points])
+    ens = {"member_epochs": member_epochs, "member_weight_decay": member_wd,
+           "member_losses": [p["eval_loss"] for p in points], "K": [], "logits": [], "probs": []}
+    for k in range(1, len(models) + 1):
+        ens["K"].append(k)
+        for combine in ("logits", "probs"):
+            ens[combine].append(validation_loss(EnsembleCausalLM(models[:k], combine), val))
+        log(f"    K={k}: logits {ens['logits'][-1]:.4f}, probs {ens['probs'][-1]:.4f}")
+    if len(models) >= 3:
+        ens["fit_logits"] = fit_power_law(ens["K"], ens["logits"]).as_dict()
+    return ens
 
 
 # -- outputs -----------------------------------------------------------------------------------------
@@ -197,24 +215,29 @@ def write_figures(results: dict, figures: Path) -> list[Path]:
     paths.append(figures / "pretrain_sweep_wd.png")
     fig.tight_layout(), fig.savefig(paths[-1], dpi=120), plt.close(fig)
 
-    for key, fname, xlabel in (("ensemble", "pretrain_sweep_ensemble.png", "ensemble size K"),
+    for key, fname, xlabel in (("ensembles", "pretrain_sweep_ensemble.png", "ensemble size K"),
                                ("sizes", "pretrain_sweep_sizes.png", "parameters (millions)")):
-        fig, ax = plt.subplots(figsize=(5, 4))
+        fig, ax = plt.subplots(figsize=(5.5, 4))
         for name, res in results["variants"].items():
-            if key == "ensemble":
-                x, y, fit = res["ensemble"]["K"], res["ensemble"]["logits"], res["ensemble"].get("fit_logits")
-                ax.plot(x, res["ensemble"]["probs"], "x:", label=f"{name}, prob. averaging")
+            curves = []
+            if key == "ensembles":
+                for rule, ens in res["ensembles"].items():
+                    label = f"{name}, {rule} members ({ens['member_epochs']} ep, wd {ens['member_weight_decay']:g})"
+                    ax.plot(ens["K"], ens["probs"], "x:", label=f"{label}, prob. avg")
+                    curves.append((ens["K"], ens["logits"], ens.get("fit_logits"), f"{label}, logit avg"))
             else:
-                x, y, fit = [n / 1e6 for n in res["sizes"]["params"]], res["sizes"]["eval_loss"], res["sizes"].get("fit")
-            ax.plot(x, y, "o", label=f"{name}" + (", logit averaging" if key == "ensemble" else ""))
-            if fit:
-                xs = [min(x) * (max(x) / min(x)) ** (i / 50) for i in range(51)]
-                ax.plot(xs, [fit["A"] / t ** fit["alpha"] + fit["E"] for t in xs], "-", alpha=0.6,
-                        label=f"fit: E = {fit['E']:.3f}, exponent {fit['alpha']:.2f}")
-            ax.axhline(res["best"]["eval_loss"], color="gray", linewidth=0.6)
+                curves.append(([n / 1e6 for n in res["sizes"]["params"]], res["sizes"]["eval_loss"],
+                               res["sizes"].get("fit"), name))
+            for x, y, fit, label in curves:
+                ax.plot(x, y, "o", label=label)
+                if fit:
+                    xs = [min(x) * (max(x) / min(x)) ** (i / 50) for i in range(51)]
+                    ax.plot(xs, [fit["A"] / t ** fit["alpha"] + fit["E"] for t in xs], "-", alpha=0.6,
+                            label=f"fit: E = {fit['E']:.3f}, exponent {fit['alpha']:.2f}")
+            ax.axhline(res["best"]["eval_loss"], color="gray", linewidth=0.6, label=f"{name}, tuned single model")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
         paths.append(figures / fname)
         fig.tight_layout(), fig.savefig(paths[-1], dpi=120), plt.close(fig)
     return paths
@@ -229,7 +252,7 @@ def markdown_section(results: dict, figures_rel: str) -> str:
              "decoupled AdamW (decay x scheduled lr, torch semantics), 2-D weights decay. One seed per grid point.",
              ""]
     for name, res in results["variants"].items():
-        b, s, ens = res["best"], res["standard_wd_best"], res["ensemble"]
+        b, s = res["best"], res["standard_wd_best"]
         lines += [f"### {name}", "", "Final validation loss, weight decay (rows) x epochs (columns); best in bold:", "",
                   res["grid"]["table"], ""]
         cert = res["grid"]["certificate"]
@@ -242,19 +265,18 @@ def markdown_section(results: dict, figures_rel: str) -> str:
                      f"The best wd is {ratio:g}x the standard one and gains {s['eval_loss'] - b['eval_loss']:.4f} "
                      "nats; " + ("well above 0.1, as the paper reports (0.8-3.2 at 200M tokens)." if ratio >= 4 else
                                  "not well above 0.1 at this scale (the paper: 0.8-3.2 at 200M tokens)."))
-        ks = ", ".join(f"K={k}: {l:.4f}" for k, l in zip(ens["K"], ens["logits"]))
-        lines.append(f"- Ensemble (members: {ens['member_epochs']} epochs, wd {ens['member_weight_decay']}, seeds "
-                     f"0..{len(ens['K']) - 1}; logit averaging): {ks}. Gain (loss decrease) over the tuned single "
-                     f"model ({b['eval_loss']:.4f}, the same {results['budget_tokens']} tokens): "
-                     + ", ".join(f"K={k} {b['eval_loss'] - l:+.4f}" for k, l in zip(ens["K"], ens["logits"]) if k > 1)
-                     + f"; over one member (K=1): K={ens['K'][-1]} {ens['logits'][0] - ens['logits'][-1]:+.4f}"
-                     + f"; over the standard-wd best: K={ens['K'][-1]} {s['eval_loss'] - ens['logits'][-1]:+.4f}. "
-                     "Probability averaging: " + ", ".join(f"K={k} {l:.4f}" for k, l in zip(ens["K"], ens["probs"]))
-                     + ".")
-        if ens.get("fit_logits"):
-            f = ens["fit_logits"]
-            lines.append(f"- Fit L(K) = A/K^b + E: E = {f['E']:.4f} (A {f['A']:.4f}, b {f['alpha']:.2f}); the "
-                         "asymptote of the ensemble with K -> infinity.")
+        for rule, ens in res["ensembles"].items():
+            ks = ", ".join(f"K={k}: {l:.4f}" for k, l in zip(ens["K"], ens["logits"]))
+            lines.append(
+                f"- Ensemble, {rule} member rule ({ens['member_epochs']} epochs, wd {ens['member_weight_decay']:g}, "
+                f"seeds 0..{len(ens['K']) - 1}; logit averaging): {ks}. Gain (loss decrease) over the tuned single "
+                f"model ({b['eval_loss']:.4f}, the same {results['budget_tokens']} tokens): "
+                + ", ".join(f"K={k} {b['eval_loss'] - l:+.4f}" for k, l in zip(ens["K"], ens["logits"]) if k > 1)
+                + f"; over one member (K=1): K={ens['K'][-1]} {ens['logits'][0] - ens['logits'][-1]:+.4f}"
+                + f"; over the standard-wd best: K={ens['K'][-1]} {s['eval_loss'] - ens['logits'][-1]:+.4f}. "
+                "Probability averaging: " + ", ".join(f"K={k} {l:.4f}" for k, l in zip(ens["K"], ens["probs"])) + "."
+                + (f" Fit L(K) = A/K^b + E: E = {ens['fit_logits']['E']:.4f} (A {ens['fit_logits']['A']:.4f}, "
+                   f"b {ens['fit_logits']['alpha']:.2f}), the K -> infinity asymptote." if ens.get("fit_logits") else ""))
         sz = res["sizes"]
         lines.append("- Sizes at the best (epochs, wd): " + ", ".join(
             f"{n / 1e6:.2f}M: {l:.4f}" for n, l in zip(sz["params"], sz["eval_loss"])) + (
@@ -301,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, help="training tokens of the seed set")
     p.add_argument("--ensemble", type=int, help="ensemble members K")
     p.add_argument("--sizes", type=int, nargs="+", help="other hidden sizes for the L(N) fit")
+    p.add_argument("--member-rules", nargs="+", choices=["paper", "tuned"], dest="member_rules",
+                   help="ensemble member configurations: paper (2x epochs, 1/2 wd of the tuned model) and/or tuned "
+                        "(the tuned model's own; member 0 is the grid's best run)")
     args = p.parse_args(argv)
     if args.smoke:
         if not args.out:

@@ -39,11 +39,16 @@ def test_smoke_run_writes_everything_into_the_tmp_dir(tmp_path):
     points = base["grid"]["points"]
     assert len(points) == 4 and all(isinstance(p["eval_loss"], float) for p in points)
     assert base["best"]["eval_loss"] == min(p["eval_loss"] for p in points)
-    ens = base["ensemble"]
+    ens = base["ensembles"]["paper"]
     assert ens["K"] == [1, 2] and ens["member_epochs"] == 2 * base["best"]["epochs"]
     assert ens["member_weight_decay"] == base["best"]["weight_decay"] / 2
-    assert ens["logits"][0] == pytest.approx(ens["member_losses"][0], rel=1e-5)  # K=1 is member 0's own loss
-    assert ens["probs"][1] <= sum(ens["member_losses"]) / 2 + 1e-6
+    tuned = base["ensembles"]["tuned"]
+    assert (tuned["member_epochs"], tuned["member_weight_decay"]) == (base["best"]["epochs"],
+                                                                     base["best"]["weight_decay"])
+    assert tuned["member_losses"][0] == base["best"]["eval_loss"]  # member 0 is the grid's best run
+    for e in (ens, tuned):
+        assert e["logits"][0] == pytest.approx(e["member_losses"][0], rel=1e-5)  # K=1 is member 0's own loss
+        assert e["probs"][1] <= sum(e["member_losses"]) / 2 + 1e-6
     assert len(base["sizes"]["params"]) == 3 and "fit" in base["sizes"]
     text = (out / "RESULTS.md").read_text()
     assert text.startswith("# Results\n\nkept above\n") and module.BEGIN in text and module.END in text
