@@ -470,3 +470,22 @@ def test_distill_recipe_generates_once_and_trains_on_the_mix(tmp_path, tokenizer
     assert rerun.trainer.train_dataset["input_ids"] == run.trainer.train_dataset["input_ids"]
     rerun.trainer.train()
     assert rerun.trainer.state.global_step == 64 // 16
+
+
+def test_joint_asymptote_and_data_efficiency():
+    from llmreg.pretrain.fit import PowerLaw, data_efficiency, joint_asymptote
+
+    k = np.array([1, 2, 3, 4, 6])
+    sizes = {0.15: 3.6, 0.3: 3.45, 0.6: 3.37, 1.4: 3.31}
+    e_star = 3.17
+    # E_N built from a size law with asymptote 3.17, then each ensemble curve approaches its E_N
+    e_n = {n: 0.05 / n ** 1.0 + e_star for n in sizes}
+    data = {n: (k, 0.2 / k ** 0.9 + e_n[n]) for n in sizes}
+    out = joint_asymptote(data)
+    assert out["E_star"] == pytest.approx(e_star, rel=1e-3)
+    assert [out["per_size"][n]["E"] for n in sorted(sizes)] == pytest.approx([e_n[n] for n in sorted(sizes)], rel=1e-4)
+    law = PowerLaw(A=2.0, alpha=0.25, E=1.9, rss=0.0)
+    d0 = 200.0
+    reached = float(law(5.17 * d0))  # the loss the baseline reaches with 5.17x the data
+    assert data_efficiency(law, reached, d0) == pytest.approx(5.17, rel=1e-6)
+    assert data_efficiency(law, 1.8, d0) == math.inf

@@ -84,3 +84,19 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], alpha_range: tuple[flo
     alpha = min((lo + hi) / 2, grid[i], key=rss)
     a, e, r = _nonneg_linear((x / scale) ** -alpha, y)
     return PowerLaw(A=a * scale ** alpha, alpha=float(alpha), E=e, rss=r)
+
+
+def data_efficiency(baseline_data_law: PowerLaw, recipe_loss: float, budget: float) -> float:
+    """How many times more data the baseline recipe needs to reach `recipe_loss` than `budget` (the paper's
+    data efficiency of a recipe at budget D0: D_baseline(loss) / D0, with D_baseline the baseline's data law
+    L(D) = A / D^gamma + E inverted; inf when the loss is at or below the baseline's asymptote)."""
+    return baseline_data_law.inverse(recipe_loss) / budget
+
+
+def joint_asymptote(ensemble_losses: dict[float, tuple[Sequence[float], Sequence[float]]]) -> dict:
+    """The paper's joint fit: L(K) = A / K^beta + E_N for each model size N ({N: (K values, losses)}), then
+    E_N = A' / N^alpha' + E*; returns the per-size laws, the law of E_N and the joint asymptote E*."""
+    per_size = {n: fit_power_law(k, loss) for n, (k, loss) in ensemble_losses.items()}
+    sizes = sorted(per_size)
+    law = fit_power_law(sizes, [per_size[n].E for n in sizes])
+    return {"per_size": {n: per_size[n].as_dict() for n in sizes}, "size_law": law.as_dict(), "E_star": law.E}
