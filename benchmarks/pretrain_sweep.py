@@ -276,12 +276,15 @@ def markdown_section(results: dict, figures_rel: str) -> str:
                 + f"; over the standard-wd best: K={ens['K'][-1]} {s['eval_loss'] - ens['logits'][-1]:+.4f}. "
                 "Probability averaging: " + ", ".join(f"K={k} {l:.4f}" for k, l in zip(ens["K"], ens["probs"])) + "."
                 + (f" Fit L(K) = A/K^b + E: E = {ens['fit_logits']['E']:.4f} (A {ens['fit_logits']['A']:.4f}, "
-                   f"b {ens['fit_logits']['alpha']:.2f}), the K -> infinity asymptote." if ens.get("fit_logits") else ""))
+                   f"b {ens['fit_logits']['alpha']:.2f}), the K -> infinity asymptote"
+                   + (" (b at the fit's bound: not a power law)." if ens["fit_logits"]["alpha"] >= 4.99 else ".")
+                   if ens.get("fit_logits") else ""))
         sz = res["sizes"]
-        lines.append("- Sizes at the best (epochs, wd): " + ", ".join(
+        lines.append("- Sizes at the 1M model's best (epochs, wd), not retuned per size as in the paper: " + ", ".join(
             f"{n / 1e6:.2f}M: {l:.4f}" for n, l in zip(sz["params"], sz["eval_loss"])) + (
             f"; fit L(N) = A/N^a + E (N in millions): E = {sz['fit']['E']:.4f}, a = {sz['fit']['alpha']:.2f}"
-            if sz.get("fit") else "") + ".")
+            + (" (a at the fit's bound 5: the points are not a power law, so E means nothing here)"
+               if sz["fit"]["alpha"] >= 4.99 else "") if sz.get("fit") else "") + ".")
         lines.append("")
     lines += [f"![validation loss vs weight decay]({figures_rel}/pretrain_sweep_wd.png) "
               f"![ensembles]({figures_rel}/pretrain_sweep_ensemble.png) "
