@@ -133,7 +133,8 @@ def run_variant(name: str, cfg: dict, base: list[str], workdir: Path) -> dict:
         log(f"== variant {name}: ensemble members, {rule} rule (epochs {member_epochs}, wd {member_wd})")
         seeds = list(range(cfg["ensemble"])) if rule == "paper" else list(range(1, cfg["ensemble"]))
         members = sweep([*overrides, f"trainer.weight_decay={member_wd}", f"trainer.num_train_epochs={member_epochs}"],
-                        [f"seed={','.join(map(str, seeds))}"], workdir / name / f"members_{rule}")
+                        [f"seed={','.join(map(str, seeds))}"],
+                        workdir / name / ("members" if rule == "paper" else f"members_{rule}"))
         points = members["points"]
         if rule == "tuned":
             points = [next(p for p in grid["points"] if p["values"] == best), *points]
