@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -106,7 +104,6 @@ def param_count(recipe) -> int:
 
 
 def run_variant(name: str, cfg: dict, base: list[str], workdir: Path) -> dict:
-    from llmreg.pretrain.ensemble import EnsembleCausalLM, load_members, validation_loss
     from llmreg.pretrain.fit import fit_power_law
     from llmreg.pretrain.data import pretrain_blocks
     from llmreg.recipe import load_recipe
