@@ -117,7 +117,7 @@ def test_build_gives_the_packed_budget_and_labels_equal_ids(tmp_path, tokenizer)
 
 def test_recipes_validate_and_round_trip():
     recipe = load_recipe(os.path.join(PRETRAIN, "tiny.yaml"))
-    assert recipe.data.pretrain.block_size == 128 and recipe.trainer.args["weight_decay"] == 1.6
+    assert recipe.data.pretrain.block_size == 128 and recipe.trainer.args["weight_decay"] == 3.2
     again = validate_recipe(recipe.to_dict())
     assert again.to_dict() == recipe.to_dict()
 
@@ -447,7 +447,7 @@ def test_distill_recipe_generates_once_and_trains_on_the_mix(tmp_path, tokenizer
         tiny_llama(vocab_size=len(tokenizer), seed=seed).save_pretrained(path)
         teachers.append(str(path))
     with pytest.raises(ConfigError, match="train the teacher first"):
-        load_recipe(os.path.join(PRETRAIN, "distill.yaml"))
+        load_recipe(os.path.join(PRETRAIN, "distill.yaml"), [f"data.pretrain.synthetic.teachers=[{tmp_path}/none]"])
     small = ["model.config.hidden_size=16", "model.config.intermediate_size=32", "model.config.num_hidden_layers=1",
              "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2",
              "data.pretrain.block_size=16", "data.pretrain.token_budget=256",
