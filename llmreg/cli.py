@@ -6,6 +6,7 @@
     llmreg list
     llmreg eval --suite SUITE --model PATH [--model PATH ...] [--base PATH] --out DIR [--limit N]
     llmreg export RUN_DIR OUT_DIR [--overwrite] [--no-verify]
+    llmreg sweep RECIPE [key=value ...] --grid key=v1,v2 [key=v1,v2 ...] [--out DIR] [--overwrite]
 
 `train` also runs under `torchrun --nproc_per_node N -m llmreg.cli train ...`,
 `accelerate launch -m llmreg.cli train ...` and the `deepspeed` launcher: the
@@ -51,7 +52,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmreg", description="Regularized LLM training from YAML recipes.")
     _launcher_args(parser)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,importance,validate,list,eval,testbed,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,importance,validate,list,eval,testbed,export,sweep}")
 
     train = sub.add_parser("train", help="validate a recipe, then train", description="Validate, then train.")
     _recipe_args(train)
@@ -99,6 +100,17 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     ex.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logit comparison")
     ex.set_defaults(func=cmd_export, overrides=[])
+
+    sw = sub.add_parser("sweep", help="run a grid of a pretrain recipe, one run after another (resumable)",
+                        description="Train every point of the grid (skipping finished ones), then tabulate the "
+                                    "final validation loss and check the best point's grid neighbours "
+                                    "(llmreg.pretrain.sweep). Base overrides go before --grid.")
+    _recipe_args(sw)
+    sw.add_argument("--grid", nargs="+", required=True, metavar="key=v1,v2",
+                    help="one axis per argument, e.g. trainer.weight_decay=0.1,0.4,1.6 trainer.num_train_epochs=4,8")
+    sw.add_argument("--out", metavar="DIR", help="sweep folder (default <output_dir>/sweep)")
+    sw.add_argument("--overwrite", action="store_true", help="redo every point, finished ones included")
+    sw.set_defaults(func=cmd_sweep)
     return parser
 
 
@@ -110,6 +122,14 @@ def cmd_export(args: argparse.Namespace) -> int:
              else "; not verified")
     print(f"done: merged the multipliers of {result.layers} layers from {result.source} into {result.out_dir}"
           + (" (separate LM head: the embeddings are no longer tied)" if result.untied else "") + check)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from llmreg.pretrain.sweep import plan_sweep, run_sweep
+
+    plan = plan_sweep(args.recipe, args.overrides, args.grid, out=args.out, overwrite=args.overwrite)
+    run_sweep(plan, overwrite=args.overwrite, say=_say)
     return 0
 
 

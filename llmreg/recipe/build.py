@@ -40,10 +40,17 @@ def build_run(recipe: Recipe, extra_regularizers: list | None = None) -> Run:
     init_distributed_for_deepspeed(recipe)
     args = build_training_args(recipe)
     tokenizer = build_tokenizer(recipe.tokenizer)
-    train_ds = prepare_dataset(load_source(recipe.data.train, recipe.trainer.kind, "train"), recipe, tokenizer, args)
-    eval_ds = None
-    if recipe.data.eval is not None:
-        eval_ds = prepare_dataset(load_source(recipe.data.eval, recipe.trainer.kind, "eval"), recipe, tokenizer, args)
+    if recipe.data.pretrain is not None:  # packed blocks of a fixed token budget (llmreg.pretrain.data)
+        from llmreg.pretrain.data import pretrain_datasets
+
+        train_ds, eval_ds = pretrain_datasets(recipe, tokenizer, args)
+    else:
+        train_ds = prepare_dataset(load_source(recipe.data.train, recipe.trainer.kind, "train"), recipe, tokenizer,
+                                   args)
+        eval_ds = None
+        if recipe.data.eval is not None:
+            eval_ds = prepare_dataset(load_source(recipe.data.eval, recipe.trainer.kind, "eval"), recipe, tokenizer,
+                                      args)
     model = build_model(recipe, tokenizer, args)
     trainer = build_trainer(recipe, args, model, tokenizer, train_ds, eval_ds, extra_regularizers)
     return Run(recipe=recipe, args=args, tokenizer=tokenizer, trainer=trainer)
@@ -124,6 +131,10 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_ds, eval_ds, ext
         from transformers import DataCollatorForLanguageModeling
 
         kwargs["data_collator"] = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+        if recipe.data.pretrain is not None:  # full blocks, labels = ids, no pad masking (llmreg.pretrain.data)
+            from llmreg.pretrain.data import collate_blocks
+
+            kwargs["data_collator"] = collate_blocks
         if recipe.peft is not None:
             from peft import LoraConfig, get_peft_model
 

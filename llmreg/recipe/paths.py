@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+TEXT_EXTENSIONS = (".txt", ".text", ".md")  # raw text: only the pretrain data mode reads it (llmreg.pretrain.data)
 
 
 def resolve_path(path: str, recipe_dir: str | None) -> str:

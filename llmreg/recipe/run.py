@@ -6,6 +6,7 @@ Output directory layout:
     <output_dir>/metrics.jsonl      one JSON object per logging event
     <output_dir>/checkpoint-N/      the trainer's checkpoints (+ llmreg_regularizers/rank<r>.pt)
     <output_dir>/final/             the final model and tokenizer
+    <output_dir>/final_eval.json    pretrain recipes: the final validation loss (llmreg.pretrain.sweep)
 
 A fresh run refuses an output directory that already holds checkpoints: the
 trainer would mix them with the new run's, and a later `--resume` would pick
@@ -30,6 +31,7 @@ from llmreg.recipe.schema import Recipe
 
 RECIPE_FILE = "recipe.yaml"
 FINAL_DIR = "final"
+FINAL_EVAL_FILE = "final_eval.json"  # written by pretrain recipes (llmreg.pretrain.sweep.write_final_eval)
 
 
 @dataclass
@@ -81,7 +83,7 @@ def clear_previous_run(output_dir: str) -> None:
     from llmreg.recipe.build import METRICS_FILE
     from llmreg.recipe.models import INIT_DIR
 
-    for name in [*checkpoints_in(output_dir), FINAL_DIR, INIT_DIR, METRICS_FILE, RECIPE_FILE]:
+    for name in [*checkpoints_in(output_dir), FINAL_DIR, INIT_DIR, METRICS_FILE, RECIPE_FILE, FINAL_EVAL_FILE]:
         path = os.path.join(output_dir, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
@@ -110,6 +112,10 @@ def train(recipe: Recipe, overwrite: bool = False, extra_regularizers: list | No
     run.trainer.save_model(final_dir)  # on every rank: gathers ZeRO-3 shards; writes on the main process
     if run.trainer.is_world_process_zero():
         run.tokenizer.save_pretrained(final_dir)
+    if recipe.data.pretrain is not None and run.trainer.eval_dataset is not None:
+        from llmreg.pretrain.sweep import write_final_eval
+
+        write_final_eval(run.trainer, recipe)  # final validation loss, after the schedule reached its end
     return RunResult(output_dir=recipe.output_dir, final_dir=final_dir, resumed_from=resume_from,
                      checkpoints=checkpoints_in(recipe.output_dir), global_step=run.trainer.state.global_step,
                      trainer=run.trainer)

@@ -95,6 +95,7 @@ class SourceSpec:
 class DataSpec:
     train: SourceSpec
     eval: SourceSpec | None = None
+    pretrain: Any = None  # llmreg.pretrain.data.PretrainSpec: packed fixed-budget pre-training blocks
 
 
 @dataclass
@@ -137,8 +138,9 @@ class Recipe:
         return {
             "model": _compact(self.model),
             "tokenizer": _compact(self.tokenizer),
-            "data": {role: _compact(src) for role, src in (("train", self.data.train), ("eval", self.data.eval))
-                     if src is not None},
+            "data": {**{role: _compact(src) for role, src in (("train", self.data.train), ("eval", self.data.eval))
+                        if src is not None},
+                     **({"pretrain": _pretrain_dict(self.data.pretrain)} if self.data.pretrain else {})},
             "trainer": {"kind": self.trainer.kind, **self.trainer.args,
                         **({"reward": self.trainer.reward} if self.trainer.reward else {})},
             "peft": self.peft,
@@ -218,6 +220,13 @@ class StagedRecipe:
 # the sections a stage may set (merged over the top-level ones) and those only the top level may set
 STAGE_SECTIONS = ("data", "trainer", "peft", "regularizers", "eval_during_training")
 TOP_LEVEL_ONLY = ("model", "tokenizer", "output_dir", "seed")
+
+
+def _pretrain_dict(spec: Any) -> dict[str, Any]:
+    out = _compact(spec)
+    if spec.synthetic is not None:
+        out["synthetic"] = _compact(spec.synthetic)
+    return out
 
 
 def _compact(obj: Any) -> dict[str, Any]:

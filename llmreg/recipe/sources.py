@@ -22,7 +22,7 @@ from typing import Any
 
 from llmreg.core.options import ConfigError, check_mapping, closest
 from llmreg.recipe.errors import located
-from llmreg.recipe.paths import DATA_EXTENSIONS, looks_like_path, resolve_path
+from llmreg.recipe.paths import DATA_EXTENSIONS, TEXT_EXTENSIONS, looks_like_path, resolve_path
 from llmreg.recipe.schema import BUILTIN_FORMATS, DataSpec, SourceSpec
 
 DEFAULT_NUM_EXAMPLES = 1000
@@ -42,21 +42,29 @@ class _DataKeys:
     completion_field: str | None = None
     num_examples: int | None = None
     seed: int | None = None
+    pretrain: dict | None = None  # llmreg.pretrain.data: packed pre-training blocks (raw .txt allowed)
 
 
 def validate_data(section: dict, recipe_dir: str | None) -> DataSpec:
     values = check_mapping(_DataKeys, section, "data")
     if values.get("train") is None:
         raise ConfigError("data: missing key 'train' (a file, a save_to_disk directory, hub:<name> or builtin:<task>)")
-    shared = {k: v for k, v in values.items() if k not in ("train", "eval") and v is not None}
-    train = _validate_source(values["train"], shared, "data.train", recipe_dir, is_eval=False)
+    shared = {k: v for k, v in values.items() if k not in ("train", "eval", "pretrain") and v is not None}
+    pretrain = None
+    if "pretrain" in values:
+        from llmreg.pretrain.data import validate_pretrain
+
+        pretrain = validate_pretrain(values["pretrain"], recipe_dir)
+    text_ok = pretrain is not None
+    train = _validate_source(values["train"], shared, "data.train", recipe_dir, is_eval=False, text_ok=text_ok)
     eval_ = None
     if values.get("eval") is not None:
-        eval_ = _validate_source(values["eval"], shared, "data.eval", recipe_dir, is_eval=True)
-    return DataSpec(train=train, eval=eval_)
+        eval_ = _validate_source(values["eval"], shared, "data.eval", recipe_dir, is_eval=True, text_ok=text_ok)
+    return DataSpec(train=train, eval=eval_, pretrain=pretrain)
 
 
-def _validate_source(value: Any, shared: dict, where: str, recipe_dir: str | None, is_eval: bool) -> SourceSpec:
+def _validate_source(value: Any, shared: dict, where: str, recipe_dir: str | None, is_eval: bool,
+                     text_ok: bool = False) -> SourceSpec:
     own = {"path": value} if isinstance(value, str) else dict(value)
     if "path" not in own:
         raise ConfigError(f"{where}: missing key 'path' (a file, a save_to_disk directory, hub:<name> or builtin:<task>)")
@@ -67,7 +75,7 @@ def _validate_source(value: Any, shared: dict, where: str, recipe_dir: str | Non
     elif spec.kind == "hub":
         _check_hub(spec, where)
     else:
-        spec.path = _check_local(spec, where, recipe_dir)
+        spec.path = _check_local(spec, where, recipe_dir, text_ok)
     return spec
 
 
@@ -106,7 +114,7 @@ def _check_hub(spec: SourceSpec, where: str) -> None:
             raise ConfigError(f"{where}: hub dataset '{spec.name}' needs the hub, but {var} is set")
 
 
-def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None) -> str:
+def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None, text_ok: bool = False) -> str:
     path = resolve_path(spec.path, recipe_dir)
     if not os.path.exists(path):
         if looks_like_path(spec.path):
@@ -117,8 +125,12 @@ def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None) -> str:
         if not any(os.path.isfile(os.path.join(path, m)) for m in SAVED_DATASET_MARKERS):
             raise ConfigError(f"{where}: directory {spec.path} was not written by Dataset.save_to_disk")
         return path
+    if text_ok and path.lower().endswith(TEXT_EXTENSIONS):  # raw text: data.pretrain reads it itself
+        return path
     if not path.lower().endswith(DATA_EXTENSIONS):
-        raise ConfigError(f"{where}: unsupported data file {spec.path}; use one of {', '.join(DATA_EXTENSIONS)}")
+        hint = " (raw text is read by the pretrain data mode: set data.pretrain)" if path.lower().endswith(
+            TEXT_EXTENSIONS) else ""
+        raise ConfigError(f"{where}: unsupported data file {spec.path}; use one of {', '.join(DATA_EXTENSIONS)}{hint}")
     if spec.split not in (None, "train"):
         raise ConfigError(f"{where}: a single file has no split '{spec.split}'; drop split or use a directory")
     return path

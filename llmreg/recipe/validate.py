@@ -76,9 +76,10 @@ def validate_recipe(raw: Any, recipe_path: str | None = None) -> Recipe | Staged
     seed = top.get("seed", DEFAULT_SEED)
     model = validate_model(top["model"], recipe_dir, seed)
     data = validate_data(top["data"], recipe_dir)
-    trainer = validate_trainer(top["trainer"], recipe_dir, seed, has_eval=data.eval is not None)
+    held_out = data.pretrain is not None and data.pretrain.validation_fraction > 0  # llmreg.pretrain.data
+    trainer = validate_trainer(top["trainer"], recipe_dir, seed, has_eval=data.eval is not None or held_out)
     peft = validate_peft(top.get("peft"))
-    return Recipe(
+    recipe = Recipe(
         model=model,
         tokenizer=validate_tokenizer(top.get("tokenizer"), model, recipe_dir),
         data=data,
@@ -92,6 +93,11 @@ def validate_recipe(raw: Any, recipe_path: str | None = None) -> Recipe | Staged
         importance=validate_importance(top.get("importance"), recipe_dir, trainer.args.get("deepspeed"), peft),
         path=os.path.abspath(recipe_path) if recipe_path else None,
     )
+    if data.pretrain is not None:
+        from llmreg.pretrain.data import check_pretrain_recipe
+
+        check_pretrain_recipe(recipe)
+    return recipe
 
 
 def default_output_dir(recipe_path: str | None) -> str:
