@@ -126,26 +126,20 @@ def minp_proxy_stats(logits: torch.Tensor, token_ids: torch.Tensor, kappa: float
     vocabulary are materialised in fp32 at a time.
     """
     _check(kappa, temperature, threshold_type)
-    flat = logits.reshape(-1, logits.shape[-1])
-    return _chunked_stats(flat, token_ids, lambda rows: rows.to(torch.float32, copy=True), chunk_size, kappa,
-                          temperature, threshold_type, inclusive, filter_before_temperature, soft_fill)
-
-
-def _chunked_stats(flat: torch.Tensor, token_ids: torch.Tensor, chunk_logits, chunk_size: int,
-                   *stat_args) -> ProxyStats:
-    """`ProxyStats` shaped like `token_ids`, from rows of `flat` turned into fp32 logits by `chunk_logits` at most
-    `chunk_size` rows at a time (the only vocabulary-sized tensors alive are one chunk's)."""
-    targets = token_ids.reshape(-1).to(device=flat.device, dtype=torch.long)
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    targets = token_ids.reshape(-1).to(device=logits.device, dtype=torch.long)
     parts = []
     with torch.no_grad():
         for start in range(0, flat.shape[0], chunk_size):
-            z = chunk_logits(flat[start:start + chunk_size])
-            parts.append(_stats_of_chunk(z, targets[start:start + chunk_size], *stat_args))
+            z = flat[start:start + chunk_size].to(torch.float32, copy=True)
+            parts.append(_stats_of_chunk(z, targets[start:start + chunk_size], kappa, temperature, threshold_type,
+                                         inclusive, filter_before_temperature, soft_fill))
             del z
     shape = token_ids.shape
     if not parts:
-        empty = torch.empty(shape, dtype=torch.float32, device=flat.device)
-        return ProxyStats(empty, empty.clone(), torch.empty(shape, dtype=torch.bool, device=flat.device))
+        empty = torch.empty(shape, dtype=torch.float32, device=logits.device)
+        return ProxyStats(empty, empty.clone(), torch.empty(shape, dtype=torch.bool, device=logits.device))
     return ProxyStats(*(torch.cat([p[i] for p in parts]).reshape(shape) for i in range(3)))
 
 
@@ -162,12 +156,26 @@ def hidden_proxy_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
     The projection runs in the weight's dtype (as the model's own head does) and is then cast to fp32.
     """
-    threshold_type = options.get("threshold_type", "minp")
-    _check(kappa, temperature, threshold_type)
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    return _chunked_stats(flat, token_ids, lambda rows: F.linear(rows.to(weight.dtype), weight, bias).float(),
-                          chunk_size, kappa, temperature, threshold_type, options.get("inclusive", True),
-                          options.get("filter_before_temperature", False), options.get("soft_fill", False))
+    _check(kappa, temperature, options.get("threshold_type", "minp"))
+    width = hidden.shape[-1]
+    flat = hidden.reshape(-1, width)
+    targets = token_ids.reshape(-1).to(device=hidden.device, dtype=torch.long)
+    parts = []
+    with torch.no_grad():
+        for start in range(0, flat.shape[0], chunk_size):
+            z = F.linear(flat[start:start + chunk_size].to(weight.dtype), weight, bias)
+            if z.dtype != torch.float32:
+                z = z.float()
+            parts.append(_stats_of_chunk(z, targets[start:start + chunk_size], kappa, temperature,
+                                         options.get("threshold_type", "minp"), options.get("inclusive", True),
+                                         options.get("filter_before_temperature", False),
+                                         options.get("soft_fill", False)))
+            del z
+    shape = token_ids.shape
+    if not parts:
+        empty = torch.empty(shape, dtype=torch.float32, device=hidden.device)
+        return ProxyStats(empty, empty.clone(), torch.empty(shape, dtype=torch.bool, device=hidden.device))
+    return ProxyStats(*(torch.cat([p[i] for p in parts]).reshape(shape) for i in range(3)))
 
 
 def lowp_threshold(values: torch.Tensor, rho: float) -> torch.Tensor | None:
