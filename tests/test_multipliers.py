@@ -211,6 +211,25 @@ def test_global_clip_skips_the_multipliers(tok, tmp_path):
     assert close(included, max_norm / (total + 1e-6), max_norm / (total + 1e-6))
 
 
+def test_logged_grad_norm_is_the_pre_clip_total_and_is_computed_once(tok, tmp_path):
+    """The trainer's `grad_norm` log is the norm over all gradients before clipping, taken from the
+    multipliers' own clip pass: the trainer's norm pass (accelerate's clip_grad_norm_) does not run."""
+    grads, _ = _step_grads(tok, tmp_path / "raw", trainer_max_grad_norm=0.0)
+    total = torch.sqrt(sum(g.double().square().sum() for g in grads.values())).item()
+    trainer = make_hf_trainer(tok, tmp_path / "clip", regularizers=[{"name": "multipliers"}], max_steps=1,
+                              max_grad_norm=0.05)
+    calls = []
+    original = trainer.accelerator.clip_grad_norm_
+    trainer.accelerator.clip_grad_norm_ = lambda *a, **k: calls.append(1) or original(*a, **k)
+    trainer.train()
+    logged = next(h for h in trainer.state.log_history if "loss" in h)["grad_norm"]
+    assert logged == pytest.approx(total, rel=1e-5) and not calls
+    vanilla = make_hf_trainer(tok, tmp_path / "vanilla", max_steps=1, max_grad_norm=0.05)
+    vanilla.accelerator.clip_grad_norm_ = lambda *a, **k: calls.append(1) or original(*a, **k)
+    vanilla.train()
+    assert calls  # the probe sees the trainer's own norm pass when no regularizer computed the norm
+
+
 def test_clip_leaves_the_updates_of_the_multipliers_unscaled(tok, tmp_path):
     """With plain SGD the multipliers' update is -lr * their raw gradient even when the others are clipped."""
     def deltas(out, max_grad_norm):

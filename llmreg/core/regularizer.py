@@ -166,6 +166,11 @@ class Regularizer:
     def pre_step(self, shards: ShardAccess) -> None:
         """Gradient edits, between backward and the optimizer step."""
 
+    def pop_grad_norm(self) -> float | None:
+        """The pre-clip global gradient norm over all trainable parameters, if `pre_step` computed it this
+        step (then the trainer reports it instead of computing the same norm again); None otherwise."""
+        return None
+
     def on_rollout_hidden(self, chunk: Any) -> None:
         """GRPO, with `requires.needs_rollout_hidden`: one chunk (`trl_compat.RolloutHidden`) of the
         data-generating policy's final hidden states over the generation batch, no grad."""

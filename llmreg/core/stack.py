@@ -104,6 +104,11 @@ class RegularizerStack:
         for reg in self.regularizers:
             reg.pre_step(shards)
 
+    def pop_grad_norm(self) -> float | None:
+        """The first gradient norm a regularizer computed in this step's `pre_step` (each is read once)."""
+        norms = [reg.pop_grad_norm() for reg in self.regularizers]
+        return next((n for n in norms if n is not None), None)
+
     def post_step(self, shards: ShardAccess) -> None:
         for reg in self.regularizers:
             reg.post_step(shards)

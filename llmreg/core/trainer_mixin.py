@@ -216,6 +216,13 @@ class RegularizedTrainerMixin:
             self._reg_pre_step()
         return loss
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        # the trainer logs the global pre-clip norm even when it does not clip; a regularizer that clips
+        # itself (multipliers) has just computed that norm in pre_step, so it is not computed twice
+        if grad_norm is None and not self.is_deepspeed_enabled and len(self.reg_stack):
+            grad_norm = self.reg_stack.pop_grad_norm()
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
     def _reg_pre_step(self) -> None:
         self.reg_stack.pre_step(self._reg_shards)
 

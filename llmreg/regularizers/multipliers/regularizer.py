@@ -107,6 +107,7 @@ class LearnableMultipliers(Regularizer):
         self.names: list[str] = []
         self.plan: dict[str, surgery.LayerPlan] = {}
         self._max_norm: float | None = None
+        self._grad_norm: float | None = None
         self._base_lr: float | None = None
         self._metrics: dict[str, float] = {}
         self._loaded: dict[str, Any] | None = None  # state loaded before setup; setup checks it
@@ -178,6 +179,7 @@ class LearnableMultipliers(Regularizer):
             sums[2:] = torch.stack([flat.sum(), flat.square().sum(), torch.tensor(float(flat.numel()))])
         sums = shards.all_reduce_sum(sums.to(device)).cpu()
         norm, mult_norm = math.sqrt(sums[0].item()), math.sqrt(sums[1].item())
+        self._grad_norm = math.sqrt(sums[0].item() + sums[1].item())
         self._metrics = {"grad_norm": norm, "multiplier_grad_norm": mult_norm}
         if sums[4] > 0:
             self._metrics.update(multiplier_mean=sums[2].item() / sums[4].item(),
@@ -191,6 +193,10 @@ class LearnableMultipliers(Regularizer):
             if factor != 1.0:
                 for p, g in grads[mult]:
                     shards.add_to_grad(p, g, alpha=factor - 1.0)  # g * factor, in the optimizer's units
+
+    def pop_grad_norm(self) -> float | None:
+        norm, self._grad_norm = self._grad_norm, None
+        return norm
 
     def metrics(self) -> dict[str, float]:
         return dict(self._metrics)
