@@ -221,6 +221,38 @@ def test_three_separate_forwards_equal_the_stacked_one(tok, tmp_path):
                           regularizers=[{"name": "noisefit", "num_layers": 1, "pack_branches": "never"}])
 
 
+def test_prefix_sharing_runs_the_prefix_once_with_the_same_loss_and_gradients(tok):
+    batch = batch_with_prompt_mask(tok)
+    rows = batch["input_ids"].shape[0]
+    results = {}
+    for share in (True, False):
+        model = tiny_llama(vocab_size=len(tok), seed=0, num_hidden_layers=4)
+        reg = prepared(model, [1, 3], num_layers=2, noise_std=0.8, prefix_sharing=share)
+        seen = {}
+        for i, layer in enumerate(model.model.layers):
+            layer.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out.shape[0]))
+        model.train()
+        loss = reg.training_loss(llmreg.LossContext(model=model, inputs=batch, loss=None, outputs=None,
+                                                    trainer=fake_trainer()))
+        loss.backward()
+        results[share] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, seen)
+    assert results[True][2] == {0: rows, 1: 3 * rows, 2: 3 * rows, 3: 3 * rows}  # layer 1's output is noised
+    assert results[False][2] == {0: 3 * rows, 1: 3 * rows, 2: 3 * rows, 3: 3 * rows}
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
+    assert max_rel_diff(results[False][1], results[True][1]) < 1e-5
+
+
+def test_prefix_sharing_is_off_by_default_when_the_prefix_has_dropout(tok, caplog):
+    assert prepared(tiny_llama(vocab_size=len(tok), num_hidden_layers=3), [1], num_layers=1)._share_prefix
+    dropped = tiny_llama(vocab_size=len(tok), num_hidden_layers=3, attention_dropout=0.1)
+    assert not prepared(dropped, [1], num_layers=1)._share_prefix
+    assert not prepared(tiny_llama(vocab_size=len(tok), num_hidden_layers=3), [1], num_layers=1,
+                        pack_branches="never")._share_prefix
+    with caplog.at_level("WARNING"):
+        assert prepared(dropped, [1], num_layers=1, prefix_sharing=True)._share_prefix
+    assert "dropout" in caplog.text
+
+
 def test_noise_key_follows_step_and_shard(tok):
     model = tiny_llama(vocab_size=len(tok), seed=0, num_hidden_layers=3)
     batch = batch_with_prompt_mask(tok)

@@ -12,7 +12,10 @@ Algorithm:
   rank 0's choice is broadcast.
 - Each micro-batch (`training_loss`, the core hook that replaces the host's loss): the batch is stacked three
   times, [clean; noisy 1; noisy 2], in ONE forward; the hooks add adaptive noise (noise.py) to rows of branches 1
-  and 2 only, with statistics per branch slice as if the branches ran separately. The final hidden states are
+  and 2 only, with statistics per branch slice as if the branches ran separately. With prefix sharing (default
+  when the shared layers have no dropout) the embeddings and the layers up to the first noisy one run once on the
+  plain batch, whose three branches would be identical there; that layer's hook returns [h; noisy 1; noisy 2]
+  and forward pre-hooks on the later layers stack the model's per-row mask / position tensors to match. The final hidden states are
   split and the hybrid loss alpha*CE + (1-alpha)*soft + lam*cons is computed on response positions from chunked
   LM-head logits (loss.py); one backward follows, as for any loss.
 - Noise is training-only: the hooks act only while armed (from the stacked forward to the end of the optimizer
@@ -33,7 +36,7 @@ Gradient accumulation (DESIGN trap 7): CE is normalised like the host's own loss
 divided by `ctx.ga_divisor`, so all three are averaged the same way over the accumulation window.
 
 Cost: about 3x the activation memory and 3x the FLOPs of SFT for the same micro-batch (three branches alive at
-backward, as in the paper); halve the micro-batch and double accumulation when it does not fit. The logits are
+backward, as in the paper), less 2/3 of the shared prefix's work with prefix sharing; halve the micro-batch and double accumulation when it does not fit. The logits are
 never materialised for the whole batch: chunks of `chunk_size` positions at the loss positions only, recomputed
 in backward when the three branches' fp32 logits would exceed 256 MiB (`recompute_logits="auto"`; at that size
 keeping them costs more memory than one more LM-head forward costs time).
@@ -54,8 +57,10 @@ lam / detach_teacher / detach_noise_scale default to v2's 0.05 / True / True. v2
 generators like the training noise.
 `pack_branches="never"` runs the official code's three forwards (same noise keys and per-branch statistics, so
 the same loss; refused with gradient checkpointing, where a recomputed layer could not tell its branch).
-Not implemented (spec options): the embedding SNR probe of the first commit (`snr_probe="embedding"`) and v2's
-prefix sharing. TRL SFT's own train metrics (entropy, token accuracy,
+`prefix_sharing` (spec: a v2 option, default off there) defaults to on when exact, i.e. when no module of the
+shared prefix has dropout (the values are those of the unshared forward: the prefix sees the same rows in every
+branch); with dropout it is off unless asked for, since the branches would then share one dropout mask.
+Not implemented (spec option): the embedding SNR probe of the first commit (`snr_probe="embedding"`). TRL SFT's own train metrics (entropy, token accuracy,
 num_tokens) are not recorded, since its `compute_loss` does not run; padding-free batches and DPO / GRPO are
 refused, and so are models whose logits are scaled or soft-capped after the LM head (Gemma 2, Cohere): the
 chunked head is the plain `lm_head` module.

@@ -61,6 +61,11 @@ class NoiseFiTOptions:
     pack_branches: Literal["auto", "never"] = option(
         "auto", "auto: clean and both noisy branches stacked in one forward; never: three forwards of the batch (as "
                 "the official code; lower peak per forward, same activations kept; not with gradient checkpointing)")
+    prefix_sharing: bool | None = option(
+        None, "run the embeddings and the layers up to the first noisy layer once and stack the three branches only "
+              "after it (identical values: those layers see the same input in every branch); None: on unless a "
+              "module of that prefix has dropout (shared dropout masks would change the branches); only with "
+              "pack_branches='auto'")
     seed: int = option(0, "seed of the calibration batch and of every noise draw")
     chunk_size: int = option(256, "positions per chunk of the chunked LM head / KL computation")
     recompute_logits: Literal["auto", "always", "never"] = option(
@@ -113,6 +118,10 @@ class NoiseFiT(Regularizer):
         self._branch: int | None = None  # pack_branches="never": the branch of the running forward
         self._key = (0, 0)  # (optimizer step, shard) of the current micro-batch
         self._micro = (-1, -1)  # (optimizer step, micro-step index)
+        self._share_prefix = False  # decided in _install_hooks, once the noisy layers are known
+        self._expanded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per forward: id -> (input, stacked)
+        self._in_training_forward = False
+        self._prefix_input: torch.Tensor | None = None  # the first noisy layer's input in the armed forward
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
 
@@ -287,7 +296,61 @@ class NoiseFiT(Regularizer):
     def _install_hooks(self) -> None:
         self.teardown()
         for index in self.selected:
-            self.add_hook(self._layers[index][1].register_forward_hook(self._noise_hook(index)))
+            self.add_hook(self._layers[index][1].register_forward_hook(self._noise_hook(index), with_kwargs=True))
+        first = min(self.selected)
+        self._share_prefix = self._decide_prefix_sharing(first)
+        if self._share_prefix:
+            # the layers after the first noisy one get [clean; noisy 1; noisy 2] hidden states but the model's own
+            # (rows-sized) mask and position tensors: stack those too on the way in
+            for _, layer in self._layers[first + 1:]:
+                self.add_hook(layer.register_forward_pre_hook(self._stack_layer_inputs, with_kwargs=True))
+
+    def _decide_prefix_sharing(self, first: int) -> bool:
+        opts = self.options
+        if opts.pack_branches != "auto" or opts.prefix_sharing is False:
+            return False
+        prefix = [m for _, layer in self._layers[:first + 1] for m in layer.modules()]
+        embed = self._body.get_input_embeddings() if hasattr(self._body, "get_input_embeddings") else None
+        prefix += list(embed.modules()) if embed is not None else []
+        dropout = [m for m in prefix if _dropout_rate(m) > 0]
+        if dropout and opts.prefix_sharing:
+            logger.warning("noisefit: prefix_sharing with dropout in the shared layers: the three branches share "
+                           "one dropout mask there")
+        return bool(opts.prefix_sharing) or not dropout
+
+    def _starts_branches(self, layer_input: Any) -> bool:
+        """Whether the first noisy layer's input belongs to the armed training forward: in that forward it is
+        recorded; a gradient-checkpointing recomputation replays it (same storage, maybe a detached view)."""
+        if not torch.is_tensor(layer_input):
+            return False
+        if self._in_training_forward:
+            self._prefix_input = layer_input
+            return True
+        ref = self._prefix_input
+        return ref is not None and ref.data_ptr() == layer_input.data_ptr() and ref.shape == layer_input.shape
+
+    def _stack_layer_inputs(self, module, args, kwargs):
+        rows = self._rows
+        if rows is None or not module.training or not torch.is_grad_enabled():
+            return None
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not torch.is_tensor(hidden) or hidden.shape[0] != 3 * rows:
+            return None
+        return (args[:1] + tuple(self._stacked(a, rows) for a in args[1:]),
+                {k: (v if k == "hidden_states" else self._stacked(v, rows)) for k, v in kwargs.items()})
+
+    def _stacked(self, value: Any, rows: int) -> Any:
+        """Per-row tensors (a batch dim of `rows`, at least 2-D: masks, position ids, rotary tables) stacked three
+        times, each once per forward; anything else (1-D cache positions, broadcast tensors, None) unchanged."""
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._stacked(v, rows) for v in value)
+        if not torch.is_tensor(value) or value.dim() < 2 or value.shape[0] != rows:
+            return value
+        hit = self._expanded.get(id(value))
+        if hit is None or hit[0] is not value:
+            hit = (value, torch.cat([value, value, value], dim=0))
+            self._expanded[id(value)] = hit  # keeps `value` alive, so its id is not reused within the forward
+        return hit[1]
 
     def _forward_kwargs(self) -> dict[str, Any]:
         # only the final hidden states are used: skip the [rows, T, V] logits of the model's own head
@@ -297,7 +360,7 @@ class NoiseFiT(Regularizer):
     def _noise_hook(self, layer: int):
         opts = self.options
 
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             # off in eval mode, under no_grad (generate, evaluation) and outside the stacked training forward
             if self._rows is None or not module.training or not torch.is_grad_enabled():
                 return None
@@ -311,9 +374,15 @@ class NoiseFiT(Regularizer):
             rows = self._rows
             if h.dim() != 3:
                 raise RuntimeError(f"noisefit: layer {layer} returned shape {tuple(h.shape)}, expected [rows, T, d]")
-            if h.shape[0] != 3 * rows:  # another forward between the stacked one and the optimizer step
+            if self._share_prefix and layer == min(self.selected) and h.shape[0] == rows:
+                if not self._starts_branches(args[0] if args else kwargs.get("hidden_states")):
+                    return None  # another forward of `rows` rows: not ours, left clean
+                # the shared prefix ends here: the three branches start from this one output
+                parts = [h] + [self._noisy_branch(h, layer, b) for b in (1, 2)]
+            elif h.shape[0] != 3 * rows:  # another forward between the stacked one and the optimizer step
                 return None
-            parts = [h[:rows]] + [self._noisy_branch(h[b * rows:(b + 1) * rows], layer, b) for b in (1, 2)]
+            else:
+                parts = [h[:rows]] + [self._noisy_branch(h[b * rows:(b + 1) * rows], layer, b) for b in (1, 2)]
             noisy = torch.cat(parts, dim=0)
             return noisy if torch.is_tensor(output) else (noisy, *output[1:])
 
@@ -335,8 +404,20 @@ class NoiseFiT(Regularizer):
         self._rows = rows  # armed until post_step: a checkpointed layer re-runs its hook during backward
         try:
             if opts.pack_branches == "auto":
-                stacked = {k: _repeat3(v, rows) for k, v in _model_inputs(ctx.inputs).items()}
-                ctx.model(**stacked, **self._forward_kwargs())
+                self._expanded.clear()
+                self._prefix_input = None
+                if self._share_prefix:
+                    self._in_training_forward = True
+                    try:
+                        ctx.model(**_model_inputs(ctx.inputs), **self._forward_kwargs())
+                    finally:
+                        self._in_training_forward = False
+                    if captured[0].shape[0] != 3 * rows:
+                        raise RuntimeError(f"noisefit: prefix sharing: the body returned {captured[0].shape[0]} rows, "
+                                           f"expected 3 x {rows}; set prefix_sharing: false for this model")
+                else:
+                    stacked = {k: _repeat3(v, rows) for k, v in _model_inputs(ctx.inputs).items()}
+                    ctx.model(**stacked, **self._forward_kwargs())
                 hidden = captured[0].split(rows, dim=0)
             else:
                 for branch in (0, 1, 2):
@@ -374,6 +455,8 @@ class NoiseFiT(Regularizer):
 
     def post_step(self, shards: Any) -> None:
         self._rows = None  # every backward of the step has run: the hooks go quiet until the next stacked forward
+        self._expanded.clear()
+        self._prefix_input = None
 
     # -- logging and state ------------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -423,6 +506,14 @@ def _repeat3(value: Any, rows: int) -> Any:
         return value  # broadcast along the batch (e.g. shared position_ids)
     raise ConfigError(f"noisefit: cannot stack model input of shape {tuple(getattr(value, 'shape', ()))} for "
                       f"{rows} rows")
+
+
+def _dropout_rate(module: torch.nn.Module) -> float:
+    """A module's dropout probability: nn.Dropout's p, or an attention's `attention_dropout` / `dropout` rate."""
+    if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+        return float(module.p)
+    rates = [getattr(module, k, 0.0) for k in ("attention_dropout", "dropout", "dropout_p")]
+    return max((float(r) for r in rates if isinstance(r, (int, float)) and not isinstance(r, bool)), default=0.0)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
