@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import losses, make_hf_trainer, weights
 from peft import LoraConfig, get_peft_model
 
@@ -194,6 +195,19 @@ def test_full_ft_aux_lora_perturbation_equals_weight_perturbation(tok):
         _, clean = _hidden_with(ref, batch)
     want = _explicit_mse(clean, pert, batch["labels"] != -100)
     assert float(term) == pytest.approx(float(want), rel=1e-3) and float(want) > 0
+
+
+def test_aux_lora_ascent_under_bf16_autocast_follows_the_fp32_direction(tok):
+    """The clean pass's zero-B shortcut (no GEMM in the forward, dL/dB in the backward) under CPU bf16 autocast:
+    g and the layer inputs differ in dtype there; the step must still point where the fp32 step points."""
+    batch = _batch(tok)
+    reg32, _, _ = _run_reg(_model(tok), batch, aux="lora")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reg16, _, term = _run_reg(_model(tok), batch, aux="lora")
+    assert torch.isfinite(term)
+    a = torch.cat([reg32._state.delta[k].flatten().float() for k in sorted(reg32._state.delta, key=str)])
+    b = torch.cat([reg16._state.delta[k].flatten().float() for k in sorted(reg32._state.delta, key=str)])
+    assert F.cosine_similarity(a, b, dim=0) > 0.95 and b.norm() == pytest.approx(0.1, rel=0.02)
 
 
 def test_peft_adapter_perturbation_equals_moved_adapter(tok):

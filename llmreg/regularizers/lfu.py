@@ -226,6 +226,7 @@ class LfU(Regularizer):
         self._aux_a: dict[Any, torch.Tensor] = {}  # fixed A factors (lora_full), fp32 on CPU
         self._aux_a_cast: dict[tuple, torch.Tensor] = {}
         self._plan: str | None = None
+        self._ascent_active = [False]  # True only while the ascent gradient is taken (read by _ZeroAuxLinear)
         self._fresh_iter = None
         self._fresh_loader = None
         self._sums: dict[str, float] = {}
@@ -358,7 +359,11 @@ class LfU(Regularizer):
             if b is None:
                 return output
             a = self._cast_a(key, x)
-            return output + scale * F.linear(F.linear(x, a), b)
+            if b.requires_grad:  # the zero leaf of the clean pass
+                return _ZeroAuxLinear.apply(output, x, b, a, scale, self._ascent_active)
+            # one fused GEMM-and-add (output + scale * (A x) delta^T): no separate scaled [tokens, out] temporaries
+            u = F.linear(x, a).reshape(-1, a.shape[0])
+            return torch.addmm(output.reshape(-1, output.shape[-1]), u, b.t(), alpha=scale).view_as(output)
 
         return hook
 
@@ -374,7 +379,11 @@ class LfU(Regularizer):
             x = args[0]
             e = self._aux_value(key, x.shape[0], lambda: torch.zeros(
                 module.out_features, module.in_features, dtype=x.dtype, device=x.device))
-            return output if e is None else output + F.linear(x, e)
+            if e is None:
+                return output
+            if e.requires_grad:  # the zero shadow of the clean pass
+                return _ZeroAuxLinear.apply(output, x, e, None, 1.0, self._ascent_active)
+            return output + F.linear(x, e)
 
         return hook
 
@@ -401,7 +410,11 @@ class LfU(Regularizer):
         else:
             loss_for_g = ctx.loss  # with num_items_in_batch: normalised by the global count, a scaled sum
         keys = list(st.eps)
-        grads = torch.autograd.grad(loss_for_g, [st.eps[k] for k in keys], retain_graph=True, allow_unused=True)
+        self._ascent_active[0] = True
+        try:
+            grads = torch.autograd.grad(loss_for_g, [st.eps[k] for k in keys], retain_graph=True, allow_unused=True)
+        finally:
+            self._ascent_active[0] = False
         grads = [torch.zeros_like(st.eps[k]) if g is None else g for k, g in zip(keys, grads)]
         if self.options.sync_ascent_grad:
             _all_reduce_mean(grads)
@@ -505,6 +518,31 @@ class LfU(Regularizer):
         self._sums.clear()
         self._count = 0
         return out
+
+
+class _ZeroAuxLinear(torch.autograd.Function):
+    """`output + scale * F.linear(F.linear(x, a), e)` at e = 0 (a = None: `output + F.linear(x, e)`), the clean
+    pass's LoRA perturbation: its value is `output`, so the forward only copies it (no [tokens, out] GEMM).
+    The backward passes the gradient g through and gives dL/de = scale * g^T (x a^T) only while the ascent
+    gradient is taken (`active[0]`); the trainer's backward gets None for e (at e = 0, dL/dx through the
+    perturbation is 0 too), so the zero leaves cost nothing there."""
+
+    @staticmethod
+    def forward(ctx, output, x, e, a, scale, active):
+        ctx.save_for_backward(x, a)
+        ctx.scale, ctx.active, ctx.e_dtype = scale, active, e.dtype
+        return output.clone()  # a new tensor, not a view: later in-place ops on it stay legal
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_e = None
+        if ctx.active[0]:
+            x, a = ctx.saved_tensors
+            u = x.reshape(-1, x.shape[-1]).float()  # fp32: under autocast g and x may differ in dtype
+            if a is not None:
+                u = F.linear(u, a.float())
+            grad_e = (ctx.scale * (g.reshape(-1, g.shape[-1]).float().t() @ u)).to(ctx.e_dtype)
+        return g, None, grad_e, None, None, None
 
 
 # -- model structure ---------------------------------------------------------------------------------------
