@@ -47,8 +47,10 @@ Conventions and departures from the paper / official code:
 - `sync_ascent_grad: false` (code): each rank uses its local gradient for delta; `true` all-reduces g first.
 - `stacked` is not the spec's [x; x] batch: the clean branch is the host's own forward, so only one marker row
   is added to the perturbed branch.
-- The trainer's backward also computes (and drops) gradients for the zero auxiliary leaves, which are leaves of
-  the host graph; cheap (vector sums / rank-r products).
+- `reps`: the trainer's backward also computes (and drops) gradients for the zero steering vectors, which are
+  leaves of the host graph (one sum per layer). The LoRA modes skip that: their clean-pass perturbation at zero
+  is `_ZeroAuxLinear`, which copies the output instead of multiplying by zeros and yields dL/dB only while the
+  ascent gradient is taken.
 - Under a DeepSpeed engine the ascent gradient comes from one more clean forward of the unwrapped module
   (see `loss_terms`), so that plan costs three forwards, like the official LoRA code.
 - No checkpointed state: the A factors are re-drawn from `seed`, the steering vectors start at 0 every step;
