@@ -335,7 +335,9 @@ def test_trainer_evaluate_is_unchanged_by_noisefit(tok, tmp_path):
 
 # -- training through the trainers ------------------------------------------------------------------------------------
 
-def test_gradient_checkpointing_replays_the_same_noise(tok, tmp_path):
+@pytest.mark.parametrize("layers", ["", r"layers\.0$"], ids=["snr-choice", "first-layer-then-stacked-inputs"])
+def test_gradient_checkpointing_replays_the_same_noise(tok, tmp_path, layers):
+    """Also with the noise on layer 0, where prefix sharing stacks the later layer's mask / positions."""
     from transformers import DataCollatorForLanguageModeling
 
     results = []
@@ -343,8 +345,11 @@ def test_gradient_checkpointing_replays_the_same_noise(tok, tmp_path):
         trainer = llmreg.RegTrainer(model=tiny_llama(vocab_size=len(tok), seed=0), train_dataset=lm_dataset(tok, n=16),
                                     args=hf_args(tmp_path / str(gc), max_steps=2, gradient_checkpointing=gc),
                                     data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-                                    regularizers=[{"name": "noisefit", "num_layers": 1, "noise_std": 1.0}])
+                                    regularizers=[{"name": "noisefit", "num_layers": 1, "noise_std": 1.0,
+                                                   "layers": layers}])
         trainer.train()
+        reg = trainer.reg_stack.regularizers[0]
+        assert reg._share_prefix and (reg.selected == [0] if layers else True)
         results.append((losses(trainer), weights(trainer.model),
                         [h["reg/noisefit/soft"] for h in trainer.state.log_history if "loss" in h]))
     assert results[0][2][0] > 1e-5  # the noise is doing something
