@@ -57,12 +57,6 @@ Conventions and departures from the paper / official code:
   the `fresh` batch sampler restarts from its seed on resume (its draws are not replayed exactly).
 - Every gradient-enabled training forward of the top model opens a new clean pass; a regularizer placed before
   LfU that runs its own forward of the top model inside `loss_terms` would replace the host's (not supported).
-- `relative_to_hidden` (in neither the paper nor the code; off by default): the absolute step alpha * g/||g|| and
-  the absolute MSE can be satisfied by inflating the residual stream, after which a step of fixed size moves
-  the normalised layers less. On the CPU testbed that is what happens (mean token norm of decoder layers 2 / 3:
-  base 26 / 33, plain SFT 23 / 30, LfU defaults 28 / 38, lam 20: 52 / 73, alpha 0.3: 173 / 325) and it is what
-  costs the old skills. The option scales each layer's step by its clean hidden states' mean token norm and
-  divides each layer's squared error by the targets' squared norm, which makes the objective scale-free.
 - Not offered: `inplace_code_compat`, `reps_code_compat`, `logit_kl`, `last_layer_post_norm`, redrawing A.
 """
 
@@ -118,8 +112,7 @@ def consistency(
 ) -> torch.Tensor:
     """mean over layers of the squared error on the masked positions, in fp32.
 
-    mse_mean: per element (sum / (tokens * d)); sq_l2_sum: summed over the hidden size, mean over tokens;
-    relative: sum of squared errors / sum of squared targets (scale-free, for `relative_to_hidden`).
+    mse_mean: per element (sum / (tokens * d)); sq_l2_sum: summed over the hidden size, mean over tokens.
     `count` replaces the local number of masked tokens (a global count for data parallelism).
     """
     terms = []
@@ -130,9 +123,6 @@ def consistency(
             t, p = t.reshape(-1, t.shape[-1]), p.reshape(-1, p.shape[-1])
         tokens = float(t.shape[0]) if count is None else float(count)
         sq = (p.float() - t.detach().float()).pow(2).sum()
-        if distance == "relative":
-            terms.append(sq / t.detach().float().pow(2).sum().clamp(min=1e-12))
-            continue
         denom = tokens * (t.shape[-1] if distance == "mse_mean" else 1)
         terms.append(sq / max(denom, 1.0))
     return torch.stack(terms).mean()
@@ -183,11 +173,6 @@ class LfUOptions:
     distance: Literal["mse_mean", "sq_l2_sum"] = option(
         "mse_mean", "mse_mean: per-element mean (code); sq_l2_sum: summed over the hidden size (paper Eq. 5; "
         "divide lam by d for the same strength)")
-    relative_to_hidden: bool = option(
-        False, "not in the paper (aux reps only): scale each layer's steering step by the mean token norm of its "
-        "clean hidden states and divide each layer's squared error by the targets' squared norm, so the objective "
-        "does not reward inflating hidden-state norms (which the absolute form does on small models; see "
-        "benchmarks/RESULTS.md)")
     ascent_batch: Literal["same", "fresh"] = option(
         "same", "same: the ascent gradient from the training batch itself (paper); fresh: from an independent "
         "random batch of the training set (official code)")
@@ -207,8 +192,6 @@ class LfUOptions:
             raise ValueError("lam and alpha must be >= 0")
         if self.aux_lora_rank < 1:
             raise ValueError("aux_lora_rank must be >= 1")
-        if self.relative_to_hidden and self.aux != "reps":
-            raise ValueError("relative_to_hidden scales steering vectors: it needs aux 'reps'")
 
 
 @dataclass
@@ -439,8 +422,6 @@ class LfU(Regularizer):
             _all_reduce_mean(grads)
         deltas, norm = ascent_delta(grads, self.options.alpha, self.options.grad_norm_eps)
         st.delta = dict(zip(keys, deltas))
-        if self.options.relative_to_hidden:
-            self._scale_steps_to_hidden(st, response_mask(ctx.inputs))
 
         inputs = {k: v for k, v in ctx.inputs.items() if k in BACKBONE_KEYS and v is not None}
         rows = st.host_rows
@@ -465,21 +446,13 @@ class LfU(Regularizer):
         perturbed = [st.pert_hidden[i][1:] if plan == "stacked" else st.pert_hidden[i] for i in wanted]
         mask = response_mask(ctx.inputs)
         count = self._token_count(mask, ctx.trainer)
-        distance = "relative" if self.options.relative_to_hidden else self.options.distance
-        cons = consistency(targets, perturbed, mask, distance, count=count)
+        cons = consistency(targets, perturbed, mask, self.options.distance, count=count)
         st.host_hidden.clear()
         st.pert_hidden.clear()
         self._sums["l_cons"] = self._sums.get("l_cons", 0.0) + float(cons.detach())
         self._sums["ascent_grad_norm"] = self._sums.get("ascent_grad_norm", 0.0) + norm
         self._count += 1
         return {"consistency": self.options.lam * cons}
-
-    def _scale_steps_to_hidden(self, st: _Pass, mask: torch.Tensor | None) -> None:
-        """relative_to_hidden: delta_l *= mean token norm of layer l's clean output (response tokens)."""
-        for key, delta in st.delta.items():
-            h = st.host_hidden[key[1]].detach()
-            h = h[mask] if mask is not None else h.reshape(-1, h.shape[-1])
-            st.delta[key] = delta * h.float().norm(dim=-1).mean().to(delta.dtype) if h.numel() else delta
 
     def _resolve_plan(self) -> str:
         checkpointing = any(getattr(layer, "gradient_checkpointing", False) for layer in self._layers)
