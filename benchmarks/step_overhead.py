@@ -95,6 +95,8 @@ BATON_TIMEOUT_S = 1800.0
 # benchmark variants beyond the registered names: name -> regularizer spec (non-default options)
 VARIANTS: dict[str, dict[str, Any]] = {
     "lfu_lora": {"name": "lfu", "aux": "lora"},  # LfU with the auxiliary LoRA perturbation instead of RepS
+    # the spec's activation-scaling form of the multiplied linear layers, against the default fused weight form
+    "multipliers_explicit": {"name": "multipliers", "impl": "explicit"},
 }
 
 

@@ -76,15 +76,20 @@ class _MultipliedLinear(torch.autograd.Function):
         grad_x = grad_w = grad_row = grad_col = None
         with torch.autocast(g.device.type, enabled=False):
             g = g.to(dtype)
+            spare = None  # a free weight-sized fp32 buffer, reused for M * W (one allocation fewer per layer)
             if need_x:
-                grad_x = (g @ effective_weight(weight, row, col).to(dtype)).to(x.dtype)
+                w_eff = effective_weight(weight, row, col)
+                grad_x = (g @ w_eff.to(dtype)).to(x.dtype)
+                spare = w_eff if w_eff is not weight else None
             if need_w or need_row or need_col:
                 g2 = g.reshape(-1, g.shape[-1])
                 x2 = x.to(dtype).reshape(-1, x.shape[-1])
                 acc = _acc(weight)
                 m = (g2.t() @ x2).to(acc)  # dL/dW_eff, [d_out, d_in]
                 if need_row or need_col:
-                    mw = m * weight.to(acc)
+                    w_acc = weight.to(acc)
+                    usable = spare is not None and spare.dtype == acc and spare.shape == m.shape
+                    mw = torch.mul(m, w_acc, out=spare) if usable else m * w_acc
                     if need_row:
                         grad_row = (mw @ col.to(acc) if col is not None else mw.sum(1)).to(row.dtype)
                     if need_col:
