@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import losses, make_hf_trainer, weights
+from conftest import losses, make_hf_trainer, max_rel_diff, weights
 from peft import LoraConfig, get_peft_model
 
 import llmreg
@@ -323,6 +323,39 @@ def test_sft_trainer_fused_head_and_fresh_ascent_batch(tok, tmp_path):
     assert all(h["reg/lfu/l_cons"] > 0 for h in same + fresh)
     # the fresh batch gives another ascent direction, so another consistency value
     assert fresh[0]["reg/lfu/ascent_grad_norm"] != pytest.approx(same[0]["reg/lfu/ascent_grad_norm"], rel=1e-6)
+
+
+def test_fresh_ascent_batches_resume_exactly(tok, tmp_path):
+    """The fresh batch stream is checkpointed (its count): a run cut at step 3 and resumed on a fresh process
+    state equals the uninterrupted one; a stream restarted from its seed would not."""
+    from test_resume import KW, StopAt
+
+    regs = [{"name": "lfu", "ascent_batch": "fresh", "alpha": 0.5, "lam": 5.0}]
+    kw = dict(KW, per_device_train_batch_size=3)  # 16 rows: the stream wraps into a second epoch
+    full = make_hf_trainer(tok, tmp_path / "full", regularizers=regs, **kw)
+    full.train()
+    first = make_hf_trainer(tok, tmp_path / "cut", regularizers=regs, **kw)
+    first.add_callback(StopAt(3))
+    first.train()
+    assert first.reg_stack.regularizers[0].state_dict() == {"fresh_batches_drawn": 3}
+
+    def resume(out):
+        trainer = make_hf_trainer(tok, out, regularizers=regs, model=tiny_llama(vocab_size=len(tok), seed=7), **kw)
+        trainer.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
+        return trainer
+
+    resumed = resume(tmp_path / "cut")
+    assert losses(full)[3:] == pytest.approx(losses(resumed)[-3:], rel=1e-5, abs=1e-6)
+    assert max_rel_diff(weights(full.model), weights(resumed.model)) < 1e-5
+    # the count is what makes it exact: a resume whose stream restarts from 0 lands elsewhere
+    import llmreg.regularizers.lfu as lfu_module
+    original = lfu_module.LfU.load_state_dict
+    lfu_module.LfU.load_state_dict = lambda self, state: original(self, {})
+    try:
+        restarted = resume(tmp_path / "cut")
+    finally:
+        lfu_module.LfU.load_state_dict = original
+    assert max_rel_diff(weights(full.model), weights(restarted.model)) > 1e-4
 
 
 def test_clear_errors(tok):

@@ -53,8 +53,9 @@ Conventions and departures from the paper / official code:
   ascent gradient is taken.
 - Under a DeepSpeed engine the ascent gradient comes from one more clean forward of the unwrapped module
   (see `loss_terms`), so that plan costs three forwards, like the official LoRA code.
-- No checkpointed state: the A factors are re-drawn from `seed`, the steering vectors start at 0 every step;
-  the `fresh` batch sampler restarts from its seed on resume (its draws are not replayed exactly).
+- Checkpointed state: only the number of `fresh` batches drawn (each epoch of that stream is a permutation
+  seeded by (seed, rank, epoch), so a resume continues it exactly); the A factors are re-drawn from `seed`, the
+  steering vectors start at 0 every step.
 - Every gradient-enabled training forward of the top model opens a new clean pass; a regularizer placed before
   LfU that runs its own forward of the top model inside `loss_terms` would replace the host's (not supported).
 - Not offered: `inplace_code_compat`, `reps_code_compat`, `logit_kl`, `last_layer_post_norm`, redrawing A.
@@ -229,8 +230,8 @@ class LfU(Regularizer):
         self._aux_a_cast: dict[tuple, torch.Tensor] = {}
         self._plan: str | None = None
         self._ascent_active = [False]  # True only while the ascent gradient is taken (read by _ZeroAuxLinear)
-        self._fresh_iter = None
-        self._fresh_loader = None
+        self._fresh_data = None  # the train dataset, columns filtered like the trainer's (ascent_batch fresh)
+        self._fresh_drawn = 0  # fresh batches drawn so far on this rank (checkpointed)
         self._sums: dict[str, float] = {}
         self._count = 0
 
@@ -494,24 +495,31 @@ class LfU(Regularizer):
         return out.loss
 
     def _next_fresh_batch(self, trainer: Any) -> dict[str, Any]:
-        if self._fresh_loader is None:
-            import torch.distributed as dist
+        """Batch number `_fresh_drawn` of this rank's fresh stream: epoch e is a permutation drawn from
+        (seed, rank, e), so a resumed run continues the stream exactly from the saved count."""
+        import torch.distributed as dist
 
+        if self._fresh_data is None:
             dataset = trainer.train_dataset
             if getattr(trainer.args, "remove_unused_columns", False) and hasattr(dataset, "column_names"):
                 dataset = trainer._remove_unused_columns(dataset, description="lfu fresh batches")
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            gen = torch.Generator().manual_seed(self.options.seed * 1000 + rank + 1)
-            self._fresh_loader = torch.utils.data.DataLoader(
-                dataset, batch_size=trainer.args.per_device_train_batch_size, shuffle=True, generator=gen,
-                collate_fn=trainer.data_collator, drop_last=False)
-        if self._fresh_iter is None:
-            self._fresh_iter = iter(self._fresh_loader)
-        try:
-            return next(self._fresh_iter)
-        except StopIteration:
-            self._fresh_iter = iter(self._fresh_loader)
-            return next(self._fresh_iter)
+            if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
+                raise ConfigError("lfu: ascent_batch 'fresh' needs a sized, non-empty train_dataset")
+            self._fresh_data = dataset
+        dataset, size = self._fresh_data, trainer.args.per_device_train_batch_size
+        per_epoch = math.ceil(len(dataset) / size)
+        epoch, index = divmod(self._fresh_drawn, per_epoch)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        gen = torch.Generator().manual_seed(self.options.seed * 1_000_003 + rank * 1009 + epoch + 1)
+        order = torch.randperm(len(dataset), generator=gen)[index * size:(index + 1) * size].tolist()
+        self._fresh_drawn += 1
+        return trainer.data_collator([dataset[i] for i in order])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fresh_batches_drawn": self._fresh_drawn} if self.options.ascent_batch == "fresh" else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._fresh_drawn = int(state.get("fresh_batches_drawn", 0))
 
     def metrics(self) -> dict[str, float]:
         if not self._count:
