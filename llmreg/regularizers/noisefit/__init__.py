@@ -15,7 +15,8 @@ Algorithm:
   and 2 only, with statistics per branch slice as if the branches ran separately. With prefix sharing (default
   when the shared layers have no dropout) the embeddings and the layers up to the first noisy one run once on the
   plain batch, whose three branches would be identical there; that layer's hook returns [h; noisy 1; noisy 2]
-  and forward pre-hooks on the later layers stack the model's per-row mask / position tensors to match. The final hidden states are
+  and forward pre-hooks on the later layers stack the model's per-row mask / position tensors to match
+  (prefix.py). The final hidden states are
   split and the hybrid loss alpha*CE + (1-alpha)*soft + lam*cons is computed on response positions from chunked
   LM-head logits (loss.py); one backward follows, as for any loss.
 - Noise is training-only: the hooks act only while armed (from the stacked forward to the end of the optimizer

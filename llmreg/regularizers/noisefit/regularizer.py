@@ -19,6 +19,7 @@ from llmreg.regularizers.noisefit.loss import hybrid_loss, hybrid_sums, position
 from llmreg.regularizers.noisefit.noise import (
     adaptive_noise, branch_base, draw_seed, layer_snr, select_layers, standard_normal, training_noise_key,
 )
+from llmreg.regularizers.noisefit.prefix import SharedPrefix, dropout_rate
 
 logger = logging.getLogger(__name__)
 # recompute_logits="auto": keeping the logits costs about this much per copy and saves one LM-head forward per chunk
@@ -118,10 +119,7 @@ class NoiseFiT(Regularizer):
         self._branch: int | None = None  # pack_branches="never": the branch of the running forward
         self._key = (0, 0)  # (optimizer step, shard) of the current micro-batch
         self._micro = (-1, -1)  # (optimizer step, micro-step index)
-        self._share_prefix = False  # decided in _install_hooks, once the noisy layers are known
-        self._expanded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per forward: id -> (input, stacked)
-        self._in_training_forward = False
-        self._prefix_input: torch.Tensor | None = None  # the first noisy layer's input in the armed forward
+        self._prefix: SharedPrefix | None = None  # prefix sharing, decided in _install_hooks
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
 
@@ -298,12 +296,14 @@ class NoiseFiT(Regularizer):
         for index in self.selected:
             self.add_hook(self._layers[index][1].register_forward_hook(self._noise_hook(index), with_kwargs=True))
         first = min(self.selected)
-        self._share_prefix = self._decide_prefix_sharing(first)
-        if self._share_prefix:
-            # the layers after the first noisy one get [clean; noisy 1; noisy 2] hidden states but the model's own
-            # (rows-sized) mask and position tensors: stack those too on the way in
+        self._prefix = SharedPrefix(first, lambda: self._rows) if self._decide_prefix_sharing(first) else None
+        if self._prefix is not None:
             for _, layer in self._layers[first + 1:]:
-                self.add_hook(layer.register_forward_pre_hook(self._stack_layer_inputs, with_kwargs=True))
+                self.add_hook(layer.register_forward_pre_hook(self._prefix.stack_inputs, with_kwargs=True))
+
+    @property
+    def _share_prefix(self) -> bool:
+        return self._prefix is not None
 
     def _decide_prefix_sharing(self, first: int) -> bool:
         opts = self.options
@@ -312,45 +312,11 @@ class NoiseFiT(Regularizer):
         prefix = [m for _, layer in self._layers[:first + 1] for m in layer.modules()]
         embed = self._body.get_input_embeddings() if hasattr(self._body, "get_input_embeddings") else None
         prefix += list(embed.modules()) if embed is not None else []
-        dropout = [m for m in prefix if _dropout_rate(m) > 0]
+        dropout = [m for m in prefix if dropout_rate(m) > 0]
         if dropout and opts.prefix_sharing:
             logger.warning("noisefit: prefix_sharing with dropout in the shared layers: the three branches share "
                            "one dropout mask there")
         return bool(opts.prefix_sharing) or not dropout
-
-    def _starts_branches(self, layer_input: Any) -> bool:
-        """Whether the first noisy layer's input belongs to the armed training forward: in that forward it is
-        recorded; a gradient-checkpointing recomputation replays it (same storage, maybe a detached view)."""
-        if not torch.is_tensor(layer_input):
-            return False
-        if self._in_training_forward:
-            self._prefix_input = layer_input
-            return True
-        ref = self._prefix_input
-        return ref is not None and ref.data_ptr() == layer_input.data_ptr() and ref.shape == layer_input.shape
-
-    def _stack_layer_inputs(self, module, args, kwargs):
-        rows = self._rows
-        if rows is None or not module.training or not torch.is_grad_enabled():
-            return None
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if not torch.is_tensor(hidden) or hidden.shape[0] != 3 * rows:
-            return None
-        return (args[:1] + tuple(self._stacked(a, rows) for a in args[1:]),
-                {k: (v if k == "hidden_states" else self._stacked(v, rows)) for k, v in kwargs.items()})
-
-    def _stacked(self, value: Any, rows: int) -> Any:
-        """Per-row tensors (a batch dim of `rows`, at least 2-D: masks, position ids, rotary tables) stacked three
-        times, each once per forward; anything else (1-D cache positions, broadcast tensors, None) unchanged."""
-        if isinstance(value, (tuple, list)):
-            return type(value)(self._stacked(v, rows) for v in value)
-        if not torch.is_tensor(value) or value.dim() < 2 or value.shape[0] != rows:
-            return value
-        hit = self._expanded.get(id(value))
-        if hit is None or hit[0] is not value:
-            hit = (value, torch.cat([value, value, value], dim=0))
-            self._expanded[id(value)] = hit  # keeps `value` alive, so its id is not reused within the forward
-        return hit[1]
 
     def _forward_kwargs(self) -> dict[str, Any]:
         # only the final hidden states are used: skip the [rows, T, V] logits of the model's own head
@@ -374,8 +340,8 @@ class NoiseFiT(Regularizer):
             rows = self._rows
             if h.dim() != 3:
                 raise RuntimeError(f"noisefit: layer {layer} returned shape {tuple(h.shape)}, expected [rows, T, d]")
-            if self._share_prefix and layer == min(self.selected) and h.shape[0] == rows:
-                if not self._starts_branches(args[0] if args else kwargs.get("hidden_states")):
+            if self._prefix is not None and layer == self._prefix.first and h.shape[0] == rows:
+                if not self._prefix.starts_branches(args[0] if args else kwargs.get("hidden_states")):
                     return None  # another forward of `rows` rows: not ours, left clean
                 # the shared prefix ends here: the three branches start from this one output
                 parts = [h] + [self._noisy_branch(h, layer, b) for b in (1, 2)]
@@ -404,14 +370,13 @@ class NoiseFiT(Regularizer):
         self._rows = rows  # armed until post_step: a checkpointed layer re-runs its hook during backward
         try:
             if opts.pack_branches == "auto":
-                self._expanded.clear()
-                self._prefix_input = None
-                if self._share_prefix:
-                    self._in_training_forward = True
+                if self._prefix is not None:
+                    self._prefix.reset()
+                    self._prefix.in_training_forward = True
                     try:
                         ctx.model(**_model_inputs(ctx.inputs), **self._forward_kwargs())
                     finally:
-                        self._in_training_forward = False
+                        self._prefix.in_training_forward = False
                     if captured[0].shape[0] != 3 * rows:
                         raise RuntimeError(f"noisefit: prefix sharing: the body returned {captured[0].shape[0]} rows, "
                                            f"expected 3 x {rows}; set prefix_sharing: false for this model")
@@ -455,8 +420,8 @@ class NoiseFiT(Regularizer):
 
     def post_step(self, shards: Any) -> None:
         self._rows = None  # every backward of the step has run: the hooks go quiet until the next stacked forward
-        self._expanded.clear()
-        self._prefix_input = None
+        if self._prefix is not None:
+            self._prefix.reset()
 
     # -- logging and state ------------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -506,14 +471,6 @@ def _repeat3(value: Any, rows: int) -> Any:
         return value  # broadcast along the batch (e.g. shared position_ids)
     raise ConfigError(f"noisefit: cannot stack model input of shape {tuple(getattr(value, 'shape', ()))} for "
                       f"{rows} rows")
-
-
-def _dropout_rate(module: torch.nn.Module) -> float:
-    """A module's dropout probability: nn.Dropout's p, or an attention's `attention_dropout` / `dropout` rate."""
-    if isinstance(module, torch.nn.modules.dropout._DropoutNd):
-        return float(module.p)
-    rates = [getattr(module, k, 0.0) for k in ("attention_dropout", "dropout", "dropout_p")]
-    return max((float(r) for r in rates if isinstance(r, (int, float)) and not isinstance(r, bool)), default=0.0)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
