@@ -7,6 +7,7 @@
     llmreg eval --suite SUITE --model PATH [--model PATH ...] [--base PATH] --out DIR [--limit N]
     llmreg export RUN_DIR OUT_DIR [--overwrite] [--no-verify]
     llmreg sweep RECIPE [key=value ...] --grid key=v1,v2 [key=v1,v2 ...] [--out DIR] [--overwrite]
+    llmreg ensemble MODEL [MODEL ...] (--recipe RECIPE [--set key=value ...] | --suite SUITE) [--combine ...]
 
 `train` also runs under `torchrun --nproc_per_node N -m llmreg.cli train ...`,
 `accelerate launch -m llmreg.cli train ...` and the `deepspeed` launcher: the
@@ -52,7 +53,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmreg", description="Regularized LLM training from YAML recipes.")
     _launcher_args(parser)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,importance,validate,list,eval,testbed,export,sweep}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,importance,validate,list,eval,testbed,export,sweep,ensemble}")
 
     train = sub.add_parser("train", help="validate a recipe, then train", description="Validate, then train.")
     _recipe_args(train)
@@ -111,7 +112,72 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", metavar="DIR", help="sweep folder (default <output_dir>/sweep)")
     sw.add_argument("--overwrite", action="store_true", help="redo every point, finished ones included")
     sw.set_defaults(func=cmd_sweep)
+    en = sub.add_parser("ensemble", help="evaluate K checkpoints as one model (averaged logits or probabilities)",
+                        description="Validation loss of the first k members for k = 1..K on a pretrain recipe's "
+                                    "held-out blocks (--recipe), or the ensemble's scores on an eval suite "
+                                    "(--suite, lm-eval). Members: run folders (their final/) or model folders.")
+    en.add_argument("members", nargs="+", metavar="MODEL", help="run output_dirs (final/ is used) or model folders")
+    what = en.add_mutually_exclusive_group(required=True)
+    what.add_argument("--recipe", metavar="RECIPE", help="a recipe with data.pretrain: its validation blocks")
+    what.add_argument("--suite", metavar="SUITE", help="an eval suite YAML (eval/suites/...)")
+    en.add_argument("--set", nargs="+", default=[], metavar="key=value", help="overrides of --recipe")
+    en.add_argument("--combine", choices=("logits", "probs"), default="logits",
+                    help="average the logits (default, product of experts) or the probabilities (mixture)")
+    en.add_argument("--limit", type=int, help="--suite: at most N documents per task")
+    en.add_argument("--out", metavar="FILE", help="also write the results as JSON")
+    en.set_defaults(func=cmd_ensemble, overrides=[])
     return parser
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    import json
+
+    from llmreg.core.options import ConfigError
+    from llmreg.pretrain.ensemble import check_member_paths
+
+    members = [os.path.join(m, "final") if os.path.isfile(os.path.join(m, "final", "config.json")) else m
+               for m in args.members]
+    check_member_paths(members)  # before anything loads
+    if args.recipe is not None:
+        from llmreg.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, [*args.set, *args.overrides])
+        if _is_staged(recipe) or recipe.data.pretrain is None:
+            raise ConfigError(f"ensemble --recipe: {args.recipe} has no data.pretrain (its held-out blocks are the "
+                              "validation set); use --suite for other evaluations")
+        result = _ensemble_validation(recipe, members, args.combine)
+        _say(*(f"  K={k}  ensemble {loss:.4f}   member {k}: {single:.4f}" for k, loss, single in
+               zip(result["K"], result["ensemble_loss"], result["member_losses"])))
+    else:
+        from llmreg.pretrain.ensemble import evaluate_ensemble_suite
+
+        scores = evaluate_ensemble_suite(args.suite, members, combine=args.combine, limit=args.limit)
+        result = {"members": members, "combine": args.combine, "suite": args.suite, "scores": dict(scores)}
+        _say(*(f"  {task}: {value:.4g}" for task, value in result["scores"].items()))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        _say(f"wrote {args.out}")
+    return 0
+
+
+def _ensemble_validation(recipe, members: list[str], combine: str) -> dict:
+    """Validation loss (nats per token) of each member and of the first k members together, k = 1..K."""
+    from transformers import AutoTokenizer
+
+    from llmreg.core.options import ConfigError
+    from llmreg.pretrain.data import pretrain_blocks
+    from llmreg.pretrain.ensemble import EnsembleCausalLM, load_members, validation_loss
+
+    _, val = pretrain_blocks(recipe, AutoTokenizer.from_pretrained(members[0]))
+    if not len(val):
+        raise ConfigError("ensemble --recipe: the recipe holds out no validation blocks (data.eval or "
+                          "data.pretrain.validation_fraction)")
+    models = load_members(members)
+    return {"members": members, "combine": combine, "blocks": len(val), "K": list(range(1, len(models) + 1)),
+            "member_losses": [validation_loss(m, val) for m in models],
+            "ensemble_loss": [validation_loss(EnsembleCausalLM(models[:k], combine), val)
+                              for k in range(1, len(models) + 1)]}
 
 
 def cmd_export(args: argparse.Namespace) -> int:

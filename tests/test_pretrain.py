@@ -364,6 +364,56 @@ def test_ensemble_loss_equals_the_hand_computation():
     assert member_losses[0] == pytest.approx(single, rel=1e-5)
 
 
+def test_ensemble_cli_validation_loss_equals_hand_computation(tmp_path, capsys):
+    """`llmreg ensemble M1 M2 --recipe R`: member losses and the K = 1, 2 ensemble losses on R's held-out blocks
+    equal the mean next-token CE computed here from the members' logits (mean logits for K = 2)."""
+    from transformers import AutoTokenizer
+
+    from llmreg.cli import main
+    from llmreg.data import tiny_llama
+    from llmreg.pretrain.data import pretrain_blocks
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    paths, models = [], []
+    for seed in (1, 2):
+        model = tiny_llama(vocab_size=len(tok), seed=seed, max_position_embeddings=64).eval()
+        path = tmp_path / f"run{seed}" / "final"  # a run folder: the CLI reads its final/
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        paths.append(str(path.parent))
+        models.append(model)
+    recipe = write(tmp_path / "r.yaml", tiny_pretrain(tmp_path / "unused"))
+    out = tmp_path / "ens.json"
+    assert main(["ensemble", *paths, "--recipe", recipe, "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    _, val = pretrain_blocks(load_recipe(recipe), tok)
+    ids = torch.as_tensor(np.asarray(val), dtype=torch.long)
+
+    def ce(logits):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    with torch.no_grad():
+        logits = [m(input_ids=ids).logits.float() for m in models]
+    assert got["blocks"] == len(val) > 0 and got["K"] == [1, 2]
+    assert got["member_losses"] == pytest.approx([ce(z).item() for z in logits], rel=1e-5)
+    assert got["ensemble_loss"][0] == pytest.approx(ce(logits[0]).item(), rel=1e-5)
+    assert got["ensemble_loss"][1] == pytest.approx(ce((logits[0] + logits[1]) / 2).item(), rel=1e-5)
+    assert "K=2" in capsys.readouterr().out
+
+
+def test_ensemble_cli_errors_before_loading(tmp_path, capsys, nothing_loads):
+    from llmreg.cli import main
+
+    assert main(["ensemble", str(tmp_path / "missing"), "--suite", "eval/suites/testbed.yaml"]) == 2
+    assert "no model folder" in capsys.readouterr().err
+    member = tmp_path / "m"
+    member.mkdir()
+    (member / "config.json").write_text(json.dumps({"vocab_size": 512}))
+    sft_recipe = os.path.join(REPO, "recipes", "quickstart.yaml")  # valid, but no pretrain data mode
+    assert main(["ensemble", str(member), "--recipe", sft_recipe]) == 2
+    assert "has no data.pretrain" in capsys.readouterr().err
+
+
 def test_ensemble_refuses_mismatched_members(tmp_path):
     from llmreg.data import tiny_llama
     from llmreg.pretrain.ensemble import EnsembleCausalLM, check_member_paths
