@@ -14,6 +14,7 @@ import os
 import sys
 
 import torch
+from worker_utils import gathered_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -70,14 +71,7 @@ def main() -> None:
         torch.distributed.all_gather_object(gathered, thresholds)
     else:
         gathered = [thresholds]
-    unwrapped = trainer.model
-    if a.zero == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
-            weights = {n: p.detach().clone() for n, p in unwrapped.named_parameters()}
-    else:
-        weights = {n: p.detach().clone() for n, p in unwrapped.named_parameters()}
+    weights = gathered_weights(trainer.model, a.zero)
     if args.process_index == 0:
         logs = [h for h in trainer.state.log_history if "loss" in h]
         metrics = [{k: v for k, v in h.items() if k.startswith("reg/")} for h in logs]

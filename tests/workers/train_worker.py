@@ -14,6 +14,7 @@ import os
 import sys
 
 import torch
+from worker_utils import gathered_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -131,14 +132,7 @@ def main() -> None:
     else:
         gathered = [mine]
 
-    unwrapped = trainer.model
-    if a.zero == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
-            weights = {n: p.detach().clone() for n, p in unwrapped.named_parameters()}
-    else:
-        weights = {n: p.detach().clone() for n, p in unwrapped.named_parameters()}
+    weights = gathered_weights(trainer.model, a.zero)
     names = getattr(trainer, "reg_param_group_names", None)
     if rank == 0:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
