@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
-from worker_utils import gathered_weights
+from worker_utils import gathered_weights, leave
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,7 +22,8 @@ def digit_count_reward(completions, **_):
     return [float(sum(ch.isdigit() for ch in text)) for text in completions]
 
 
-def main() -> None:
+def main() -> int:
+    """Train, write result.pt on rank 0; returns the world size."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--zero", type=int, default=0, choices=[0, 2, 3])
     ap.add_argument("--regularizers", default="[]")
@@ -77,16 +77,8 @@ def main() -> None:
         metrics = [{k: v for k, v in h.items() if k.startswith("reg/")} for h in logs]
         torch.save({"losses": [h["loss"] for h in logs], "metrics": metrics,
                     "weights": weights, "thresholds": gathered, "world": world}, os.path.join(a.out, "result.pt"))
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    return world
 
 
 if __name__ == "__main__":
-    main()
-    # all ranks have met at the barrier and written their results: leave without the interpreter's teardown,
-    # where DeepSpeed's CPU shared-memory comm threads now and then abort a rank ("terminate called without
-    # an active exception", exit -6) after a run that finished correctly
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave(main())

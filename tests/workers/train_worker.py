@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
-from worker_utils import gathered_weights
+from worker_utils import gathered_weights, leave
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,7 +53,8 @@ def optimizer_groups_by_name(trainer) -> list[dict]:
             for g, ps in zip(torch_groups, members)]
 
 
-def main() -> None:
+def main() -> int:
+    """Train, write result.pt on rank 0; returns the world size."""
     a = parse()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if a.zero:
@@ -139,16 +139,8 @@ def main() -> None:
         metrics = [{k: v for k, v in h.items() if k.startswith("reg/")} for h in trainer.state.log_history if "loss" in h]
         torch.save({"losses": losses, "metrics": metrics, "weights": weights, "per_rank": gathered,
                     "group_names": names, "world": world}, os.path.join(a.out, "result.pt"))
-    if world > 1:  # leave together: a rank exiting while another still writes can abort the gloo/shm teardown
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    return world
 
 
 if __name__ == "__main__":
-    main()
-    # all ranks have met at the barrier and written their results: leave without the interpreter's teardown,
-    # where DeepSpeed's CPU shared-memory comm threads now and then abort a rank ("terminate called without
-    # an active exception", exit -6) after a run that finished correctly
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave(main())
