@@ -9,8 +9,8 @@ from __future__ import annotations
 import transformers
 import trl
 
-from llmreg.core.trainer_mixin import RegularizedTrainerMixin
-from llmreg.trl_compat import GRPOHooks
+from llmreg.integrations.hf import RegularizedTrainerMixin
+from llmreg.integrations.trl import GRPOHooks
 
 
 class RegTrainer(RegularizedTrainerMixin, transformers.Trainer):

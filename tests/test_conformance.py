@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForLanguageModeling
 
 import llmreg
-from llmreg.core.trainer_mixin import STATE_DIR
+from llmreg.integrations.hf import STATE_DIR
 from llmreg.data import build_char_tokenizer, make_builtin_dataset, tiny_llama
 
 def _artifact(tmp_path):

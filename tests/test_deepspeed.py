@@ -17,7 +17,7 @@ import torch
 from conftest import REPO, max_rel_diff
 
 from llmreg.core import ConfigError
-from llmreg.core.deepspeed_shim import check_deepspeed_config
+from llmreg.integrations.deepspeed import check_deepspeed_config
 
 WORKER = os.path.join(REPO, "tests", "workers", "train_worker.py")
 STACK = [{"name": "weight_decay", "weight_decay": 0.1}, {"name": "l2_sp", "lam": 1.0}]

@@ -14,7 +14,8 @@ from conftest import hf_args, lm_dataset, losses, max_rel_diff, weights
 import llmreg
 from llmreg.core import ConfigError
 from llmreg.data import build_char_tokenizer, make_builtin_dataset, tiny_llama
-from llmreg.regularizers.noisefit import internals
+from llmreg.core import anatomy
+from llmreg.integrations import hf as hf_integration
 from llmreg.regularizers.noisefit.noise import standard_normal, training_noise_key
 
 
@@ -428,18 +429,18 @@ def test_label_smoothing_is_refused(tok, tmp_path):
                           regularizers=[{"name": "noisefit", "num_layers": 1}])
 
 
-def test_internals_calibration_batch_is_a_seeded_training_batch(tok, tmp_path):
+def test_hf_integration.calibration_batch_is_a_seeded_training_batch(tok, tmp_path):
     """Pins the Trainer internals the SNR batch uses (`_remove_unused_columns`, `_prepare_inputs`)."""
     args = trl.SFTConfig(output_dir=str(tmp_path), max_length=48, report_to=[], use_cpu=True, max_steps=1)
     trainer = llmreg.RegSFTTrainer(model=tiny_llama(vocab_size=len(tok)), args=args, processing_class=tok,
                                    train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=16))
-    one = internals.calibration_batch(trainer, 4, torch.Generator().manual_seed(1))
-    two = internals.calibration_batch(trainer, 4, torch.Generator().manual_seed(1))
+    one = hf_integration.calibration_batch(trainer, 4, torch.Generator().manual_seed(1))
+    two = hf_integration.calibration_batch(trainer, 4, torch.Generator().manual_seed(1))
     assert {"input_ids", "labels"} <= set(one) and one["input_ids"].shape[0] == 4
     assert torch.equal(one["input_ids"], two["input_ids"])
     assert (one["labels"] == -100).any() and (one["labels"] != -100).any()  # prompt masked, completion kept
-    assert internals.accepts_logits_to_keep(trainer.model)
-    assert [n for n, _ in internals.decoder_layers(trainer.model)] == ["model.layers.0", "model.layers.1"]
+    assert hf_integration.accepts_logits_to_keep(trainer.model)
+    assert [n for n, _ in anatomy.decoder_layers(trainer.model)] == ["model.layers.0", "model.layers.1"]
 
 
 def test_shipped_recipe_validates_and_bad_options_fail():

@@ -111,7 +111,7 @@ def _zero_stage(args: Any) -> int:
     hf_config = getattr(args, "hf_deepspeed_config", None)  # set by TrainingArguments when deepspeed is given
     config = getattr(hf_config, "config", None)
     if config is None and getattr(args, "deepspeed", None) is not None:
-        from llmreg.core.deepspeed_shim import load_deepspeed_config
+        from llmreg.integrations.deepspeed import load_deepspeed_config
 
         config = load_deepspeed_config(args.deepspeed)
     stage = ((config or {}).get("zero_optimization") or {}).get("stage", 0)

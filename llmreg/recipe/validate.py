@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from llmreg.core.deepspeed_shim import check_deepspeed_config, load_deepspeed_config
+from llmreg.integrations.deepspeed import check_deepspeed_config, load_deepspeed_config
 from llmreg.core.options import ConfigError, check_mapping, closest, field_types
 from llmreg.recipe.errors import located
 from llmreg.recipe.paths import looks_local, resolve_path

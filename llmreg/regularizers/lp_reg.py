@@ -340,7 +340,7 @@ class LpReg(Regularizer):
         self._thresholds: list[float] = []
 
     def setup(self, model: torch.nn.Module, trainer: Any) -> None:
-        from llmreg import trl_compat
+        from llmreg.integrations import trl as trl_compat
 
         reason = trl_compat.check_plain_lm_head(model)
         if reason:
@@ -370,7 +370,7 @@ class LpReg(Regularizer):
         self._parts.append((chunk.rows.start, stats))
 
     def on_generation_batch(self, batch: dict[str, Any], trainer: Any) -> None:
-        from llmreg import trl_compat
+        from llmreg.integrations import trl as trl_compat
 
         parts = [stats for _, stats in sorted(self._parts, key=lambda item: item[0])]
         self._parts = []
@@ -395,7 +395,7 @@ class LpReg(Regularizer):
 
     # -- per micro-batch ---------------------------------------------------------------------------------
     def loss_terms(self, ctx: Any) -> dict[str, torch.Tensor]:
-        from llmreg import trl_compat
+        from llmreg.integrations import trl as trl_compat
 
         inputs, extras = ctx.inputs, ctx.extras
         logp = extras["per_token_logps"]

@@ -126,7 +126,7 @@ class ForgettingPenalty(Regularizer):
         return bool(self._lora)
 
     def setup(self, model, trainer) -> None:
-        from llmreg.core.trainer_mixin import _is_peft
+        from llmreg.integrations.hf import _is_peft
 
         cfg = self.cfg
         if _is_peft(model):

@@ -13,7 +13,8 @@ from typing import Any, Literal
 import torch
 
 from llmreg.core import ConfigError, LossContext, Order, Regularizer, Requirements, option, register
-from llmreg.regularizers.noisefit import internals
+from llmreg.core import anatomy
+from llmreg.integrations import hf
 from llmreg.regularizers.noisefit.calibration import symmetric_kl, v2_policy
 from llmreg.regularizers.noisefit.loss import hybrid_loss, hybrid_sums, positions
 from llmreg.regularizers.noisefit.noise import (
@@ -128,13 +129,13 @@ class NoiseFiT(Regularizer):
         self._trainer = trainer
         if trainer is not None:
             _check_trainer(trainer)
-        checkpointing = getattr(internals.unwrap(model), "is_gradient_checkpointing", False) or any(
+        checkpointing = getattr(anatomy.unwrap(model), "is_gradient_checkpointing", False) or any(
             getattr(getattr(trainer, "args", None), k, False) for k in ("gradient_checkpointing",
                                                                           "activation_checkpointing"))
         if self.options.pack_branches == "never" and checkpointing:
             raise ConfigError("noisefit: pack_branches='never' cannot be combined with gradient checkpointing "
                               "(the recomputation of a layer cannot tell which branch it belonged to)")
-        self._layers = internals.decoder_layers(model)
+        self._layers = anatomy.decoder_layers(model, where="noisefit")
         pattern = re.compile(self.options.layers) if self.options.layers else None
         self._candidates = [i for i, (name, _) in enumerate(self._layers) if pattern is None or pattern.search(name)]
         if not self._candidates:
@@ -143,17 +144,17 @@ class NoiseFiT(Regularizer):
         if self.options.version == "v1" and self.options.num_layers > len(self._candidates):
             raise ConfigError(f"noisefit: num_layers={self.options.num_layers} but only {len(self._candidates)} "
                               "candidate decoder layers")
-        self._body = internals.backbone(model)
+        self._body = anatomy.decoder(model, where="noisefit")
         self._lm_head = model.get_output_embeddings()
         if self._lm_head is None:
             raise ConfigError(f"noisefit: {type(model).__name__} has no output embeddings (LM head)")
-        self._keep_one = internals.accepts_logits_to_keep(model)
-        config = getattr(internals.unwrap(model), "config", None)
+        self._keep_one = hf.accepts_logits_to_keep(model)
+        config = getattr(anatomy.unwrap(model), "config", None)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
                   if getattr(text, k, None) not in (None, 1, 1.0)]
         if scaled:
-            raise ConfigError(f"noisefit: {type(internals.unwrap(model)).__name__} transforms its logits after the LM "
+            raise ConfigError(f"noisefit: {type(anatomy.unwrap(model)).__name__} transforms its logits after the LM "
                               f"head ({', '.join(scaled)}); the chunked LM head does not reproduce that")
 
     def on_prepared(self, model: torch.nn.Module, shards: Any) -> None:
@@ -161,14 +162,15 @@ class NoiseFiT(Regularizer):
             size = self.options.calib_batch_size or self._trainer.args.per_device_train_batch_size
             if self.options.version == "v1":
                 gen = torch.Generator().manual_seed(draw_seed("calib", self.options.seed))
-                self.select(model, internals.calibration_batch(self._trainer, size, gen))
+                self.select(model, hf.calibration_batch(self._trainer, size, gen, "noisefit: the SNR layer selection"))
             else:
                 # rank r draws global calibration batches r*n .. r*n+n-1, so N ranks x n batches score the same
                 # batches (and probe noise) as one process with N*n
                 first = self._trainer.args.process_index * self.options.calib_batches
                 indices = list(range(first, first + self.options.calib_batches))
-                batches = [internals.calibration_batch(
-                    self._trainer, size, torch.Generator().manual_seed(draw_seed("calib", self.options.seed, g)))
+                batches = [hf.calibration_batch(
+                    self._trainer, size, torch.Generator().manual_seed(draw_seed("calib", self.options.seed, g)),
+                    "noisefit: the SNR layer selection")
                     for g in indices]
                 self.calibrate(model, batches, indices)
                 if self._trainer.args.process_index == 0:
@@ -226,7 +228,7 @@ class NoiseFiT(Regularizer):
     def _final_hidden(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         captured: dict[str, torch.Tensor] = {}
         handle = self._body.register_forward_hook(
-            lambda m, a, out: captured.__setitem__("h", internals.final_hidden(out)))
+            lambda m, a, out: captured.__setitem__("h", anatomy.final_hidden(out)))
         try:
             model(**_model_inputs(batch), **self._forward_kwargs())
         finally:
@@ -273,7 +275,7 @@ class NoiseFiT(Regularizer):
         if post_norm:
             hook = capture(last)
             handles.append(self._body.register_forward_hook(
-                lambda m, a, out: hook(m, a, internals.final_hidden(out))))
+                lambda m, a, out: hook(m, a, anatomy.final_hidden(out))))
         was_training = model.training
         model.eval()
         try:
@@ -366,7 +368,7 @@ class NoiseFiT(Regularizer):
         rows = labels.shape[0]
         self._advance(ctx.trainer)
         captured: list[torch.Tensor] = []
-        handle = self._body.register_forward_hook(lambda m, a, out: captured.append(internals.final_hidden(out)))
+        handle = self._body.register_forward_hook(lambda m, a, out: captured.append(anatomy.final_hidden(out)))
         self._rows = rows  # armed until post_step: a checkpointed layer re-runs its hook during backward
         try:
             if opts.pack_branches == "auto":

@@ -1,4 +1,4 @@
-"""Pins the TRL GRPOTrainer internals that llmreg/trl_compat.py relies on (written against trl 1.16)."""
+"""Pins the TRL GRPOTrainer internals that llmreg/integrations/trl.py relies on (written against trl 1.16)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import trl
 
 import llmreg
-from llmreg import trl_compat
+from llmreg.integrations import trl as trl_compat
 from llmreg.data import build_char_tokenizer, make_builtin_dataset, tiny_llama
 
 

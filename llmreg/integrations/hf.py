@@ -26,13 +26,15 @@ trainer behaves exactly like it (tested for all four trainers).
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from llmreg.core.deepspeed_shim import check_deepspeed_config, install_pre_step_shim
+from llmreg.core.anatomy import is_peft, unwrap
+from llmreg.integrations.deepspeed import check_deepspeed_config, install_pre_step_shim
 from llmreg.core.options import ConfigError
 from llmreg.core.regularizer import LossContext
 from llmreg.core.shards import ShardAccess, zero_stage_of
@@ -69,7 +71,7 @@ class RegularizedTrainerMixin:
         if len(stack):
             from transformers.integrations import is_deepspeed_zero3_enabled
 
-            stack.check_environment(zero_stage=3 if is_deepspeed_zero3_enabled() else 0, is_peft=_is_peft(self.model))
+            stack.check_environment(zero_stage=3 if is_deepspeed_zero3_enabled() else 0, is_peft=is_peft(self.model))
             stack.setup(self.model, self)
             if stack.any_overrides("post_step"):
                 self.add_callback(_PostStepCallback(self))
@@ -235,12 +237,45 @@ class RegularizedTrainerMixin:
         super().log(logs, *args, **kwargs)
 
 
-def _is_peft(model: torch.nn.Module) -> bool:
+# -- version-sensitive transformers internals regularizers need ---------------------------------------------
+
+
+def calibration_batch(
+    trainer: Any, size: int, generator: torch.Generator, purpose: str = "the layer calibration"
+) -> dict[str, Any]:
+    """A seeded draw of `size` training rows, collated and moved to the device like a training batch.
+
+    Uses the Trainer's private column filtering (`_remove_unused_columns`, `_get_collator_with_removed_columns`)
+    and `_prepare_inputs`, so the batch looks exactly like one the training loop would see."""
+    import datasets
+
+    dataset = trainer.train_dataset
+    if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
+        raise ConfigError(f"{purpose} needs a sized, non-empty train_dataset")
+    collator = trainer.data_collator
+    if isinstance(dataset, datasets.Dataset):
+        dataset = trainer._remove_unused_columns(dataset, description="training")
+    else:
+        collator = trainer._get_collator_with_removed_columns(collator, description="training")
+    index = torch.randperm(len(dataset), generator=generator)[: min(size, len(dataset))].tolist()
+    return trainer._prepare_inputs(collator([dataset[i] for i in index]))
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward can skip the full-vocabulary logits (`logits_to_keep`)."""
+    return "logits_to_keep" in inspect.signature(type(unwrap(model)).forward).parameters
+
+
+def hooks_outside_checkpoint(layer: torch.nn.Module) -> bool:
+    """transformers 5 checkpoints a GradientCheckpointingLayer's `forward`, so hooks on the layer itself are not
+    re-run by the recompute (hooks on modules inside it are)."""
     try:
-        from peft import PeftModel
+        from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:  # pragma: no cover
         return False
-    return isinstance(model, PeftModel)
+    import transformers
+
+    return isinstance(layer, GradientCheckpointingLayer) and int(transformers.__version__.split(".")[0]) >= 5
 
 
 __all__ = ["RegularizedTrainerMixin", "STATE_DIR", "zero_stage_of"]
