@@ -61,7 +61,7 @@ def test_stack_runs_in_documented_order_stably():
         _Recorder("edit", Order.GRADIENT_EDIT), _Recorder("objective_a", Order.OBJECTIVE),
         _Recorder("surgery", Order.SURGERY), _Recorder("objective_b", Order.OBJECTIVE), _Recorder("freeze", Order.FREEZE),
     ])
-    stack.setup(None, None)
+    stack.call("setup", None, None)
     assert _Recorder.calls == ["surgery", "freeze", "objective_a", "objective_b", "edit"]
 
 

@@ -15,7 +15,7 @@ import llmreg
 from llmreg.core import ConfigError
 from llmreg.data import build_char_tokenizer, make_builtin_dataset, tiny_llama
 from llmreg.core import anatomy
-from llmreg.integrations import hf as hf_integration
+from llmreg.integrations import hf_access as hf_integration
 from llmreg.regularizers.noisefit.noise import standard_normal, training_noise_key
 
 

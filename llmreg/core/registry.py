@@ -1,7 +1,9 @@
 """Regularizer registry: `@register("name")` is the only registration step.
 
 Names resolve to classes; unknown names get a "did you mean" error (the
-pattern of lm-eval's task registry).
+pattern of lm-eval's task registry). The registry never imports a regularizer:
+`import llmreg` imports `llmreg.regularizers`, whose modules register
+themselves, so every built-in is known as soon as any part of llmreg is.
 """
 
 from __future__ import annotations
@@ -29,18 +31,11 @@ def register(name: str):
     return decorate
 
 
-def _load_builtin() -> None:
-    # importing the package registers every built-in regularizer
-    import llmreg.regularizers  # noqa: F401
-
-
 def available() -> dict[str, type[Regularizer]]:
-    _load_builtin()
     return dict(sorted(_REGISTRY.items()))
 
 
 def get_regularizer_class(name: str) -> type[Regularizer]:
-    _load_builtin()
     if name not in _REGISTRY:
         hint = closest(name, _REGISTRY)
         suggestion = f"; did you mean '{hint}'?" if hint else ""

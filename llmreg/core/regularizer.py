@@ -11,10 +11,8 @@ named points of the host trainer's loop (the pattern of MosaicML Composer's
                                  trainable parameters
     on_prepared(model, shards)   after accelerate / DeepSpeed wrapped the model;
                                  `shards` reads each rank's local partition
-    GRPO, once per generation batch (trl_compat.GRPOHooks):
-        on_rollout_hidden(chunk)   the data-generating policy's final hidden states, chunk by chunk, no grad
-                                 (only with `requires.needs_rollout_hidden`)
-        on_generation_batch(batch) may add per-sample tensors that TRL shuffles and splits with the batch
+    (GRPO adds two hooks per generation batch through its own protocol:
+     `llmreg.integrations.trl.GRPOHookRegularizer`)
     for each micro-batch:
         (forward hooks)          registered by the regularizer in setup /
                                  on_prepared through `self.add_hook(handle)`
@@ -84,11 +82,6 @@ class Requirements:
     supports_zero3: bool = True
     supports_peft: bool = True
     needs_outputs: bool = False  # compute_loss must return the model outputs
-    # GRPO: the data-generating policy's final hidden states over each generation batch, handed chunk by chunk
-    # to `on_rollout_hidden` (from TRL's own no-grad log-prob pass when it runs one, else from one extra pass)
-    needs_rollout_hidden: bool = False
-    # GRPO: the final hidden states (with grad) of each training micro-batch, in `LossContext.extras`
-    needs_step_hidden: bool = False
 
 
 @dataclass
@@ -108,7 +101,8 @@ class LossContext:
     outputs: Any
     trainer: Any
     num_items_in_batch: Any = None
-    # trainer-specific tensors of this micro-batch's forward (GRPO: per_token_logps, entropies; see trl_compat)
+    # trainer-specific tensors of this micro-batch's forward (GRPO: per_token_logps, entropies; see
+    # llmreg.integrations.trl)
     extras: dict[str, Any] = field(default_factory=dict)
     ga_divisor: int = 1
     token_mean: Any = None  # Callable[[Tensor, Tensor], Tensor]; set by the trainer mixin
@@ -170,15 +164,6 @@ class Regularizer:
         """The pre-clip global gradient norm over all trainable parameters, if `pre_step` computed it this
         step (then the trainer reports it instead of computing the same norm again); None otherwise."""
         return None
-
-    def on_rollout_hidden(self, chunk: Any) -> None:
-        """GRPO, with `requires.needs_rollout_hidden`: one chunk (`trl_compat.RolloutHidden`) of the
-        data-generating policy's final hidden states over the generation batch, no grad."""
-
-    def on_generation_batch(self, batch: dict[str, Any], trainer: Any) -> None:
-        """GRPO: after a generation batch was generated and scored (training only). May add tensors whose first
-        dimension is the local batch to `batch`; TRL shuffles and splits them with the rest, and each
-        micro-batch's slice reaches `loss_terms` in `ctx.inputs`."""
 
     def post_step(self, shards: ShardAccess) -> None:
         """Decoupled updates after the optimizer step."""

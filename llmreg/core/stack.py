@@ -26,7 +26,6 @@ import torch
 from llmreg.core.options import ConfigError
 from llmreg.core.regularizer import TRAINER_KINDS, LossContext, Regularizer
 from llmreg.core.registry import build_regularizer
-from llmreg.core.shards import ShardAccess
 
 
 class RegularizerStack:
@@ -83,48 +82,22 @@ class RegularizerStack:
     def needs_outputs(self) -> bool:
         return any(r.requires.needs_outputs for r in self.regularizers)
 
-    @property
-    def needs_step_hidden(self) -> bool:
-        return any(r.requires.needs_step_hidden for r in self.regularizers)
-
-    @property
-    def needs_rollout_hidden(self) -> bool:
-        return any(r.requires.needs_rollout_hidden for r in self.regularizers)
-
     # -- hooks ---------------------------------------------------------------------------
-    def setup(self, model: torch.nn.Module, trainer: Any) -> None:
-        for reg in self.regularizers:
-            reg.setup(model, trainer)
+    def call(self, hook: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call `hook(*args, **kwargs)` on every regularizer that has it, in stack order; their results.
 
-    def on_prepared(self, model: torch.nn.Module, shards: ShardAccess) -> None:
+        This is the one dispatch path: a new hook is a method on `Regularizer` (or on a protocol class of an
+        integration) and one `stack.call` at its call site."""
+        results = []
         for reg in self.regularizers:
-            reg.on_prepared(model, shards)
-
-    def pre_step(self, shards: ShardAccess) -> None:
-        for reg in self.regularizers:
-            reg.pre_step(shards)
+            method = getattr(reg, hook, None)
+            if method is not None:
+                results.append(method(*args, **kwargs))
+        return results
 
     def pop_grad_norm(self) -> float | None:
         """The first gradient norm a regularizer computed in this step's `pre_step` (each is read once)."""
-        norms = [reg.pop_grad_norm() for reg in self.regularizers]
-        return next((n for n in norms if n is not None), None)
-
-    def post_step(self, shards: ShardAccess) -> None:
-        for reg in self.regularizers:
-            reg.post_step(shards)
-
-    def on_rollout_hidden(self, chunk: Any) -> None:
-        for reg in self.regularizers:
-            if reg.requires.needs_rollout_hidden:
-                reg.on_rollout_hidden(chunk)
-
-    def on_generation_batch(self, batch: dict[str, Any], trainer: Any) -> None:
-        for reg in self.regularizers:
-            reg.on_generation_batch(batch, trainer)
-
-    def teardown(self) -> None:
-        for reg in self.regularizers:
-            reg.teardown()
+        return next((n for n in self.call("pop_grad_norm") if n is not None), None)
 
     def loss_terms(self, ctx: LossContext) -> torch.Tensor | None:
         """Sum of every regularizer's terms for this micro-batch (unscaled), or None."""

@@ -26,14 +26,13 @@ trainer behaves exactly like it (tested for all four trainers).
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from llmreg.core.anatomy import is_peft, unwrap
+from llmreg.core.anatomy import is_peft
 from llmreg.integrations.deepspeed import check_deepspeed_config, install_pre_step_shim
 from llmreg.core.options import ConfigError
 from llmreg.core.regularizer import LossContext
@@ -72,7 +71,7 @@ class RegularizedTrainerMixin:
             from transformers.integrations import is_deepspeed_zero3_enabled
 
             stack.check_environment(zero_stage=3 if is_deepspeed_zero3_enabled() else 0, is_peft=is_peft(self.model))
-            stack.setup(self.model, self)
+            stack.call("setup", self.model, self)
             if stack.any_overrides("post_step"):
                 self.add_callback(_PostStepCallback(self))
 
@@ -110,7 +109,7 @@ class RegularizedTrainerMixin:
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         if len(self.reg_stack):
             self._reg_shards = ShardAccess.from_model(self.model, grad_scale=self._reg_grad_scale)
-            self.reg_stack.on_prepared(self.model, self._reg_shards)
+            self.reg_stack.call("on_prepared", self.model, self._reg_shards)
             if resume_from_checkpoint is not None:
                 self._reg_load_state(resume_from_checkpoint, early=False)
             if self.is_deepspeed_enabled and self.reg_stack.any_overrides("pre_step"):
@@ -226,56 +225,15 @@ class RegularizedTrainerMixin:
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def _reg_pre_step(self) -> None:
-        self.reg_stack.pre_step(self._reg_shards)
+        self.reg_stack.call("pre_step", self._reg_shards)
 
     def _reg_post_step(self) -> None:
-        self.reg_stack.post_step(self._reg_shards)
+        self.reg_stack.call("post_step", self._reg_shards)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if len(self.reg_stack) and "loss" in logs:
             logs.update(self.reg_stack.pop_metrics())
         super().log(logs, *args, **kwargs)
-
-
-# -- version-sensitive transformers internals regularizers need ---------------------------------------------
-
-
-def calibration_batch(
-    trainer: Any, size: int, generator: torch.Generator, purpose: str = "the layer calibration"
-) -> dict[str, Any]:
-    """A seeded draw of `size` training rows, collated and moved to the device like a training batch.
-
-    Uses the Trainer's private column filtering (`_remove_unused_columns`, `_get_collator_with_removed_columns`)
-    and `_prepare_inputs`, so the batch looks exactly like one the training loop would see."""
-    import datasets
-
-    dataset = trainer.train_dataset
-    if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
-        raise ConfigError(f"{purpose} needs a sized, non-empty train_dataset")
-    collator = trainer.data_collator
-    if isinstance(dataset, datasets.Dataset):
-        dataset = trainer._remove_unused_columns(dataset, description="training")
-    else:
-        collator = trainer._get_collator_with_removed_columns(collator, description="training")
-    index = torch.randperm(len(dataset), generator=generator)[: min(size, len(dataset))].tolist()
-    return trainer._prepare_inputs(collator([dataset[i] for i in index]))
-
-
-def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether the model's forward can skip the full-vocabulary logits (`logits_to_keep`)."""
-    return "logits_to_keep" in inspect.signature(type(unwrap(model)).forward).parameters
-
-
-def hooks_outside_checkpoint(layer: torch.nn.Module) -> bool:
-    """transformers 5 checkpoints a GradientCheckpointingLayer's `forward`, so hooks on the layer itself are not
-    re-run by the recompute (hooks on modules inside it are)."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # pragma: no cover
-        return False
-    import transformers
-
-    return isinstance(layer, GradientCheckpointingLayer) and int(transformers.__version__.split(".")[0]) >= 5
 
 
 __all__ = ["RegularizedTrainerMixin", "STATE_DIR", "zero_stage_of"]

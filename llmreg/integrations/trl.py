@@ -14,7 +14,8 @@ Written against trl 1.16. What is relied on:
 - `_compute_loss`'s normalisation per `loss_type` (`aggregate_like_loss`).
 
 `GRPOHooks` is mixed into `RegGRPOTrainer` ahead of the regularizer mixin; with an empty stack (or one without
-GRPO hooks) each override delegates straight to the parent.
+GRPO hooks) each override delegates straight to the parent. A regularizer that wants GRPO's hook points mixes in
+`GRPOHookRegularizer` (the protocol); the core `Regularizer` knows nothing of GRPO.
 """
 
 from __future__ import annotations
@@ -125,6 +126,42 @@ def _gathered_head(lm_head: torch.nn.Module):
         yield lm_head.weight, lm_head.bias
 
 
+class GRPOHookRegularizer:
+    """The GRPO hook protocol: mix in ahead of `Regularizer` (`class LpReg(GRPOHookRegularizer, Regularizer)`).
+
+    Once per generation batch, `GRPOHooks` calls, on every regularizer of the stack that implements this:
+        on_rollout_hidden(chunk)    the data-generating policy's final hidden states, chunk by chunk, no grad
+                                    (only when `needs_rollout_hidden`; from TRL's own no-grad old-log-prob pass
+                                    when it runs one, else from one extra eval-mode pass)
+        on_generation_batch(batch)  may add per-sample tensors that TRL shuffles and splits with the batch; each
+                                    micro-batch's slice reaches `loss_terms` in `ctx.inputs`
+    With `needs_step_hidden`, each training micro-batch's final hidden states (with grad), the LM head and the
+    temperature are in `ctx.extras` (`hidden_states`, `lm_head`, `temperature`) next to TRL's `per_token_logps`
+    and `entropies`.
+    """
+
+    needs_rollout_hidden: bool = False
+    needs_step_hidden: bool = False
+
+    def on_rollout_hidden(self, chunk: RolloutHidden) -> None:
+        """One chunk of the policy's pass over the generation batch (see `RolloutHidden`)."""
+
+    def on_generation_batch(self, batch: dict[str, Any], trainer: Any) -> None:
+        """After a generation batch was generated and scored (training only)."""
+
+
+def _grpo_members(stack: Any) -> list[GRPOHookRegularizer]:
+    return [reg for reg in stack if isinstance(reg, GRPOHookRegularizer)]
+
+
+def _needs_rollout_hidden(stack: Any) -> bool:
+    return any(reg.needs_rollout_hidden for reg in _grpo_members(stack))
+
+
+def _needs_step_hidden(stack: Any) -> bool:
+    return any(reg.needs_step_hidden for reg in _grpo_members(stack))
+
+
 class GRPOHooks:
     """Generic GRPO hook points for regularizers: rollout hidden states, generation-batch tensors, and the
     per-token log-probs / entropies of each training micro-batch (`LossContext.extras`)."""
@@ -138,7 +175,7 @@ class GRPOHooks:
     def _generate_and_score_completions(self, inputs):
         if not self._reg_rollout_active():
             return super()._generate_and_score_completions(inputs)
-        want_hidden = self.reg_stack.needs_rollout_hidden
+        want_hidden = _needs_rollout_hidden(self.reg_stack)
         self._reg_rollout_pending = want_hidden and old_logps_computed_by_trl(self)
         self._reg_rollout_fused = False
         try:
@@ -147,7 +184,8 @@ class GRPOHooks:
             self._reg_rollout_pending = False
         if want_hidden and not self._reg_rollout_fused:
             self._reg_rollout_pass(batch)
-        self.reg_stack.on_generation_batch(batch, self)
+        for reg in _grpo_members(self.reg_stack):
+            reg.on_generation_batch(batch, self)
         return batch
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -163,7 +201,7 @@ class GRPOHooks:
                                                               *args, **kwargs)
         hidden: list[torch.Tensor] = []
         handle = None
-        if self.reg_stack.needs_step_hidden:
+        if _needs_step_hidden(self.reg_stack):
             handle = causal_lm(self.model).base_model.register_forward_hook(
                 lambda module, args_, output: hidden.append(output.last_hidden_state[:, -logits_to_keep - 1:-1]))
         try:
@@ -203,9 +241,12 @@ class GRPOHooks:
     def _reg_emit_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor, k: int, row: int) -> None:
         lm_head = causal_lm(self.model).get_output_embeddings()
         with _gathered_head(lm_head) as (weight, bias):
-            self.reg_stack.on_rollout_hidden(RolloutHidden(
+            chunk = RolloutHidden(
                 hidden=hidden[:, -k - 1:-1], targets=input_ids[:, -k:], rows=slice(row, row + input_ids.size(0)),
-                weight=weight, bias=bias, temperature=self.temperature))
+                weight=weight, bias=bias, temperature=self.temperature)
+            for reg in _grpo_members(self.reg_stack):
+                if reg.needs_rollout_hidden:
+                    reg.on_rollout_hidden(chunk)
 
     def _reg_rollout_pass(self, batch: dict[str, Any]) -> None:
         """One extra no-grad pass of the data-generating policy (eval mode), when TRL ran none."""

@@ -14,7 +14,7 @@ import torch
 
 from llmreg.core import ConfigError, LossContext, Order, Regularizer, Requirements, option, register
 from llmreg.core import anatomy
-from llmreg.integrations import hf
+from llmreg.integrations import hf_access as hf
 from llmreg.regularizers.noisefit.calibration import symmetric_kl, v2_policy
 from llmreg.regularizers.noisefit.loss import hybrid_loss, hybrid_sums, positions
 from llmreg.regularizers.noisefit.noise import (
