@@ -4,6 +4,7 @@ docstring (`llmreg/regularizers/lp_reg/__init__.py`) for the method and where it
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
