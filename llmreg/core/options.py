@@ -61,31 +61,14 @@ def check_value(value: Any, tp: Any, where: str) -> Any:
     if tp is Any or tp is object:
         return value
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        # try exact matches before coercions, so a str stays a str in Union[str, float]
-        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is not type(value)):
-            try:
-                return check_value(value, arg, where)
-            except ConfigError as err:
-                errors.append(err)
-        names = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"{where}: expected {names}, got {value!r} ({type(value).__name__})")
+        return _check_union(value, typing.get_args(tp), where)
     if origin is typing.Literal:
-        if value in args:
+        if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        raise ConfigError(f"{where}: expected one of {list(typing.get_args(tp))}, got {value!r}")
     if origin in (list, tuple, set, typing.Sequence) or tp in (list, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",")] if value else []
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r} ({type(value).__name__})")
-        item_tp = args[0] if args else Any
-        items = [check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _check_sequence(value, origin, typing.get_args(tp), where)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r} ({type(value).__name__})")
@@ -95,6 +78,33 @@ def check_value(value: Any, tp: Any, where: str) -> Any:
             return tp(value)
         except ValueError:
             raise ConfigError(f"{where}: expected one of {[e.value for e in tp]}, got {value!r}") from None
+    return _check_scalar(value, tp, where)
+
+
+def _check_union(value: Any, args: tuple, where: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    # try exact matches before coercions, so a str stays a str in Union[str, float]
+    for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is not type(value)):
+        try:
+            return check_value(value, arg, where)
+        except ConfigError:
+            pass
+    names = " or ".join(_type_name(a) for a in args)
+    raise ConfigError(f"{where}: expected {names}, got {value!r} ({type(value).__name__})")
+
+
+def _check_sequence(value: Any, origin: Any, args: tuple, where: str) -> Any:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",")] if value else []
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list, got {value!r} ({type(value).__name__})")
+    item_tp = args[0] if args else Any
+    items = [check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _check_scalar(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected float, got {value!r} (bool)")
@@ -105,11 +115,8 @@ def check_value(value: Any, tp: Any, where: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is str:
-        if isinstance(value, str):
+    elif tp in (bool, str):
+        if isinstance(value, tp):
             return value
     elif isinstance(tp, type):
         if isinstance(value, tp):
