@@ -1,4 +1,4 @@
-"""Extra loss terms follow the host trainer's gradient-accumulation convention (DESIGN.md trap 7).
+"""Extra loss terms follow the host trainer's gradient-accumulation convention (docs/architecture.md, trap 7).
 
 A term that is a per-micro-batch mean must give the same update with GA=1 x batch 8 as with GA=4 x batch 2,
 whether the trainer's own loss is normalised by the token count of the whole accumulated batch (Trainer with

@@ -1,7 +1,7 @@
 """Each rank's local view of trainable parameters and their gradients.
 
 Weight penalties and gradient edits must work on what a rank actually owns
-(DESIGN.md section 2, trap 3):
+(docs/architecture.md, trap 3):
 
 - plain / DDP: the whole parameter and its `.grad`;
 - DeepSpeed ZeRO-1/2: the fragment of the fp32 master partition linked to the

@@ -1,6 +1,6 @@
 """DeepSpeed glue: the backward/step shim and the config check.
 
-Trap 1 (DESIGN.md section 2): accelerate's `DeepSpeedEngineWrapper.backward`
+Trap 1 (docs/architecture.md, trap 1): accelerate's `DeepSpeedEngineWrapper.backward`
 runs `engine.backward(loss)` and then, at the accumulation boundary,
 `engine.step()` in the same call. A callback never sees the reduced gradients
 before the step. `install_pre_step_shim` replaces that method on the one

@@ -191,7 +191,7 @@ class RegularizedTrainerMixin:
         return token_sum / torch.as_tensor(token_count, device=token_sum.device).clamp(min=1)
 
     def _reg_ga_divisor(self, num_items_in_batch: Any) -> int:
-        """How to scale a per-micro-batch mean term so it matches the host loss (DESIGN trap 7).
+        """How to scale a per-micro-batch mean term so it matches the host loss (docs/architecture.md, trap 7).
 
         When the host loss is already scaled for gradient accumulation (normalised by the token count of the
         whole accumulated batch), `training_step` leaves it alone, so a per-micro-batch mean must be divided by

@@ -35,7 +35,7 @@ def main() -> int:
     if a.zero:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")  # DESIGN trap 10: before the config
+        deepspeed.init_distributed(dist_backend="gloo")  # docs/architecture.md, trap 10: before the config
     import trl
 
     import llmreg

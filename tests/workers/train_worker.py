@@ -60,7 +60,7 @@ def main() -> int:
     if a.zero:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")  # DESIGN trap 10: before TrainingArguments
+        deepspeed.init_distributed(dist_backend="gloo")  # docs/architecture.md, trap 10: before TrainingArguments
     from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
     from llmreg import RegTrainer
