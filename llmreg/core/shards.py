@@ -23,6 +23,9 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from llmreg.core.anatomy import full_shape
+from llmreg.core.dist import is_distributed
+
 
 def zero_stage_of(model: torch.nn.Module) -> int:
     """0 without DeepSpeed, else the ZeRO stage of the engine wrapping `model`."""
@@ -143,7 +146,7 @@ class ShardAccess:
 
     def full_shape(self, p: torch.nn.Parameter) -> torch.Size:
         """The shape of the whole parameter, also when ZeRO-3 has partitioned it."""
-        return p.ds_shape if self.zero_stage == 3 else p.shape
+        return full_shape(p)
 
     def gather_full(self, p: torch.nn.Parameter, local: torch.Tensor | None) -> torch.Tensor:
         """Inverse of `local_slice`: the full tensor (shape of `p`, on every rank) from each rank's local piece.
@@ -176,7 +179,7 @@ class ShardAccess:
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum a per-rank partial (e.g. a penalty over local shards) across data-parallel ranks."""
-        if self.is_sharded and dist.is_available() and dist.is_initialized():
+        if self.is_sharded and is_distributed():
             value = value.clone()
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
