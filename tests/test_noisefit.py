@@ -429,7 +429,7 @@ def test_label_smoothing_is_refused(tok, tmp_path):
                           regularizers=[{"name": "noisefit", "num_layers": 1}])
 
 
-def test_hf_integration.calibration_batch_is_a_seeded_training_batch(tok, tmp_path):
+def test_hf_calibration_batch_is_a_seeded_training_batch(tok, tmp_path):
     """Pins the Trainer internals the SNR batch uses (`_remove_unused_columns`, `_prepare_inputs`)."""
     args = trl.SFTConfig(output_dir=str(tmp_path), max_length=48, report_to=[], use_cpu=True, max_steps=1)
     trainer = llmreg.RegSFTTrainer(model=tiny_llama(vocab_size=len(tok)), args=args, processing_class=tok,
