@@ -84,3 +84,9 @@ def lora_targets(model: torch.nn.Module, selector: Selector) -> list[LoraTarget]
 def _active_adapters(module: Any) -> list[str]:
     active = module.active_adapter
     return [active] if isinstance(active, str) else list(active)
+
+
+__all__ = [
+    "DECODER_LAYERS", "LAYER_PATTERN", "OUTSIDE_LAYERS", "LoraTarget", "Selector", "base_name", "default_selector",
+    "full_shape", "layer_of", "lora_targets", "select_parameters",
+]

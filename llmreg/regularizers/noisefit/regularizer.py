@@ -255,8 +255,6 @@ class NoiseFiT(Regularizer):
 
     # -- training ---------------------------------------------------------------------------------------------
     def _noise_hook(self, layer: int):
-        opts = self.options
-
         def hook(module, args, kwargs, output):
             # off in eval mode, under no_grad (generate, evaluation) and outside the stacked training forward
             if self._rows is None or not module.training or not torch.is_grad_enabled():
@@ -371,8 +369,6 @@ class NoiseFiT(Regularizer):
             raise ValueError("noisefit v2: the checkpoint's state has no noise scale for every selected layer")
         if self._layers and self._hook_handles:  # already training: move the hooks to the saved layers
             self._install_hooks()
-
-
 
 
 def _rank0_choice(picked: list[int]) -> list[int]:
