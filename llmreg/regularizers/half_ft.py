@@ -12,7 +12,7 @@ rank draws the same set (checked by all-gathering a hash) and each stage of a mu
 a new one.
 
 Hooks: `setup` only: `requires_grad=False` before the optimizer and the DeepSpeed engine exist, so frozen
-tensors get no gradient, no optimizer state and no fp32 master copy (DESIGN.md trap 5). The frozen set is
+tensors get no gradient, no optimizer state and no fp32 master copy (docs/architecture.md, trap 5). The frozen set is
 the regularizer's state: saved with every checkpoint and, on resume, loaded back *before* the optimizer
 is built (`loads_state_early`), never re-drawn.
 
@@ -40,8 +40,11 @@ from typing import Any, Literal
 
 import torch
 
-from llmreg.core import ConfigError, Order, Regularizer, Requirements, option, register
-from llmreg.regularizers.forgetting.targets import LAYER_PATTERN, full_shape
+import llmreg.core.dist as dist
+from llmreg.core.anatomy import LAYER_PATTERN, full_shape
+from llmreg.core.options import ConfigError
+from llmreg.core.registry import register
+from llmreg.core.regularizer import Order, Regularizer, Requirements, option
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +181,14 @@ class HalfFTOptions:
 
 @register("half_ft")
 class HalfFineTuning(Regularizer):
-    """HFT: freeze a seeded half of each decoder layer's attention, FFN and norm tensors (arXiv 2404.18466)."""
+    """HFT: freeze a seeded half of each decoder layer's attention, FFN and norm tensors (arXiv 2404.18466).
+
+    Example::
+
+        RegSFTTrainer(..., regularizers=[{"name": "half_ft", "seed": 0}])
+
+    In a recipe: ``regularizers: [{name: half_ft, seed: 0}]`` (a multi-stage recipe fills in `stage`).
+    """
 
     options_cls = HalfFTOptions
     order = Order.FREEZE
@@ -212,7 +222,9 @@ class HalfFineTuning(Regularizer):
         unknown = sorted(set(frozen) - set(named))
         if unknown:
             raise ConfigError(f"half_ft: the frozen set names parameters this model lacks: {unknown[:5]}")
-        _check_same_on_every_rank(frozen)
+        # a different trainable set on one rank would hang or corrupt the gradient reduction
+        dist.check_same_on_every_rank(frozen, "half_ft: the frozen sets (check that seed and stage are the same on "
+                                              "every rank)")
         frozen_set = set(frozen)
         for name, p in named.items():
             if p.is_floating_point():
@@ -242,17 +254,3 @@ class HalfFineTuning(Regularizer):
 
 def _numel(p: torch.Tensor) -> int:
     return math.prod(full_shape(p))  # also for a ZeRO-3 placeholder
-
-
-def _check_same_on_every_rank(frozen: list[str]) -> None:
-    """A different trainable set on one rank would hang or corrupt the gradient reduction."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    digest = hashlib.sha256("\n".join(sorted(frozen)).encode()).hexdigest()
-    digests: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, digest)
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"half_ft: ranks drew different frozen sets ({digests}); check that seed and stage "
-                           "are the same on every rank")

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llmreg.core import option, register
+from llmreg.core.registry import register
+from llmreg.core.regularizer import option
 from llmreg.regularizers.forgetting.formulas import quadratic_penalty, quadratic_penalty_grad
 from llmreg.regularizers.forgetting.penalty import ForgettingPenalty, PenaltyConfig
 from llmreg.regularizers.forgetting.targets import Selector
@@ -45,7 +46,14 @@ class L2SPOptions:
 
 @register("l2_sp")
 class L2SP(ForgettingPenalty):
-    """Pull every trainable weight toward its value at the start of training: lam/2 * ||theta - theta_0||^2."""
+    """Pull every trainable weight toward its value at the start of training: lam/2 * ||theta - theta_0||^2.
+
+    Example::
+
+        RegSFTTrainer(..., regularizers=[{"name": "l2_sp", "lam": 0.01}])
+
+    In a recipe: ``regularizers: [{name: l2_sp, lam: 0.01}]``.
+    """
 
     options_cls = L2SPOptions
 

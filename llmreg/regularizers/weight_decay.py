@@ -13,7 +13,7 @@ own group, so the two combine.
 
 Semantics: the value is handed to the trainer's optimizer. With the default
 `adamw_torch` that is decoupled decay multiplied by the learning rate,
-theta <- theta - lr * wd * theta (DESIGN.md trap 8), not L2 added to the loss.
+theta <- theta - lr * wd * theta (docs/architecture.md, trap 8), not L2 added to the loss.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llmreg.core import Order, Regularizer, option, register
+from llmreg.core.registry import register
+from llmreg.core.regularizer import Order, Regularizer, option
 from llmreg.regularizers.multipliers.surgery import is_multiplier
 
 DEFAULT_NO_DECAY = [r"bias$", r"norm", r"embed", r"\bwte\b", r"\bwpe\b"]
@@ -55,7 +56,14 @@ class WeightDecayOptions:
 
 @register("weight_decay")
 class WeightDecayPolicy(Regularizer):
-    """Weight-decay parameter groups by pattern: 2-D weights decay; norms, biases and embeddings do not."""
+    """Weight-decay parameter groups by pattern: 2-D weights decay; norms, biases and embeddings do not.
+
+    Example::
+
+        RegSFTTrainer(..., regularizers=[{"name": "weight_decay", "weight_decay": 0.1}])
+
+    In a recipe: ``regularizers: [{name: weight_decay, weight_decay: 0.1}]``.
+    """
 
     options_cls = WeightDecayOptions
     order = Order.PARAM_GROUPS

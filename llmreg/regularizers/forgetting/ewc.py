@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.distributed as dist
+
+import llmreg.core.dist as dist
 
 
 def fisher_importance(
@@ -39,7 +40,7 @@ def fisher_importance(
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"fisher_importance: no parameter named {missing[0]}")
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = dist.world_size()
     quota = -(-num_samples // world)  # this rank's share, rounded up; trimmed after the reduction
     device = next(model.parameters()).device
     sums = {n: torch.zeros(params[n].shape, dtype=torch.float32, device=device) for n in names}
@@ -65,9 +66,8 @@ def fisher_importance(
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     total = torch.tensor(float(seen), device=device)
-    if world > 1:
-        for value in (*sums.values(), total):
-            dist.all_reduce(value)
+    for value in (*sums.values(), total):
+        dist.all_reduce_sum_(value)  # nothing in one process
     count = int(total.item())
     if count == 0:
         raise ValueError("fisher_importance: the data gave no example")

@@ -43,12 +43,16 @@ def layer_coefficients(norms: torch.Tensor, weighting: str = "softmax", temperat
     raise ValueError(f"layer weighting must be softmax, uniform or none, got {weighting!r}")
 
 
-def quadratic_penalty(theta: torch.Tensor, anchor: torch.Tensor, omega: torch.Tensor | float, coef: float) -> torch.Tensor:
+def quadratic_penalty(
+    theta: torch.Tensor, anchor: torch.Tensor, omega: torch.Tensor | float, coef: float
+) -> torch.Tensor:
     """coef * sum omega * (theta - anchor)^2 (coef = lam * a_l for one tensor of layer l)."""
     return coef * (omega * (theta - anchor).pow(2)).sum()
 
 
-def quadratic_penalty_grad(theta: torch.Tensor, anchor: torch.Tensor, omega: torch.Tensor | float, coef: float) -> torch.Tensor:
+def quadratic_penalty_grad(
+    theta: torch.Tensor, anchor: torch.Tensor, omega: torch.Tensor | float, coef: float
+) -> torch.Tensor:
     """Gradient of `quadratic_penalty` with respect to theta: 2 * coef * omega * (theta - anchor)."""
     return 2.0 * coef * omega * (theta - anchor)
 

@@ -29,12 +29,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
-from llmreg.core import Order, Regularizer, ShardAccess, option, register
+import llmreg.regularizers.forgetting.artifact as art
+from llmreg.core.anatomy import is_peft
+from llmreg.core.dist import all_reduce_sum_
 from llmreg.core.options import ConfigError
-from llmreg.core.shards import zero3_unpadded
-from llmreg.regularizers.forgetting import artifact as art
+from llmreg.core.registry import register
+from llmreg.core.regularizer import Order, Regularizer, option
+from llmreg.core.shards import ShardAccess, zero3_unpadded
 from llmreg.regularizers.forgetting.formulas import layer_coefficients, lora_grads_from_product_diff
 from llmreg.regularizers.forgetting.targets import (
     LoraTarget, Selector, base_name, default_selector, full_shape, layer_of, lora_targets, select_parameters,
@@ -54,8 +56,10 @@ class ForgettingPenaltyOptions:
     layer_weighting: Literal["softmax", "uniform", "none"] | None = option(
         None, "a_l: softmax(c*||Omega_l||) (paper) | uniform 1/L | none (a_l = 1); default softmax for si, "
               "none for ewc and l2sp")
-    layer_temperature: float = option(1e-8, "c inside the layer softmax (code: 1e-8); retune when a_l is one-hot or flat")
-    targets: list[str] = option([], "regexes of weight names to regularise; default: the 2-D weights of the decoder layers")
+    layer_temperature: float = option(
+        1e-8, "c inside the layer softmax (code: 1e-8); retune when a_l is one-hot or flat")
+    targets: list[str] = option(
+        [], "regexes of weight names to regularise; default: the 2-D weights of the decoder layers")
     exclude: list[str] = option([], "regexes of weight names left out")
     anchor: Literal["phase1_end", "pretrained"] = option(
         "phase1_end", "which weights of the importance run this run starts from and is pulled toward: "
@@ -80,7 +84,14 @@ class PenaltyConfig:
 
 @register("forgetting_penalty")
 class ForgettingPenalty(Regularizer):
-    """lam * sum_l a_l * sum_i Omega_i (theta_i - theta*_i)^2 as a gradient edit on local shards."""
+    """lam * sum_l a_l * sum_i Omega_i (theta_i - theta*_i)^2 as a gradient edit on local shards.
+
+    Example (phase 2, with the artifact `llmreg importance RECIPE` wrote)::
+
+        RegSFTTrainer(..., regularizers=[{"name": "forgetting_penalty", "artifact": "runs/imp/importance"}])
+
+    In a recipe: ``regularizers: [{name: forgetting_penalty, importance: si, artifact: runs/imp/importance}]``.
+    """
 
     options_cls = ForgettingPenaltyOptions
     order = Order.GRADIENT_EDIT
@@ -126,21 +137,21 @@ class ForgettingPenalty(Regularizer):
         return bool(self._lora)
 
     def setup(self, model, trainer) -> None:
-        from llmreg.integrations.hf import _is_peft
-
         cfg = self.cfg
-        if _is_peft(model):
+        if is_peft(model):
             self._lora = lora_targets(model, cfg.selector)
             # dW = s * B @ A has B's rows and A's columns
             shapes = {t.name: (full_shape(t.lora_b)[0], full_shape(t.lora_a)[1]) for t in self._lora}
             if not shapes:
-                raise ConfigError(f"{self.name}: no LoRA-adapted module matches targets {list(cfg.selector.include or [])}")
+                raise ConfigError(f"{self.name}: no LoRA-adapted module matches targets "
+                                  f"{list(cfg.selector.include or [])}")
         else:
             named = {n: p for n, p in _base_named_parameters(model)}
             names = select_parameters(named.items(), cfg.selector)
             shapes = {n: tuple(full_shape(named[n])) for n in names}
             if not shapes:
-                raise ConfigError(f"{self.name}: no trainable weight matches targets {list(cfg.selector.include or [])}")
+                raise ConfigError(f"{self.name}: no trainable weight matches targets "
+                                  f"{list(cfg.selector.include or [])}")
         if cfg.apply == "loss" and getattr(trainer, "is_deepspeed_enabled", False):
             raise ConfigError(f"{self.name}: apply=loss needs whole weights on every rank; use apply=grad_edit "
                               f"under DeepSpeed")
@@ -320,6 +331,5 @@ def _weights_sum_sq(params: list[torch.nn.Parameter]) -> float:
             local = p.detach().reshape(-1)
         total += local.double().pow(2).sum().cpu()
     if partitioned:
-        total = total.to(device)
-        dist.all_reduce(total)
+        total = all_reduce_sum_(total.to(device))
     return float(total)

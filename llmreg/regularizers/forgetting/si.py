@@ -27,8 +27,10 @@ from typing import Any, Literal
 
 import torch
 
-from llmreg.core import Order, Regularizer, Requirements, ShardAccess, option, register
-from llmreg.regularizers.forgetting import artifact as art
+import llmreg.regularizers.forgetting.artifact as art
+from llmreg.core.registry import register
+from llmreg.core.regularizer import Order, Regularizer, Requirements, option
+from llmreg.core.shards import ShardAccess
 from llmreg.regularizers.forgetting.formulas import si_accumulate, si_fold
 from llmreg.regularizers.forgetting.targets import base_name, default_selector, full_shape
 
@@ -56,7 +58,14 @@ def _epoch_fold_callback(recorder: "SIImportance"):
 
 @register("si_importance")
 class SIImportance(Regularizer):
-    """Phase 1: accumulate omega = -sum_t g_t * delta_t per weight element; `save_artifact` folds and writes."""
+    """Phase 1: accumulate omega = -sum_t g_t * delta_t per weight element; `save_artifact` folds and writes.
+
+    Example (a run on general data; then `save_artifact` or `phase1.write_si_artifact`)::
+
+        RegSFTTrainer(..., regularizers=[{"name": "si_importance"}])
+
+    In a recipe, phase 1 is the `importance:` section (``importance: {method: si}``), run by `llmreg importance`.
+    """
 
     options_cls = SIImportanceOptions
     order = Order.GRADIENT_EDIT + 5  # record the gradient the optimizer will use, after any other edit

@@ -14,29 +14,11 @@ from typing import Any, Iterable
 
 import torch
 
-# decoder-layer containers of the usual HF architectures: Llama/Mistral/Qwen `layers.N`, GPT-2 `h.N`,
-# GPT-NeoX `layers.N`, T5/BERT-style `layer.N`, MPT `blocks.N`
-LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+# re-exported for the forgetting modules: where a tensor sits in the model is llmreg.core.anatomy's question
+from llmreg.core.anatomy import LAYER_PATTERN, OUTSIDE_LAYERS, base_name, full_shape
+from llmreg.core.anatomy import layer_key as layer_of  # the decoder-layer index as a string key, or "other"
+
 DECODER_LAYERS = [LAYER_PATTERN.pattern]
-OUTSIDE_LAYERS = "other"  # the layer key of an opted-in tensor outside the decoder layers (embeddings, head)
-
-
-def layer_of(name: str) -> str:
-    """The decoder-layer index of a tensor name, as a string key, or "other"."""
-    match = LAYER_PATTERN.search(name)
-    return match.group(1) if match else OUTSIDE_LAYERS
-
-
-def base_name(name: str) -> str:
-    """The plain model's name of a parameter seen through PEFT (`base_model.model.` prefix, `.base_layer`)."""
-    if name.startswith("base_model.model."):
-        name = name[len("base_model.model."):]
-    return name.replace(".base_layer.", ".")
-
-
-def full_shape(p: torch.Tensor) -> torch.Size:
-    """The parameter's shape, also when ZeRO-3 has partitioned it into a placeholder."""
-    return getattr(p, "ds_shape", p.shape)
 
 
 @dataclass(frozen=True)
@@ -102,3 +84,9 @@ def lora_targets(model: torch.nn.Module, selector: Selector) -> list[LoraTarget]
 def _active_adapters(module: Any) -> list[str]:
     active = module.active_adapter
     return [active] if isinstance(active, str) else list(active)
+
+
+__all__ = [
+    "DECODER_LAYERS", "LAYER_PATTERN", "OUTSIDE_LAYERS", "LoraTarget", "Selector", "base_name", "default_selector",
+    "full_shape", "layer_of", "lora_targets", "select_parameters",
+]

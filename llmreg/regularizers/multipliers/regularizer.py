@@ -47,8 +47,10 @@ from typing import Any, Literal
 
 import torch
 
-from llmreg.core import ConfigError, Order, Regularizer, Requirements, option, register
-from llmreg.regularizers.multipliers import surgery
+import llmreg.regularizers.multipliers.surgery as surgery
+from llmreg.core.options import ConfigError
+from llmreg.core.registry import register
+from llmreg.core.regularizer import Order, Regularizer, Requirements, option
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +90,15 @@ def clip_factor(total_norm: float, max_norm: float) -> float:
 
 @register("multipliers")
 class LearnableMultipliers(Regularizer):
-    """Learnable multipliers: row/column scales of matrix layers, own WD/LR group, no global clip (arXiv 2601.04890)."""
+    """Learnable multipliers: row/column scales of matrix layers, own WD/LR group, no global clip (arXiv 2601.04890).
+
+    Example::
+
+        RegSFTTrainer(..., regularizers=[{"name": "multipliers", "placement": "all"}])
+
+    In a recipe: ``regularizers: [{name: multipliers, placement: all}]``; `llmreg export RUN_DIR OUT_DIR` then
+    writes plain weights.
+    """
 
     options_cls = MultipliersOptions
     order = Order.SURGERY

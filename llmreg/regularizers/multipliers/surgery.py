@@ -20,9 +20,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from llmreg.core import ConfigError
-from llmreg.regularizers.forgetting.targets import LAYER_PATTERN, full_shape
-from llmreg.regularizers.multipliers import functional as Fm
+import llmreg.regularizers.multipliers.functional as Fm
+from llmreg.core.anatomy import LAYER_PATTERN, full_shape
+from llmreg.core.options import ConfigError, closest
 
 ROW, COL, SCALAR = "lrm_row", "lrm_col", "lrm_scalar"
 MULTIPLIER_NAMES = (ROW, COL, SCALAR)
@@ -67,15 +67,14 @@ def plan_for_model(model: nn.Module, placement: str, *, lm_head: bool = False, t
     """(plan, notes). Decoder-block linears (modules inside `layers.<i>.`), the input embedding, and the LM
     head only with `lm_head=True`. Raises ConfigError for an unknown placement or a model with no target."""
     if placement not in PLACEMENTS:
-        from llmreg.core.options import closest
-
         hint = closest(placement, PLACEMENTS)
         raise ConfigError(f"multipliers: unknown placement {placement!r}" + (f"; did you mean {hint!r}?" if hint
                           else f"; choose one of {', '.join(PLACEMENTS)}"))
     notes: list[str] = []
     if placement == "none":
         return {}, ["placement 'none': no multipliers (ablation)"]
-    table = {k: parse_kinds(v, f"multipliers.symmetry_table.{k}") for k, v in (symmetry_table or SYMMETRY_AWARE).items()}
+    table = {k: parse_kinds(v, f"multipliers.symmetry_table.{k}")
+             for k, v in (symmetry_table or SYMMETRY_AWARE).items()}
     everywhere = LayerPlan(scalar=True) if placement == "scalar" else LayerPlan(row=True, col=True)
     plan: dict[str, LayerPlan] = {}
     unknown: list[str] = []
@@ -206,7 +205,9 @@ def attach(model: nn.Module, plan: dict[str, LayerPlan], *, dtype: torch.dtype =
     return added
 
 
-def merge_state_dict(state: dict[str, torch.Tensor], plan: dict[str, LayerPlan] | None = None) -> dict[str, torch.Tensor]:
+def merge_state_dict(
+    state: dict[str, torch.Tensor], plan: dict[str, LayerPlan] | None = None
+) -> dict[str, torch.Tensor]:
     """A plain state dict: every multiplied weight replaced by its merged weight, multipliers removed."""
     plan = plan_from_state_dict(state) if plan is None else plan
     out = {k: v for k, v in state.items() if not is_multiplier(k)}

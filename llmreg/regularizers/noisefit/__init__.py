@@ -24,7 +24,8 @@ Algorithm:
   evaluation and `generate()` see the clean model.
 
 Hooks used: setup (checks, layer discovery), on_prepared (selection, noise hooks), training_loss, post_step
-(disarm), metrics (ce / soft / consistency), state_dict (the selected layers and v2's scales, so a resume does not re-select).
+(disarm), metrics (ce / soft / consistency), state_dict (the selected layers and v2's scales, so a resume does not
+re-select).
 
 Noise draws: eps of (layer, branch) is drawn from a private generator seeded by (seed, optimizer step, shard,
 layer, branch) with shard = micro_step * world_size + rank (noise.training_noise_key). The draw is re-made from
@@ -32,15 +33,16 @@ the key on every call, so a checkpointed layer's recomputation reproduces it (no
 resume continues with the same noise, and N ranks x G accumulation steps give every slice of the global batch the
 noise one process with N*G accumulation steps gives it.
 
-Gradient accumulation (DESIGN trap 7): CE is normalised like the host's own loss (`ctx.token_mean`: over
-`num_items_in_batch` when the host scales for accumulation), soft and consistency are per-micro-batch means
+Gradient accumulation (docs/architecture.md, trap 7): CE is normalised like the host's own loss (`ctx.token_mean`:
+over `num_items_in_batch` when the host scales for accumulation), soft and consistency are per-micro-batch means
 divided by `ctx.ga_divisor`, so all three are averaged the same way over the accumulation window.
 
 Cost: about 3x the activation memory and 3x the FLOPs of SFT for the same micro-batch (three branches alive at
-backward, as in the paper), less 2/3 of the shared prefix's work with prefix sharing; halve the micro-batch and double accumulation when it does not fit. The logits are
-never materialised for the whole batch: chunks of `chunk_size` positions at the loss positions only, recomputed
-in backward when the three branches' fp32 logits would exceed 256 MiB (`recompute_logits="auto"`; at that size
-keeping them costs more memory than one more LM-head forward costs time).
+backward, as in the paper), less 2/3 of the shared prefix's work with prefix sharing; halve the micro-batch and
+double accumulation when it does not fit. The logits are never materialised for the whole batch: chunks of
+`chunk_size` positions at the loss positions only, recomputed in backward when the three branches' fp32 logits
+would exceed 256 MiB (`recompute_logits="auto"`; at that size keeping them costs more memory than one more LM-head
+forward costs time).
 
 Departures from the v1 code:
 - defaults: double sigma off, shifted mask on (both available as options, `double_sigma` / `shift_mask`);
@@ -61,10 +63,14 @@ the same loss; refused with gradient checkpointing, where a recomputed layer cou
 `prefix_sharing` (spec: a v2 option, default off there) defaults to on when exact, i.e. when no module of the
 shared prefix has dropout (the values are those of the unshared forward: the prefix sees the same rows in every
 branch); with dropout it is off unless asked for, since the branches would then share one dropout mask.
-Not implemented (spec option): the embedding SNR probe of the first commit (`snr_probe="embedding"`). TRL SFT's own train metrics (entropy, token accuracy,
-num_tokens) are not recorded, since its `compute_loss` does not run; padding-free batches and DPO / GRPO are
-refused, and so are models whose logits are scaled or soft-capped after the LM head (Gemma 2, Cohere): the
-chunked head is the plain `lm_head` module.
+Not implemented (spec option): the embedding SNR probe of the first commit (`snr_probe="embedding"`). TRL SFT's own
+train metrics (entropy, token accuracy, num_tokens) are not recorded, since its `compute_loss` does not run;
+padding-free batches and DPO / GRPO are refused, and so are models whose logits are scaled or soft-capped after the
+LM head (Gemma 2, Cohere): the chunked head is the plain `lm_head` module.
+
+Modules: `noise.py` (the noise operator, SNR, keyed draws), `calibration.py` (v2's policy), `selection.py` (the
+selection forwards), `prefix.py` (prefix sharing), `loss.py` (chunked hybrid loss), `host.py` (checks on the host,
+model inputs, the stacked batch), `regularizer.py` (the `noisefit` regularizer).
 """
 
 from llmreg.regularizers.noisefit.regularizer import NoiseFiT, NoiseFiTOptions

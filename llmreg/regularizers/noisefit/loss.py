@@ -7,7 +7,7 @@
 
 The logits are built in chunks of positions from the hidden states and the LM head, only where a term needs
 them, and with `checkpoint` each chunk's logits are recomputed in backward instead of kept, so the vocabulary-
-sized tensors of one chunk are alive at a time (DESIGN trap 6: TRL's fused head gives no logits).
+sized tensors of one chunk are alive at a time (docs/architecture.md, trap 6: TRL's fused head gives no logits).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""The `noisefit` regularizer: SNR layer selection, noise hooks, and the hybrid loss as the training loss."""
+"""The `noisefit` regularizer: layer selection, noise hooks, and the hybrid loss as the training loss (the method
+and its departures: see the package docstring)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -12,15 +12,21 @@ from typing import Any, Literal
 
 import torch
 
-from llmreg.core import ConfigError, LossContext, Order, Regularizer, Requirements, option, register
-from llmreg.core import anatomy
-from llmreg.integrations import hf_access as hf
-from llmreg.regularizers.noisefit.calibration import symmetric_kl, v2_policy
+import llmreg.core.anatomy as anatomy
+import llmreg.core.dist as dist
+from llmreg.core.options import ConfigError
+from llmreg.core.registry import register
+from llmreg.core.regularizer import LossContext, Order, Regularizer, Requirements, option
+from llmreg.core.running_mean import RunningMean
+from llmreg.integrations.hf_access import accepts_logits_to_keep, calibration_batch
+from llmreg.regularizers.noisefit.calibration import v2_policy
+from llmreg.regularizers.noisefit.host import check_plain_logits, check_trainer, model_inputs, repeat3
 from llmreg.regularizers.noisefit.loss import hybrid_loss, hybrid_sums, positions
 from llmreg.regularizers.noisefit.noise import (
-    adaptive_noise, branch_base, draw_seed, layer_snr, select_layers, standard_normal, training_noise_key,
+    adaptive_noise, branch_base, draw_seed, select_layers, standard_normal, training_noise_key,
 )
 from llmreg.regularizers.noisefit.prefix import SharedPrefix, dropout_rate
+from llmreg.regularizers.noisefit.selection import LayerProbe
 
 logger = logging.getLogger(__name__)
 # recompute_logits="auto": keeping the logits costs about this much per copy and saves one LM-head forward per chunk
@@ -100,7 +106,14 @@ class NoiseFiTOptions:
 
 @register("noisefit")
 class NoiseFiT(Regularizer):
-    """NoiseFiT (arXiv 2504.03302): adaptive noise on SNR-selected layers, trained with the hybrid loss."""
+    """NoiseFiT (arXiv 2504.03302): adaptive noise on SNR-selected layers, trained with the hybrid loss.
+
+    Example::
+
+        RegSFTTrainer(..., regularizers=[{"name": "noisefit", "num_layers": 3, "noise_std": 0.1}])
+
+    In a recipe: ``regularizers: [{name: noisefit, num_layers: 3, noise_std: 0.1}]``.
+    """
 
     options_cls = NoiseFiTOptions
     order = Order.OBJECTIVE
@@ -121,14 +134,13 @@ class NoiseFiT(Regularizer):
         self._key = (0, 0)  # (optimizer step, shard) of the current micro-batch
         self._micro = (-1, -1)  # (optimizer step, micro-step index)
         self._prefix: SharedPrefix | None = None  # prefix sharing, decided in _install_hooks
-        self._sums: dict[str, torch.Tensor] = {}
-        self._count = 0
+        self._means = RunningMean()  # ce / soft / consistency per micro-batch, read at each log
 
     # -- setup and layer selection ----------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module, trainer: Any) -> None:
         self._trainer = trainer
         if trainer is not None:
-            _check_trainer(trainer)
+            check_trainer(trainer)
         checkpointing = getattr(anatomy.unwrap(model), "is_gradient_checkpointing", False) or any(
             getattr(getattr(trainer, "args", None), k, False) for k in ("gradient_checkpointing",
                                                                           "activation_checkpointing"))
@@ -148,30 +160,24 @@ class NoiseFiT(Regularizer):
         self._lm_head = model.get_output_embeddings()
         if self._lm_head is None:
             raise ConfigError(f"noisefit: {type(model).__name__} has no output embeddings (LM head)")
-        self._keep_one = hf.accepts_logits_to_keep(model)
-        config = getattr(anatomy.unwrap(model), "config", None)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
-                  if getattr(text, k, None) not in (None, 1, 1.0)]
-        if scaled:
-            raise ConfigError(f"noisefit: {type(anatomy.unwrap(model)).__name__} transforms its logits after the LM "
-                              f"head ({', '.join(scaled)}); the chunked LM head does not reproduce that")
+        self._keep_one = accepts_logits_to_keep(model)
+        check_plain_logits(model)
 
     def on_prepared(self, model: torch.nn.Module, shards: Any) -> None:
         if self.selected is None:
             size = self.options.calib_batch_size or self._trainer.args.per_device_train_batch_size
+            purpose = "noisefit: the SNR layer selection"
             if self.options.version == "v1":
                 gen = torch.Generator().manual_seed(draw_seed("calib", self.options.seed))
-                self.select(model, hf.calibration_batch(self._trainer, size, gen, "noisefit: the SNR layer selection"))
+                self.select(model, calibration_batch(self._trainer, size, gen, purpose))
             else:
                 # rank r draws global calibration batches r*n .. r*n+n-1, so N ranks x n batches score the same
                 # batches (and probe noise) as one process with N*n
                 first = self._trainer.args.process_index * self.options.calib_batches
                 indices = list(range(first, first + self.options.calib_batches))
-                batches = [hf.calibration_batch(
+                batches = [calibration_batch(
                     self._trainer, size, torch.Generator().manual_seed(draw_seed("calib", self.options.seed, g)),
-                    "noisefit: the SNR layer selection")
-                    for g in indices]
+                    purpose) for g in indices]
                 self.calibrate(model, batches, indices)
                 if self._trainer.args.process_index == 0:
                     path = os.path.join(self._trainer.args.output_dir, "auto_noise_policy.json")
@@ -180,114 +186,37 @@ class NoiseFiT(Regularizer):
                         json.dump(self.policy, f, indent=2)
         self._install_hooks()
 
+    def _probe(self) -> LayerProbe:
+        return LayerProbe(self._layers, self._body, self._lm_head, self._forward_kwargs(), self.options)
+
     def calibrate(self, model: torch.nn.Module, batches: list[dict[str, Any]],
                   indices: list[int] | None = None) -> list[int]:
         """v2: the KL / CE response of every candidate layer to every candidate scale on `batches` (eval mode,
         no grad; sums all-reduced over ranks), then `calibration.v2_policy`."""
         opts = self.options
-        hidden = self._lm_head.in_features if hasattr(self._lm_head, "in_features") else None
         factors = list(opts.scale_factors)
-        kl = torch.zeros(len(self._candidates), len(factors), dtype=torch.float64)
-        dce = torch.zeros_like(kl)
-        counts = torch.zeros(2, dtype=torch.float64)  # (batches, clean CE sum)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for b, batch in zip(indices or range(len(batches)), batches):
-                    pos = positions(batch["labels"], True)
-                    clean_h = self._final_hidden(model, batch)
-                    hidden = clean_h.shape[-1]
-                    clean_lp, clean_ce = self._probe_logprobs(clean_h, pos)
-                    counts += torch.tensor([1.0, clean_ce])
-                    for r, layer in enumerate(self._candidates):
-                        for j, factor in enumerate(factors):
-                            scale = factor / math.sqrt(hidden)
-                            hook = self._layers[layer][1].register_forward_hook(self._probe_hook(scale, (b, layer, j)))
-                            try:
-                                noisy_lp, noisy_ce = self._probe_logprobs(self._final_hidden(model, batch), pos)
-                            finally:
-                                hook.remove()
-                            kl[r, j] += float(_masked_mean(symmetric_kl(clean_lp, noisy_lp), pos.ce)) \
-                                * opts.temperature ** 2
-                            dce[r, j] += max(noisy_ce - clean_ce, 0.0)
-        finally:
-            model.train(was_training)
-        kl, dce, counts = (_all_reduce_sum(t) for t in (kl, dce, counts))
+        kl, dce, counts, hidden = self._probe().kl_response(model, batches, indices, self._candidates)
+        kl, dce, counts = (dist.all_reduce_sum_on_backend(t) for t in (kl, dce, counts))
         n = counts[0].clamp(min=1)
         self.policy = v2_policy(kl / n, dce / n, float(counts[1] / n), factors, hidden, self._candidates,
                                 opts.max_ce_ratio, opts.scale_prior, opts.target_kl_frac, opts.depth_bands,
                                 num_layers=len(self._layers))
         self.policy.update(clean_ce=float(counts[1] / n), kl=(kl / n).tolist(), ce_delta=(dce / n).tolist(),
                            scale_factors=factors, layers=list(self._candidates))
-        self.selected = _broadcast(self.policy["selected"])
-        self.scales = {int(k): float(v) for k, v in _broadcast_obj(self.policy["scales"]).items()}
+        self.selected = _rank0_choice(self.policy["selected"])
+        self.scales = {int(k): float(v) for k, v in dist.broadcast_object(self.policy["scales"]).items()}
         logger.info("noisefit v2: noise on layers %s with scales %s", self.selected, self.scales)
         return self.selected
-
-    def _final_hidden(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        captured: dict[str, torch.Tensor] = {}
-        handle = self._body.register_forward_hook(
-            lambda m, a, out: captured.__setitem__("h", anatomy.final_hidden(out)))
-        try:
-            model(**_model_inputs(batch), **self._forward_kwargs())
-        finally:
-            handle.remove()
-        return captured["h"]
-
-    def _probe_logprobs(self, hidden: torch.Tensor, pos: Any) -> tuple[torch.Tensor, float]:
-        """Tempered log-probabilities at the loss positions, and the (untempered) token-mean CE there."""
-        z = self._lm_head(hidden[pos.rows, pos.cols]).float()
-        ce = torch.nn.functional.cross_entropy(z[pos.ce], pos.target[pos.ce], reduction="mean") if pos.ce.any() \
-            else z.new_zeros(())
-        return torch.log_softmax(z / self.options.temperature, -1), float(ce)
-
-    def _probe_hook(self, scale: float, key: tuple):
-        opts = self.options
-
-        def hook(module, args, output):
-            h = output if torch.is_tensor(output) else output[0]
-            eps = standard_normal(h.shape, h.device, "probe", opts.seed, *key)
-            noisy = adaptive_noise(h, eps, scale, opts.beta, opts.nf_clip, detach_scale=True)
-            return noisy if torch.is_tensor(output) else (noisy, *output[1:])
-
-        return hook
-
 
     def select(self, model: torch.nn.Module, batch: dict[str, Any]) -> list[int]:
         """Score every candidate layer on `batch` (eval mode, no grad) and keep the top / bottom k.
 
         Every rank runs the forward (under ZeRO-3 the parameter gathers are collective) on the same seeded batch
         with the same seeded draws; rank 0's choice is then broadcast so the ranks cannot disagree."""
-        scores: dict[int, torch.Tensor] = {}
         opts = self.options
-
-        def capture(index):
-            def hook(module, args, output):
-                h = output if torch.is_tensor(output) else output[0]
-                scores[index] = layer_snr(h, opts.noise_std, opts.beta, opts.nf_clip, opts.snr_draws, opts.seed, index)
-            return hook
-
-        last = len(self._layers) - 1
-        post_norm = opts.last_layer_post_norm and last in self._candidates
-        handles = [self._layers[i][1].register_forward_hook(capture(i)) for i in self._candidates
-                   if not (post_norm and i == last)]
-        if post_norm:
-            hook = capture(last)
-            handles.append(self._body.register_forward_hook(
-                lambda m, a, out: hook(m, a, anatomy.final_hidden(out))))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(**_model_inputs(batch), **self._forward_kwargs())
-        finally:
-            for handle in handles:
-                handle.remove()
-            model.train(was_training)
-        snr = torch.stack([scores[i] for i in self._candidates]).cpu()
+        snr = self._probe().snr(model, batch, self._candidates)
         picked = [self._candidates[j] for j in select_layers(snr, opts.num_layers, opts.select)]
-        self.selected = _broadcast(picked)
+        self.selected = _rank0_choice(picked)
         self.snr = snr.tolist()
         logger.info("noisefit: SNR %s; noise on layers %s (%s SNR)", [round(s, 3) for s in self.snr],
                     self.selected, opts.select)
@@ -326,8 +255,6 @@ class NoiseFiT(Regularizer):
 
     # -- training ---------------------------------------------------------------------------------------------
     def _noise_hook(self, layer: int):
-        opts = self.options
-
         def hook(module, args, kwargs, output):
             # off in eval mode, under no_grad (generate, evaluation) and outside the stacked training forward
             if self._rows is None or not module.training or not torch.is_grad_enabled():
@@ -376,20 +303,20 @@ class NoiseFiT(Regularizer):
                     self._prefix.reset()
                     self._prefix.in_training_forward = True
                     try:
-                        ctx.model(**_model_inputs(ctx.inputs), **self._forward_kwargs())
+                        ctx.model(**model_inputs(ctx.inputs), **self._forward_kwargs())
                     finally:
                         self._prefix.in_training_forward = False
                     if captured[0].shape[0] != 3 * rows:
                         raise RuntimeError(f"noisefit: prefix sharing: the body returned {captured[0].shape[0]} rows, "
                                            f"expected 3 x {rows}; set prefix_sharing: false for this model")
                 else:
-                    stacked = {k: _repeat3(v, rows) for k, v in _model_inputs(ctx.inputs).items()}
+                    stacked = {k: repeat3(v, rows) for k, v in model_inputs(ctx.inputs).items()}
                     ctx.model(**stacked, **self._forward_kwargs())
                 hidden = captured[0].split(rows, dim=0)
             else:
                 for branch in (0, 1, 2):
                     self._branch = branch
-                    ctx.model(**_model_inputs(ctx.inputs), **self._forward_kwargs())
+                    ctx.model(**model_inputs(ctx.inputs), **self._forward_kwargs())
                 hidden = tuple(captured)
         finally:
             handle.remove()
@@ -401,10 +328,7 @@ class NoiseFiT(Regularizer):
         # logged per micro-batch as plain token means (the loss's CE is in the host's accumulation units)
         logged = {"ce": sums["nll_sum"] / sums["ce_count"].clamp(min=1), "soft": out["soft"],
                   "consistency": out["consistency"]}
-        for key, value in logged.items():
-            value = value.detach()
-            self._sums[key] = self._sums[key] + value if key in self._sums else value
-        self._count += 1
+        self._means.add(**{key: value.detach() for key, value in logged.items()})
         return out["loss"]
 
     def _recompute(self, num_positions: int) -> bool:
@@ -427,8 +351,7 @@ class NoiseFiT(Regularizer):
 
     # -- logging and state ------------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
-        out = {k: float(v) / max(self._count, 1) for k, v in self._sums.items()}
-        self._sums, self._count = {}, 0
+        out = self._means.pop()
         if self.selected is not None:
             out["num_noisy_layers"] = float(len(self.selected))
         return out
@@ -448,65 +371,11 @@ class NoiseFiT(Regularizer):
             self._install_hooks()
 
 
-def _check_trainer(trainer: Any) -> None:
-    """What the replaced loss cannot honour, refused before training."""
-    args = trainer.args
-    if getattr(trainer, "compute_loss_func", None) is not None:
-        raise ConfigError("noisefit replaces the training loss; it cannot be combined with compute_loss_func")
-    if getattr(args, "label_smoothing_factor", 0.0):
-        raise ConfigError("noisefit: label_smoothing_factor must be 0 (its CE is the plain token-mean NLL)")
-    if getattr(args, "loss_type", "nll") != "nll":
-        raise ConfigError(f"noisefit: loss_type={args.loss_type!r} is not supported; use 'nll'")
-    if getattr(args, "padding_free", False):
-        raise ConfigError("noisefit stacks the batch three times along the batch dimension; padding_free is not "
-                          "supported")
-
-
-def _model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in inputs.items() if k not in ("labels", "use_cache", "num_items_in_batch")}
-
-
-def _repeat3(value: Any, rows: int) -> Any:
-    if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == rows:
-        return torch.cat([value, value, value], dim=0)
-    if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == 1 and rows > 1:
-        return value  # broadcast along the batch (e.g. shared position_ids)
-    raise ConfigError(f"noisefit: cannot stack model input of shape {tuple(getattr(value, 'shape', ()))} for "
-                      f"{rows} rows")
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
-        moved = t.to(device)
-        dist.all_reduce(moved)
-        return moved.cpu()
-    return t
-
-
-def _broadcast_obj(obj: Any) -> Any:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def _broadcast(picked: list[int]) -> list[int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [picked]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] != picked:
-            logger.warning("noisefit: this rank scored layers %s, rank 0 chose %s; using rank 0's", picked, box[0])
-        return list(box[0])
-    return picked
+def _rank0_choice(picked: list[int]) -> list[int]:
+    """Rank 0's layers on every rank (a warning where this rank scored others)."""
+    if not dist.is_distributed():
+        return picked
+    chosen = dist.broadcast_object(picked)
+    if chosen != picked:
+        logger.warning("noisefit: this rank scored layers %s, rank 0 chose %s; using rank 0's", picked, chosen)
+    return list(chosen)
