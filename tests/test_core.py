@@ -144,3 +144,32 @@ def test_trainer_kind_requirement_is_checked_up_front():
 def test_options_dataclass_errors_are_config_errors():
     with pytest.raises(ConfigError, match="where: unknown key"):
         build_options(_GroupOpts, {"nmes": []}, where="where")
+
+
+def test_running_mean_averages_floats_and_tensors_per_key_and_resets():
+    from llmreg.core.running_mean import RunningMean
+
+    means = RunningMean()
+    assert not means and means.pop() == {}
+    means.add(a=1.0, b=torch.tensor(2.0))
+    means.add(a=3.0)
+    means.add(b=torch.tensor(4.0, requires_grad=True) * 1)
+    assert means.pop() == {"a": 2.0, "b": 3.0}
+    assert means.pop() == {}
+
+
+def test_anatomy_finds_layers_and_indices_of_a_tiny_llama():
+    from llmreg.core import anatomy
+    from llmreg.data import tiny_llama
+
+    model = tiny_llama(vocab_size=40)
+    names = [n for n, _ in anatomy.decoder_layers(model)]
+    assert names == ["model.layers.0", "model.layers.1"]
+    assert anatomy.layer_list(anatomy.decoder(model)) == [m for _, m in anatomy.decoder_layers(model)]
+    assert anatomy.layer_index("model.layers.1.mlp.up_proj.weight") == 1
+    assert anatomy.layer_index("transformer.h.12.attn.c_attn.weight") == 12
+    assert anatomy.layer_index("model.embed_tokens.weight") is None and anatomy.layer_key("lm_head.weight") == "other"
+    assert anatomy.base_name("base_model.model.model.layers.0.q_proj.base_layer.weight") == "model.layers.0.q_proj.weight"
+    assert not anatomy.is_peft(model) and anatomy.unwrap(model) is model
+    batch = {"labels": torch.tensor([[-100, 5, 6, -100]])}
+    assert anatomy.label_token_count(batch) == 2.0  # shifted: positions 1..3, two trained
