@@ -17,6 +17,7 @@ import torch
 
 from llmreg.core.options import ConfigError
 from llmreg.recipe.callbacks import MetricsJsonlCallback
+from llmreg.recipe.data_modes import recipe_data_mode
 from llmreg.recipe.errors import located
 from llmreg.recipe.models import build_model, build_tokenizer
 from llmreg.recipe.schema import Recipe, trainer_config_class
@@ -40,10 +41,9 @@ def build_run(recipe: Recipe, extra_regularizers: list | None = None) -> Run:
     init_distributed_for_deepspeed(recipe)
     args = build_training_args(recipe)
     tokenizer = build_tokenizer(recipe.tokenizer)
-    if recipe.data.pretrain is not None:  # packed blocks of a fixed token budget (llmreg.pretrain.data)
-        from llmreg.pretrain.data import pretrain_datasets
-
-        train_ds, eval_ds = pretrain_datasets(recipe, tokenizer, args)
+    mode = recipe_data_mode(recipe)
+    if mode is not None:  # e.g. packed blocks of a fixed token budget (data.pretrain, registered by llmreg.pretrain)
+        train_ds, eval_ds = mode.build_datasets(recipe, tokenizer, args)
     else:
         train_ds = prepare_dataset(load_source(recipe.data.train, recipe.trainer.kind, "train"), recipe, tokenizer,
                                    args)
@@ -131,10 +131,9 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_ds, eval_ds, ext
         from transformers import DataCollatorForLanguageModeling
 
         kwargs["data_collator"] = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-        if recipe.data.pretrain is not None:  # full blocks, labels = ids, no pad masking (llmreg.pretrain.data)
-            from llmreg.pretrain.data import collate_blocks
-
-            kwargs["data_collator"] = collate_blocks
+        mode = recipe_data_mode(recipe)
+        if mode is not None and mode.collator is not None:  # pretrain: full blocks, labels = ids, no pad masking
+            kwargs["data_collator"] = mode.collator
         if recipe.peft is not None:
             from peft import LoraConfig, get_peft_model
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmreg.core.options import ConfigError, check_mapping, closest
+from llmreg.recipe.data_modes import data_mode
 from llmreg.recipe.errors import located
 from llmreg.recipe.paths import DATA_EXTENSIONS, TEXT_EXTENSIONS, looks_like_path, resolve_path
 from llmreg.recipe.schema import BUILTIN_FORMATS, DataSpec, SourceSpec
@@ -42,7 +43,7 @@ class _DataKeys:
     completion_field: str | None = None
     num_examples: int | None = None
     seed: int | None = None
-    pretrain: dict | None = None  # llmreg.pretrain.data: packed pre-training blocks (raw .txt allowed)
+    pretrain: dict | None = None  # the data mode llmreg.pretrain registers: packed pre-training blocks (raw .txt)
 
 
 def validate_data(section: dict, recipe_dir: str | None) -> DataSpec:
@@ -51,11 +52,11 @@ def validate_data(section: dict, recipe_dir: str | None) -> DataSpec:
         raise ConfigError("data: missing key 'train' (a file, a save_to_disk directory, hub:<name> or builtin:<task>)")
     shared = {k: v for k, v in values.items() if k not in ("train", "eval", "pretrain") and v is not None}
     pretrain = None
-    if "pretrain" in values:
-        from llmreg.pretrain.data import validate_pretrain
-
-        pretrain = validate_pretrain(values["pretrain"], recipe_dir)
-    text_ok = pretrain is not None
+    text_ok = False
+    if "pretrain" in values:  # a data mode registered by llmreg.pretrain (llmreg.recipe.data_modes)
+        mode = data_mode("pretrain")
+        pretrain = mode.validate(values["pretrain"], recipe_dir)
+        text_ok = mode.reads_text_files
     train = _validate_source(values["train"], shared, "data.train", recipe_dir, is_eval=False, text_ok=text_ok)
     eval_ = None
     if values.get("eval") is not None:

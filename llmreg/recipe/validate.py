@@ -21,6 +21,7 @@ from typing import Any
 
 from llmreg.integrations.deepspeed import check_deepspeed_config, load_deepspeed_config
 from llmreg.core.options import ConfigError, check_mapping, closest, field_types
+from llmreg.recipe.data_modes import data_mode
 from llmreg.recipe.errors import located
 from llmreg.recipe.paths import looks_local, resolve_path
 from llmreg.recipe.importance import validate_importance
@@ -76,7 +77,8 @@ def validate_recipe(raw: Any, recipe_path: str | None = None) -> Recipe | Staged
     seed = top.get("seed", DEFAULT_SEED)
     model = validate_model(top["model"], recipe_dir, seed)
     data = validate_data(top["data"], recipe_dir)
-    held_out = data.pretrain is not None and data.pretrain.validation_fraction > 0  # llmreg.pretrain.data
+    mode = data_mode("pretrain") if data.pretrain is not None else None  # llmreg.recipe.data_modes
+    held_out = mode is not None and mode.holds_out_eval(data.pretrain)
     trainer = validate_trainer(top["trainer"], recipe_dir, seed, has_eval=data.eval is not None or held_out)
     peft = validate_peft(top.get("peft"))
     recipe = Recipe(
@@ -93,10 +95,8 @@ def validate_recipe(raw: Any, recipe_path: str | None = None) -> Recipe | Staged
         importance=validate_importance(top.get("importance"), recipe_dir, trainer.args.get("deepspeed"), peft),
         path=os.path.abspath(recipe_path) if recipe_path else None,
     )
-    if data.pretrain is not None:
-        from llmreg.pretrain.data import check_pretrain_recipe
-
-        check_pretrain_recipe(recipe)
+    if mode is not None:
+        mode.check_recipe(recipe)
     return recipe
 
 
