@@ -159,7 +159,7 @@ def load_reward(reward: str):
     """A reward function from a name in REWARDS or a `module:function` reference."""
     import importlib
 
-    from llmreg.recipe.validate import REWARDS
+    from llmreg.recipe.sections import REWARDS
 
     target = REWARDS.get(reward, reward)
     module_name, _, attr = target.partition(":")
