@@ -17,15 +17,21 @@ does not have. For those, a from-config model is first written to
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
 from llmreg.core.options import ConfigError
 from llmreg.recipe.errors import located
+from llmreg.recipe.paths import looks_local
 from llmreg.recipe.schema import ModelSpec, Recipe, TokenizerSpec
 
 INIT_DIR = "init"
+# a model folder whose config.json carries this key must be converted before transformers loads it as it was
+# trained (e.g. learnable multipliers: `llmreg export`); the value is the reason and what to do, written after
+# "<folder> ", with {path} standing for the folder (llmreg.regularizers.multipliers.export writes one)
+UNEXPORTED_KEY = "llmreg_unexported"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,6 +49,29 @@ def build_tokenizer(spec: TokenizerSpec):
     if tok.pad_token is None:  # collators pad; many causal-LM tokenizers ship without a pad token
         tok.pad_token = tok.eos_token
     return tok
+
+
+def refuse_unexported(path: str, where: str) -> None:
+    """A ConfigError `<where>: <path> <reason>` when `path` is a model folder marked with UNEXPORTED_KEY."""
+    config = os.path.join(str(path), "config.json")
+    if not os.path.isfile(config):
+        return
+    with open(config) as f:
+        note = json.load(f).get(UNEXPORTED_KEY)
+    if note is not None:
+        raise ConfigError(f"{where}: {path} {str(note).replace('{path}', str(path))}")
+
+
+def check_model_path(path: str, where: str = "eval") -> None:
+    """A path that exists must be a model folder (and not one marked unexported); one that does not is an error
+    offline (no hub) or when it is written as a path (./x, /x, a/b/c), since hub names are at most `org/name`."""
+    if os.path.exists(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{where}: {path} is not a model folder (no config.json)")
+        refuse_unexported(path, where)
+        return
+    if os.environ.get("HF_HUB_OFFLINE") or looks_local(path):
+        raise ConfigError(f"{where}: model path not found: {path}")
 
 
 def model_config(spec: ModelSpec, tokenizer):
@@ -79,9 +108,7 @@ def build_model(recipe: Recipe, tokenizer, args):
         model.generation_config.eos_token_id = [tokenizer.eos_token_id, newline]
         return model
     if spec.name_or_path is not None:
-        from llmreg.regularizers.multipliers.export import refuse_wrapped
-
-        refuse_wrapped(spec.name_or_path, "model.name_or_path")
+        refuse_unexported(spec.name_or_path, "model.name_or_path")
         with located("model.name_or_path", (OSError, ValueError)):
             return AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=dtype or "auto")
     config = model_config(spec, tokenizer)

@@ -27,7 +27,7 @@ from llmreg.core.options import ConfigError, check_mapping, closest, field_types
 from llmreg.recipe.data_modes import data_mode
 from llmreg.recipe.errors import located
 from llmreg.recipe.paths import looks_local, resolve_path
-from llmreg.recipe.importance import validate_importance
+from llmreg.recipe.importance_spec import validate_importance
 from llmreg.recipe.schema import (
     BUILTIN_TOKENIZERS, DTYPES, TRAINER_KINDS, EvalDuringTrainingSpec, ModelSpec, Recipe, TokenizerSpec,
     TrainerSpec, trainer_config_class,
