@@ -2,7 +2,7 @@
 
 Order matters: the TrainingArguments / TRL config comes first, because under
 ZeRO-3 transformers builds the model inside `deepspeed.zero.Init` only when a
-config with `deepspeed=` exists (DESIGN.md trap 10); then the tokenizer and the
+config with `deepspeed=` exists (docs/architecture.md, trap 10); then the tokenizer and the
 data, so a bad dataset fails before a large model loads; the model last.
 """
 
@@ -18,7 +18,7 @@ import torch
 from llmreg.core.options import ConfigError
 from llmreg.recipe.callbacks import MetricsJsonlCallback
 from llmreg.recipe.data_modes import recipe_data_mode
-from llmreg.recipe.errors import located
+from llmreg.recipe.errors import reraise_at_recipe_key
 from llmreg.recipe.models import build_model, build_tokenizer
 from llmreg.recipe.schema import Recipe, trainer_config_class
 from llmreg.recipe.sources import load_source
@@ -57,7 +57,7 @@ def build_run(recipe: Recipe, extra_regularizers: list | None = None) -> Run:
 
 
 def init_distributed_for_deepspeed(recipe: Recipe) -> None:
-    """DeepSpeed on CPU: create the gloo process group before TrainingArguments (DESIGN.md trap 10),
+    """DeepSpeed on CPU: create the gloo process group before TrainingArguments (docs/architecture.md, trap 10),
     or DeepSpeed's batch-size check sees the wrong world size. A single process gets a world of one."""
     if recipe.trainer.args.get("deepspeed") is None or torch.cuda.is_available():
         return
@@ -91,7 +91,7 @@ def build_training_args(recipe: Recipe):
         if "fp16" not in kwargs:
             kwargs.setdefault("bf16", False)  # TRL turns bf16 on by default; on CPU fp32 is the safe choice
     config_cls = trainer_config_class(recipe.trainer.kind)
-    with located("trainer", (TypeError, ValueError)):
+    with reraise_at_recipe_key("trainer", (TypeError, ValueError)):
         return config_cls(**kwargs)
 
 
@@ -163,5 +163,5 @@ def load_reward(reward: str):
 
     target = REWARDS.get(reward, reward)
     module_name, _, attr = target.partition(":")
-    with located("trainer.reward", (ImportError, AttributeError, ValueError)):
+    with reraise_at_recipe_key("trainer.reward", (ImportError, AttributeError, ValueError)):
         return getattr(importlib.import_module(module_name), attr)

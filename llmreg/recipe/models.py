@@ -10,7 +10,7 @@ tokenizer unless the recipe sets them, and is initialised from `model.seed`,
 so every rank (and every rerun) starts from the same weights.
 
 DPO (without PEFT) and GRPO with `beta > 0` rebuild their reference model from
-`config._name_or_path` (DESIGN.md trap 11), which a model that was never saved
+`config._name_or_path` (docs/architecture.md, trap 11), which a model that was never saved
 does not have. For those, a from-config model is first written to
 `<output_dir>/init` and loaded from there, so the reference is the same start.
 """
@@ -23,7 +23,7 @@ import os
 import torch
 
 from llmreg.core.options import ConfigError
-from llmreg.recipe.errors import located
+from llmreg.recipe.errors import reraise_at_recipe_key
 from llmreg.recipe.paths import looks_local
 from llmreg.recipe.schema import ModelSpec, Recipe, TokenizerSpec
 
@@ -42,7 +42,7 @@ def build_tokenizer(spec: TokenizerSpec):
         return build_char_tokenizer(spec.model_max_length or 512)
     from transformers import AutoTokenizer
 
-    with located("tokenizer.name_or_path", (OSError, ValueError)):
+    with reraise_at_recipe_key("tokenizer.name_or_path", (OSError, ValueError)):
         tok = AutoTokenizer.from_pretrained(spec.name_or_path)
     if spec.model_max_length:
         tok.model_max_length = spec.model_max_length
@@ -90,7 +90,7 @@ def model_config(spec: ModelSpec, tokenizer):
     if fields["vocab_size"] < len(tokenizer):
         raise ConfigError(f"model.config.vocab_size: {fields['vocab_size']} is smaller than the tokenizer's "
                           f"{len(tokenizer)} tokens")
-    with located("model.config", (TypeError, ValueError)):
+    with reraise_at_recipe_key("model.config", (TypeError, ValueError)):
         if size is not None:
             return tiny_llama_config(size, **fields)
         return AutoConfig.for_model(model_type, **fields)
@@ -109,7 +109,7 @@ def build_model(recipe: Recipe, tokenizer, args):
         return model
     if spec.name_or_path is not None:
         refuse_unexported(spec.name_or_path, "model.name_or_path")
-        with located("model.name_or_path", (OSError, ValueError)):
+        with reraise_at_recipe_key("model.name_or_path", (OSError, ValueError)):
             return AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=dtype or "auto")
     config = model_config(spec, tokenizer)
     if needs_saved_reference(recipe, args):

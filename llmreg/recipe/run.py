@@ -76,7 +76,8 @@ def resume_checkpoint(recipe: Recipe, overwrite: bool = False) -> str | None:
         return last
     if last is not None:
         raise ConfigError(f"output_dir {recipe.output_dir} already holds {os.path.basename(last)} from an earlier "
-                          "run: add --resume to continue it, --overwrite to replace it, or set output_dir=<another dir>")
+                          "run: add --resume to continue it, --overwrite to replace it, or set "
+                          "output_dir=<another dir>")
     return None
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from llmreg.integrations.deepspeed import check_deepspeed_config, load_deepspeed_config
 from llmreg.core.options import ConfigError, check_mapping, closest, field_types
 from llmreg.recipe.data_modes import data_mode
-from llmreg.recipe.errors import located
+from llmreg.recipe.errors import reraise_at_recipe_key
 from llmreg.recipe.paths import looks_local, resolve_path
 from llmreg.recipe.importance_spec import validate_importance
 from llmreg.recipe.schema import (
@@ -120,7 +120,7 @@ def validate_model(section: dict, recipe_dir: str | None, seed: int) -> ModelSpe
     if spec.testbed is not None:
         from llmreg.testbed.build import check_build_options
 
-        with located("model.testbed", (ValueError,)):
+        with reraise_at_recipe_key("model.testbed", (ValueError,)):
             spec.testbed = check_build_options(spec.testbed)
     elif spec.name_or_path is not None:
         spec.name_or_path = _local_or_hub(spec.name_or_path, recipe_dir, "model.name_or_path")
@@ -240,7 +240,7 @@ def _validate_deepspeed(value: Any, recipe_dir: str | None) -> Any:
         if not os.path.isfile(path):
             raise ConfigError(f"trainer.deepspeed: file not found: {value}")
         value = path
-    with located("trainer.deepspeed"):
+    with reraise_at_recipe_key("trainer.deepspeed"):
         check_deepspeed_config(value)  # refuses an `optimizer` block: it would drop llmreg's parameter groups
     return value
 
@@ -258,7 +258,7 @@ def validate_peft(section: dict | None) -> dict | None:
 
     values = check_mapping(LoraConfig, section, "peft")
     values.setdefault("task_type", "CAUSAL_LM")
-    with located("peft", (TypeError, ValueError)):
+    with reraise_at_recipe_key("peft", (TypeError, ValueError)):
         LoraConfig(**values)  # its __post_init__ checks combinations of fields
     return values
 
@@ -267,7 +267,7 @@ def validate_regularizers(items: list | None, trainer: TrainerSpec, peft: dict |
     specs = [_validate_regularizer(item, f"regularizers.{i}") for i, item in enumerate(items or [])]
     from llmreg.core.stack import RegularizerStack
 
-    with located("regularizers", (ValueError,)):
+    with reraise_at_recipe_key("regularizers", (ValueError,)):
         stack = RegularizerStack(specs, trainer_kind=trainer.kind)  # checks each one supports this trainer kind
         stack.check_environment(zero_stage=_zero_stage(trainer.args.get("deepspeed")), is_peft=peft is not None)
     return specs
@@ -282,7 +282,7 @@ def _validate_regularizer(item: Any, where: str) -> dict:
         raise ConfigError(f"{where}: expected a mapping with 'name', got {item!r}")
     if "name" not in item:
         raise ConfigError(f"{where}: missing key 'name' (registered: {', '.join(available())})")
-    with located(where):
+    with reraise_at_recipe_key(where):
         cls = get_regularizer_class(item["name"])
     options = check_mapping(cls.options_cls, {k: v for k, v in item.items() if k != "name"}, where)
     return {"name": item["name"], **options}
@@ -310,7 +310,7 @@ def validate_eval_during_training(section: dict | None, recipe_dir: str | None,
         raise ConfigError(f"{where}.suite: suite file not found: {spec.suite}")
     from llmreg.eval.suite import load_suite
 
-    with located(f"{where}.suite"):
+    with reraise_at_recipe_key(f"{where}.suite"):
         load_suite(path)
     spec.suite = path
     if _zero_stage(trainer.args.get("deepspeed")) == 3:

@@ -22,7 +22,7 @@ from typing import Any
 
 from llmreg.core.options import ConfigError, check_mapping, closest
 from llmreg.recipe.data_modes import data_mode
-from llmreg.recipe.errors import located
+from llmreg.recipe.errors import reraise_at_recipe_key
 from llmreg.recipe.paths import DATA_EXTENSIONS, TEXT_EXTENSIONS, looks_like_path, resolve_path
 from llmreg.recipe.schema import BUILTIN_FORMATS, DataSpec, SourceSpec
 
@@ -68,7 +68,8 @@ def _validate_source(value: Any, shared: dict, where: str, recipe_dir: str | Non
                      text_ok: bool = False) -> SourceSpec:
     own = {"path": value} if isinstance(value, str) else dict(value)
     if "path" not in own:
-        raise ConfigError(f"{where}: missing key 'path' (a file, a save_to_disk directory, hub:<name> or builtin:<task>)")
+        raise ConfigError(f"{where}: missing key 'path' (a file, a save_to_disk directory, hub:<name> or "
+                          "builtin:<task>)")
     spec = SourceSpec(**check_mapping(SourceSpec, {**shared, **own}, where))
     _check_fields(spec, where)
     if spec.kind == "builtin":
@@ -99,7 +100,8 @@ def _check_builtin(spec: SourceSpec, where: str, own_seed: bool, is_eval: bool) 
     if spec.name not in BUILTIN_TASKS:
         hint = closest(spec.name, BUILTIN_TASKS)
         suggestion = f"; did you mean 'builtin:{hint}'?" if hint else ""
-        raise ConfigError(f"{where}: unknown built-in task '{spec.name}'{suggestion} (built-in: {', '.join(BUILTIN_TASKS)})")
+        raise ConfigError(f"{where}: unknown built-in task '{spec.name}'{suggestion} "
+                          f"(built-in: {', '.join(BUILTIN_TASKS)})")
     spec.num_examples = spec.num_examples or DEFAULT_NUM_EXAMPLES
     if spec.seed is None:
         spec.seed = 0
@@ -141,7 +143,7 @@ def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None, text_ok: 
 
 def load_source(spec: SourceSpec, trainer_kind: str, role: str):
     """The `datasets.Dataset` for `spec`, with `max_examples` and the column mapping applied."""
-    with located(f"data.{role}", (ValueError, FileNotFoundError)):
+    with reraise_at_recipe_key(f"data.{role}", (ValueError, FileNotFoundError)):
         ds = _load_raw(spec, trainer_kind, role)
         if spec.max_examples is not None:
             ds = ds.select(range(min(spec.max_examples, len(ds))))

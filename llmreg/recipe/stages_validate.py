@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmreg.core.options import ConfigError, check_mapping, closest
-from llmreg.recipe.errors import located
+from llmreg.recipe.errors import reraise_at_recipe_key
 from llmreg.recipe.paths import resolve_path
 from llmreg.recipe.schema import STAGE_SECTIONS, TOP_LEVEL_ONLY, Stage, StagedRecipe, StageEvalSpec
 from llmreg.recipe.sections import DEFAULT_SEED, default_output_dir, validate_run_recipe
@@ -111,7 +111,7 @@ def validate_staged_recipe(raw: dict, recipe_path: str | None = None) -> StagedR
         if taken is not None:
             raise ConfigError(f"{where}: duplicate stage name '{name}' (stages[{taken.index}] has it too); "
                               "stage names must be unique")
-        with located(where):
+        with reraise_at_recipe_key(where):
             recipe = validate_run_recipe(expand_stage(top, values, i, output_dir), recipe_path)
         if recipe.peft is not None and i < len(items) - 1:
             raise ConfigError(f"{where}: peft: only the last stage may use PEFT (the next stage would start "
@@ -149,7 +149,7 @@ def validate_stage_eval(section: dict | None, recipe_dir: str | None) -> tuple[S
         raise ConfigError(f"{where}.suite: suite file not found: {spec.suite}")
     from llmreg.eval.suite import load_suite
 
-    with located(f"{where}.suite"):
+    with reraise_at_recipe_key(f"{where}.suite"):
         suite = load_suite(path)
     spec.suite = path
     return spec, [e.task for e in suite.entries]

@@ -9,8 +9,8 @@ Python API (any trainer built by llmreg):
     write_ewc_artifact(trainer, "runs/imp/importance", num_samples=5000)   # ewc: no training
 
 `llmreg importance RECIPE` does the same from a recipe with an `importance:` section
-(llmreg.recipe.importance.run_importance). The artifact records which model and data it came from, and where the model at the
-end of phase 1 was saved (`final_model`), which is the model phase 2 must start from for si.
+(llmreg.recipe.importance.run_importance). The artifact records which model and data it came from, and where
+the model at the end of phase 1 was saved (`final_model`), which is the model phase 2 must start from for si.
 """
 
 from __future__ import annotations

@@ -107,7 +107,8 @@ def _embedding_keys(config) -> tuple[str, str | None]:
         model = _model_class(config)(config)
     names = {id(m): n for n, m in model.named_modules()}
     head = model.get_output_embeddings()
-    return f"{names[id(model.get_input_embeddings())]}.weight", (f"{names[id(head)]}.weight" if head is not None else None)
+    head_key = f"{names[id(head)]}.weight" if head is not None else None
+    return f"{names[id(model.get_input_embeddings())]}.weight", head_key
 
 
 def _is_tied(config) -> bool:
