@@ -122,6 +122,22 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
+def _plain_config(src: str, untie: bool):
+    """The config of the plain model: without the wrapped-model notes, untied when the export unties."""
+    from transformers import AutoConfig
+
+    plain_config = AutoConfig.from_pretrained(src)
+    for note in (CONFIG_NOTE, UNEXPORTED_KEY):
+        if hasattr(plain_config, note):
+            delattr(plain_config, note)
+    if untie:
+        plain_config.tie_word_embeddings = False
+        getter = getattr(plain_config, "get_text_config", None)
+        if getter is not None and getter() is not plain_config:
+            getter().tie_word_embeddings = False
+    return plain_config
+
+
 def export_plain(run_dir: str, out_dir: str, *, verify: bool = True, overwrite: bool = False) -> ExportResult:
     """Write the plain model of `run_dir` (see the module docstring) to `out_dir`."""
     from transformers import AutoConfig
@@ -144,16 +160,7 @@ def export_plain(run_dir: str, out_dir: str, *, verify: bool = True, overwrite: 
     merged = surgery.merge_state_dict(state, plan)
     untie = tied and head_key is not None and any(k.rsplit(".", 1)[0] in plan for k in (embed_key, head_key))
 
-    plain_config = AutoConfig.from_pretrained(src)
-    for note in (CONFIG_NOTE, UNEXPORTED_KEY):
-        if hasattr(plain_config, note):
-            delattr(plain_config, note)
-    if untie:
-        plain_config.tie_word_embeddings = False
-        getter = getattr(plain_config, "get_text_config", None)
-        if getter is not None and getter() is not plain_config:
-            getter().tie_word_embeddings = False
-    plain = _build(plain_config, dtype)
+    plain = _build(_plain_config(src, untie), dtype)
     plain.load_state_dict(merged, strict=True)  # tied and unmerged: both keys hold the same E
 
     diff = rel = None
