@@ -146,7 +146,7 @@ def importance_prepare(method: str) -> Callable[[str, str, int], dict[str, Any]]
 
     def prepare(base: str, workdir: str, steps: int) -> dict[str, Any]:
         from llmreg.recipe.validate import validate_recipe
-        from llmreg.regularizers.forgetting.phase1 import run_importance
+        from llmreg.recipe.importance import run_importance
 
         raw = general_data_recipe(base, Path(workdir), steps)
         raw["importance"] = {"method": method, **({"num_samples": max(4, steps // 4)} if method == "ewc" else {})}

@@ -14,16 +14,20 @@
 trainer does the distribution, and only rank 0 prints. A bad recipe exits with
 status 2 and one line `error: <message>` on stderr, before anything is loaded.
 A recipe with `stages:` trains its stages in turn (llmreg.recipe.stages); `validate` shows each stage.
+
+This module parses the arguments and dispatches: what each command does lives in llmreg.recipe (train,
+validate, importance, the printed summaries), llmreg.eval.compare (eval), llmreg.pretrain (sweep, ensemble),
+llmreg.regularizers.multipliers.export (export) and llmreg.testbed (testbed).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
 EXIT_CONFIG_ERROR = 2
+COMMANDS = ("train", "importance", "validate", "list", "eval", "testbed", "export", "sweep", "ensemble")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,8 +57,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmreg", description="Regularized LLM training from YAML recipes.")
     _launcher_args(parser)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,importance,validate,list,eval,testbed,export,sweep,ensemble}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for add in (_add_train, _add_importance, _add_validate, _add_list, _add_eval, _add_testbed, _add_export,
+                _add_sweep, _add_ensemble):
+        add(sub)
+    return parser
 
+
+def _add_train(sub) -> None:
     train = sub.add_parser("train", help="validate a recipe, then train", description="Validate, then train.")
     _recipe_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
@@ -62,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="delete an earlier run's checkpoints, metrics and final model in output_dir first")
     train.set_defaults(func=cmd_train)
 
+
+def _add_importance(sub) -> None:
     imp = sub.add_parser("importance", help="phase 1 of forgetting_penalty: record importance, write the artifact",
                          description="Run a recipe with an `importance:` section (si: train on general data and "
                                      "record the SI path integral; ewc: the diagonal Fisher, no training) and "
@@ -70,13 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     imp.set_defaults(func=cmd_importance)
 
+
+def _add_validate(sub) -> None:
     validate = sub.add_parser("validate", help="check a recipe without loading a model or data")
     _recipe_args(validate)
     validate.set_defaults(func=cmd_validate)
 
+
+def _add_list(sub) -> None:
     lst = sub.add_parser("list", help="show the registered regularizers and their options")
     lst.set_defaults(func=cmd_list)
 
+
+def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate fine-tuned models against a base on a suite: gain vs forgetting",
                         description="Run a suite (eval/suites/*.yaml) with lm-eval on the base and each model; "
                                     "write forgetting_report.{json,md}, deltas.png and pareto.png into --out.")
@@ -88,10 +106,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="at most N documents per task (quick runs)")
     ev.add_argument("--cache-dir", help="base-score cache (default ~/.cache/llmreg/eval)")
     ev.set_defaults(func=cmd_eval, overrides=[])
+
+
+def _add_testbed(sub) -> None:
     tb = sub.add_parser("testbed", help="build the CPU forgetting testbed, or fine-tune it on its new skill",
                         add_help=False)
     tb.add_argument("rest", nargs=argparse.REMAINDER, help="build | forget PATH ... (see --help after it)")
     tb.set_defaults(func=cmd_testbed, overrides=[])
+
+
+def _add_export(sub) -> None:
     ex = sub.add_parser("export", help="fold learnable multipliers into plain weights (loads with stock transformers)",
                         description="Merge the `multipliers` regularizer's lrm_* parameters of RUN_DIR/final (or of "
                                     "the model folder RUN_DIR) into the weights and write a plain model to OUT_DIR; "
@@ -102,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logit comparison")
     ex.set_defaults(func=cmd_export, overrides=[])
 
+
+def _add_sweep(sub) -> None:
     sw = sub.add_parser("sweep", help="run a grid of a pretrain recipe, one run after another (resumable)",
                         description="Train every point of the grid (skipping finished ones), then tabulate the "
                                     "final validation loss and check the best point's grid neighbours "
@@ -112,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", metavar="DIR", help="sweep folder (default <output_dir>/sweep)")
     sw.add_argument("--overwrite", action="store_true", help="redo every point, finished ones included")
     sw.set_defaults(func=cmd_sweep)
+
+
+def _add_ensemble(sub) -> None:
     en = sub.add_parser("ensemble", help="evaluate K checkpoints as one model (averaged logits or probabilities)",
                         description="Validation loss of the first k members for k = 1..K on a pretrain recipe's "
                                     "held-out blocks (--recipe), or the ensemble's scores on an eval suite "
@@ -126,83 +155,6 @@ def _parser() -> argparse.ArgumentParser:
     en.add_argument("--limit", type=int, help="--suite: at most N documents per task")
     en.add_argument("--out", metavar="FILE", help="also write the results as JSON")
     en.set_defaults(func=cmd_ensemble, overrides=[])
-    return parser
-
-
-def cmd_ensemble(args: argparse.Namespace) -> int:
-    import json
-
-    from llmreg.core.options import ConfigError
-    from llmreg.pretrain.ensemble import check_member_paths
-
-    members = [os.path.join(m, "final") if os.path.isfile(os.path.join(m, "final", "config.json")) else m
-               for m in args.members]
-    check_member_paths(members)  # before anything loads
-    if args.recipe is not None:
-        from llmreg.recipe import load_recipe
-
-        recipe = load_recipe(args.recipe, [*args.set, *args.overrides])
-        if _is_staged(recipe) or recipe.data.pretrain is None:
-            raise ConfigError(f"ensemble --recipe: {args.recipe} has no data.pretrain (its held-out blocks are the "
-                              "validation set); use --suite for other evaluations")
-        result = _ensemble_validation(recipe, members, args.combine)
-        _say(*(f"  K={k}  ensemble {loss:.4f}   member {k}: {single:.4f}" for k, loss, single in
-               zip(result["K"], result["ensemble_loss"], result["member_losses"])))
-    else:
-        from llmreg.pretrain.ensemble import evaluate_ensemble_suite
-
-        scores = evaluate_ensemble_suite(args.suite, members, combine=args.combine, limit=args.limit)
-        result = {"members": members, "combine": args.combine, "suite": args.suite, "scores": dict(scores)}
-        _say(*(f"  {task}: {value:.4g}" for task, value in result["scores"].items()))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        _say(f"wrote {args.out}")
-    return 0
-
-
-def _ensemble_validation(recipe, members: list[str], combine: str) -> dict:
-    """Validation loss (nats per token) of each member and of the first k members together, k = 1..K."""
-    from transformers import AutoTokenizer
-
-    from llmreg.core.options import ConfigError
-    from llmreg.pretrain.data import pretrain_blocks
-    from llmreg.pretrain.ensemble import EnsembleCausalLM, load_members, validation_loss
-
-    _, val = pretrain_blocks(recipe, AutoTokenizer.from_pretrained(members[0]))
-    if not len(val):
-        raise ConfigError("ensemble --recipe: the recipe holds out no validation blocks (data.eval or "
-                          "data.pretrain.validation_fraction)")
-    models = load_members(members)
-    return {"members": members, "combine": combine, "blocks": len(val), "K": list(range(1, len(models) + 1)),
-            "member_losses": [validation_loss(m, val) for m in models],
-            "ensemble_loss": [validation_loss(EnsembleCausalLM(models[:k], combine), val)
-                              for k in range(1, len(models) + 1)]}
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from llmreg.regularizers.multipliers.export import export_plain
-
-    result = export_plain(args.run_dir, args.out_dir, verify=args.verify, overwrite=args.overwrite)
-    check = (f"; max |logit difference| {result.max_abs_logit_diff:.2e}" if result.max_abs_logit_diff is not None
-             else "; not verified")
-    print(f"done: merged the multipliers of {result.layers} layers from {result.source} into {result.out_dir}"
-          + (" (separate LM head: the embeddings are no longer tied)" if result.untied else "") + check)
-    return 0
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from llmreg.pretrain.sweep import plan_sweep, run_sweep
-
-    plan = plan_sweep(args.recipe, args.overrides, args.grid, out=args.out, overwrite=args.overwrite)
-    run_sweep(plan, overwrite=args.overwrite, say=_say)
-    return 0
-
-
-def cmd_testbed(args: argparse.Namespace) -> int:
-    from llmreg.testbed.__main__ import main as testbed_main
-
-    return testbed_main(args.rest)
 
 
 def _launcher_args(parser: argparse.ArgumentParser) -> None:
@@ -228,78 +180,53 @@ def _say(*lines: str) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from llmreg.recipe import load_recipe
+    from llmreg.recipe.summary import describe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    _say(f"ok: {args.recipe}", *(staged_summary(recipe) if _is_staged(recipe) else summary(recipe)))
+    _say(f"ok: {args.recipe}", *describe(recipe))
     return 0
 
 
-def _is_staged(recipe) -> bool:
+def cmd_train(args: argparse.Namespace) -> int:
+    from llmreg.recipe import load_recipe
+    from llmreg.recipe.importance import refuse_importance_section
+    from llmreg.recipe.run import resume_checkpoint, train
     from llmreg.recipe.schema import StagedRecipe
+    from llmreg.recipe.summary import run_lines, summary
 
-    return isinstance(recipe, StagedRecipe)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if isinstance(recipe, StagedRecipe):
+        return cmd_train_stages(args, recipe)
+    refuse_importance_section(recipe, args.recipe)
+    if args.resume:
+        recipe.resume = True
+    resume_from = resume_checkpoint(recipe, args.overwrite)  # fail before anything loads
+    _say(f"training {args.recipe}" + (f", resuming from {resume_from}" if resume_from else ""), *summary(recipe))
+    _say(*run_lines(train(recipe, overwrite=args.overwrite)))
+    return 0
 
 
 def cmd_train_stages(args: argparse.Namespace, staged) -> int:
-    from llmreg.recipe.stages import STAGE_EVAL_DIR, plan_stages, run_stages
+    from llmreg.recipe.stages import plan_stages, run_stages
+    from llmreg.recipe.summary import staged_summary, stages_lines
 
     if args.resume:
         staged.resume = True
     plan_stages(staged, args.overwrite)  # fail before anything loads
     _say(f"training {args.recipe}: {len(staged.stages)} stages", *staged_summary(staged))
-    result = run_stages(staged, overwrite=args.overwrite)
-    _say(f"done: {len(result.trained)} stages trained"
-         + (f", {len(result.skipped)} skipped ({', '.join(result.skipped)})" if result.skipped else "")
-         + f"; outputs in {result.output_dir}",
-         *(f"  stage {i + 1} final  {path}" for i, path in enumerate(result.final_dirs)),
-         *([f"  stage_eval     {os.path.join(result.output_dir, STAGE_EVAL_DIR)}"] if result.stage_eval else []))
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from llmreg.core.options import ConfigError
-    from llmreg.recipe import load_recipe
-    from llmreg.recipe.run import RECIPE_FILE, resume_checkpoint, train
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    if _is_staged(recipe):
-        return cmd_train_stages(args, recipe)
-    if recipe.importance is not None:
-        raise ConfigError(f"{args.recipe} has an `importance:` section: run it with `llmreg importance`")
-    if args.resume:
-        recipe.resume = True
-    resume_from = resume_checkpoint(recipe, args.overwrite)  # fail before anything loads
-    _say(f"training {args.recipe}" + (f", resuming from {resume_from}" if resume_from else ""), *summary(recipe))
-    result = train(recipe, overwrite=args.overwrite)
-    _say(
-        f"done: {result.global_step} steps; outputs in {result.output_dir}",
-        f"  recipe       {os.path.join(result.output_dir, RECIPE_FILE)}",
-        f"  metrics      {os.path.join(result.output_dir, 'metrics.jsonl')}",
-        f"  checkpoints  {', '.join(result.checkpoints) or '(none)'}",
-        f"  final model  {result.final_dir}",
-    )
+    _say(*stages_lines(run_stages(staged, overwrite=args.overwrite)))
     return 0
 
 
 def cmd_importance(args: argparse.Namespace) -> int:
-    from llmreg.core.options import ConfigError
     from llmreg.recipe import load_recipe
-    from llmreg.recipe.run import FINAL_DIR, resume_checkpoint
-    from llmreg.regularizers.forgetting.phase1 import run_importance
+    from llmreg.recipe.importance import check_importance_recipe, phase2_lines, run_importance
+    from llmreg.recipe.summary import summary
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if _is_staged(recipe):
-        raise ConfigError(f"{args.recipe} has `stages:`; importance is recorded by a recipe without stages")
-    if recipe.importance is None:
-        raise ConfigError(f"{args.recipe} has no `importance:` section (method: si or ewc)")
-    if recipe.importance.method == "si":
-        resume_checkpoint(recipe, args.overwrite)  # fail before anything loads
+    check_importance_recipe(recipe, args.recipe, args.overwrite)  # fail before anything loads
     _say(f"recording {recipe.importance.method} importance with {args.recipe}", *summary(recipe))
-    directory = run_importance(recipe, overwrite=args.overwrite)
-    start = os.path.join(recipe.output_dir, FINAL_DIR) if recipe.importance.method == "si" else "the same model"
-    _say(f"done: importance artifact in {directory}",
-         f"  phase 2: start from {start} with regularizers: [{{name: forgetting_penalty, importance: "
-         f"{recipe.importance.method}, artifact: {directory}}}]")
+    _say(*phase2_lines(recipe, run_importance(recipe, overwrite=args.overwrite)))
     return 0
 
 
@@ -314,51 +241,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from llmreg.core.options import ConfigError
-    from llmreg.eval.suite import load_suite
-
-    suite = load_suite(args.suite)
-    models = list(args.model)
-    base = args.base or (models.pop(0) if len(models) > 1 else None)
-    if base is None:
-        raise ConfigError("eval: give --base, or at least two --model (the first is then the base)")
-    for path in [base, *models]:  # before anything loads: a typo should not cost a model load
-        _check_model_path(path)
-    from llmreg.eval.run import cached_evaluate, evaluate_suite, forgetting_report, write_report
-
-    print(f"evaluating base {base} on {args.suite}", flush=True)
-    base_scores = cached_evaluate(suite, base, limit=args.limit, cache_dir=args.cache_dir)
-    runs = {}
-    for path in models:
-        print(f"evaluating {path}", flush=True)
-        runs[_run_name(path, runs)] = evaluate_suite(suite, path, limit=args.limit)
-    files = write_report(forgetting_report(base_scores, runs, suite), args.out)
-    print("done: " + ", ".join(files))
-    return 0
-
-
-def _check_model_path(path: str) -> None:
-    """A path that exists must be a model folder; one that does not is an error offline (no hub) or when it
-    is written as a path (./x, /x, a/b/c), since hub names are at most `org/name`."""
-    from llmreg.core.options import ConfigError
-
-    if os.path.exists(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ConfigError(f"eval: {path} is not a model folder (no config.json)")
-        from llmreg.regularizers.multipliers.export import refuse_wrapped
-
-        refuse_wrapped(path, "eval")
-        return
-    if os.environ.get("HF_HUB_OFFLINE") or path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise ConfigError(f"eval: model path not found: {path}")
-
-
-def _run_name(path: str, taken: dict) -> str:
-    name = os.path.basename(os.path.normpath(path)) or path
-    return name if name not in taken else f"{name}-{len(taken)}"
-
-
 def _first_doc_line(cls: type) -> str:
     """The class docstring's first line, else its module's (a method module opens with what it is)."""
     doc = cls.__doc__ or getattr(sys.modules.get(cls.__module__), "__doc__", None) or ""
@@ -366,54 +248,67 @@ def _first_doc_line(cls: type) -> str:
     return lines[0] if lines else ""
 
 
-def staged_summary(staged) -> list[str]:
-    """The shared settings of a staged recipe, then each stage's own lines."""
-    from llmreg.recipe.stages import STAGE_EVAL_DIR
+def cmd_eval(args: argparse.Namespace) -> int:
+    from llmreg.eval.compare import compare_to_base, pick_base
+    from llmreg.eval.suite import load_suite
+    from llmreg.recipe.models import check_model_path
 
-    lines = summary(staged.stages[0].recipe)
-    shared = [line for line in lines if line.split()[0] in ("model", "tokenizer")]
-    shared.append(f"  output_dir    {staged.output_dir}")
-    if staged.stage_eval is not None:
-        spec = staged.stage_eval
-        shared.append(f"  stage_eval    {spec.suite} (limit {spec.limit}, batch_size {spec.batch_size}) -> "
-                      f"{os.path.join(staged.output_dir, STAGE_EVAL_DIR)}")
-    n = len(staged.stages)
-    for stage in staged.stages:
-        start = "the model above" if stage.index == 0 else f"stage {stage.index}'s final model"
-        shared.append(f"  stage {stage.index + 1}/{n}: {stage.name} ({stage.recipe.trainer.kind}), from {start}, "
-                      f"into {stage.recipe.output_dir}")
-        shared += ["    " + line for line in summary(stage.recipe)
-                   if line.split()[0] not in ("model", "tokenizer", "output_dir")]
-        if stage.eval_task:
-            shared.append(f"      eval_task     {stage.eval_task}")
-    return shared
+    suite = load_suite(args.suite)
+    base, models = pick_base(args.model, args.base)
+    for path in [base, *models]:  # before anything loads: a typo should not cost a model load
+        check_model_path(path, "eval")
+    files = compare_to_base(suite, args.suite, base, models, args.out, limit=args.limit, cache_dir=args.cache_dir)
+    print("done: " + ", ".join(files))
+    return 0
 
 
-def summary(recipe) -> list[str]:
-    """A few lines describing a validated recipe."""
-    model = recipe.model.describe()
-    tokenizer = recipe.tokenizer.name_or_path or f"builtin {recipe.tokenizer.builtin}"
-    data = _source_text(recipe.data.train) + (f"; eval {_source_text(recipe.data.eval)}" if recipe.data.eval else "")
-    # repr for strings like eos_token "\n" that would otherwise break the line
-    trainer = ", ".join(f"{k}={v if not isinstance(v, str) or v.isprintable() else repr(v)}"
-                        for k, v in recipe.trainer.args.items())
-    regs = ", ".join(f"{r['name']}({', '.join(f'{k}={v}' for k, v in r.items() if k != 'name')})"
-                     for r in recipe.regularizers) or "none"
-    return [
-        f"  model         {model} (dtype {recipe.model.dtype})",
-        f"  tokenizer     {tokenizer}",
-        f"  data          train {data}",
-        f"  trainer       {recipe.trainer.kind}: {trainer}",
-        f"  peft          {recipe.peft or 'none'}",
-        f"  regularizers  {regs}",
-        f"  output_dir    {recipe.output_dir}",
-        *([f"  importance    {recipe.importance.method} -> {recipe.importance.output or 'output_dir/importance'}"]
-          if recipe.importance is not None else []),
-    ]
+def cmd_export(args: argparse.Namespace) -> int:
+    from llmreg.regularizers.multipliers.export import export_plain
+
+    result = export_plain(args.run_dir, args.out_dir, verify=args.verify, overwrite=args.overwrite)
+    check = (f"; max |logit difference| {result.max_abs_logit_diff:.2e}" if result.max_abs_logit_diff is not None
+             else "; not verified")
+    print(f"done: merged the multipliers of {result.layers} layers from {result.source} into {result.out_dir}"
+          + (" (separate LM head: the embeddings are no longer tied)" if result.untied else "") + check)
+    return 0
 
 
-def _source_text(src) -> str:
-    return src.path + (f" ({src.num_examples} examples, seed {src.seed})" if src.kind == "builtin" else "")
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from llmreg.pretrain.sweep import plan_sweep, run_sweep
+
+    plan = plan_sweep(args.recipe, args.overrides, args.grid, out=args.out, overwrite=args.overwrite)
+    run_sweep(plan, overwrite=args.overwrite, say=_say)
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    import json
+
+    from llmreg.pretrain.ensemble_scores import member_folders
+
+    members = member_folders(args.members)  # before anything loads
+    if args.recipe is not None:
+        from llmreg.pretrain.ensemble_scores import ensemble_validation, validation_lines, validation_recipe
+
+        recipe = validation_recipe(args.recipe, [*args.set, *args.overrides])
+        result = ensemble_validation(recipe, members, args.combine)
+        _say(*validation_lines(result))
+    else:
+        from llmreg.pretrain.ensemble_scores import ensemble_suite_scores
+
+        result = ensemble_suite_scores(args.suite, members, args.combine, args.limit)
+        _say(*(f"  {task}: {value:.4g}" for task, value in result["scores"].items()))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        _say(f"wrote {args.out}")
+    return 0
+
+
+def cmd_testbed(args: argparse.Namespace) -> int:
+    from llmreg.testbed.__main__ import main as testbed_main
+
+    return testbed_main(args.rest)
 
 
 if __name__ == "__main__":

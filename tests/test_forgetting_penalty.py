@@ -16,7 +16,7 @@ from llmreg.core.shards import ShardAccess
 from llmreg.data import tiny_llama
 from llmreg.regularizers import ForgettingPenalty, SIImportance
 from llmreg.regularizers.forgetting import artifact as art
-from llmreg.regularizers.forgetting.phase1 import write_ewc_artifact, write_si_artifact
+from llmreg.regularizers.forgetting.record import write_ewc_artifact, write_si_artifact
 from llmreg.regularizers.forgetting.targets import layer_of
 
 

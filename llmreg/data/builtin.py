@@ -86,7 +86,8 @@ def make_builtin_dataset(task: str = "arithmetic", format: str = "text", num_exa
     elif format == "prompt_completion":
         data = {"prompt": [p for p, _, _ in rows], "completion": [c for _, c, _ in rows]}
     elif format == "preference":
-        data = {"prompt": [p for p, _, _ in rows], "chosen": [c for _, c, _ in rows], "rejected": [r for _, _, r in rows]}
+        data = {"prompt": [p for p, _, _ in rows], "chosen": [c for _, c, _ in rows],
+                "rejected": [r for _, _, r in rows]}
     else:
         data = {"prompt": [p for p, _, _ in rows], "answer": [c.strip() for _, c, _ in rows]}
     return Dataset.from_dict(data)

@@ -49,7 +49,8 @@ def lower_is_better(metric_key: str) -> bool:
 
 
 def _load_model(model: Any, tokenizer: Any):
-    """lm-eval's HFLM over an in-memory model (DESIGN trap 12); a path is loaded here so both cases match."""
+    """lm-eval's HFLM over an in-memory model (docs/architecture.md, trap 12); a path is loaded here so both
+    cases match."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(model, (str, os.PathLike)):

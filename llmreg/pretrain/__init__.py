@@ -9,3 +9,5 @@
   validation loss and lm-eval tasks.
 - `distill`: synthetic documents sampled from a teacher or an ensemble, mixed with the real blocks.
 """
+
+from llmreg.pretrain import recipe_mode  # noqa: F401  (registers data.pretrain with llmreg.recipe.data_modes)

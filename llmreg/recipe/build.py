@@ -2,7 +2,7 @@
 
 Order matters: the TrainingArguments / TRL config comes first, because under
 ZeRO-3 transformers builds the model inside `deepspeed.zero.Init` only when a
-config with `deepspeed=` exists (DESIGN.md trap 10); then the tokenizer and the
+config with `deepspeed=` exists (docs/architecture.md, trap 10); then the tokenizer and the
 data, so a bad dataset fails before a large model loads; the model last.
 """
 
@@ -17,7 +17,8 @@ import torch
 
 from llmreg.core.options import ConfigError
 from llmreg.recipe.callbacks import MetricsJsonlCallback
-from llmreg.recipe.errors import located
+from llmreg.recipe.data_modes import recipe_data_mode
+from llmreg.recipe.errors import reraise_at_recipe_key
 from llmreg.recipe.models import build_model, build_tokenizer
 from llmreg.recipe.schema import Recipe, trainer_config_class
 from llmreg.recipe.sources import load_source
@@ -40,10 +41,9 @@ def build_run(recipe: Recipe, extra_regularizers: list | None = None) -> Run:
     init_distributed_for_deepspeed(recipe)
     args = build_training_args(recipe)
     tokenizer = build_tokenizer(recipe.tokenizer)
-    if recipe.data.pretrain is not None:  # packed blocks of a fixed token budget (llmreg.pretrain.data)
-        from llmreg.pretrain.data import pretrain_datasets
-
-        train_ds, eval_ds = pretrain_datasets(recipe, tokenizer, args)
+    mode = recipe_data_mode(recipe)
+    if mode is not None:  # e.g. packed blocks of a fixed token budget (data.pretrain, registered by llmreg.pretrain)
+        train_ds, eval_ds = mode.build_datasets(recipe, tokenizer, args)
     else:
         train_ds = prepare_dataset(load_source(recipe.data.train, recipe.trainer.kind, "train"), recipe, tokenizer,
                                    args)
@@ -57,7 +57,7 @@ def build_run(recipe: Recipe, extra_regularizers: list | None = None) -> Run:
 
 
 def init_distributed_for_deepspeed(recipe: Recipe) -> None:
-    """DeepSpeed on CPU: create the gloo process group before TrainingArguments (DESIGN.md trap 10),
+    """DeepSpeed on CPU: create the gloo process group before TrainingArguments (docs/architecture.md, trap 10),
     or DeepSpeed's batch-size check sees the wrong world size. A single process gets a world of one."""
     if recipe.trainer.args.get("deepspeed") is None or torch.cuda.is_available():
         return
@@ -91,7 +91,7 @@ def build_training_args(recipe: Recipe):
         if "fp16" not in kwargs:
             kwargs.setdefault("bf16", False)  # TRL turns bf16 on by default; on CPU fp32 is the safe choice
     config_cls = trainer_config_class(recipe.trainer.kind)
-    with located("trainer", (TypeError, ValueError)):
+    with reraise_at_recipe_key("trainer", (TypeError, ValueError)):
         return config_cls(**kwargs)
 
 
@@ -131,10 +131,9 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_ds, eval_ds, ext
         from transformers import DataCollatorForLanguageModeling
 
         kwargs["data_collator"] = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-        if recipe.data.pretrain is not None:  # full blocks, labels = ids, no pad masking (llmreg.pretrain.data)
-            from llmreg.pretrain.data import collate_blocks
-
-            kwargs["data_collator"] = collate_blocks
+        mode = recipe_data_mode(recipe)
+        if mode is not None and mode.collator is not None:  # pretrain: full blocks, labels = ids, no pad masking
+            kwargs["data_collator"] = mode.collator
         if recipe.peft is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -160,9 +159,9 @@ def load_reward(reward: str):
     """A reward function from a name in REWARDS or a `module:function` reference."""
     import importlib
 
-    from llmreg.recipe.validate import REWARDS
+    from llmreg.recipe.sections import REWARDS
 
     target = REWARDS.get(reward, reward)
     module_name, _, attr = target.partition(":")
-    with located("trainer.reward", (ImportError, AttributeError, ValueError)):
+    with reraise_at_recipe_key("trainer.reward", (ImportError, AttributeError, ValueError)):
         return getattr(importlib.import_module(module_name), attr)

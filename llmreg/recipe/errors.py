@@ -14,8 +14,9 @@ def one_line(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def located(where: str, catch: tuple[type[BaseException], ...] = (ConfigError,)) -> Iterator[None]:
-    """Re-raise `catch` errors from the block as `ConfigError("<where>: <message>")`."""
+def reraise_at_recipe_key(where: str, catch: tuple[type[BaseException], ...] = (ConfigError,)) -> Iterator[None]:
+    """Re-raise `catch` errors from the block (often a library's) as `ConfigError("<where>: <message>")`, where
+    `where` names the recipe key the failing value came from (e.g. "trainer", "model.name_or_path")."""
     try:
         yield
     except catch as err:

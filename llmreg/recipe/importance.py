@@ -1,63 +1,67 @@
-"""The `importance:` section: phase 1 of the forgetting penalty, run by `llmreg importance RECIPE`.
+"""`llmreg importance RECIPE`: phase 1 of the forgetting penalty, from a recipe with an `importance:` section.
 
-    importance:
-      method: si            # si: train on the recipe's data and record the SI path integral
-                            # ewc: no training; the diagonal Fisher over num_samples single examples
-      output: null          # default <output_dir>/importance
-      targets: []           # weight-name regexes; default the 2-D weights of the decoder layers
-      exclude: []
-      xi: 1.0e-9            # si only: damping of the fold
-      fold: end             # si only: end | epoch
-      omega_clamp: fold     # si only: fold | step | none
-      num_samples: 5000     # ewc only
-
-Everything else in the recipe (model, data = the general data, trainer, output_dir) means what it
-means for `llmreg train`; for si the run is a normal training run whose final model is the anchor
-phase 2 starts from.
+The section (llmreg.recipe.importance_spec) decides the method: si trains the recipe like `llmreg train`
+with the `si_importance` recorder added to its regularizers, and writes the artifact after the run (its
+final model is the anchor phase 2 starts from); ewc builds the run without training and writes the diagonal
+Fisher. The artifact itself is written by llmreg.regularizers.forgetting.record, which needs a trainer,
+not a recipe.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import os
+from typing import Any
 
-from llmreg.core.options import ConfigError, check_mapping
+from llmreg.core.options import ConfigError
+from llmreg.recipe.build import build_run
+from llmreg.recipe.run import FINAL_DIR, resume_checkpoint, train
+from llmreg.recipe.schema import StagedRecipe
+from llmreg.regularizers.forgetting.record import write_ewc_artifact, write_si_artifact
+from llmreg.regularizers.forgetting.si import SIImportance
 
-SI_ONLY = ("xi", "fold", "omega_clamp")
-EWC_ONLY = ("num_samples",)
-
-
-@dataclass
-class ImportanceSpec:
-    method: Literal["si", "ewc"] = "si"
-    output: str | None = None
-    targets: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    xi: float = 1e-9
-    fold: Literal["end", "epoch"] = "end"
-    omega_clamp: Literal["fold", "step", "none"] = "fold"
-    num_samples: int = 5000
+IMPORTANCE_DIR = "importance"  # <output_dir>/importance unless importance.output says otherwise
 
 
-def validate_importance(section: Any, recipe_dir: str | None, deepspeed: Any, peft: Any) -> ImportanceSpec | None:
-    if section is None:
-        return None
-    if not isinstance(section, dict):
-        raise ConfigError(f"importance: expected a mapping (method: si or ewc, ...), got {section!r}")
-    values = check_mapping(ImportanceSpec, section, "importance")
-    spec = ImportanceSpec(**values)
-    wrong = [k for k in (EWC_ONLY if spec.method == "si" else SI_ONLY) if k in section]
-    if wrong:
-        raise ConfigError(f"importance: {', '.join(wrong)} does not apply to method {spec.method}")
-    if spec.method == "ewc" and deepspeed:
-        raise ConfigError("importance: method ewc needs per-example gradients and runs without DeepSpeed; "
-                          "drop trainer.deepspeed (the model must fit on one device)")
-    if spec.method == "si" and peft is not None:
-        raise ConfigError("importance: method si records full weights; drop peft (LoRA phase 1 is not offered)")
-    if spec.num_samples < 1:
-        raise ConfigError(f"importance.num_samples: expected a positive count, got {spec.num_samples}")
-    if spec.output is not None:
-        from llmreg.recipe.paths import resolve_path
+def refuse_importance_section(recipe: Any, recipe_path: str) -> None:
+    """`llmreg train` of a recipe with an `importance:` section: a ConfigError pointing at `llmreg importance`."""
+    if recipe.importance is not None:
+        raise ConfigError(f"{recipe_path} has an `importance:` section: run it with `llmreg importance`")
 
-        spec.output = resolve_path(spec.output, recipe_dir)
-    return spec
+
+def check_importance_recipe(recipe: Any, recipe_path: str, overwrite: bool = False) -> None:
+    """A ConfigError, before anything loads, when `recipe` cannot record importance (or its output_dir forbids it)."""
+    if isinstance(recipe, StagedRecipe):
+        raise ConfigError(f"{recipe_path} has `stages:`; importance is recorded by a recipe without stages")
+    if recipe.importance is None:
+        raise ConfigError(f"{recipe_path} has no `importance:` section (method: si or ewc)")
+    if recipe.importance.method == "si":
+        resume_checkpoint(recipe, overwrite)
+
+
+def run_importance(recipe: Any, overwrite: bool = False) -> str:
+    """`llmreg importance`: the recipe's `importance:` section decides the method; returns the artifact dir."""
+    spec = recipe.importance
+    if spec is None:
+        raise ConfigError("llmreg importance needs an `importance:` section in the recipe (method: si or ewc)")
+    directory = spec.output or os.path.join(recipe.output_dir, IMPORTANCE_DIR)
+    meta = {"model": recipe.model.describe(), "data": recipe.data.train.path}
+    if spec.method == "ewc":
+        run = build_run(recipe)
+        write_ewc_artifact(run.trainer, directory, num_samples=spec.num_samples, targets=spec.targets,
+                           exclude=spec.exclude, final_model=None, **meta)
+        return directory
+    recorder = SIImportance(targets=spec.targets, exclude=spec.exclude, xi=spec.xi, fold=spec.fold,
+                            omega_clamp=spec.omega_clamp)
+    result = train(recipe, overwrite=overwrite, extra_regularizers=[recorder])
+    write_si_artifact(result.trainer, recorder, directory,
+                      final_model=os.path.abspath(os.path.join(recipe.output_dir, FINAL_DIR)), **meta)
+    return directory
+
+
+def phase2_lines(recipe: Any, directory: str) -> list[str]:
+    """What `llmreg importance` prints when done: where the artifact is and how phase 2 uses it."""
+    method = recipe.importance.method
+    start = os.path.join(recipe.output_dir, FINAL_DIR) if method == "si" else "the same model"
+    return [f"done: importance artifact in {directory}",
+            f"  phase 2: start from {start} with regularizers: [{{name: forgetting_penalty, importance: "
+            f"{method}, artifact: {directory}}}]"]

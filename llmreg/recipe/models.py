@@ -10,22 +10,28 @@ tokenizer unless the recipe sets them, and is initialised from `model.seed`,
 so every rank (and every rerun) starts from the same weights.
 
 DPO (without PEFT) and GRPO with `beta > 0` rebuild their reference model from
-`config._name_or_path` (DESIGN.md trap 11), which a model that was never saved
+`config._name_or_path` (docs/architecture.md, trap 11), which a model that was never saved
 does not have. For those, a from-config model is first written to
 `<output_dir>/init` and loaded from there, so the reference is the same start.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
 from llmreg.core.options import ConfigError
-from llmreg.recipe.errors import located
+from llmreg.recipe.errors import reraise_at_recipe_key
+from llmreg.recipe.paths import looks_local
 from llmreg.recipe.schema import ModelSpec, Recipe, TokenizerSpec
 
 INIT_DIR = "init"
+# a model folder whose config.json carries this key must be converted before transformers loads it as it was
+# trained (e.g. learnable multipliers: `llmreg export`); the value is the reason and what to do, written after
+# "<folder> ", with {path} standing for the folder (llmreg.regularizers.multipliers.export writes one)
+UNEXPORTED_KEY = "llmreg_unexported"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -36,13 +42,36 @@ def build_tokenizer(spec: TokenizerSpec):
         return build_char_tokenizer(spec.model_max_length or 512)
     from transformers import AutoTokenizer
 
-    with located("tokenizer.name_or_path", (OSError, ValueError)):
+    with reraise_at_recipe_key("tokenizer.name_or_path", (OSError, ValueError)):
         tok = AutoTokenizer.from_pretrained(spec.name_or_path)
     if spec.model_max_length:
         tok.model_max_length = spec.model_max_length
     if tok.pad_token is None:  # collators pad; many causal-LM tokenizers ship without a pad token
         tok.pad_token = tok.eos_token
     return tok
+
+
+def refuse_unexported(path: str, where: str) -> None:
+    """A ConfigError `<where>: <path> <reason>` when `path` is a model folder marked with UNEXPORTED_KEY."""
+    config = os.path.join(str(path), "config.json")
+    if not os.path.isfile(config):
+        return
+    with open(config) as f:
+        note = json.load(f).get(UNEXPORTED_KEY)
+    if note is not None:
+        raise ConfigError(f"{where}: {path} {str(note).replace('{path}', str(path))}")
+
+
+def check_model_path(path: str, where: str = "eval") -> None:
+    """A path that exists must be a model folder (and not one marked unexported); one that does not is an error
+    offline (no hub) or when it is written as a path (./x, /x, a/b/c), since hub names are at most `org/name`."""
+    if os.path.exists(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{where}: {path} is not a model folder (no config.json)")
+        refuse_unexported(path, where)
+        return
+    if os.environ.get("HF_HUB_OFFLINE") or looks_local(path):
+        raise ConfigError(f"{where}: model path not found: {path}")
 
 
 def model_config(spec: ModelSpec, tokenizer):
@@ -61,7 +90,7 @@ def model_config(spec: ModelSpec, tokenizer):
     if fields["vocab_size"] < len(tokenizer):
         raise ConfigError(f"model.config.vocab_size: {fields['vocab_size']} is smaller than the tokenizer's "
                           f"{len(tokenizer)} tokens")
-    with located("model.config", (TypeError, ValueError)):
+    with reraise_at_recipe_key("model.config", (TypeError, ValueError)):
         if size is not None:
             return tiny_llama_config(size, **fields)
         return AutoConfig.for_model(model_type, **fields)
@@ -79,10 +108,8 @@ def build_model(recipe: Recipe, tokenizer, args):
         model.generation_config.eos_token_id = [tokenizer.eos_token_id, newline]
         return model
     if spec.name_or_path is not None:
-        from llmreg.regularizers.multipliers.export import refuse_wrapped
-
-        refuse_wrapped(spec.name_or_path, "model.name_or_path")
-        with located("model.name_or_path", (OSError, ValueError)):
+        refuse_unexported(spec.name_or_path, "model.name_or_path")
+        with reraise_at_recipe_key("model.name_or_path", (OSError, ValueError)):
             return AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=dtype or "auto")
     config = model_config(spec, tokenizer)
     if needs_saved_reference(recipe, args):

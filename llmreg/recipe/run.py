@@ -6,7 +6,8 @@ Output directory layout:
     <output_dir>/metrics.jsonl      one JSON object per logging event
     <output_dir>/checkpoint-N/      the trainer's checkpoints (+ llmreg_regularizers/rank<r>.pt)
     <output_dir>/final/             the final model and tokenizer
-    <output_dir>/final_eval.json    pretrain recipes: the final validation loss (llmreg.pretrain.sweep)
+    <output_dir>/final_eval.json    pretrain recipes: the final validation loss (written by the data mode's
+                                    after_train, llmreg.pretrain.sweep.write_final_eval)
 
 A fresh run refuses an output directory that already holds checkpoints: the
 trainer would mix them with the new run's, and a later `--resume` would pick
@@ -26,12 +27,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmreg.core.options import ConfigError
+from llmreg.recipe.data_modes import recipe_data_mode
 from llmreg.recipe.loader import dump_recipe
 from llmreg.recipe.schema import Recipe
 
 RECIPE_FILE = "recipe.yaml"
 FINAL_DIR = "final"
-FINAL_EVAL_FILE = "final_eval.json"  # written by pretrain recipes (llmreg.pretrain.sweep.write_final_eval)
+FINAL_EVAL_FILE = "final_eval.json"  # written by the pretrain data mode after training (llmreg.recipe.data_modes)
 
 
 @dataclass
@@ -74,7 +76,8 @@ def resume_checkpoint(recipe: Recipe, overwrite: bool = False) -> str | None:
         return last
     if last is not None:
         raise ConfigError(f"output_dir {recipe.output_dir} already holds {os.path.basename(last)} from an earlier "
-                          "run: add --resume to continue it, --overwrite to replace it, or set output_dir=<another dir>")
+                          "run: add --resume to continue it, --overwrite to replace it, or set "
+                          "output_dir=<another dir>")
     return None
 
 
@@ -112,10 +115,9 @@ def train(recipe: Recipe, overwrite: bool = False, extra_regularizers: list | No
     run.trainer.save_model(final_dir)  # on every rank: gathers ZeRO-3 shards; writes on the main process
     if run.trainer.is_world_process_zero():
         run.tokenizer.save_pretrained(final_dir)
-    if recipe.data.pretrain is not None and run.trainer.eval_dataset is not None:
-        from llmreg.pretrain.sweep import write_final_eval
-
-        write_final_eval(run.trainer, recipe)  # final validation loss, after the schedule reached its end
+    mode = recipe_data_mode(recipe)
+    if mode is not None and mode.after_train is not None:  # pretrain: final_eval.json (the final validation loss)
+        mode.after_train(run.trainer, recipe)
     return RunResult(output_dir=recipe.output_dir, final_dir=final_dir, resumed_from=resume_from,
                      checkpoints=checkpoints_in(recipe.output_dir), global_step=run.trainer.state.global_step,
                      trainer=run.trainer)

@@ -130,7 +130,7 @@ class Recipe:
     resume: bool = False
     seed: int = 42
     eval_during_training: EvalDuringTrainingSpec | None = None
-    importance: Any = None  # llmreg.recipe.importance.ImportanceSpec: phase 1 of the forgetting penalty
+    importance: Any = None  # llmreg.recipe.importance_spec.ImportanceSpec: phase 1 of the forgetting penalty
     path: str | None = None  # the recipe file it came from; not part of the recipe itself
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmreg.core.options import ConfigError, check_mapping, closest
-from llmreg.recipe.errors import located
+from llmreg.recipe.data_modes import data_mode
+from llmreg.recipe.errors import reraise_at_recipe_key
 from llmreg.recipe.paths import DATA_EXTENSIONS, TEXT_EXTENSIONS, looks_like_path, resolve_path
 from llmreg.recipe.schema import BUILTIN_FORMATS, DataSpec, SourceSpec
 
@@ -42,7 +43,7 @@ class _DataKeys:
     completion_field: str | None = None
     num_examples: int | None = None
     seed: int | None = None
-    pretrain: dict | None = None  # llmreg.pretrain.data: packed pre-training blocks (raw .txt allowed)
+    pretrain: dict | None = None  # the data mode llmreg.pretrain registers: packed pre-training blocks (raw .txt)
 
 
 def validate_data(section: dict, recipe_dir: str | None) -> DataSpec:
@@ -51,11 +52,11 @@ def validate_data(section: dict, recipe_dir: str | None) -> DataSpec:
         raise ConfigError("data: missing key 'train' (a file, a save_to_disk directory, hub:<name> or builtin:<task>)")
     shared = {k: v for k, v in values.items() if k not in ("train", "eval", "pretrain") and v is not None}
     pretrain = None
-    if "pretrain" in values:
-        from llmreg.pretrain.data import validate_pretrain
-
-        pretrain = validate_pretrain(values["pretrain"], recipe_dir)
-    text_ok = pretrain is not None
+    text_ok = False
+    if "pretrain" in values:  # a data mode registered by llmreg.pretrain (llmreg.recipe.data_modes)
+        mode = data_mode("pretrain")
+        pretrain = mode.validate(values["pretrain"], recipe_dir)
+        text_ok = mode.reads_text_files
     train = _validate_source(values["train"], shared, "data.train", recipe_dir, is_eval=False, text_ok=text_ok)
     eval_ = None
     if values.get("eval") is not None:
@@ -67,7 +68,8 @@ def _validate_source(value: Any, shared: dict, where: str, recipe_dir: str | Non
                      text_ok: bool = False) -> SourceSpec:
     own = {"path": value} if isinstance(value, str) else dict(value)
     if "path" not in own:
-        raise ConfigError(f"{where}: missing key 'path' (a file, a save_to_disk directory, hub:<name> or builtin:<task>)")
+        raise ConfigError(f"{where}: missing key 'path' (a file, a save_to_disk directory, hub:<name> or "
+                          "builtin:<task>)")
     spec = SourceSpec(**check_mapping(SourceSpec, {**shared, **own}, where))
     _check_fields(spec, where)
     if spec.kind == "builtin":
@@ -98,7 +100,8 @@ def _check_builtin(spec: SourceSpec, where: str, own_seed: bool, is_eval: bool) 
     if spec.name not in BUILTIN_TASKS:
         hint = closest(spec.name, BUILTIN_TASKS)
         suggestion = f"; did you mean 'builtin:{hint}'?" if hint else ""
-        raise ConfigError(f"{where}: unknown built-in task '{spec.name}'{suggestion} (built-in: {', '.join(BUILTIN_TASKS)})")
+        raise ConfigError(f"{where}: unknown built-in task '{spec.name}'{suggestion} "
+                          f"(built-in: {', '.join(BUILTIN_TASKS)})")
     spec.num_examples = spec.num_examples or DEFAULT_NUM_EXAMPLES
     if spec.seed is None:
         spec.seed = 0
@@ -140,7 +143,7 @@ def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None, text_ok: 
 
 def load_source(spec: SourceSpec, trainer_kind: str, role: str):
     """The `datasets.Dataset` for `spec`, with `max_examples` and the column mapping applied."""
-    with located(f"data.{role}", (ValueError, FileNotFoundError)):
+    with reraise_at_recipe_key(f"data.{role}", (ValueError, FileNotFoundError)):
         ds = _load_raw(spec, trainer_kind, role)
         if spec.max_examples is not None:
             ds = ds.select(range(min(spec.max_examples, len(ds))))

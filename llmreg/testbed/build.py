@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from llmreg.testbed import skills as S
+import llmreg.testbed.skills as S
 
 BUILD_VERSION = 1
 # model sizes: "tiny" for tests (seconds), "small" the real testbed

@@ -12,7 +12,7 @@ import os
 import tempfile
 from typing import Any, Sequence
 
-from llmreg.testbed import skills as S
+import llmreg.testbed.skills as S
 from llmreg.testbed.build import encode, evaluate_all, load, pad_batch
 
 __all__ = ["finetune", "evaluate_all", "skill_dataset"]
@@ -43,7 +43,7 @@ def finetune(model_dir: str | os.PathLike, skill: str = S.NEW_SKILL, steps: int 
     """
     import transformers
 
-    from llmreg import RegTrainer
+    from llmreg.trainers import RegTrainer
 
     model, tok, _ = load(model_dir)
     data = skill_dataset(tok, skill, steps * batch_size, seed=seed + 1)

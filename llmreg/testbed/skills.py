@@ -72,7 +72,8 @@ def is_eval(prompt: str) -> bool:
     return h < EVAL_FRACTION * 2**64
 
 
-def make_examples(skill: str, n: int, seed: int = 0, split: str = "train", table_seed: int = 0) -> list[tuple[str, str]]:
+def make_examples(skill: str, n: int, seed: int = 0, split: str = "train",
+                  table_seed: int = 0) -> list[tuple[str, str]]:
     """`n` (prompt, answer) pairs of `skill` from `split` ("train" or "eval"), identical for the same arguments.
 
     Eval sets are drawn without repetition (their spaces are large except `add`/`sub`'s

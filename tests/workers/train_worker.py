@@ -108,7 +108,7 @@ def main() -> int:
         trainer.save_model(a.save_final)  # every rank: gathers ZeRO-3 partitions, rank 0 writes
     if a.importance_out:
         from llmreg.regularizers import SIImportance
-        from llmreg.regularizers.forgetting.phase1 import write_si_artifact
+        from llmreg.regularizers.forgetting.record import write_si_artifact
 
         recorder = next(r for r in trainer.reg_stack if isinstance(r, SIImportance))
         write_si_artifact(trainer, recorder, a.importance_out, model="tiny_llama seed 0")

@@ -28,14 +28,22 @@ from dataclasses import dataclass
 
 import torch
 
-from llmreg.core import ConfigError
-from llmreg.regularizers.multipliers import surgery
-from llmreg.regularizers.multipliers.regularizer import CONFIG_NOTE
+import llmreg.regularizers.multipliers.surgery as surgery
+from llmreg.core.options import ConfigError
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 NOT_COPIED = {"config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
               "training_args.bin", "optimizer.pt", "scheduler.pt", "trainer_state.json", "scaler.pt"}
 REPORT = "llmreg_export.json"
+
+# the notes a wrapped model's config.json carries (written by the `multipliers` regularizer at setup, dropped by
+# export_plain): CONFIG_NOTE says what was wrapped (placement, parameters); UNEXPORTED_KEY is the generic
+# marker by which the recipe layer and `llmreg eval` refuse the folder with UNEXPORTED_NOTE
+# (llmreg.recipe.models.refuse_unexported: "<where>: <folder> <note>", {path} standing for the folder)
+CONFIG_NOTE = "llmreg_multipliers"
+UNEXPORTED_KEY = "llmreg_unexported"
+UNEXPORTED_NOTE = ("holds learnable multipliers (lrm_*) that transformers would drop; fold them into the weights "
+                   "first: llmreg export {path} <OUT_DIR>, and use <OUT_DIR>")
 
 
 @dataclass
@@ -56,17 +64,9 @@ def model_folder(run_dir: str) -> str:
     raise ConfigError(f"export: {run_dir} is neither a run directory with final/ nor a model folder (no config.json)")
 
 
-def refuse_wrapped(path: str, where: str) -> None:
-    """A ConfigError when `path` is a model folder saved with multipliers: transformers would drop them and
-    silently load another model."""
-    config = os.path.join(str(path), "config.json")
-    if not os.path.isfile(config):
-        return
-    with open(config) as f:
-        if CONFIG_NOTE not in json.load(f):
-            return
-    raise ConfigError(f"{where}: {path} holds learnable multipliers (lrm_*) that transformers would drop; "
-                      f"fold them into the weights first: llmreg export {path} <OUT_DIR>, and use <OUT_DIR>")
+def mark_unexported(config) -> None:
+    """Mark a wrapped model's config so that recipes and `llmreg eval` refuse its saved folder until exported."""
+    setattr(config, UNEXPORTED_KEY, UNEXPORTED_NOTE)
 
 
 def load_state(folder: str) -> dict[str, torch.Tensor]:
@@ -107,7 +107,8 @@ def _embedding_keys(config) -> tuple[str, str | None]:
         model = _model_class(config)(config)
     names = {id(m): n for n, m in model.named_modules()}
     head = model.get_output_embeddings()
-    return f"{names[id(model.get_input_embeddings())]}.weight", (f"{names[id(head)]}.weight" if head is not None else None)
+    head_key = f"{names[id(head)]}.weight" if head is not None else None
+    return f"{names[id(model.get_input_embeddings())]}.weight", head_key
 
 
 def _is_tied(config) -> bool:
@@ -119,6 +120,22 @@ def _is_tied(config) -> bool:
 @torch.no_grad()
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
+
+
+def _plain_config(src: str, untie: bool):
+    """The config of the plain model: without the wrapped-model notes, untied when the export unties."""
+    from transformers import AutoConfig
+
+    plain_config = AutoConfig.from_pretrained(src)
+    for note in (CONFIG_NOTE, UNEXPORTED_KEY):
+        if hasattr(plain_config, note):
+            delattr(plain_config, note)
+    if untie:
+        plain_config.tie_word_embeddings = False
+        getter = getattr(plain_config, "get_text_config", None)
+        if getter is not None and getter() is not plain_config:
+            getter().tie_word_embeddings = False
+    return plain_config
 
 
 def export_plain(run_dir: str, out_dir: str, *, verify: bool = True, overwrite: bool = False) -> ExportResult:
@@ -143,15 +160,7 @@ def export_plain(run_dir: str, out_dir: str, *, verify: bool = True, overwrite: 
     merged = surgery.merge_state_dict(state, plan)
     untie = tied and head_key is not None and any(k.rsplit(".", 1)[0] in plan for k in (embed_key, head_key))
 
-    plain_config = AutoConfig.from_pretrained(src)
-    if hasattr(plain_config, CONFIG_NOTE):
-        delattr(plain_config, CONFIG_NOTE)
-    if untie:
-        plain_config.tie_word_embeddings = False
-        getter = getattr(plain_config, "get_text_config", None)
-        if getter is not None and getter() is not plain_config:
-            getter().tie_word_embeddings = False
-    plain = _build(plain_config, dtype)
+    plain = _build(_plain_config(src, untie), dtype)
     plain.load_state_dict(merged, strict=True)  # tied and unmerged: both keys hold the same E
 
     diff = rel = None

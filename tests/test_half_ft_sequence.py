@@ -1,4 +1,4 @@
-"""benchmarks/hft_sequence.py --smoke: both runs of the 3-task staged recipe train, evaluate and report."""
+"""benchmarks/half_ft_sequence.py --smoke: both runs of the 3-task staged recipe train, evaluate and report."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from conftest import REPO
 
 
 @pytest.mark.slow
-def test_hft_sequence_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, f"{REPO}/benchmarks/hft_sequence.py", "--smoke", "--workdir", str(tmp_path)],
+def test_half_ft_sequence_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, f"{REPO}/benchmarks/half_ft_sequence.py", "--smoke", "--workdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads((tmp_path / "hft_sequence.json").read_text())
+    results = json.loads((tmp_path / "half_ft_sequence.json").read_text())
     assert set(results) == {"vanilla", "half_ft"}
     for name, r in results.items():
         c = r["continual"]

@@ -1,4 +1,4 @@
-"""Phase 1 of the forgetting penalty: record importance on general data and write the artifact.
+"""Phase 1 of the forgetting penalty: write the importance artifact of a trained (si) or given (ewc) model.
 
 Python API (any trainer built by llmreg):
 
@@ -9,22 +9,19 @@ Python API (any trainer built by llmreg):
     write_ewc_artifact(trainer, "runs/imp/importance", num_samples=5000)   # ewc: no training
 
 `llmreg importance RECIPE` does the same from a recipe with an `importance:` section
-(`run_importance`). The artifact records which model and data it came from, and where the model at the
-end of phase 1 was saved (`final_model`), which is the model phase 2 must start from for si.
+(llmreg.recipe.importance.run_importance). The artifact records which model and data it came from, and where
+the model at the end of phase 1 was saved (`final_model`), which is the model phase 2 must start from for si.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from llmreg.core.options import ConfigError
-from llmreg.regularizers.forgetting import artifact as art
+import llmreg.regularizers.forgetting.artifact as art
 from llmreg.regularizers.forgetting.ewc import fisher_importance
 from llmreg.regularizers.forgetting.si import SIImportance
 from llmreg.regularizers.forgetting.targets import base_name, default_selector, full_shape
-
-IMPORTANCE_DIR = "importance"
 
 
 def write_si_artifact(trainer: Any, recorder: SIImportance, directory: str, **meta: Any) -> dict[str, Any]:
@@ -66,26 +63,3 @@ def write_ewc_artifact(trainer: Any, directory: str, num_samples: int = 5000, ta
     if trainer.is_world_process_zero():
         art.save_artifact(directory, fisher, info)
     return info
-
-
-def run_importance(recipe: Any, overwrite: bool = False) -> str:
-    """`llmreg importance`: the recipe's `importance:` section decides the method; returns the artifact dir."""
-    from llmreg.recipe.build import build_run
-    from llmreg.recipe.run import FINAL_DIR, train
-
-    spec = recipe.importance
-    if spec is None:
-        raise ConfigError("llmreg importance needs an `importance:` section in the recipe (method: si or ewc)")
-    directory = spec.output or os.path.join(recipe.output_dir, IMPORTANCE_DIR)
-    meta = {"model": recipe.model.describe(), "data": recipe.data.train.path}
-    if spec.method == "ewc":
-        run = build_run(recipe)
-        write_ewc_artifact(run.trainer, directory, num_samples=spec.num_samples, targets=spec.targets,
-                           exclude=spec.exclude, final_model=None, **meta)
-        return directory
-    recorder = SIImportance(targets=spec.targets, exclude=spec.exclude, xi=spec.xi, fold=spec.fold,
-                            omega_clamp=spec.omega_clamp)
-    result = train(recipe, overwrite=overwrite, extra_regularizers=[recorder])
-    write_si_artifact(result.trainer, recorder, directory,
-                      final_model=os.path.abspath(os.path.join(recipe.output_dir, FINAL_DIR)), **meta)
-    return directory
