@@ -1,7 +1,6 @@
 """llmreg: paper-faithful regularizers for LLM training, as drop-in HF/TRL trainers."""
 
 from llmreg import regularizers
-from llmreg import pretrain  # noqa: F401  (registers the data.pretrain mode with llmreg.recipe.data_modes)
 from llmreg.core import (
     ConfigError, LossContext, Order, Regularizer, RegularizerStack, Requirements, available, build_regularizer,
     get_regularizer_class, register,

@@ -2,12 +2,15 @@
 
 A data mode brings its own validation of the section, a recipe-level check, the datasets and collator of
 a run, and what runs once the run's final model is saved. `llmreg.pretrain` registers `pretrain` (packed
-blocks of raw text; `final_eval.json` after training) when it is imported, and `import llmreg` imports it.
-The recipe layer only looks modes up here, so it never imports the packages that provide them.
+blocks of raw text; `final_eval.json` after training) when it is imported. The recipe layer only looks modes up
+here, so it never imports the packages that provide them: the modes llmreg ships are named in
+`BUILTIN_PROVIDERS` and imported by module name on first lookup (a plugin table, like entry points), which keeps
+`import llmreg` free of the pre-training stack.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,6 +34,7 @@ class DataMode:
 
 
 _MODES: dict[str, DataMode] = {}
+BUILTIN_PROVIDERS = {"pretrain": "llmreg.pretrain"}  # mode -> the module that registers it when imported
 
 
 def register_data_mode(mode: DataMode) -> DataMode:
@@ -40,6 +44,8 @@ def register_data_mode(mode: DataMode) -> DataMode:
 
 def data_mode(name: str) -> DataMode:
     """The registered mode called `name`; a ConfigError naming `data.<name>` when none is."""
+    if name not in _MODES and name in BUILTIN_PROVIDERS:
+        importlib.import_module(BUILTIN_PROVIDERS[name])
     if name not in _MODES:
         raise ConfigError(f"data.{name}: no data mode '{name}' is registered (import the package that provides "
                           "it, e.g. llmreg.pretrain)")

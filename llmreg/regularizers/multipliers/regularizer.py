@@ -48,13 +48,12 @@ from typing import Any, Literal
 import torch
 
 import llmreg.regularizers.multipliers.surgery as surgery
+from llmreg.regularizers.multipliers.export import CONFIG_NOTE, mark_unexported
 from llmreg.core.options import ConfigError
 from llmreg.core.registry import register
 from llmreg.core.regularizer import Order, Regularizer, Requirements, option
 
 logger = logging.getLogger(__name__)
-
-CONFIG_NOTE = "llmreg_multipliers"
 
 
 @dataclass
@@ -141,6 +140,7 @@ class LearnableMultipliers(Regularizer):
                 "placement": o.placement, "parameters": len(self.names),
                 "note": "the weights hold learnable multipliers (lrm_row/lrm_col/lrm_scalar); "
                         "`llmreg export RUN_DIR OUT_DIR` writes a plain model"})
+            mark_unexported(config)  # the generic marker: recipes and `llmreg eval` refuse the saved folder
         for note in notes:
             logger.info("multipliers: %s", note)
         logger.info("multipliers: %d multiplier tensors on %d layers (%s)", len(self.names), len(self.plan),
