@@ -47,8 +47,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -145,8 +146,8 @@ def importance_prepare(method: str) -> Callable[[str, str, int], dict[str, Any]]
     """`prepare` for forgetting_penalty: `llmreg importance` on the setup's general data, then the penalty."""
 
     def prepare(base: str, workdir: str, steps: int) -> dict[str, Any]:
-        from llmreg.recipe.validate import validate_recipe
         from llmreg.recipe.importance import run_importance
+        from llmreg.recipe.validate import validate_recipe
 
         raw = general_data_recipe(base, Path(workdir), steps)
         raw["importance"] = {"method": method, **({"num_samples": max(4, steps // 4)} if method == "ewc" else {})}

@@ -104,8 +104,8 @@ def param_count(recipe) -> int:
 
 
 def run_variant(name: str, cfg: dict, base: list[str], workdir: Path) -> dict:
-    from llmreg.pretrain.fit import fit_power_law
     from llmreg.pretrain.data import pretrain_blocks
+    from llmreg.pretrain.fit import fit_power_law
     from llmreg.recipe import load_recipe
     from llmreg.recipe.models import build_tokenizer
 

@@ -391,7 +391,7 @@ def run_timing(names: list[str], size: str, steps: int, warmup: int, workdir: st
             variant.go.release()
             try:
                 _wait(variant)
-            except RuntimeError as exc:
+            except RuntimeError:
                 if variant.name == VANILLA or variant.error is None:
                     raise
                 # a regularizer that crashes mid-run is reported, the others still get measured

@@ -2,8 +2,16 @@
 
 from llmreg import regularizers
 from llmreg.core import (
-    ConfigError, LossContext, Order, Regularizer, RegularizerStack, Requirements, available, build_regularizer,
-    get_regularizer_class, register,
+    ConfigError,
+    LossContext,
+    Order,
+    Regularizer,
+    RegularizerStack,
+    Requirements,
+    available,
+    build_regularizer,
+    get_regularizer_class,
+    register,
 )
 
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 EXIT_CONFIG_ERROR = 2
 COMMANDS = ("train", "importance", "validate", "list", "eval", "testbed", "export", "sweep", "ensemble")

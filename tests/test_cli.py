@@ -11,10 +11,10 @@ import sys
 import pytest
 import yaml
 
+from llmreg.cli import main
 from llmreg.core.options import options_help
 from llmreg.core.registry import available
 from llmreg.recipe import load_recipe
-from llmreg.cli import main
 from llmreg.recipe.callbacks import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,8 +16,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForLanguageModeling
 
 import llmreg
-from llmreg.integrations.hf import STATE_DIR
 from llmreg.data import build_char_tokenizer, make_builtin_dataset, tiny_llama
+from llmreg.integrations.hf import STATE_DIR
+
 
 def _artifact(tmp_path):
     tok = build_char_tokenizer()

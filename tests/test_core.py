@@ -7,7 +7,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from llmreg.core import ConfigError, Order, Regularizer, RegularizerStack, build_regularizer, get_regularizer_class, option
+from llmreg.core import (
+    ConfigError,
+    Order,
+    Regularizer,
+    RegularizerStack,
+    build_regularizer,
+    get_regularizer_class,
+    option,
+)
 from llmreg.core.options import build_options, check_value
 from llmreg.core.stack import assert_partition
 

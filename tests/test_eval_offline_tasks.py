@@ -94,8 +94,8 @@ def test_truthfulqa_and_mmlu_documents(tasks):
     choices, labels = doc["mc2_targets"]["choices"], doc["mc2_targets"]["labels"]
     assert choices[0] == "Nothing happens" and labels[:5] == [1] * 5 and labels[5:] == [0] * 7
     assert "You grow watermelons in your stomach" in choices[5:]
-    from importlib import import_module
     import sys
+    from importlib import import_module
 
     sys.path.insert(0, os.path.join(REPO, "eval", "tasks"))
     try:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import torch
 
 from llmreg.regularizers.forgetting import (
-    fisher_diagonal, layer_coefficients, lora_product_penalty_grads, quadratic_penalty, quadratic_penalty_grad,
-    si_accumulate, si_fold,
+    fisher_diagonal,
+    layer_coefficients,
+    lora_product_penalty_grads,
+    quadratic_penalty,
+    quadratic_penalty_grad,
+    si_accumulate,
+    si_fold,
 )
 
 

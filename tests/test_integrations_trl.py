@@ -9,8 +9,8 @@ import torch
 import trl
 
 import llmreg
-from llmreg.integrations import trl as trl_compat
 from llmreg.data import build_char_tokenizer, make_builtin_dataset, tiny_llama
+from llmreg.integrations import trl as trl_compat
 
 
 def test_signatures_and_helpers_exist():

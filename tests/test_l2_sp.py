@@ -57,9 +57,9 @@ def test_training_with_edit_matches_training_with_explicit_penalty(tok, tmp_path
     kw = dict(max_steps=3, max_grad_norm=1.0, gradient_accumulation_steps=2, per_device_train_batch_size=2)
     edited = make_hf_trainer(tok, tmp_path / "a", regularizers=[L2SP(lam=5.0)], **kw)
     edited.train()
+    from conftest import hf_args, lm_dataset
     from transformers import DataCollatorForLanguageModeling
 
-    from conftest import hf_args, lm_dataset
     from llmreg.data import tiny_llama
 
     explicit = ExplicitPenaltyTrainer(model=tiny_llama(vocab_size=len(tok), seed=0), args=hf_args(tmp_path / "b", **kw),

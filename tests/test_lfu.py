@@ -376,9 +376,9 @@ def test_clear_errors(tok):
 
 def test_recipe_is_the_testbed_recipe_plus_lfu():
     import yaml
+    from conftest import REPO
 
     from llmreg.recipe import load_recipe
-    from conftest import REPO
 
     lfu = yaml.safe_load(open(f"{REPO}/recipes/lfu/testbed.yaml"))
     vanilla = yaml.safe_load(open(f"{REPO}/recipes/testbed/vanilla.yaml"))

@@ -8,7 +8,6 @@ a model that accepts `num_items_in_batch`, SFT) or divided by the number of accu
 from __future__ import annotations
 
 import pytest
-import torch
 import transformers
 import trl
 from conftest import lm_dataset, max_rel_diff, weights

@@ -14,8 +14,8 @@ from test_lp_reg_math import ref_proxy
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import llmreg
-from llmreg.integrations import trl as trl_compat
 from llmreg.data import build_char_tokenizer, make_builtin_dataset, tiny_llama
+from llmreg.integrations import trl as trl_compat
 from llmreg.regularizers.lp_reg import LpReg, hidden_proxy_stats, minp_proxy_stats
 
 

@@ -17,7 +17,13 @@ import llmreg
 from llmreg.core import ConfigError
 from llmreg.data import tiny_llama
 from llmreg.regularizers.multipliers import (
-    LayerPlan, attach, explicit_linear, is_multiplier, multiplied_embedding, multiplied_linear, plan_for_model,
+    LayerPlan,
+    attach,
+    explicit_linear,
+    is_multiplier,
+    multiplied_embedding,
+    multiplied_linear,
+    plan_for_model,
 )
 from llmreg.regularizers.multipliers.export import export_plain
 
@@ -365,7 +371,7 @@ def test_attach_reads_zero3_placeholder_shapes():
 QUICKSTART = os.path.join(REPO, "recipes", "multipliers", "quickstart.yaml")
 
 
-def test_quickstart_recipe_validates(nothing_loads):
+def test_quickstart_recipe_validates(nothing_loads):  # noqa: F811  (the fixture imported above)
     from llmreg.recipe import load_recipe
 
     recipe = load_recipe(QUICKSTART)

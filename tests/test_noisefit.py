@@ -12,12 +12,10 @@ import trl
 from conftest import hf_args, lm_dataset, losses, max_rel_diff, weights
 
 import llmreg
-from llmreg.core import ConfigError
-from llmreg.data import build_char_tokenizer, make_builtin_dataset, tiny_llama
-from llmreg.core import anatomy
+from llmreg.core import ConfigError, anatomy
+from llmreg.data import make_builtin_dataset, tiny_llama
 from llmreg.integrations import hf_access as hf_integration
 from llmreg.regularizers.noisefit.noise import standard_normal, training_noise_key
-
 
 # -- explicit reference formulas ------------------------------------------------------------------------------------
 
@@ -231,7 +229,7 @@ def test_prefix_sharing_runs_the_prefix_once_with_the_same_loss_and_gradients(to
         reg = prepared(model, [1, 3], num_layers=2, noise_std=0.8, prefix_sharing=share)
         seen = {}
         for i, layer in enumerate(model.model.layers):
-            layer.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out.shape[0]))
+            layer.register_forward_hook(lambda m, a, out, i=i, seen=seen: seen.__setitem__(i, out.shape[0]))
         model.train()
         loss = reg.training_loss(llmreg.LossContext(model=model, inputs=batch, loss=None, outputs=None,
                                                     trainer=fake_trainer()))

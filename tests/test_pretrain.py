@@ -244,8 +244,8 @@ def test_certificate_checks_the_axis_neighbours():
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
-    from llmreg.pretrain.ensemble import load_members, validation_loss
     from llmreg.pretrain.data import pretrain_blocks
+    from llmreg.pretrain.ensemble import load_members, validation_loss
     from llmreg.pretrain.sweep import SWEEP_JSON, plan_sweep, run_sweep
     from llmreg.recipe.models import build_tokenizer
     from llmreg.recipe.run import train

@@ -9,8 +9,8 @@ import torch
 from conftest import losses, make_hf_trainer, max_rel_diff, weights
 from transformers import TrainerCallback
 
-from llmreg.integrations.hf import STATE_DIR
 from llmreg.data import tiny_llama
+from llmreg.integrations.hf import STATE_DIR
 
 KW = dict(max_steps=6, save_strategy="steps", save_steps=3, learning_rate=1e-2, lr_scheduler_type="cosine",
           train_sampling_strategy="random")

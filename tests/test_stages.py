@@ -53,8 +53,7 @@ SEEN: list[dict] = []  # per setup call: the stage it got and the model's weight
 @pytest.fixture
 def probe():
     """Register `_stage_probe` for one test only (the conformance suite checks the registry's contents)."""
-    from llmreg.core import Regularizer, option, register
-    from llmreg.core import registry
+    from llmreg.core import Regularizer, option, register, registry
 
     @dataclasses.dataclass
     class ProbeOptions:

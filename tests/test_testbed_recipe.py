@@ -3,11 +3,9 @@ shipped recipes/testbed/*.yaml, and eval/suites/testbed.yaml agreeing with `test
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
-import torch
 import yaml
 
 from llmreg import testbed
@@ -135,7 +133,7 @@ def test_recipe_trains_like_finetune(tmp_path, monkeypatch):
     assert path.parent == tmp_path / "cache" / "testbed"  # the recipe built it there; this call loaded it
     via_api = testbed.finetune(path, "sub", steps=10, lr=3e-3, batch_size=8)
     base = testbed.load(path)[0]
-    for (name, a), (_, b), (_, start) in zip(via_recipe.state_dict().items(), via_api.state_dict().items(),
+    for (name, a), (_, b), (_, _start) in zip(via_recipe.state_dict().items(), via_api.state_dict().items(),
                                              base.state_dict().items()):
         assert (a - b).abs().max() < 1e-4, name
     moved = max((a - s).abs().max() for a, s in zip(via_api.parameters(), base.parameters()))

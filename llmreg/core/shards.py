@@ -18,7 +18,7 @@ edit is multiplied by the current loss scale so it survives the unscale.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist

@@ -19,13 +19,14 @@ in the host loss's units; see `ga_divisor`.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from llmreg.core.options import ConfigError
-from llmreg.core.regularizer import TRAINER_KINDS, LossContext, Regularizer
 from llmreg.core.registry import build_regularizer
+from llmreg.core.regularizer import TRAINER_KINDS, LossContext, Regularizer
 
 
 class RegularizerStack:

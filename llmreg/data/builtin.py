@@ -21,7 +21,7 @@ One generator serves every trainer kind through `format`:
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from llmreg.testbed.skills import OLD_SKILLS as TESTBED_OLD_SKILLS
 from llmreg.testbed.skills import SKILLS as TESTBED_SKILLS

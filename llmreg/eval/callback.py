@@ -51,7 +51,7 @@ class EvalSuiteCallback(TrainerCallback):
         if trainer is not None:
             self.attach(trainer)
 
-    def attach(self, trainer: Any) -> "EvalSuiteCallback":
+    def attach(self, trainer: Any) -> EvalSuiteCallback:
         """Hold `trainer` (for its log) and register with it; refuses sharded-weight setups right away."""
         check_not_sharded(trainer.args)
         self.trainer = trainer

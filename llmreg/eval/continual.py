@@ -12,7 +12,8 @@ Scores are taken as higher-is-better; pass negated perplexities if that is what 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from llmreg.core.options import ConfigError
 

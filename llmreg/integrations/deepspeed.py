@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import os
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from llmreg.core.options import ConfigError
 

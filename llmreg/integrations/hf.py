@@ -33,11 +33,11 @@ import torch
 from transformers import TrainerCallback
 
 from llmreg.core.anatomy import is_peft
-from llmreg.integrations.deepspeed import check_deepspeed_config, install_pre_step_shim
 from llmreg.core.options import ConfigError
 from llmreg.core.regularizer import LossContext
 from llmreg.core.shards import ShardAccess, zero_stage_of
 from llmreg.core.stack import RegularizerStack
+from llmreg.integrations.deepspeed import check_deepspeed_config, install_pre_step_shim
 
 STATE_DIR = "llmreg_regularizers"
 

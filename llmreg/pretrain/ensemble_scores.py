@@ -8,12 +8,16 @@ member and of the first k members together, k = 1..K; with a suite: the ensemble
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import llmreg.pretrain.data as pretrain_data  # looked up at call time (tests replace pretrain_blocks)
 from llmreg.core.options import ConfigError
 from llmreg.pretrain.ensemble import (
-    EnsembleCausalLM, check_member_paths, evaluate_ensemble_suite, load_members, validation_loss,
+    EnsembleCausalLM,
+    check_member_paths,
+    evaluate_ensemble_suite,
+    load_members,
+    validation_loss,
 )
 from llmreg.recipe import load_recipe
 from llmreg.recipe.schema import StagedRecipe

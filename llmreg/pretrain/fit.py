@@ -13,8 +13,8 @@ refinement of the scan's best bracket. Residuals are in loss units, unweighted, 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

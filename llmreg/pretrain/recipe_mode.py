@@ -10,7 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from llmreg.pretrain.data import (
-    PretrainSpec, check_pretrain_recipe, collate_blocks, pretrain_datasets, validate_pretrain,
+    PretrainSpec,
+    check_pretrain_recipe,
+    collate_blocks,
+    pretrain_datasets,
+    validate_pretrain,
 )
 from llmreg.pretrain.sweep import write_final_eval
 from llmreg.recipe.data_modes import DataMode, register_data_mode

@@ -15,7 +15,6 @@ from llmreg.recipe.overrides import apply_overrides
 from llmreg.recipe.schema import DataSpec, ModelSpec, Recipe, SourceSpec, TokenizerSpec, TrainerSpec
 from llmreg.recipe.validate import validate_recipe
 
-
 __all__ = [
     "DataSpec", "ModelSpec", "Recipe", "Run", "SourceSpec", "TokenizerSpec", "TrainerSpec", "apply_overrides",
     "build_run", "dump_recipe", "load_recipe", "read_recipe_file", "validate_recipe",

@@ -11,8 +11,9 @@ here, so it never imports the packages that provide them: the modes llmreg ships
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from llmreg.core.options import ConfigError
 

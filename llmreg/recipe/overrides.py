@@ -10,7 +10,8 @@ key, exactly as if the key had been written in the file.
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import yaml
 

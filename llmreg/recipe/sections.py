@@ -22,15 +22,22 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from llmreg.integrations.deepspeed import check_deepspeed_config, load_deepspeed_config
 from llmreg.core.options import ConfigError, check_mapping, closest, field_types
+from llmreg.integrations.deepspeed import check_deepspeed_config, load_deepspeed_config
 from llmreg.recipe.data_modes import data_mode
 from llmreg.recipe.errors import reraise_at_recipe_key
-from llmreg.recipe.paths import looks_local, resolve_path
 from llmreg.recipe.importance_spec import validate_importance
+from llmreg.recipe.paths import looks_local, resolve_path
 from llmreg.recipe.schema import (
-    BUILTIN_TOKENIZERS, DTYPES, TRAINER_KINDS, EvalDuringTrainingSpec, ModelSpec, Recipe, TokenizerSpec,
-    TrainerSpec, trainer_config_class,
+    BUILTIN_TOKENIZERS,
+    DTYPES,
+    TRAINER_KINDS,
+    EvalDuringTrainingSpec,
+    ModelSpec,
+    Recipe,
+    TokenizerSpec,
+    TrainerSpec,
+    trainer_config_class,
 )
 from llmreg.recipe.sources import validate_data
 

@@ -45,7 +45,14 @@ from llmreg.core.options import ConfigError
 from llmreg.recipe.run import RECIPE_FILE, checkpoints_in, clear_previous_run, is_main_process, train
 from llmreg.recipe.schema import ModelSpec, Recipe, Stage, StagedRecipe, TokenizerSpec
 from llmreg.recipe.stages_report import (
-    START, STAGE_EVAL_DIR, continual_report, evaluate_stages, final_dir, say, starting_model, write_continual_markdown,
+    STAGE_EVAL_DIR,
+    START,
+    continual_report,
+    evaluate_stages,
+    final_dir,
+    say,
+    starting_model,
+    write_continual_markdown,
 )
 from llmreg.recipe.stages_validate import expand_stage, inject_stage_index, merge_section, validate_staged_recipe
 

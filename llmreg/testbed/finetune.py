@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import llmreg.testbed.skills as S
 from llmreg.testbed.build import encode, evaluate_all, load, pad_batch

@@ -11,8 +11,13 @@
 """
 
 from llmreg.regularizers.forgetting.formulas import (
-    fisher_diagonal, layer_coefficients, lora_product_penalty_grads, quadratic_penalty, quadratic_penalty_grad,
-    si_accumulate, si_fold,
+    fisher_diagonal,
+    layer_coefficients,
+    lora_product_penalty_grads,
+    quadratic_penalty,
+    quadratic_penalty_grad,
+    si_accumulate,
+    si_fold,
 )
 from llmreg.regularizers.forgetting.penalty import ForgettingPenalty, PenaltyConfig
 from llmreg.regularizers.forgetting.record import write_ewc_artifact, write_si_artifact

@@ -15,7 +15,8 @@ uses lam * sum F (...)^2, so halve the paper's lambda when porting its values.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 

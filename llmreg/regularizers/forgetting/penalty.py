@@ -39,9 +39,15 @@ from llmreg.core.regularizer import Order, Regularizer, option
 from llmreg.core.shards import ShardAccess, zero3_unpadded
 from llmreg.regularizers.forgetting.formulas import layer_coefficients, lora_grads_from_product_diff
 from llmreg.regularizers.forgetting.targets import (
-    LoraTarget, Selector, base_name, default_selector, full_shape, layer_of, lora_targets, select_parameters,
+    LoraTarget,
+    Selector,
+    base_name,
+    default_selector,
+    full_shape,
+    layer_of,
+    lora_targets,
+    select_parameters,
 )
-
 
 DEFAULT_LAMBDA = {"si": 1e-3, "ewc": 0.5, "l2sp": 0.005}
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmreg.core.options import ConfigError
 import llmreg.regularizers.forgetting.artifact as art
+from llmreg.core.options import ConfigError
 from llmreg.regularizers.forgetting.ewc import fisher_importance
 from llmreg.regularizers.forgetting.si import SIImportance
 from llmreg.regularizers.forgetting.targets import base_name, default_selector, full_shape

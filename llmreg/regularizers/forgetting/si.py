@@ -45,7 +45,7 @@ class SIImportanceOptions:
         "fold", "clamp omega at 0 when folding | after every step (code) | never (canonical SI)")
 
 
-def _epoch_fold_callback(recorder: "SIImportance"):
+def _epoch_fold_callback(recorder: SIImportance):
     """A TrainerCallback that folds at each epoch end (fold='epoch')."""
     from transformers import TrainerCallback
 

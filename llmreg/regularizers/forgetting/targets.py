@@ -9,8 +9,9 @@ applies to a PEFT-wrapped one too, whatever names PEFT gives its adapter tensors
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 

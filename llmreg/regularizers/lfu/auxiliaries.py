@@ -13,7 +13,8 @@ ascent step delta, or nothing), keyed by a hashable key of its own.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

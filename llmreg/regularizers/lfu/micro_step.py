@@ -8,8 +8,9 @@ batch size: the host batch has `host_rows` rows, the perturbed batch of the `sta
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 

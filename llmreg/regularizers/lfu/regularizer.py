@@ -22,7 +22,14 @@ from llmreg.regularizers.lfu.auxiliaries import Auxiliary, FixedALora, make_auxi
 from llmreg.regularizers.lfu.formulas import ascent_delta, consistency, response_mask, select_layers
 from llmreg.regularizers.lfu.fresh_batches import FreshBatches
 from llmreg.regularizers.lfu.micro_step import (
-    ASCENT, HOST, PERTURBED, MicroStep, MicroStepTracker, autocast_state, hidden_of, with_hidden,
+    ASCENT,
+    HOST,
+    PERTURBED,
+    MicroStep,
+    MicroStepTracker,
+    autocast_state,
+    hidden_of,
+    with_hidden,
 )
 
 # what the perturbed forward of the decoder backbone gets from the host batch

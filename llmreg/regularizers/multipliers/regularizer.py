@@ -48,10 +48,10 @@ from typing import Any, Literal
 import torch
 
 import llmreg.regularizers.multipliers.surgery as surgery
-from llmreg.regularizers.multipliers.export import CONFIG_NOTE, mark_unexported
 from llmreg.core.options import ConfigError
 from llmreg.core.registry import register
 from llmreg.core.regularizer import Order, Regularizer, Requirements, option
+from llmreg.regularizers.multipliers.export import CONFIG_NOTE, mark_unexported
 
 logger = logging.getLogger(__name__)
 

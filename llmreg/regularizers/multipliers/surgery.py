@@ -14,8 +14,8 @@ A plan is {module name: LayerPlan}; `plan_for_model` builds it from a placement,
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -211,7 +211,7 @@ def merge_state_dict(
     """A plain state dict: every multiplied weight replaced by its merged weight, multipliers removed."""
     plan = plan_from_state_dict(state) if plan is None else plan
     out = {k: v for k, v in state.items() if not is_multiplier(k)}
-    for module, layer_plan in plan.items():
+    for module in plan:
         key = f"{module}.weight"
         if key not in state:
             raise KeyError(f"multipliers on {module} but no {key} in the state dict")

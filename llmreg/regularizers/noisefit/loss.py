@@ -12,8 +12,8 @@ sized tensors of one chunk are alive at a time (docs/architecture.md, trap 6: TR
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,8 @@ layer (attention mask, position ids, rotary tables) three times to match. Exact 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -23,7 +23,12 @@ from llmreg.regularizers.noisefit.calibration import v2_policy
 from llmreg.regularizers.noisefit.host import check_plain_logits, check_trainer, model_inputs, repeat3
 from llmreg.regularizers.noisefit.loss import hybrid_loss, hybrid_sums, positions
 from llmreg.regularizers.noisefit.noise import (
-    adaptive_noise, branch_base, draw_seed, select_layers, standard_normal, training_noise_key,
+    adaptive_noise,
+    branch_base,
+    draw_seed,
+    select_layers,
+    standard_normal,
+    training_noise_key,
 )
 from llmreg.regularizers.noisefit.prefix import SharedPrefix, dropout_rate
 from llmreg.regularizers.noisefit.selection import LayerProbe
