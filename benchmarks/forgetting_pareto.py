@@ -70,18 +70,31 @@ STORIES_RECIPE = REPO / "recipes" / "stories260k" / "gsm8k_sft.yaml"
 # used while recipes/stories260k/gsm8k_sft.yaml does not exist; data.train is filled in by stories_setup
 STORIES_FALLBACK: dict[str, Any] = {
     "model": {"name_or_path": str(SHARED / "models" / "stories260K"), "dtype": "float32"},
-    "trainer": {"kind": "hf", "max_steps": 300, "per_device_train_batch_size": 16, "learning_rate": 1.0e-3,
-                "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0, "logging_steps": 50,
-                "save_strategy": "no"},
+    "trainer": {
+        "kind": "hf",
+        "max_steps": 300,
+        "per_device_train_batch_size": 16,
+        "learning_rate": 1.0e-3,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "logging_steps": 50,
+        "save_strategy": "no",
+    },
     "regularizers": [],
     "seed": 0,
 }
 # --smoke: a tiny testbed build, a few steps, a few documents per task
-SMOKE = {"testbed_build": {"size": "tiny", "steps": 20, "batch_size": 16, "eval_n": 10}, "steps": 3,
-         "limit": {"testbed": 10, "stories260k": 4}, "stories_examples": 64}
+SMOKE = {
+    "testbed_build": {"size": "tiny", "steps": 20, "batch_size": 16, "eval_n": 10},
+    "steps": 3,
+    "limit": {"testbed": 10, "stories260k": 4},
+    "stories_examples": 64,
+}
 
 
 # -- setups ---------------------------------------------------------------------------------------------------------
+
 
 def testbed_setup(smoke: bool) -> dict[str, Any]:
     """The testbed recipe (the default build, or a tiny one for --smoke) and its suite."""
@@ -98,11 +111,20 @@ def testbed_setup(smoke: bool) -> dict[str, Any]:
     t0 = time.time()
     base = testbed.build(**build)  # the recipe would build it too; here it is also the base to score
     meta = json.loads((base / "testbed.json").read_text())
-    return {"name": "testbed", "recipe_path": str(path), "raw": raw, "base": str(base),
-            "suite": str(REPO / "eval" / "suites" / "testbed.yaml"), "limit": SMOKE["limit"]["testbed"] if smoke else None,
-            "info": {"build": meta["config"], "build_train_seconds": meta["train_seconds"],
-                     "build_scores": json.loads((base / "scores.json").read_text()),
-                     "load_or_build_seconds": round(time.time() - t0, 1)}}
+    return {
+        "name": "testbed",
+        "recipe_path": str(path),
+        "raw": raw,
+        "base": str(base),
+        "suite": str(REPO / "eval" / "suites" / "testbed.yaml"),
+        "limit": SMOKE["limit"]["testbed"] if smoke else None,
+        "info": {
+            "build": meta["config"],
+            "build_train_seconds": meta["train_seconds"],
+            "build_scores": json.loads((base / "scores.json").read_text()),
+            "load_or_build_seconds": round(time.time() - t0, 1),
+        },
+    }
 
 
 def stories_setup(smoke: bool, workdir: Path) -> dict[str, Any]:
@@ -119,15 +141,22 @@ def stories_setup(smoke: bool, workdir: Path) -> dict[str, Any]:
     raw.pop("eval_during_training", None)  # the suite runs after training here; during it, it only costs time
     if smoke:
         train = raw["data"]["train"]
-        raw["data"]["train"] = {**({"path": train} if isinstance(train, str) else train),
-                                "max_examples": SMOKE["stories_examples"]}
+        raw["data"]["train"] = {
+            **({"path": train} if isinstance(train, str) else train),
+            "max_examples": SMOKE["stories_examples"],
+        }
     from llmreg.recipe.validate import validate_recipe
 
     base = validate_recipe(raw, recipe_path).model.name_or_path  # the recipe's path, resolved as training will
-    return {"name": "stories260k", "recipe_path": recipe_path, "raw": raw, "base": base,
-            "suite": str(REPO / "eval" / "suites" / "stories260k.yaml"),
-            "limit": SMOKE["limit"]["stories260k"] if smoke else None,
-            "info": {} if recipe_path else {"recipe_note": "STORIES_FALLBACK in benchmarks/forgetting_pareto.py"}}
+    return {
+        "name": "stories260k",
+        "recipe_path": recipe_path,
+        "raw": raw,
+        "base": base,
+        "suite": str(REPO / "eval" / "suites" / "stories260k.yaml"),
+        "limit": SMOKE["limit"]["stories260k"] if smoke else None,
+        "info": {} if recipe_path else {"recipe_note": "STORIES_FALLBACK in benchmarks/forgetting_pareto.py"},
+    }
 
 
 def gsm8k_text(path: Path) -> Path:
@@ -142,6 +171,7 @@ def gsm8k_text(path: Path) -> Path:
 
 # -- one method on one setup -----------------------------------------------------------------------------------------
 
+
 def importance_prepare(method: str) -> Callable[[str, str, int], dict[str, Any]]:
     """`prepare` for forgetting_penalty: `llmreg importance` on the setup's general data, then the penalty."""
 
@@ -155,8 +185,10 @@ def importance_prepare(method: str) -> Callable[[str, str, int], dict[str, Any]]
         recipe = validate_recipe(raw, str(REPO / "recipes" / "forgetting" / "testbed_importance.yaml"))
         artifact = run_importance(recipe, overwrite=True)
         model = str(Path(recipe.output_dir) / "final") if method == "si" else base
-        return {"regularizers": [{"name": "forgetting_penalty", "importance": method, "artifact": artifact}],
-                "model": model}
+        return {
+            "regularizers": [{"name": "forgetting_penalty", "importance": method, "artifact": artifact}],
+            "model": model,
+        }
 
     prepare.__name__ = f"importance_prepare({method})"
     return prepare
@@ -171,15 +203,27 @@ def general_data_recipe(base: str, workdir: Path, steps: int) -> dict[str, Any]:
         raw = yaml.safe_load((REPO / "recipes" / "forgetting" / "testbed_importance.yaml").read_text())
         raw["data"]["num_examples"] = phase1_steps * raw["trainer"]["per_device_train_batch_size"]
     else:
-        lines = [ln.strip() for ln in (SHARED / "tinystories" / "tinystories_validation_first1000.txt").read_text()
-                 .splitlines()[500:] if ln.strip()]
+        lines = [
+            ln.strip()
+            for ln in (SHARED / "tinystories" / "tinystories_validation_first1000.txt").read_text().splitlines()[500:]
+            if ln.strip()
+        ]
         path = workdir / "tinystories_general.jsonl"
         workdir.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps({"text": ln}) + "\n" for ln in lines))
-        raw = {"data": {"train": str(path)},
-               "trainer": {"kind": "hf", "per_device_train_batch_size": 8, "learning_rate": 1e-4,
-                           "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0,
-                           "logging_steps": 25, "save_strategy": "no"}}
+        raw = {
+            "data": {"train": str(path)},
+            "trainer": {
+                "kind": "hf",
+                "per_device_train_batch_size": 8,
+                "learning_rate": 1e-4,
+                "lr_scheduler_type": "constant",
+                "warmup_steps": 0,
+                "weight_decay": 0.0,
+                "logging_steps": 25,
+                "save_strategy": "no",
+            },
+        }
     raw["model"] = {"name_or_path": base, "dtype": "float32"}
     raw["tokenizer"] = {"name_or_path": base}
     raw["trainer"].update(max_steps=phase1_steps, disable_tqdm=True, save_strategy="no")
@@ -214,8 +258,9 @@ def method_regularizers(name: str, spec: dict[str, Any], base: str, workdir: Pat
     return {"regularizers": list(prepared), "model": None}
 
 
-def train_method(setup: dict[str, Any], regularizers: list[dict], steps: int | None, output_dir: Path,
-                 model: str | None = None) -> str:
+def train_method(
+    setup: dict[str, Any], regularizers: list[dict], steps: int | None, output_dir: Path, model: str | None = None
+) -> str:
     """Train the setup's recipe with `regularizers` (and `steps`, and a starting `model`, if given); returns the
     final model folder."""
     import copy
@@ -238,8 +283,9 @@ def train_method(setup: dict[str, Any], regularizers: list[dict], steps: int | N
     return train(recipe, overwrite=True).final_dir
 
 
-def run_setup(setup: dict[str, Any], methods: dict[str, dict], steps: int | None, workdir: Path,
-              log: Callable[[str], None]) -> dict[str, Any]:
+def run_setup(
+    setup: dict[str, Any], methods: dict[str, dict], steps: int | None, workdir: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
     """Base and per-method suite scores, the forgetting report, timings."""
     from llmreg.eval.run import evaluate_suite, forgetting_report
     from llmreg.eval.suite import load_suite
@@ -252,27 +298,39 @@ def run_setup(setup: dict[str, Any], methods: dict[str, dict], steps: int | None
     for name, spec in methods.items():
         out = workdir / setup["name"] / name
         t0 = time.time()
-        prepared = method_regularizers(name, spec, setup["base"], out / "prepare", steps or
-                                       setup["raw"]["trainer"]["max_steps"])
+        prepared = method_regularizers(
+            name, spec, setup["base"], out / "prepare", steps or setup["raw"]["trainer"]["max_steps"]
+        )
         regularizers = prepared["regularizers"]
         t1 = time.time()
         final = train_method(setup, regularizers, steps, out, model=prepared["model"])
         t2 = time.time()
         runs[name] = evaluate_suite(suite, final, limit=setup["limit"], batch_size=32)
-        details[name] = {"regularizers": regularizers, "prepare_seconds": round(t1 - t0, 1),
-                         "train_seconds": round(t2 - t1, 1), "eval_seconds": round(time.time() - t2, 1)}
+        details[name] = {
+            "regularizers": regularizers,
+            "prepare_seconds": round(t1 - t0, 1),
+            "train_seconds": round(t2 - t1, 1),
+            "eval_seconds": round(time.time() - t2, 1),
+        }
         log(f"[{setup['name']}] {name}: {dict(runs[name])} (train {t2 - t1:.0f} s)")
     report = forgetting_report(base_scores, runs, suite)
     for name, extra in details.items():
         report["runs"][name].update(extra)
     steps_used = steps or setup["raw"]["trainer"]["max_steps"]
     limit = setup["limit"] if setup["limit"] is not None else suite.limit  # documents per task; None: all
-    return {"recipe": setup["recipe_path"], "suite": os.path.relpath(setup["suite"], REPO),
-            "base_model": setup["base"], "steps": steps_used, "limit": limit, **setup["info"],
-            "report": report}
+    return {
+        "recipe": setup["recipe_path"],
+        "suite": os.path.relpath(setup["suite"], REPO),
+        "base_model": setup["base"],
+        "steps": steps_used,
+        "limit": limit,
+        **setup["info"],
+        "report": report,
+    }
 
 
 # -- outputs ---------------------------------------------------------------------------------------------------------
+
 
 def write_figures(results: dict[str, Any], figures: Path) -> list[Path]:
     """Per setup: the Pareto and per-task plots of llmreg.eval.run.write_plots, renamed after the setup."""
@@ -296,41 +354,65 @@ def _num(x: Any) -> str:
 
 def markdown_section(results: dict[str, Any], figures_rel: str) -> str:
     """The generated RESULTS.md section: per setup, a table of base and methods, and the figures."""
-    lines = [BEGIN, "## Forgetting Pareto (generated by benchmarks/forgetting_pareto.py)", "",
-             f"Command: `{results['command']}`; {results['machine']}; total {results['total_seconds']:.0f} s.",
-             "Gain and drop follow `llmreg.eval.run` (positive gain = better on the new task, positive drop ="
-             " retained ability lost), in the suite metric's units; \"Pareto\" marks methods no other method"
-             " beats on both.", ""]
+    lines = [
+        BEGIN,
+        "## Forgetting Pareto (generated by benchmarks/forgetting_pareto.py)",
+        "",
+        f"Command: `{results['command']}`; {results['machine']}; total {results['total_seconds']:.0f} s.",
+        "Gain and drop follow `llmreg.eval.run` (positive gain = better on the new task, positive drop ="
+        ' retained ability lost), in the suite metric\'s units; "Pareto" marks methods no other method'
+        " beats on both.",
+        "",
+    ]
     for setup, r in results["setups"].items():
         report = r["report"]
         tasks = list(report["base"])
         target = [t for t in tasks if next(iter(report["runs"].values()))["tasks"][t]["role"] == "target"]
         retain = [t for t in tasks if t not in target]
         metric = report["metrics"].get(tasks[0], "").split(",")[0]
-        lines += [f"### {setup}", "",
-                  f"Recipe `{os.path.relpath(r['recipe'], REPO) if r['recipe'] else r['recipe_note']}`"
-                  f" ({r['steps']} steps), suite `{r['suite']}` ({metric}"
-                  f"{', lower is better' if metric.endswith('perplexity') else ''};"
-                  f" {r['limit'] or 'all'} documents per task).", ""]
+        lines += [
+            f"### {setup}",
+            "",
+            f"Recipe `{os.path.relpath(r['recipe'], REPO) if r['recipe'] else r['recipe_note']}`"
+            f" ({r['steps']} steps), suite `{r['suite']}` ({metric}"
+            f"{', lower is better' if metric.endswith('perplexity') else ''};"
+            f" {r['limit'] or 'all'} documents per task).",
+            "",
+        ]
         if "build" in r:
             b = r["build"]
-            lines += [f"Testbed build: {b['size']} Llama, {b['steps']} steps x {b['batch_size']}, seed {b['seed']},"
-                      f" {r['build_train_seconds']:.0f} s training (cached afterwards). Scores after the build:"
-                      f" {', '.join(f'{k} {v:.3f}' for k, v in r['build_scores'].items())}.", ""]
+            lines += [
+                f"Testbed build: {b['size']} Llama, {b['steps']} steps x {b['batch_size']}, seed {b['seed']},"
+                f" {r['build_train_seconds']:.0f} s training (cached afterwards). Scores after the build:"
+                f" {', '.join(f'{k} {v:.3f}' for k, v in r['build_scores'].items())}.",
+                "",
+            ]
         if metric.endswith("perplexity"):
-            lines += ["Gains and drops are differences of raw perplexities, so a very high base perplexity dominates"
-                      " the target gain (and the per-task plot): compare the tuned values.", ""]
+            lines += [
+                "Gains and drops are differences of raw perplexities, so a very high base perplexity dominates"
+                " the target gain (and the per-task plot): compare the tuned values.",
+                "",
+            ]
         head = ["method", "target gain", "mean retained drop", "Pareto", *target, *retain, "prepare s", "train s"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines.append("| base | | | | " + " | ".join(_num(report["base"][t]) for t in target + retain) + " | | |")
         for name, run in report["runs"].items():
-            cells = [name, _num(run["target_gain"]), _num(run["forgetting"]),
-                     "yes" if name in report["pareto_front"] else "",
-                     *(_num(run["tasks"][t]["tuned"]) for t in target + retain), f"{run['prepare_seconds']:.0f}",
-                     f"{run['train_seconds']:.0f}"]
+            cells = [
+                name,
+                _num(run["target_gain"]),
+                _num(run["forgetting"]),
+                "yes" if name in report["pareto_front"] else "",
+                *(_num(run["tasks"][t]["tuned"]) for t in target + retain),
+                f"{run['prepare_seconds']:.0f}",
+                f"{run['train_seconds']:.0f}",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", f"![{setup} Pareto]({figures_rel}/forgetting_pareto_{setup}.png)"
-                      f" ![{setup} per-task gains]({figures_rel}/forgetting_deltas_{setup}.png)", ""]
+        lines += [
+            "",
+            f"![{setup} Pareto]({figures_rel}/forgetting_pareto_{setup}.png)"
+            f" ![{setup} per-task gains]({figures_rel}/forgetting_deltas_{setup}.png)",
+            "",
+        ]
     return "\n".join(lines + [END])
 
 
@@ -343,6 +425,7 @@ def replace_section(path: Path, section: str) -> None:
 
 # -- command line ----------------------------------------------------------------------------------------------------
 
+
 def select_methods(names: list[str] | None) -> dict[str, dict]:
     from llmreg.core.options import closest
 
@@ -351,8 +434,11 @@ def select_methods(names: list[str] | None) -> dict[str, dict]:
     for name in names:
         if name not in METHODS:
             hint = closest(name, METHODS)
-            raise KeyError(f"unknown method {name!r}" + (f"; did you mean {hint!r}?" if hint else "")
-                           + f" (methods: {', '.join(METHODS)})")
+            raise KeyError(
+                f"unknown method {name!r}"
+                + (f"; did you mean {hint!r}?" if hint else "")
+                + f" (methods: {', '.join(METHODS)})"
+            )
     return {name: METHODS[name] for name in names}
 
 
@@ -362,11 +448,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="training steps for every setup (default: each recipe's own)")
     p.add_argument("--smoke", action="store_true", help="tiny testbed build, a few steps, a few documents per task")
     p.add_argument("--out", help="folder for the json, figures/ and RESULTS.md (default: benchmarks/)")
-    p.add_argument("--merge", action="store_true",
-                   help="keep the other methods of the existing forgetting_pareto.json in --out and replace or add "
-                        "only the methods run now (same base models and steps assumed; checked)")
-    p.add_argument("--workdir", help="folder for the trained models (default: runs/forgetting_pareto, "
-                                     "with --smoke <out>/work)")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other methods of the existing forgetting_pareto.json in --out and replace or add "
+        "only the methods run now (same base models and steps assumed; checked)",
+    )
+    p.add_argument(
+        "--workdir", help="folder for the trained models (default: runs/forgetting_pareto, with --smoke <out>/work)"
+    )
     args = p.parse_args(argv)
     if args.smoke and not args.out:
         p.error("--smoke needs --out DIR (it must not overwrite the real results in benchmarks/)")
@@ -375,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as err:
         p.error(err.args[0])
     out = Path(args.out) if args.out else REPO / "benchmarks"
-    workdir = Path(args.workdir) if args.workdir else (out / "work" if args.smoke else REPO / "runs" / "forgetting_pareto")
+    workdir = (
+        Path(args.workdir) if args.workdir else (out / "work" if args.smoke else REPO / "runs" / "forgetting_pareto")
+    )
     steps = args.steps if args.steps is not None else (SMOKE["steps"] if args.smoke else None)
     if args.smoke:  # the tiny build goes into the smoke folder, not the user's cache
         os.environ["LLMREG_CACHE"] = str(out / "cache")
@@ -388,9 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "command": " ".join(["python benchmarks/forgetting_pareto.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch threads {_threads()}, "
-                   f"load {os.getloadavg()[0]:.2f} at start",
-        "methods": {name: {"regularizers": spec.get("regularizers", []), "prepare": _callable_name(spec.get("prepare"))}
-                    for name, spec in methods.items()},
+        f"load {os.getloadavg()[0]:.2f} at start",
+        "methods": {
+            name: {"regularizers": spec.get("regularizers", []), "prepare": _callable_name(spec.get("prepare"))}
+            for name, spec in methods.items()
+        },
         "setups": {},
     }
     for setup in (testbed_setup(args.smoke), stories_setup(args.smoke, workdir)):
@@ -424,12 +518,15 @@ def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         kept = merged["setups"][name]
         for key in ("steps", "base_model", "limit"):
             if kept.get(key) != setup.get(key):
-                raise SystemExit(f"--merge: setup {name!r} differs in {key!r} ({kept.get(key)!r} in the existing "
-                                 f"results, {setup.get(key)!r} now); rerun all methods instead")
+                raise SystemExit(
+                    f"--merge: setup {name!r} differs in {key!r} ({kept.get(key)!r} in the existing "
+                    f"results, {setup.get(key)!r} now); rerun all methods instead"
+                )
         runs = kept["report"]["runs"]
         runs.update(setup["report"]["runs"])
         kept["report"]["pareto_front"] = pareto_front(
-            {n: (r["forgetting"] or 0.0, r["target_gain"] or 0.0) for n, r in runs.items()})
+            {n: (r["forgetting"] or 0.0, r["target_gain"] or 0.0) for n, r in runs.items()}
+        )
     return merged
 
 

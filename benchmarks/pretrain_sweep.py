@@ -51,14 +51,27 @@ VARIANTS: dict[str, list[str]] = {
     "multipliers": ["regularizers.1={name: multipliers}"],
 }
 
-DEFAULTS = dict(wd=[0.1, 0.4, 1.6, 3.2], epochs=[4, 8, 16], budget=24576, ensemble=4, sizes=[64, 96, 160],
-                member_rules=["paper", "tuned"])
+DEFAULTS = dict(
+    wd=[0.1, 0.4, 1.6, 3.2],
+    epochs=[4, 8, 16],
+    budget=24576,
+    ensemble=4,
+    sizes=[64, 96, 160],
+    member_rules=["paper", "tuned"],
+)
 SMOKE = dict(wd=[0.1, 1.6], epochs=[1, 2], budget=1024, ensemble=2, sizes=[16, 24], member_rules=["paper", "tuned"])
-SMOKE_OVERRIDES = ["model.config.hidden_size=32", "model.config.intermediate_size=64",
-                   "model.config.num_hidden_layers=1", "model.config.num_attention_heads=2",
-                   "model.config.num_key_value_heads=2", "data.pretrain.block_size=32",
-                   f"data.train={{path: {TEXT}, max_examples: 120}}", "data.pretrain.validation_fraction=0.25",
-                   "trainer.per_device_train_batch_size=8", "trainer.logging_steps=1000"]
+SMOKE_OVERRIDES = [
+    "model.config.hidden_size=32",
+    "model.config.intermediate_size=64",
+    "model.config.num_hidden_layers=1",
+    "model.config.num_attention_heads=2",
+    "model.config.num_key_value_heads=2",
+    "data.pretrain.block_size=32",
+    f"data.train={{path: {TEXT}, max_examples: 120}}",
+    "data.pretrain.validation_fraction=0.25",
+    "trainer.per_device_train_batch_size=8",
+    "trainer.logging_steps=1000",
+]
 
 
 def log(line: str) -> None:
@@ -77,8 +90,11 @@ def check_variants(names: list[str], base_overrides: list[str]) -> None:
     for name in names:
         if name not in VARIANTS:
             hint = closest(name, VARIANTS)
-            raise SystemExit(f"unknown variant {name!r}" + (f"; did you mean {hint!r}?" if hint else "")
-                             + f" (variants: {', '.join(VARIANTS)})")
+            raise SystemExit(
+                f"unknown variant {name!r}"
+                + (f"; did you mean {hint!r}?" if hint else "")
+                + f" (variants: {', '.join(VARIANTS)})"
+            )
         try:
             load_recipe(str(RECIPE), [*base_overrides, *VARIANTS[name]])
         except ConfigError as err:
@@ -112,8 +128,14 @@ def run_variant(name: str, cfg: dict, base: list[str], workdir: Path) -> dict:
     overrides = [*base, *VARIANTS[name]]
     t0 = time.time()
     log(f"== variant {name}: grid")
-    grid = sweep(overrides, [f"trainer.weight_decay={','.join(map(str, cfg['wd']))}",
-                             f"trainer.num_train_epochs={','.join(map(str, cfg['epochs']))}"], workdir / name / "grid")
+    grid = sweep(
+        overrides,
+        [
+            f"trainer.weight_decay={','.join(map(str, cfg['wd']))}",
+            f"trainer.num_train_epochs={','.join(map(str, cfg['epochs']))}",
+        ],
+        workdir / name / "grid",
+    )
     best = grid["best"]["values"]
     best_wd, best_epochs = best["trainer.weight_decay"], best["trainer.num_train_epochs"]
     std = [p for p in grid["points"] if p["values"]["trainer.weight_decay"] == min(cfg["wd"])]
@@ -129,9 +151,11 @@ def run_variant(name: str, cfg: dict, base: list[str], workdir: Path) -> dict:
             member_epochs, member_wd = best_epochs, best_wd
         log(f"== variant {name}: ensemble members, {rule} rule (epochs {member_epochs}, wd {member_wd})")
         seeds = list(range(cfg["ensemble"])) if rule == "paper" else list(range(1, cfg["ensemble"]))
-        members = sweep([*overrides, f"trainer.weight_decay={member_wd}", f"trainer.num_train_epochs={member_epochs}"],
-                        [f"seed={','.join(map(str, seeds))}"],
-                        workdir / name / ("members" if rule == "paper" else f"members_{rule}"))
+        members = sweep(
+            [*overrides, f"trainer.weight_decay={member_wd}", f"trainer.num_train_epochs={member_epochs}"],
+            [f"seed={','.join(map(str, seeds))}"],
+            workdir / name / ("members" if rule == "paper" else f"members_{rule}"),
+        )
         points = members["points"]
         if rule == "tuned":
             points = [next(p for p in grid["points"] if p["values"] == best), *points]
@@ -146,8 +170,12 @@ def run_variant(name: str, cfg: dict, base: list[str], workdir: Path) -> dict:
             loss = grid["best"]["eval_loss"]
             size_recipe = recipe
         else:
-            size_overrides = [*overrides, f"trainer.weight_decay={best_wd}", f"trainer.num_train_epochs={best_epochs}",
-                              f"model.config.intermediate_size={int(round(hidden * base_ratio))}"]
+            size_overrides = [
+                *overrides,
+                f"trainer.weight_decay={best_wd}",
+                f"trainer.num_train_epochs={best_epochs}",
+                f"model.config.intermediate_size={int(round(hidden * base_ratio))}",
+            ]
             res = sweep(size_overrides, [f"model.config.hidden_size={hidden}"], workdir / name / "sizes")
             loss = res["points"][0]["eval_loss"]
             size_recipe = load_recipe(str(RECIPE), [*size_overrides, f"model.config.hidden_size={hidden}"])
@@ -157,13 +185,19 @@ def run_variant(name: str, cfg: dict, base: list[str], workdir: Path) -> dict:
     if len(sizes["params"]) >= 3:
         sizes["fit"] = fit_power_law([n / 1e6 for n in sizes["params"]], sizes["eval_loss"]).as_dict()
         sizes["fit"]["N_unit"] = "millions of parameters"
-    return {"overrides": VARIANTS[name], "grid": {k: grid[k] for k in ("axes", "points", "best", "certificate",
-                                                                     "local_minima", "table")},
-            "best": {"weight_decay": best_wd, "epochs": best_epochs, "eval_loss": grid["best"]["eval_loss"]},
-            "standard_wd_best": {"weight_decay": std_best["values"]["trainer.weight_decay"],
-                                 "epochs": std_best["values"]["trainer.num_train_epochs"],
-                                 "eval_loss": std_best["eval_loss"]},
-            "ensembles": ensembles, "sizes": sizes, "seconds": round(time.time() - t0, 1)}
+    return {
+        "overrides": VARIANTS[name],
+        "grid": {k: grid[k] for k in ("axes", "points", "best", "certificate", "local_minima", "table")},
+        "best": {"weight_decay": best_wd, "epochs": best_epochs, "eval_loss": grid["best"]["eval_loss"]},
+        "standard_wd_best": {
+            "weight_decay": std_best["values"]["trainer.weight_decay"],
+            "epochs": std_best["values"]["trainer.num_train_epochs"],
+            "eval_loss": std_best["eval_loss"],
+        },
+        "ensembles": ensembles,
+        "sizes": sizes,
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def evaluate_ensemble(points: list[dict], val, member_epochs, member_wd) -> dict:
@@ -172,8 +206,14 @@ def evaluate_ensemble(points: list[dict], val, member_epochs, member_wd) -> dict
     from llmreg.pretrain.fit import fit_power_law
 
     models = load_members([os.path.join(p["run_dir"], "final") for p in points])
-    ens = {"member_epochs": member_epochs, "member_weight_decay": member_wd,
-           "member_losses": [p["eval_loss"] for p in points], "K": [], "logits": [], "probs": []}
+    ens = {
+        "member_epochs": member_epochs,
+        "member_weight_decay": member_wd,
+        "member_losses": [p["eval_loss"] for p in points],
+        "K": [],
+        "logits": [],
+        "probs": [],
+    }
     for k in range(1, len(models) + 1):
         ens["K"].append(k)
         for combine in ("logits", "probs"):
@@ -185,6 +225,7 @@ def evaluate_ensemble(points: list[dict], val, member_epochs, member_wd) -> dict
 
 
 # -- outputs -----------------------------------------------------------------------------------------
+
 
 def write_figures(results: dict, figures: Path) -> list[Path]:
     import matplotlib
@@ -200,11 +241,11 @@ def write_figures(results: dict, figures: Path) -> list[Path]:
         by_epochs: dict[Any, list] = {}
         for p in res["grid"]["points"]:
             by_epochs.setdefault(p["values"]["trainer.num_train_epochs"], []).append(
-                (p["values"]["trainer.weight_decay"], p["eval_loss"]))
+                (p["values"]["trainer.weight_decay"], p["eval_loss"])
+            )
         for e, pts in sorted(by_epochs.items()):
             pts.sort()
-            ax.plot([w for w, _ in pts], [l for _, l in pts], styles[v % 4], marker="o",
-                    label=f"{name}, {e:g} epochs")
+            ax.plot([w for w, _ in pts], [l for _, l in pts], styles[v % 4], marker="o", label=f"{name}, {e:g} epochs")
     ax.set_xscale("log")
     ax.set_xlabel("weight decay (decoupled AdamW, x lr)")
     ax.set_ylabel("final validation loss (nats/token)")
@@ -213,8 +254,10 @@ def write_figures(results: dict, figures: Path) -> list[Path]:
     paths.append(figures / "pretrain_sweep_wd.png")
     fig.tight_layout(), fig.savefig(paths[-1], dpi=120), plt.close(fig)
 
-    for key, fname, xlabel in (("ensembles", "pretrain_sweep_ensemble.png", "ensemble size K"),
-                               ("sizes", "pretrain_sweep_sizes.png", "parameters (millions)")):
+    for key, fname, xlabel in (
+        ("ensembles", "pretrain_sweep_ensemble.png", "ensemble size K"),
+        ("sizes", "pretrain_sweep_sizes.png", "parameters (millions)"),
+    ):
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for name, res in results["variants"].items():
             curves = []
@@ -224,14 +267,25 @@ def write_figures(results: dict, figures: Path) -> list[Path]:
                     ax.plot(ens["K"], ens["probs"], "x:", label=f"{label}, prob. avg")
                     curves.append((ens["K"], ens["logits"], ens.get("fit_logits"), f"{label}, logit avg"))
             else:
-                curves.append(([n / 1e6 for n in res["sizes"]["params"]], res["sizes"]["eval_loss"],
-                               res["sizes"].get("fit"), name))
+                curves.append(
+                    (
+                        [n / 1e6 for n in res["sizes"]["params"]],
+                        res["sizes"]["eval_loss"],
+                        res["sizes"].get("fit"),
+                        name,
+                    )
+                )
             for x, y, fit, label in curves:
                 ax.plot(x, y, "o", label=label)
                 if fit:
                     xs = [min(x) * (max(x) / min(x)) ** (i / 50) for i in range(51)]
-                    ax.plot(xs, [fit["A"] / t ** fit["alpha"] + fit["E"] for t in xs], "-", alpha=0.6,
-                            label=f"fit: E = {fit['E']:.3f}, exponent {fit['alpha']:.2f}")
+                    ax.plot(
+                        xs,
+                        [fit["A"] / t ** fit["alpha"] + fit["E"] for t in xs],
+                        "-",
+                        alpha=0.6,
+                        label=f"fit: E = {fit['E']:.3f}, exponent {fit['alpha']:.2f}",
+                    )
             ax.axhline(res["best"]["eval_loss"], color="gray", linewidth=0.6, label=f"{name}, tuned single model")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss")
@@ -242,27 +296,49 @@ def write_figures(results: dict, figures: Path) -> list[Path]:
 
 
 def markdown_section(results: dict, figures_rel: str) -> str:
-    lines = [BEGIN, "## Data-constrained pre-training: weight decay, epochs, ensembles (arXiv 2509.14786)", "",
-             f"`{results['command']}` on {results['machine']}; {results['total_seconds'] / 60:.0f} min in all.",
-             f"Model: Llama, {_model_text(results['model'])}, {results['params'] / 1e6:.2f}M parameters; seed set "
-             f"{results['budget_tokens']} TinyStories tokens (blocks of {results['block_size']}), repeated E epochs; "
-             f"validation: {results['eval_tokens']} held-out tokens; lr {results['learning_rate']}, cosine to 0, "
-             "decoupled AdamW (decay x scheduled lr, torch semantics), 2-D weights decay. One seed per grid point.",
-             ""]
+    lines = [
+        BEGIN,
+        "## Data-constrained pre-training: weight decay, epochs, ensembles (arXiv 2509.14786)",
+        "",
+        f"`{results['command']}` on {results['machine']}; {results['total_seconds'] / 60:.0f} min in all.",
+        f"Model: Llama, {_model_text(results['model'])}, {results['params'] / 1e6:.2f}M parameters; seed set "
+        f"{results['budget_tokens']} TinyStories tokens (blocks of {results['block_size']}), repeated E epochs; "
+        f"validation: {results['eval_tokens']} held-out tokens; lr {results['learning_rate']}, cosine to 0, "
+        "decoupled AdamW (decay x scheduled lr, torch semantics), 2-D weights decay. One seed per grid point.",
+        "",
+    ]
     for name, res in results["variants"].items():
         b, s = res["best"], res["standard_wd_best"]
-        lines += [f"### {name}", "", "Final validation loss, weight decay (rows) x epochs (columns); best in bold:", "",
-                  res["grid"]["table"], ""]
+        lines += [
+            f"### {name}",
+            "",
+            "Final validation loss, weight decay (rows) x epochs (columns); best in bold:",
+            "",
+            res["grid"]["table"],
+            "",
+        ]
         cert = res["grid"]["certificate"]
         ratio = b["weight_decay"] / s["weight_decay"]
-        lines.append(f"- Best: wd {b['weight_decay']}, {b['epochs']} epochs, loss {b['eval_loss']:.4f}; neighbour "
-                     f"check {'passed' if cert['certified'] else 'NOT passed'}"
-                     + (f" (at the grid's edge on {', '.join(e['axis'] + ' ' + e['side'] for e in cert['edges'])})"
-                        if cert["edges"] else "") + ".")
-        lines.append(f"- Best at the standard wd {s['weight_decay']}: {s['epochs']} epochs, loss {s['eval_loss']:.4f}. "
-                     f"The best wd is {ratio:g}x the standard one and gains {s['eval_loss'] - b['eval_loss']:.4f} "
-                     "nats; " + ("well above 0.1, as the paper reports (0.8-3.2 at 200M tokens)." if ratio >= 4 else
-                                 "not well above 0.1 at this scale (the paper: 0.8-3.2 at 200M tokens)."))
+        lines.append(
+            f"- Best: wd {b['weight_decay']}, {b['epochs']} epochs, loss {b['eval_loss']:.4f}; neighbour "
+            f"check {'passed' if cert['certified'] else 'NOT passed'}"
+            + (
+                f" (at the grid's edge on {', '.join(e['axis'] + ' ' + e['side'] for e in cert['edges'])})"
+                if cert["edges"]
+                else ""
+            )
+            + "."
+        )
+        lines.append(
+            f"- Best at the standard wd {s['weight_decay']}: {s['epochs']} epochs, loss {s['eval_loss']:.4f}. "
+            f"The best wd is {ratio:g}x the standard one and gains {s['eval_loss'] - b['eval_loss']:.4f} "
+            "nats; "
+            + (
+                "well above 0.1, as the paper reports (0.8-3.2 at 200M tokens)."
+                if ratio >= 4
+                else "not well above 0.1 at this scale (the paper: 0.8-3.2 at 200M tokens)."
+            )
+        )
         for rule, ens in res["ensembles"].items():
             ks = ", ".join(f"K={k}: {l:.4f}" for k, l in zip(ens["K"], ens["logits"]))
             lines.append(
@@ -272,38 +348,64 @@ def markdown_section(results: dict, figures_rel: str) -> str:
                 + ", ".join(f"K={k} {b['eval_loss'] - l:+.4f}" for k, l in zip(ens["K"], ens["logits"]) if k > 1)
                 + f"; over one member (K=1): K={ens['K'][-1]} {ens['logits'][0] - ens['logits'][-1]:+.4f}"
                 + f"; over the standard-wd best: K={ens['K'][-1]} {s['eval_loss'] - ens['logits'][-1]:+.4f}. "
-                "Probability averaging: " + ", ".join(f"K={k} {l:.4f}" for k, l in zip(ens["K"], ens["probs"])) + "."
-                + (f" Fit L(K) = A/K^b + E: E = {ens['fit_logits']['E']:.4f} (A {ens['fit_logits']['A']:.4f}, "
-                   f"b {ens['fit_logits']['alpha']:.2f}), the K -> infinity asymptote"
-                   + (" (b at the fit's bound: not a power law)." if ens["fit_logits"]["alpha"] >= 4.99 else ".")
-                   if ens.get("fit_logits") else ""))
+                "Probability averaging: "
+                + ", ".join(f"K={k} {l:.4f}" for k, l in zip(ens["K"], ens["probs"]))
+                + "."
+                + (
+                    f" Fit L(K) = A/K^b + E: E = {ens['fit_logits']['E']:.4f} (A {ens['fit_logits']['A']:.4f}, "
+                    f"b {ens['fit_logits']['alpha']:.2f}), the K -> infinity asymptote"
+                    + (" (b at the fit's bound: not a power law)." if ens["fit_logits"]["alpha"] >= 4.99 else ".")
+                    if ens.get("fit_logits")
+                    else ""
+                )
+            )
         sz = res["sizes"]
-        lines.append("- Sizes at the 1M model's best (epochs, wd), not retuned per size as in the paper: " + ", ".join(
-            f"{n / 1e6:.2f}M: {l:.4f}" for n, l in zip(sz["params"], sz["eval_loss"])) + (
-            f"; fit L(N) = A/N^a + E (N in millions): E = {sz['fit']['E']:.4f}, a = {sz['fit']['alpha']:.2f}"
-            + (" (a at the fit's bound 5: the points are not a power law, so E means nothing here)"
-               if sz["fit"]["alpha"] >= 4.99 else "") if sz.get("fit") else "") + ".")
+        lines.append(
+            "- Sizes at the 1M model's best (epochs, wd), not retuned per size as in the paper: "
+            + ", ".join(f"{n / 1e6:.2f}M: {l:.4f}" for n, l in zip(sz["params"], sz["eval_loss"]))
+            + (
+                f"; fit L(N) = A/N^a + E (N in millions): E = {sz['fit']['E']:.4f}, a = {sz['fit']['alpha']:.2f}"
+                + (
+                    " (a at the fit's bound 5: the points are not a power law, so E means nothing here)"
+                    if sz["fit"]["alpha"] >= 4.99
+                    else ""
+                )
+                if sz.get("fit")
+                else ""
+            )
+            + "."
+        )
         lines.append("")
-    lines += [f"![validation loss vs weight decay]({figures_rel}/pretrain_sweep_wd.png) "
-              f"![ensembles]({figures_rel}/pretrain_sweep_ensemble.png) "
-              f"![sizes]({figures_rel}/pretrain_sweep_sizes.png)", "",
-              "Caveats: toy scale (about 1M parameters, tens of thousands of tokens; the paper: 150M-1.4B parameters, "
-              "200M tokens); lr fixed at 3e-3 (the paper tunes it jointly); one seed per grid point, so differences "
-              "of a few hundredths are within seed noise; the four-point size fit has three parameters.", END]
+    lines += [
+        f"![validation loss vs weight decay]({figures_rel}/pretrain_sweep_wd.png) "
+        f"![ensembles]({figures_rel}/pretrain_sweep_ensemble.png) "
+        f"![sizes]({figures_rel}/pretrain_sweep_sizes.png)",
+        "",
+        "Caveats: toy scale (about 1M parameters, tens of thousands of tokens; the paper: 150M-1.4B parameters, "
+        "200M tokens); lr fixed at 3e-3 (the paper tunes it jointly); one seed per grid point, so differences "
+        "of a few hundredths are within seed noise; the four-point size fit has three parameters.",
+        END,
+    ]
     return "\n".join(lines)
 
 
 def _model_text(config: dict) -> str:
-    keys = (("hidden_size", "hidden"), ("intermediate_size", "MLP"), ("num_hidden_layers", "layers"),
-            ("num_attention_heads", "heads"))
+    keys = (
+        ("hidden_size", "hidden"),
+        ("intermediate_size", "MLP"),
+        ("num_hidden_layers", "layers"),
+        ("num_attention_heads", "heads"),
+    )
     return ", ".join(f"{label} {config[k]}" for k, label in keys if k in config) + ", vocabulary 512 (stories260K)"
 
 
 def merge_results(old: dict, new: dict) -> dict:
     for key in ("budget_tokens", "grid", "model", "block_size", "learning_rate"):
         if old.get(key) != new.get(key):
-            raise SystemExit(f"--merge: the existing results differ in {key!r} ({old.get(key)!r} vs {new.get(key)!r}); "
-                             "rerun every variant instead")
+            raise SystemExit(
+                f"--merge: the existing results differ in {key!r} ({old.get(key)!r} vs {new.get(key)!r}); "
+                "rerun every variant instead"
+            )
     merged = json.loads(json.dumps(old))
     merged["variants"].update(new["variants"])
     merged["command"] = f"{old.get('command', '?')}; then {new['command']}"
@@ -313,8 +415,13 @@ def merge_results(old: dict, new: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", nargs="+", default=["baseline"], metavar="NAME",
-                   help=f"variants to run (of {', '.join(VARIANTS)}; default baseline)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["baseline"],
+        metavar="NAME",
+        help=f"variants to run (of {', '.join(VARIANTS)}; default baseline)",
+    )
     p.add_argument("--smoke", action="store_true", help="a tiny model and budget, 2x2 grid (CI); needs --out")
     p.add_argument("--out", help="folder for the json, figures/ and RESULTS.md (default: benchmarks/)")
     p.add_argument("--workdir", help="folder for the runs (default runs/pretrain_sweep; with --smoke <out>/work)")
@@ -324,9 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, help="training tokens of the seed set")
     p.add_argument("--ensemble", type=int, help="ensemble members K")
     p.add_argument("--sizes", type=int, nargs="+", help="other hidden sizes for the L(N) fit")
-    p.add_argument("--member-rules", nargs="+", choices=["paper", "tuned"], dest="member_rules",
-                   help="ensemble member configurations: paper (2x epochs, 1/2 wd of the tuned model) and/or tuned "
-                        "(the tuned model's own; member 0 is the grid's best run)")
+    p.add_argument(
+        "--member-rules",
+        nargs="+",
+        choices=["paper", "tuned"],
+        dest="member_rules",
+        help="ensemble member configurations: paper (2x epochs, 1/2 wd of the tuned model) and/or tuned "
+        "(the tuned model's own; member 0 is the grid's best run)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         if not args.out:
@@ -354,12 +466,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "command": " ".join(["python benchmarks/pretrain_sweep.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-                   f"load {os.getloadavg()[0]:.2f} at start",
-        "model": {k: v for k, v in recipe.model.config.items()}, "params": param_count(recipe),
-        "budget_tokens": cfg["budget"], "block_size": recipe.data.pretrain.block_size,
+        f"load {os.getloadavg()[0]:.2f} at start",
+        "model": {k: v for k, v in recipe.model.config.items()},
+        "params": param_count(recipe),
+        "budget_tokens": cfg["budget"],
+        "block_size": recipe.data.pretrain.block_size,
         "eval_tokens": len(val) * recipe.data.pretrain.block_size,
         "learning_rate": recipe.trainer.args["learning_rate"],
-        "grid": {"weight_decay": cfg["wd"], "epochs": cfg["epochs"]}, "variants": {},
+        "grid": {"weight_decay": cfg["wd"], "epochs": cfg["epochs"]},
+        "variants": {},
     }
     for name in args.variants:
         results["variants"][name] = run_variant(name, cfg, base, workdir)

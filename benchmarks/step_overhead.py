@@ -132,16 +132,39 @@ def build_grpo_trainer(name: str, size: str, max_steps: int, output_dir: str, ca
     model = tiny_llama(size=size, seed=SEED)  # its vocabulary (8000 for default) is what the proxy pays for
     length = SEQ_LEN[size] // 4
     args = trl.GRPOConfig(
-        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=GRPO_PROMPTS_PER_STEP * GRPO_GENERATIONS,
-        num_generations=GRPO_GENERATIONS, max_completion_length=length, generation_kwargs={"min_new_tokens": length},
-        temperature=1.0, beta=0.0, epsilon=1.0, epsilon_high=9.0, loss_type="dapo", learning_rate=1e-5,
-        lr_scheduler_type="constant", use_cpu=not cuda, bf16=cuda, report_to=[], save_strategy="no",
-        logging_steps=10**9, disable_tqdm=True, seed=SEED, data_seed=SEED,
+        output_dir=output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=GRPO_PROMPTS_PER_STEP * GRPO_GENERATIONS,
+        num_generations=GRPO_GENERATIONS,
+        max_completion_length=length,
+        generation_kwargs={"min_new_tokens": length},
+        temperature=1.0,
+        beta=0.0,
+        epsilon=1.0,
+        epsilon_high=9.0,
+        loss_type="dapo",
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        use_cpu=not cuda,
+        bf16=cuda,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**9,
+        disable_tqdm=True,
+        seed=SEED,
+        data_seed=SEED,
     )
     dataset = make_builtin_dataset(format="prompt_only", num_examples=GRPO_PROMPTS_PER_STEP * (max_steps + 1))
     regularizers = [] if name == VANILLA else [name]
-    trainer = RegGRPOTrainer(model=model, args=args, processing_class=tok, reward_funcs=completion_id_reward,
-                             train_dataset=dataset, callbacks=callbacks, regularizers=regularizers)
+    trainer = RegGRPOTrainer(
+        model=model,
+        args=args,
+        processing_class=tok,
+        reward_funcs=completion_id_reward,
+        train_dataset=dataset,
+        callbacks=callbacks,
+        regularizers=regularizers,
+    )
     trainer.remove_callback(PrinterCallback)
     return trainer
 
@@ -360,7 +383,11 @@ def run_timing(names: list[str], size: str, steps: int, warmup: int, workdir: st
                 continue
         try:
             variant.trainer = build_trainer(
-                variant.name, size, total_steps, rows, os.path.join(workdir, variant.name),
+                variant.name,
+                size,
+                total_steps,
+                rows,
+                os.path.join(workdir, variant.name),
                 [_make_timing_callback(variant)],
             )
         except Exception as exc:  # noqa: BLE001
@@ -369,8 +396,9 @@ def run_timing(names: list[str], size: str, steps: int, warmup: int, workdir: st
             variant.skipped = f"cannot build with default options: {type(exc).__name__}: {exc}"
             log(f"  skip {variant.name}: {variant.skipped}")
             continue
-        variant.thread = threading.Thread(target=_train_in_thread, args=(variant,), name=f"train-{variant.name}",
-                                          daemon=True)
+        variant.thread = threading.Thread(
+            target=_train_in_thread, args=(variant,), name=f"train-{variant.name}", daemon=True
+        )
         variant.thread.start()
         try:
             _wait(variant)  # parked in on_train_begin: setup done, nothing timed yet
@@ -484,30 +512,37 @@ def summarise(variants: list[Variant], warmup: int, steps: int, size: str) -> tu
         times = [1000.0 * t for t in v.step_times[warmup:]]
         # same-round pairs ran back to back, so their ratio cancels slow drifts and background load
         paired = statistics.median(t / b for t, b in zip(v.step_times[warmup:], base.step_times[warmup:]))
-        records.append({
-            "name": v.name,
-            "trainer": TRAINER_KIND,
-            "step_time_ratio": ms / base_ms,
-            "peak_mem_ratio": mem / base_mem if base_mem else float("nan"),
-            # optimizer state alone (what freezing saves): this variant's over vanilla's
-            "optimizer_state_ratio": (v.state_bytes.get("optimizer", 0) / base.state_bytes["optimizer"]
-                                      if base.state_bytes.get("optimizer") else float("nan")),
-            "step_time_ms": ms,
-            "step_time_ms_min": min(times),
-            "step_time_ms_max": max(times),
-            "paired_step_time_ratio": paired,
-            "peak_mem_mb": mem / 2**20,
-            "mem_measure": mem_measure,
-            "state_mb": {k: round(b / 2**20, 2) for k, b in v.state_bytes.items()},
-            "steps": len(times),
-            "warmup": warmup,
-            "size": size,
-            "device": device_description(),
-            "loadavg_1min": _loadavg(),
-        })
+        records.append(
+            {
+                "name": v.name,
+                "trainer": TRAINER_KIND,
+                "step_time_ratio": ms / base_ms,
+                "peak_mem_ratio": mem / base_mem if base_mem else float("nan"),
+                # optimizer state alone (what freezing saves): this variant's over vanilla's
+                "optimizer_state_ratio": (
+                    v.state_bytes.get("optimizer", 0) / base.state_bytes["optimizer"]
+                    if base.state_bytes.get("optimizer")
+                    else float("nan")
+                ),
+                "step_time_ms": ms,
+                "step_time_ms_min": min(times),
+                "step_time_ms_max": max(times),
+                "paired_step_time_ratio": paired,
+                "peak_mem_mb": mem / 2**20,
+                "mem_measure": mem_measure,
+                "state_mb": {k: round(b / 2**20, 2) for k, b in v.state_bytes.items()},
+                "steps": len(times),
+                "warmup": warmup,
+                "size": size,
+                "device": device_description(),
+                "loadavg_1min": _loadavg(),
+            }
+        )
     mem_title = "CUDA peak allocated (MiB)" if cuda else "tensor state (MiB)"
-    header = (f"| name | trainer | median step (ms) | min-max (ms) | step_time_ratio | paired ratio | {mem_title} "
-              "| peak_mem_ratio | optimizer_state_ratio |")
+    header = (
+        f"| name | trainer | median step (ms) | min-max (ms) | step_time_ratio | paired ratio | {mem_title} "
+        "| peak_mem_ratio | optimizer_state_ratio |"
+    )
     lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         lines.append(
@@ -523,16 +558,32 @@ def summarise(variants: list[Variant], warmup: int, steps: int, size: str) -> tu
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--only", nargs="+", action="extend", metavar="NAME", default=None,
-                        help="time only these registered regularizers (vanilla is always included)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        action="extend",
+        metavar="NAME",
+        default=None,
+        help="time only these registered regularizers (vanilla is always included)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per variant (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
-    parser.add_argument("--size", choices=("tiny", "default"), default="default",
-                        help="tiny: 2-layer toy, seq 64; default: ~20M-parameter Llama, seq 256")
+    parser.add_argument(
+        "--size",
+        choices=("tiny", "default"),
+        default="default",
+        help="tiny: 2-layer toy, seq 64; default: ~20M-parameter Llama, seq 256",
+    )
     parser.add_argument("--json", metavar="PATH", default=None, help="write the per-variant ratios here")
-    parser.add_argument("--trainer", choices=("hf", "grpo"), default="hf",
-                        help="hf: RegTrainer on random tokens; grpo: RegGRPOTrainer (generation included)")
+    parser.add_argument(
+        "--trainer",
+        choices=("hf", "grpo"),
+        default="hf",
+        help="hf: RegTrainer on random tokens; grpo: RegGRPOTrainer (generation included)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -568,8 +619,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
-    print(f"step overhead: trainer={TRAINER_KIND} size={args.size} seq={SEQ_LEN[args.size]} batch={BATCH_SIZE} steps={args.steps} "
-          f"warmup={args.warmup} device={device_description()} load average (1 min) at start: {_loadavg()}")
+    print(
+        f"step overhead: trainer={TRAINER_KIND} size={args.size} seq={SEQ_LEN[args.size]} batch={BATCH_SIZE} steps={args.steps} "
+        f"warmup={args.warmup} device={device_description()} load average (1 min) at start: {_loadavg()}"
+    )
     print(f"variants: {', '.join([VANILLA] + names)}")
     wall = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="llmreg-bench-") as workdir:
@@ -580,8 +633,11 @@ def main(argv: list[str] | None = None) -> int:
     records, table = summarise(variants, args.warmup, args.steps, args.size)
     print()
     print(table)
-    measure = "CUDA peak allocated" if torch.cuda.is_available() else (
-        "tensor state = params + grads + optimizer state + regularizer tensors (activations excluded)")
+    measure = (
+        "CUDA peak allocated"
+        if torch.cuda.is_available()
+        else ("tensor state = params + grads + optimizer state + regularizer tensors (activations excluded)")
+    )
     print(f"\nmemory measure: {measure}")
     print(f"wall time: {time.perf_counter() - wall:.1f} s; load average (1 min) at end: {_loadavg()}")
     if args.json:

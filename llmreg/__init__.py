@@ -29,6 +29,16 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ConfigError", "LossContext", "Order", "Regularizer", "RegularizerStack", "Requirements", "available",
-    "build_regularizer", "get_regularizer_class", "register", "regularizers", *_TRAINERS,
+    "ConfigError",
+    "LossContext",
+    "Order",
+    "Regularizer",
+    "RegularizerStack",
+    "Requirements",
+    "available",
+    "build_regularizer",
+    "get_regularizer_class",
+    "register",
+    "regularizers",
+    *_TRAINERS,
 ]

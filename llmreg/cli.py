@@ -58,8 +58,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmreg", description="Regularized LLM training from YAML recipes.")
     _launcher_args(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
-    for add in (_add_train, _add_importance, _add_validate, _add_list, _add_eval, _add_testbed, _add_export,
-                _add_sweep, _add_ensemble):
+    for add in (
+        _add_train,
+        _add_importance,
+        _add_validate,
+        _add_list,
+        _add_eval,
+        _add_testbed,
+        _add_export,
+        _add_sweep,
+        _add_ensemble,
+    ):
         add(sub)
     return parser
 
@@ -68,16 +77,22 @@ def _add_train(sub) -> None:
     train = sub.add_parser("train", help="validate a recipe, then train", description="Validate, then train.")
     _recipe_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
-    train.add_argument("--overwrite", action="store_true",
-                       help="delete an earlier run's checkpoints, metrics and final model in output_dir first")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an earlier run's checkpoints, metrics and final model in output_dir first",
+    )
     train.set_defaults(func=cmd_train)
 
 
 def _add_importance(sub) -> None:
-    imp = sub.add_parser("importance", help="phase 1 of forgetting_penalty: record importance, write the artifact",
-                         description="Run a recipe with an `importance:` section (si: train on general data and "
-                                     "record the SI path integral; ewc: the diagonal Fisher, no training) and "
-                                     "write <output_dir>/importance for forgetting_penalty's `artifact`.")
+    imp = sub.add_parser(
+        "importance",
+        help="phase 1 of forgetting_penalty: record importance, write the artifact",
+        description="Run a recipe with an `importance:` section (si: train on general data and "
+        "record the SI path integral; ewc: the diagonal Fisher, no training) and "
+        "write <output_dir>/importance for forgetting_penalty's `artifact`.",
+    )
     _recipe_args(imp)
     imp.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     imp.set_defaults(func=cmd_importance)
@@ -95,12 +110,20 @@ def _add_list(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    ev = sub.add_parser("eval", help="evaluate fine-tuned models against a base on a suite: gain vs forgetting",
-                        description="Run a suite (eval/suites/*.yaml) with lm-eval on the base and each model; "
-                                    "write forgetting_report.{json,md}, deltas.png and pareto.png into --out.")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate fine-tuned models against a base on a suite: gain vs forgetting",
+        description="Run a suite (eval/suites/*.yaml) with lm-eval on the base and each model; "
+        "write forgetting_report.{json,md}, deltas.png and pareto.png into --out.",
+    )
     ev.add_argument("--suite", required=True, help="suite YAML, e.g. eval/suites/stories260k.yaml")
-    ev.add_argument("--model", action="append", required=True, metavar="PATH",
-                    help="fine-tuned model directory (or hub name when online); repeat for several runs")
+    ev.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="fine-tuned model directory (or hub name when online); repeat for several runs",
+    )
     ev.add_argument("--base", metavar="PATH", help="the model before fine-tuning (default: the first --model)")
     ev.add_argument("--out", required=True, metavar="DIR", help="folder for the report files")
     ev.add_argument("--limit", type=int, help="at most N documents per task (quick runs)")
@@ -109,17 +132,21 @@ def _add_eval(sub) -> None:
 
 
 def _add_testbed(sub) -> None:
-    tb = sub.add_parser("testbed", help="build the CPU forgetting testbed, or fine-tune it on its new skill",
-                        add_help=False)
+    tb = sub.add_parser(
+        "testbed", help="build the CPU forgetting testbed, or fine-tune it on its new skill", add_help=False
+    )
     tb.add_argument("rest", nargs=argparse.REMAINDER, help="build | forget PATH ... (see --help after it)")
     tb.set_defaults(func=cmd_testbed, overrides=[])
 
 
 def _add_export(sub) -> None:
-    ex = sub.add_parser("export", help="fold learnable multipliers into plain weights (loads with stock transformers)",
-                        description="Merge the `multipliers` regularizer's lrm_* parameters of RUN_DIR/final (or of "
-                                    "the model folder RUN_DIR) into the weights and write a plain model to OUT_DIR; "
-                                    "checks that the logits on a fixed batch are unchanged.")
+    ex = sub.add_parser(
+        "export",
+        help="fold learnable multipliers into plain weights (loads with stock transformers)",
+        description="Merge the `multipliers` regularizer's lrm_* parameters of RUN_DIR/final (or of "
+        "the model folder RUN_DIR) into the weights and write a plain model to OUT_DIR; "
+        "checks that the logits on a fixed batch are unchanged.",
+    )
     ex.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (uses its final/) or a model folder")
     ex.add_argument("out_dir", metavar="OUT_DIR", help="folder for the plain model")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
@@ -128,30 +155,45 @@ def _add_export(sub) -> None:
 
 
 def _add_sweep(sub) -> None:
-    sw = sub.add_parser("sweep", help="run a grid of a pretrain recipe, one run after another (resumable)",
-                        description="Train every point of the grid (skipping finished ones), then tabulate the "
-                                    "final validation loss and check the best point's grid neighbours "
-                                    "(llmreg.pretrain.sweep). Base overrides go before --grid.")
+    sw = sub.add_parser(
+        "sweep",
+        help="run a grid of a pretrain recipe, one run after another (resumable)",
+        description="Train every point of the grid (skipping finished ones), then tabulate the "
+        "final validation loss and check the best point's grid neighbours "
+        "(llmreg.pretrain.sweep). Base overrides go before --grid.",
+    )
     _recipe_args(sw)
-    sw.add_argument("--grid", nargs="+", required=True, metavar="key=v1,v2",
-                    help="one axis per argument, e.g. trainer.weight_decay=0.1,0.4,1.6 trainer.num_train_epochs=4,8")
+    sw.add_argument(
+        "--grid",
+        nargs="+",
+        required=True,
+        metavar="key=v1,v2",
+        help="one axis per argument, e.g. trainer.weight_decay=0.1,0.4,1.6 trainer.num_train_epochs=4,8",
+    )
     sw.add_argument("--out", metavar="DIR", help="sweep folder (default <output_dir>/sweep)")
     sw.add_argument("--overwrite", action="store_true", help="redo every point, finished ones included")
     sw.set_defaults(func=cmd_sweep)
 
 
 def _add_ensemble(sub) -> None:
-    en = sub.add_parser("ensemble", help="evaluate K checkpoints as one model (averaged logits or probabilities)",
-                        description="Validation loss of the first k members for k = 1..K on a pretrain recipe's "
-                                    "held-out blocks (--recipe), or the ensemble's scores on an eval suite "
-                                    "(--suite, lm-eval). Members: run folders (their final/) or model folders.")
+    en = sub.add_parser(
+        "ensemble",
+        help="evaluate K checkpoints as one model (averaged logits or probabilities)",
+        description="Validation loss of the first k members for k = 1..K on a pretrain recipe's "
+        "held-out blocks (--recipe), or the ensemble's scores on an eval suite "
+        "(--suite, lm-eval). Members: run folders (their final/) or model folders.",
+    )
     en.add_argument("members", nargs="+", metavar="MODEL", help="run output_dirs (final/ is used) or model folders")
     what = en.add_mutually_exclusive_group(required=True)
     what.add_argument("--recipe", metavar="RECIPE", help="a recipe with data.pretrain: its validation blocks")
     what.add_argument("--suite", metavar="SUITE", help="an eval suite YAML (eval/suites/...)")
     en.add_argument("--set", nargs="+", default=[], metavar="key=value", help="overrides of --recipe")
-    en.add_argument("--combine", choices=("logits", "probs"), default="logits",
-                    help="average the logits (default, product of experts) or the probabilities (mixture)")
+    en.add_argument(
+        "--combine",
+        choices=("logits", "probs"),
+        default="logits",
+        help="average the logits (default, product of experts) or the probabilities (mixture)",
+    )
     en.add_argument("--limit", type=int, help="--suite: at most N documents per task")
     en.add_argument("--out", metavar="FILE", help="also write the results as JSON")
     en.set_defaults(func=cmd_ensemble, overrides=[])
@@ -167,8 +209,12 @@ def _launcher_args(parser: argparse.ArgumentParser) -> None:
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
     _launcher_args(parser)
     parser.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. trainer.learning_rate=1e-5 regularizers.0.lam=0.1")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. trainer.learning_rate=1e-5 regularizers.0.lam=0.1",
+    )
 
 
 def _say(*lines: str) -> None:
@@ -266,10 +312,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     from llmreg.regularizers.multipliers.export import export_plain
 
     result = export_plain(args.run_dir, args.out_dir, verify=args.verify, overwrite=args.overwrite)
-    check = (f"; max |logit difference| {result.max_abs_logit_diff:.2e}" if result.max_abs_logit_diff is not None
-             else "; not verified")
-    print(f"done: merged the multipliers of {result.layers} layers from {result.source} into {result.out_dir}"
-          + (" (separate LM head: the embeddings are no longer tied)" if result.untied else "") + check)
+    check = (
+        f"; max |logit difference| {result.max_abs_logit_diff:.2e}"
+        if result.max_abs_logit_diff is not None
+        else "; not verified"
+    )
+    print(
+        f"done: merged the multipliers of {result.layers} layers from {result.source} into {result.out_dir}"
+        + (" (separate LM head: the embeddings are no longer tied)" if result.untied else "")
+        + check
+    )
     return 0
 
 

@@ -28,16 +28,31 @@ def lm_dataset(tok, n: int = 64, length: int = 32, seed: int = 1):
     from llmreg.data import make_builtin_dataset
 
     ds = make_builtin_dataset(num_examples=n, seed=seed)
-    return ds.map(lambda b: tok(b["text"], padding="max_length", max_length=length, truncation=True),
-                  batched=True, remove_columns=["text"])
+    return ds.map(
+        lambda b: tok(b["text"], padding="max_length", max_length=length, truncation=True),
+        batched=True,
+        remove_columns=["text"],
+    )
 
 
 def hf_args(out, **kw):
     from transformers import TrainingArguments
 
-    base = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-                lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                seed=0, data_seed=0, disable_tqdm=True, train_sampling_strategy="sequential")
+    base = dict(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -50,9 +65,13 @@ def make_hf_trainer(tok, out, regularizers=(), model=None, trainer_cls=None, dat
 
     cls = trainer_cls or RegTrainer
     extra = {} if cls is not RegTrainer and not issubclass(cls, RegTrainer) else {"regularizers": list(regularizers)}
-    return cls(model=model if model is not None else tiny_llama(vocab_size=len(tok), seed=0), args=hf_args(out, **kw),
-               train_dataset=dataset if dataset is not None else lm_dataset(tok),
-               data_collator=DataCollatorForLanguageModeling(tok, mlm=False), **extra)
+    return cls(
+        model=model if model is not None else tiny_llama(vocab_size=len(tok), seed=0),
+        args=hf_args(out, **kw),
+        train_dataset=dataset if dataset is not None else lm_dataset(tok),
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        **extra,
+    )
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -66,7 +85,6 @@ def losses(trainer) -> list[float]:
 def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item() for k in a)
-
 
 
 def random_artifact(directory, model, **kw) -> str:

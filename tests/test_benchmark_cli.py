@@ -19,7 +19,11 @@ def test_step_overhead_cli_writes_ratios(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the CPU path, wherever the test runs
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--size", "tiny", "--steps", "2", "--only", "l2_sp", "--json", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = json.loads(out.read_text())
@@ -41,7 +45,10 @@ def test_step_overhead_cli_writes_ratios(tmp_path):
 def test_step_overhead_cli_rejects_unknown_name(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--size", "tiny", "--steps", "1", "--only", "l2sp"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "did you mean 'l2_sp'" in proc.stderr
@@ -52,9 +59,27 @@ def test_step_overhead_cli_grpo_mode(tmp_path):
     out = tmp_path / "grpo.json"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--trainer", "grpo", "--size", "tiny", "--steps", "2", "--warmup", "1",
-         "--only", "lp_reg", "--json", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--trainer",
+            "grpo",
+            "--size",
+            "tiny",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--only",
+            "lp_reg",
+            "--json",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     by_name = {r["name"]: r for r in json.loads(out.read_text())}

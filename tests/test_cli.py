@@ -24,8 +24,9 @@ QUICKSTART = os.path.join(REPO, "recipes", "quickstart.yaml")
 def run(cmd: list[str], cwd=REPO, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `cmd` in its own process group, so that a hung launcher's workers are killed with it."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -53,12 +54,15 @@ def test_validate_error_exits_2_with_one_line_on_stderr():
     assert result.stderr == "error: trainer: unknown key 'learnin_rate'; did you mean 'learning_rate'?\n"
 
 
-@pytest.mark.parametrize("override,message", [
-    ("trainr.kind=sft", "error: recipe: unknown key 'trainr'; did you mean 'trainer'?"),
-    ("trainer.learning_rate=abc", "error: trainer.learning_rate: expected float, got 'abc' (str)"),
-    ("regularizers.0.name=l2sp", "error: regularizers.0: unknown regularizer 'l2sp'; did you mean 'l2_sp'?"),
-    ("data.train=data/missing.jsonl", "error: data.train: data file not found: data/missing.jsonl"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainr.kind=sft", "error: recipe: unknown key 'trainr'; did you mean 'trainer'?"),
+        ("trainer.learning_rate=abc", "error: trainer.learning_rate: expected float, got 'abc' (str)"),
+        ("regularizers.0.name=l2sp", "error: regularizers.0: unknown regularizer 'l2sp'; did you mean 'l2_sp'?"),
+        ("data.train=data/missing.jsonl", "error: data.train: data file not found: data/missing.jsonl"),
+    ],
+)
 def test_main_reports_config_errors(capsys, override, message):
     for command in ("validate", "train"):
         assert main([command, QUICKSTART, override]) == 2
@@ -117,7 +121,7 @@ def test_list_shows_every_regularizer_with_its_options():
     for name, cls in registered.items():
         start = next(i for i, line in enumerate(lines) if line.startswith(f"{name}: "))
         assert len(lines[start]) > len(f"{name}: ")  # a description follows the name
-        block = lines[start + 1:start + 1 + len(options_help(cls.options_cls))]
+        block = lines[start + 1 : start + 1 + len(options_help(cls.options_cls))]
         for (opt, type_name, default, help_text), line in zip(options_help(cls.options_cls), block):
             assert line.strip() == f"{opt} ({type_name}, default {default!r}): {help_text}"
     assert any(line.strip().startswith("lam (float, default 0.01)") for line in lines)
@@ -136,9 +140,16 @@ def _tiny_recipe(path, out) -> str:
     raw = {
         "model": {"config": {"size": "tiny"}},
         "data": {"train": "builtin:arithmetic", "num_examples": 64},
-        "trainer": {"kind": "sft", "max_steps": 6, "save_steps": 3, "logging_steps": 1,
-                    "per_device_train_batch_size": 4, "learning_rate": 1e-3, "activation_checkpointing": False,
-                    "disable_tqdm": True},
+        "trainer": {
+            "kind": "sft",
+            "max_steps": 6,
+            "save_steps": 3,
+            "logging_steps": 1,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-3,
+            "activation_checkpointing": False,
+            "disable_tqdm": True,
+        },
         "regularizers": [{"name": "l2_sp", "lam": 0.01}],
         "output_dir": str(out),
         "seed": 0,
@@ -167,8 +178,10 @@ def test_train_end_to_end_then_resume(tmp_path):
         assert (out / f"checkpoint-{step}" / "llmreg_regularizers" / "rank0.pt").is_file()
     final = out / "final"
     assert (final / "config.json").is_file() and (final / "tokenizer.json").is_file()
-    assert load_file(str(final / "model.safetensors")).keys() == load_file(
-        str(out / "checkpoint-6" / "model.safetensors")).keys()
+    assert (
+        load_file(str(final / "model.safetensors")).keys()
+        == load_file(str(out / "checkpoint-6" / "model.safetensors")).keys()
+    )
 
     # a fresh run into the same directory is refused; --resume with more steps continues from checkpoint-6
     again = cli("train", recipe_path)
@@ -188,8 +201,19 @@ def test_train_end_to_end_then_resume(tmp_path):
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "llmreg.cli", *args])
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "llmreg.cli",
+            *args,
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -209,8 +233,12 @@ def test_train_under_torchrun_two_processes(tmp_path, deepspeed):
 @pytest.mark.slow
 def test_train_single_process_deepspeed_on_cpu(tmp_path):
     out = tmp_path / "run"
-    result = cli("train", _tiny_recipe(tmp_path / "tiny.yaml", out), "trainer.max_steps=2",
-                 "trainer.deepspeed=ds_configs/zero3.json")
+    result = cli(
+        "train",
+        _tiny_recipe(tmp_path / "tiny.yaml", out),
+        "trainer.max_steps=2",
+        "trainer.deepspeed=ds_configs/zero3.json",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "checkpoint-2" / "llmreg_regularizers" / "rank0.pt").is_file()
     assert (out / "final" / "model.safetensors").is_file()

@@ -62,22 +62,59 @@ def _trainer(kind, peft, name, out, max_steps):
     common = dict(max_steps=max_steps, per_device_train_batch_size=4, save_strategy="steps", save_steps=2)
     model = tiny_llama(vocab_size=len(tok))
     if kind == "grpo":
-        args = trl.GRPOConfig(output_dir=str(out), learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True,
-                              seed=0, disable_tqdm=True, num_generations=2, max_completion_length=6, beta=0.0,
-                              bf16=False, **common)
-        return llmreg.RegGRPOTrainer(model=model, args=args, processing_class=tok, regularizers=regs,
-                                     reward_funcs=_digit_count, peft_config=_lora() if peft else None,
-                                     train_dataset=make_builtin_dataset(format="prompt_only", num_examples=32))
+        args = trl.GRPOConfig(
+            output_dir=str(out),
+            learning_rate=1e-2,
+            logging_steps=1,
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+            num_generations=2,
+            max_completion_length=6,
+            beta=0.0,
+            bf16=False,
+            **common,
+        )
+        return llmreg.RegGRPOTrainer(
+            model=model,
+            args=args,
+            processing_class=tok,
+            regularizers=regs,
+            reward_funcs=_digit_count,
+            peft_config=_lora() if peft else None,
+            train_dataset=make_builtin_dataset(format="prompt_only", num_examples=32),
+        )
     if kind == "hf":
         if peft:
             model = get_peft_model(model, _lora())
-        return llmreg.RegTrainer(model=model, args=hf_args(out, **common), train_dataset=lm_dataset(tok, n=32),
-                                 data_collator=DataCollatorForLanguageModeling(tok, mlm=False), regularizers=regs)
-    args = trl.SFTConfig(output_dir=str(out), max_length=48, learning_rate=1e-2, logging_steps=1, report_to=[],
-                         use_cpu=True, seed=0, disable_tqdm=True, activation_checkpointing=False, **common)
-    return llmreg.RegSFTTrainer(model=model, args=args, processing_class=tok, regularizers=regs,
-                                peft_config=_lora() if peft else None,
-                                train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=32))
+        return llmreg.RegTrainer(
+            model=model,
+            args=hf_args(out, **common),
+            train_dataset=lm_dataset(tok, n=32),
+            data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+            regularizers=regs,
+        )
+    args = trl.SFTConfig(
+        output_dir=str(out),
+        max_length=48,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        activation_checkpointing=False,
+        **common,
+    )
+    return llmreg.RegSFTTrainer(
+        model=model,
+        args=args,
+        processing_class=tok,
+        regularizers=regs,
+        peft_config=_lora() if peft else None,
+        train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=32),
+    )
 
 
 def _cases():

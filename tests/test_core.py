@@ -65,10 +65,15 @@ class _Recorder(Regularizer):
 
 def test_stack_runs_in_documented_order_stably():
     _Recorder.calls = []
-    stack = RegularizerStack([
-        _Recorder("edit", Order.GRADIENT_EDIT), _Recorder("objective_a", Order.OBJECTIVE),
-        _Recorder("surgery", Order.SURGERY), _Recorder("objective_b", Order.OBJECTIVE), _Recorder("freeze", Order.FREEZE),
-    ])
+    stack = RegularizerStack(
+        [
+            _Recorder("edit", Order.GRADIENT_EDIT),
+            _Recorder("objective_a", Order.OBJECTIVE),
+            _Recorder("surgery", Order.SURGERY),
+            _Recorder("objective_b", Order.OBJECTIVE),
+            _Recorder("freeze", Order.FREEZE),
+        ]
+    )
     stack.call("setup", None, None)
     assert _Recorder.calls == ["surgery", "freeze", "objective_a", "objective_b", "edit"]
 
@@ -177,7 +182,9 @@ def test_anatomy_finds_layers_and_indices_of_a_tiny_llama():
     assert anatomy.layer_index("model.layers.1.mlp.up_proj.weight") == 1
     assert anatomy.layer_index("transformer.h.12.attn.c_attn.weight") == 12
     assert anatomy.layer_index("model.embed_tokens.weight") is None and anatomy.layer_key("lm_head.weight") == "other"
-    assert anatomy.base_name("base_model.model.model.layers.0.q_proj.base_layer.weight") == "model.layers.0.q_proj.weight"
+    assert (
+        anatomy.base_name("base_model.model.model.layers.0.q_proj.base_layer.weight") == "model.layers.0.q_proj.weight"
+    )
     assert not anatomy.is_peft(model) and anatomy.unwrap(model) is model
     batch = {"labels": torch.tensor([[-100, 5, 6, -100]])}
     assert anatomy.label_token_count(batch) == 2.0  # shifted: positions 1..3, two trained

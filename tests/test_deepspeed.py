@@ -32,8 +32,16 @@ def _env():
 def _run(out, zero: int, regularizers, *extra: str) -> dict:
     args = [WORKER, "--zero", str(zero), "--out", str(out), "--regularizers", json.dumps(regularizers), *extra]
     if zero:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29500 + zero + os.getpid() % 500), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29500 + zero + os.getpid() % 500),
+            *args,
+        ]
     else:
         cmd = [sys.executable, *args]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
@@ -90,8 +98,9 @@ def test_forgetting_penalty_under_zero_matches_single_process(zero, artifact, tm
     assert dist["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert max_rel_diff(single["weights"], dist["weights"]) < 1e-5
     pen = [m["reg/forgetting_penalty/penalty"] for m in dist["metrics"]]
-    assert pen[-1] > 0 and pen == pytest.approx([m["reg/forgetting_penalty/penalty"] for m in single["metrics"]],
-                                                rel=1e-4)
+    assert pen[-1] > 0 and pen == pytest.approx(
+        [m["reg/forgetting_penalty/penalty"] for m in single["metrics"]], rel=1e-4
+    )
     coef = single["metrics"][0]
     assert 0.01 < coef["reg/forgetting_penalty/layer_coef/0"] < 0.49  # the softmax is neither flat nor one-hot
     # the penalty moved the weights: plain training ends elsewhere
@@ -172,8 +181,9 @@ def test_multipliers_under_zero_match_single_process(zero, tmp_path):
     assert max_rel_diff(single["weights"], dist["weights"]) < 1e-5  # multipliers included
     assert max((single["weights"][n] - 1).abs().max().item() for n in mults) > 1e-3
     norms = [m["reg/multipliers/grad_norm"] for m in dist["metrics"]]
-    assert min(norms) > 0.5 and norms == pytest.approx([m["reg/multipliers/grad_norm"] for m in single["metrics"]],
-                                                       rel=1e-4)
+    assert min(norms) > 0.5 and norms == pytest.approx(
+        [m["reg/multipliers/grad_norm"] for m in single["metrics"]], rel=1e-4
+    )
     for rank in dist["per_rank"]:
         assert rank["ds_gradient_clipping"] == 0.0
         groups = {g["weight_decay"]: g["names"] for g in rank["groups"]}
@@ -276,8 +286,9 @@ def test_noisefit_under_zero_matches_single_process(zero, tmp_path):
     global batch: the noise of a slice is seeded by (seed, step, shard = micro * world + rank), so both runs draw
     the same noise per slice, and the per-slice statistics (std, mean variance) are the same too."""
     # ZeRO-3 also recomputes the chunked LM head in backward (a gathered module run again outside the forward)
-    stack = [{"name": "noisefit", "num_layers": 1, "noise_std": 1.0,
-              "recompute_logits": "always" if zero == 3 else "auto"}]
+    stack = [
+        {"name": "noisefit", "num_layers": 1, "noise_std": 1.0, "recompute_logits": "always" if zero == 3 else "auto"}
+    ]
     single = _run(tmp_path / "single", 0, stack, "--grad-accum", "2")
     dist = _run(tmp_path / "dist", zero, stack)
     assert dist["world"] == 2

@@ -9,9 +9,7 @@ from llmreg.eval import continual_metrics
 
 
 def test_continual_metrics_hand_worked_3x3():
-    R = [[0.8, 0.1, 0.2],
-         [0.6, 0.9, 0.3],
-         [0.5, 0.7, 0.95]]
+    R = [[0.8, 0.1, 0.2], [0.6, 0.9, 0.3], [0.5, 0.7, 0.95]]
     baseline = [0.25, 0.05, 0.1]
     # op  = (0.5 + 0.7 + 0.95) / 3 = 2.15 / 3 = 0.716667
     # bwt = ((0.5 - 0.8) + (0.7 - 0.9)) / 2 = (-0.3 - 0.2) / 2 = -0.25
@@ -78,15 +76,18 @@ def test_general_suite_parses():
     assert names[0] == "gsm8k" and {"mmlu", "hellaswag", "arc_easy", "piqa", "lambada_openai"} <= set(names)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("target: [a]\nretian: [b]\n", "unknown key 'retian'; did you mean 'retain'"),
-    ("target: [a]\n", "missing 'retain' section"),
-    ("retain: [a]\n", "missing 'target' section"),
-    ("target: [{task: a, wieght: 2}]\nretain: [a]\n", r"target\[0\]: unknown key 'wieght'; did you mean 'weight'"),
-    ("target: [{task: a, limit: lots}]\nretain: [a]\n", r"target\[0\]\.limit: expected"),
-    ("target: []\nretain: [a]\n", "non-empty list"),
-    ("target: [tinystories_pll]\nretain: [a]\n", "unknown task 'tinystories_pll'.*did you mean 'tinystories_ppl'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("target: [a]\nretian: [b]\n", "unknown key 'retian'; did you mean 'retain'"),
+        ("target: [a]\n", "missing 'retain' section"),
+        ("retain: [a]\n", "missing 'target' section"),
+        ("target: [{task: a, wieght: 2}]\nretain: [a]\n", r"target\[0\]: unknown key 'wieght'; did you mean 'weight'"),
+        ("target: [{task: a, limit: lots}]\nretain: [a]\n", r"target\[0\]\.limit: expected"),
+        ("target: []\nretain: [a]\n", "non-empty list"),
+        ("target: [tinystories_pll]\nretain: [a]\n", "unknown task 'tinystories_pll'.*did you mean 'tinystories_ppl'"),
+    ],
+)
 def test_suite_errors(tmp_path, monkeypatch, text, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ok_task = "task: X\ndataset_path: text\ndataset_kwargs:\n  data_files:\n    test: data.txt\n"
@@ -98,8 +99,10 @@ def test_suite_errors(tmp_path, monkeypatch, text, message):
 
 def test_local_task_with_missing_data_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    task = "task: a\ndataset_path: json\nprocess_docs: !function hooks.f\ndataset_kwargs:\n  data_files:\n" \
-           "    test: ../shared/nope.jsonl\n"
+    task = (
+        "task: a\ndataset_path: json\nprocess_docs: !function hooks.f\ndataset_kwargs:\n  data_files:\n"
+        "    test: ../shared/nope.jsonl\n"
+    )
     path = _suite(tmp_path, "target: [a]\nretain: [a]\n", {"a": task})
     missing = os.path.normpath(tmp_path / ".." / "shared" / "nope.jsonl")
     with pytest.raises(ConfigError, match=f"data file not found: {missing}"):
@@ -119,9 +122,11 @@ def test_forgetting_report_signs_by_hand(tmp_path, monkeypatch):
     suite.retain = [e for e in suite.retain if e.task == "tinystories_ppl"]  # target gsm8k_local, retain tinystories
     metrics = {"gsm8k_local": "exact_match,strict-match", "tinystories_ppl": "word_perplexity,none"}
     base = ev.Scores({"gsm8k_local": 0.10, "tinystories_ppl": 4.0}, metrics)
-    runs = {"a": {"gsm8k_local": 0.30, "tinystories_ppl": 8.0},   # gain 0.2, perplexity up 4 -> forgetting 4
-            "b": {"gsm8k_local": 0.20, "tinystories_ppl": 5.0},   # gain 0.1, forgetting 1
-            "c": {"gsm8k_local": 0.15, "tinystories_ppl": 6.0}}   # gain 0.05, forgetting 2: dominated by b
+    runs = {
+        "a": {"gsm8k_local": 0.30, "tinystories_ppl": 8.0},  # gain 0.2, perplexity up 4 -> forgetting 4
+        "b": {"gsm8k_local": 0.20, "tinystories_ppl": 5.0},  # gain 0.1, forgetting 1
+        "c": {"gsm8k_local": 0.15, "tinystories_ppl": 6.0},
+    }  # gain 0.05, forgetting 2: dominated by b
     report = ev.forgetting_report(base, runs, suite)
     a = report["runs"]["a"]
     assert a["target_gain"] == pytest.approx(0.2) and a["forgetting"] == pytest.approx(4.0)
@@ -157,9 +162,12 @@ def test_report_numbers_equal_lm_eval(stories, tmp_path, monkeypatch):
     assert base.metrics == {"gsm8k_ppl": "word_perplexity,none", "tinystories_ppl": "word_perplexity,none"}
 
     include = ev.write_local_tasks(suite, tmp_path / "tasks")
-    direct = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4),  # same batching
-                             tasks=["gsm8k_ppl", "tinystories_ppl"], limit=5,
-                             task_manager=TaskManager(include_path=include, include_defaults=False))
+    direct = simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tok, batch_size=4),  # same batching
+        tasks=["gsm8k_ppl", "tinystories_ppl"],
+        limit=5,
+        task_manager=TaskManager(include_path=include, include_defaults=False),
+    )
     for task in ("gsm8k_ppl", "tinystories_ppl"):
         assert base[task] == pytest.approx(direct["results"][task]["word_perplexity,none"], rel=1e-9)
     assert 1 < base["tinystories_ppl"] < base["gsm8k_ppl"]  # a TinyStories model knows stories, not maths
@@ -190,15 +198,31 @@ def test_base_scores_are_cached(tmp_path, monkeypatch):
 
 # --- llmreg eval ---------------------------------------------------------------------------------------------
 
+
 def test_cli_eval_writes_report(tmp_path):
     import json
     import subprocess
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "llmreg.cli", "eval", "--suite", os.path.join(SUITES, "stories260k.yaml"),
-           "--base", MODEL, "--model", MODEL, "--out", str(tmp_path / "out"), "--limit", "3",
-           "--cache-dir", str(tmp_path / "cache")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmreg.cli",
+        "eval",
+        "--suite",
+        os.path.join(SUITES, "stories260k.yaml"),
+        "--base",
+        MODEL,
+        "--model",
+        MODEL,
+        "--out",
+        str(tmp_path / "out"),
+        "--limit",
+        "3",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.load(open(tmp_path / "out" / "forgetting_report.json"))
@@ -209,11 +233,14 @@ def test_cli_eval_writes_report(tmp_path):
     assert len(os.listdir(tmp_path / "cache")) == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "./no/such/model", "--base", MODEL], "model path not found: ./no/such/model"),
-    (["--model", MODEL], "give --base, or at least two --model"),
-    (["--model", REPO, "--base", MODEL], "is not a model folder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "./no/such/model", "--base", MODEL], "model path not found: ./no/such/model"),
+        (["--model", MODEL], "give --base, or at least two --model"),
+        (["--model", REPO, "--base", MODEL], "is not a model folder"),
+    ],
+)
 def test_cli_eval_errors_before_loading(args, message, tmp_path, capsys, monkeypatch):
     from llmreg.cli import main
 

@@ -26,8 +26,15 @@ def stories_recipe(out_dir, **sections) -> dict:
     raw = {
         "model": {"name_or_path": MODEL},
         "data": {"train": {"path": GSM8K, "max_examples": 64, "text_field": "question"}},
-        "trainer": {"kind": "hf", "max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 3e-3,
-                    "logging_steps": 1, "save_strategy": "no", "disable_tqdm": True},
+        "trainer": {
+            "kind": "hf",
+            "max_steps": 4,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 3e-3,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "disable_tqdm": True,
+        },
         "eval_during_training": {"suite": SUITE, "every_steps": 2, "limit": 2},
         "output_dir": str(out_dir),
         "seed": 0,
@@ -103,11 +110,14 @@ def test_evaluation_leaves_rng_and_mode_as_they_were(monkeypatch):
     assert model.training and scores["tinystories_ppl"] > 1
 
 
-@pytest.mark.parametrize("args", [
-    SimpleNamespace(deepspeed={"zero_optimization": {"stage": 3}}, fsdp=""),
-    SimpleNamespace(deepspeed=os.path.join(REPO, "ds_configs", "zero3.json"), fsdp=""),
-    SimpleNamespace(deepspeed=None, fsdp="full_shard"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        SimpleNamespace(deepspeed={"zero_optimization": {"stage": 3}}, fsdp=""),
+        SimpleNamespace(deepspeed=os.path.join(REPO, "ds_configs", "zero3.json"), fsdp=""),
+        SimpleNamespace(deepspeed=None, fsdp="full_shard"),
+    ],
+)
 def test_refuses_sharded_weights(args):
     from llmreg.eval.callback import EvalSuiteCallback
 
@@ -131,6 +141,7 @@ def test_needs_the_trainer_and_accepts_zero2():
 
 # -- recipe validation: before any model loads ------------------------------------------------------------------
 
+
 @pytest.fixture
 def no_loading(monkeypatch):
     import transformers
@@ -145,13 +156,19 @@ def no_loading(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"suite": SUITE, "evry_steps": 2}, "eval_during_training: unknown key 'evry_steps'; did you mean 'every_steps'"),
-    ({"suite": SUITE, "every_steps": "often"}, "eval_during_training.every_steps: expected int"),
-    ({"suite": SUITE, "limit": 0}, "eval_during_training.limit: must be >= 1"),
-    ({"every_steps": 2}, "eval_during_training: missing key 'suite'"),
-    ({"suite": "eval/suites/nope.yaml"}, "eval_during_training.suite: suite file not found: eval/suites/nope.yaml"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        (
+            {"suite": SUITE, "evry_steps": 2},
+            "eval_during_training: unknown key 'evry_steps'; did you mean 'every_steps'",
+        ),
+        ({"suite": SUITE, "every_steps": "often"}, "eval_during_training.every_steps: expected int"),
+        ({"suite": SUITE, "limit": 0}, "eval_during_training.limit: must be >= 1"),
+        ({"every_steps": 2}, "eval_during_training: missing key 'suite'"),
+        ({"suite": "eval/suites/nope.yaml"}, "eval_during_training.suite: suite file not found: eval/suites/nope.yaml"),
+    ],
+)
 def test_recipe_section_errors(tmp_path, no_loading, section, message):
     with pytest.raises(ConfigError, match=message):
         validate_recipe(stories_recipe(tmp_path, eval_during_training=section))
@@ -173,8 +190,9 @@ def test_recipe_section_round_trips(tmp_path, no_loading):
     """The suite path is resolved against the recipe's folder and written back absolute."""
     recipes = tmp_path / "recipes"
     recipes.mkdir()
-    raw = stories_recipe(tmp_path / "out", eval_during_training={
-        "suite": os.path.relpath(SUITE, recipes), "every_steps": 3})
+    raw = stories_recipe(
+        tmp_path / "out", eval_during_training={"suite": os.path.relpath(SUITE, recipes), "every_steps": 3}
+    )
     path = recipes / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
     from llmreg.recipe import load_recipe

@@ -16,8 +16,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.abspath(os.path.join(REPO, "..", "shared", "data"))
 MODEL = os.path.join(DATA, "models", "stories260K")
 GENERAL_OFFLINE = os.path.join(REPO, "eval", "suites", "general_offline.yaml")
-NEW_TASKS = ["hellaswag_local", "arc_easy_local", "arc_challenge_local", "piqa_local", "lambada_openai_local",
-             "truthfulqa_mc2_local", "mmlu_local"]
+NEW_TASKS = [
+    "hellaswag_local",
+    "arc_easy_local",
+    "arc_challenge_local",
+    "piqa_local",
+    "lambada_openai_local",
+    "truthfulqa_mc2_local",
+    "mmlu_local",
+]
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +131,12 @@ def test_each_task_runs_in_lm_eval(suite):
     from llmreg.eval.run import evaluate_suite
     from llmreg.eval.suite import Suite
 
-    small = Suite(path=suite.path, target=[e for e in suite.retain if e.task == NEW_TASKS[0]],
-                  retain=[e for e in suite.retain if e.task in NEW_TASKS[1:]],
-                  local_tasks={t: suite.local_tasks[t] for t in NEW_TASKS})
+    small = Suite(
+        path=suite.path,
+        target=[e for e in suite.retain if e.task == NEW_TASKS[0]],
+        retain=[e for e in suite.retain if e.task in NEW_TASKS[1:]],
+        local_tasks={t: suite.local_tasks[t] for t in NEW_TASKS},
+    )
     scores = evaluate_suite(small, MODEL, limit=2)
     assert set(scores) == set(NEW_TASKS)
     for task in NEW_TASKS:

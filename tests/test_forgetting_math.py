@@ -59,7 +59,9 @@ def test_layer_coefficients():
     assert torch.allclose(layer_coefficients(norms, "uniform"), torch.full((3,), 1 / 3))
     assert torch.equal(layer_coefficients(norms, "none"), torch.ones(3))
     # the paper's tiny temperature keeps huge norms from overflowing: nearly uniform
-    assert torch.allclose(layer_coefficients(torch.tensor([1e6, 2e6]), "softmax", 1e-8), torch.full((2,), 0.5), atol=1e-2)
+    assert torch.allclose(
+        layer_coefficients(torch.tensor([1e6, 2e6]), "softmax", 1e-8), torch.full((2,), 0.5), atol=1e-2
+    )
 
 
 def test_fisher_is_mean_of_squared_per_example_grads():

@@ -29,8 +29,14 @@ def test_smoke_run_writes_every_setup_and_method(tmp_path):
     (out).mkdir()
     (out / "RESULTS.md").write_text("# Results\n\nkept above\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     methods = set(load_script().METHODS)
     assert {"vanilla", "l2_sp"} <= methods
@@ -45,8 +51,9 @@ def test_smoke_run_writes_every_setup_and_method(tmp_path):
             assert run["target_gain"] is not None and run["forgetting"] is not None
             assert set(run["tasks"]) == set(report["base"])
     testbed = data["setups"]["testbed"]
-    assert set(testbed["report"]["base"]) == {f"testbed_{s}" for s in ("sub", "copy", "reverse", "sort", "add",
-                                                                        "recall")}
+    assert set(testbed["report"]["base"]) == {
+        f"testbed_{s}" for s in ("sub", "copy", "reverse", "sort", "add", "recall")
+    }
     assert testbed["build"]["size"] == "tiny" and Path(testbed["base_model"]).is_relative_to(out)  # not ~/.cache
     assert data["setups"]["testbed"]["report"]["runs"]["l2_sp"]["regularizers"] == [{"name": "l2_sp"}]
 
@@ -71,26 +78,32 @@ def test_prepare_gets_base_workdir_steps_and_its_list_is_used(tmp_path):
         seen.append((base, workdir, steps, os.path.isdir(workdir)))
         return [{"name": "l2_sp", "lam": 2.0}]
 
-    got = fp.method_regularizers("m", {"regularizers": [{"name": "ignored"}], "prepare": prepare}, "/base",
-                                 tmp_path / "w", 7)
+    got = fp.method_regularizers(
+        "m", {"regularizers": [{"name": "ignored"}], "prepare": prepare}, "/base", tmp_path / "w", 7
+    )
     assert got == {"regularizers": [{"name": "l2_sp", "lam": 2.0}], "model": None}
     assert seen == [("/base", str(tmp_path / "w"), 7, True)]
-    assert fp.method_regularizers("v", {"regularizers": [{"name": "l2_sp"}]}, "/b", tmp_path / "x", 1) == \
-        {"regularizers": [{"name": "l2_sp"}], "model": None}
+    assert fp.method_regularizers("v", {"regularizers": [{"name": "l2_sp"}]}, "/b", tmp_path / "x", 1) == {
+        "regularizers": [{"name": "l2_sp"}],
+        "model": None,
+    }
     # a prepare that also names the model to start from (forgetting_penalty with SI)
-    both = fp.method_regularizers("s", {"prepare": lambda b, w, n: {"regularizers": [], "model": "/phase1"}}, "/b",
-                                  tmp_path / "z", 1)
+    both = fp.method_regularizers(
+        "s", {"prepare": lambda b, w, n: {"regularizers": [], "model": "/phase1"}}, "/b", tmp_path / "z", 1
+    )
     assert both == {"regularizers": [], "model": "/phase1"}
     with pytest.raises(ValueError, match="unknown keys \\['regularisers'\\]"):
         fp.method_regularizers("bad", {"regularisers": []}, "/b", tmp_path / "y", 1)
 
 
 def test_methods_filter_and_smoke_needs_out(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--methods", "l2sp"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--methods", "l2sp"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "unknown method 'l2sp'; did you mean 'l2_sp'?" in proc.stderr
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "--smoke needs --out" in proc.stderr
     assert list(load_script().select_methods(["l2_sp"])) == ["l2_sp"]
 
@@ -108,8 +121,12 @@ def test_replace_section_keeps_the_rest(tmp_path):
 
 def _result(runs: dict[str, tuple[float, float]], steps: int = 800) -> dict:
     report = {"runs": {n: {"forgetting": f, "target_gain": g} for n, (f, g) in runs.items()}, "pareto_front": []}
-    return {"command": "c", "total_seconds": 1.0, "methods": {n: {} for n in runs},
-            "setups": {"testbed": {"steps": steps, "base_model": "b", "limit": None, "report": report}}}
+    return {
+        "command": "c",
+        "total_seconds": 1.0,
+        "methods": {n: {} for n in runs},
+        "setups": {"testbed": {"steps": steps, "base_model": "b", "limit": None, "report": report}},
+    }
 
 
 def test_merge_keeps_old_methods_replaces_rerun_ones_and_recomputes_the_front():

@@ -48,8 +48,17 @@ def test_full_edit_equals_autograd_of_explicit_penalty(tok, tmp_path):
     assert torch.allclose(torch.tensor([a["0"], a["1"]]), torch.softmax(3e-9 * norms.double(), 0).float())
 
     _perturb(model)
-    edited, reference, penalty = edited_and_autograd_grads(model, tok, reg, shards, lambda m: sum(
-        0.7 * a[layer_of(n)] * (omega[n] * (p - start[n]).pow(2)).sum() for n, p in m.named_parameters() if n in omega))
+    edited, reference, penalty = edited_and_autograd_grads(
+        model,
+        tok,
+        reg,
+        shards,
+        lambda m: sum(
+            0.7 * a[layer_of(n)] * (omega[n] * (p - start[n]).pow(2)).sum()
+            for n, p in m.named_parameters()
+            if n in omega
+        ),
+    )
     assert len(omega) == 14  # 7 linear weights in each of the 2 decoder layers; embeddings, norms, head untouched
     for n in reference:
         assert torch.allclose(edited[n], reference[n], atol=1e-5, rtol=1e-4), n
@@ -100,9 +109,21 @@ def test_edit_training_equals_loss_term_training(tok, tmp_path):
     path = random_artifact(tmp_path / "imp", tiny_llama(vocab_size=len(tok), seed=0), scale=10.0)
     runs = {}
     for apply in ("grad_edit", "loss"):
-        trainer = make_hf_trainer(tok, tmp_path / apply, gradient_accumulation_steps=2, max_grad_norm=0.5,
-                                  regularizers=[{"name": "forgetting_penalty", "artifact": path, "lam": 0.5,
-                                                 "apply": apply, "layer_weighting": "uniform"}])
+        trainer = make_hf_trainer(
+            tok,
+            tmp_path / apply,
+            gradient_accumulation_steps=2,
+            max_grad_norm=0.5,
+            regularizers=[
+                {
+                    "name": "forgetting_penalty",
+                    "artifact": path,
+                    "lam": 0.5,
+                    "apply": apply,
+                    "layer_weighting": "uniform",
+                }
+            ],
+        )
         trainer.train()
         penalty = [h["reg/forgetting_penalty/penalty"] for h in trainer.state.log_history if "loss" in h]
         runs[apply] = (losses(trainer), weights(trainer.model), penalty)
@@ -134,8 +155,9 @@ class _Tape(TrainerCallback):
 
 def test_si_importance_equals_hand_computed_path_integral(tok, tmp_path):
     recorder = SIImportance(xi=1e-3)
-    trainer = make_hf_trainer(tok, tmp_path, regularizers=[recorder], max_steps=3, max_grad_norm=0.0,
-                              learning_rate=1e-2)
+    trainer = make_hf_trainer(
+        tok, tmp_path, regularizers=[recorder], max_steps=3, max_grad_norm=0.0, learning_rate=1e-2
+    )
     start = weights(trainer.model)
     names = [n for n in start if n.startswith("model.layers.") and start[n].ndim == 2]
     tape = _Tape(names)
@@ -175,6 +197,7 @@ def test_ewc_fisher_is_mean_of_per_example_squared_gradients(tok, tmp_path):
 
 
 # -- bad input ---------------------------------------------------------------------------------------
+
 
 def _meta(path):
     return json.loads((path / art.META_FILE).read_text())
@@ -230,6 +253,7 @@ def test_anchor_mismatch_suggests_the_other_anchor(tok, tmp_path):
 
 
 # -- resume ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["forgetting_penalty", "si_importance"])
 def test_resume_restores_state_exactly(tok, tmp_path, name):

@@ -85,8 +85,11 @@ def test_other_architecture_through_categories_and_clear_error_otherwise():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=50, n_positions=64))
     with pytest.raises(ConfigError, match="cannot classify 'transformer.h.0.ln_1.weight'.*categories"):
         _select(gpt2, seed=0)
-    categories = {"attention": ["attn.c_attn", "attn.c_proj"], "ffn": ["mlp.c_fc", "mlp.c_proj"],
-                  "norms": ["ln_1", "ln_2"]}
+    categories = {
+        "attention": ["attn.c_attn", "attn.c_proj"],
+        "ffn": ["mlp.c_fc", "mlp.c_proj"],
+        "norms": ["ln_1", "ln_2"],
+    }
     reg = _select(gpt2, seed=0, categories=categories)
     # 1 of 2 in each category; a frozen matrix takes its bias along
     per_layer: dict[str, set[str]] = {}
@@ -101,8 +104,7 @@ def test_other_architecture_through_categories_and_clear_error_otherwise():
         assert len(mods & {"ln_1", "ln_2"}) == 1
     # a layer without one of the listed modules is named in the error
     with pytest.raises(ConfigError, match="decoder layer 0 has no module \\['nope'\\]"):
-        group_layers([n for n, _ in gpt2.named_parameters()],
-                     {**categories, "extra": ["nope"]})
+        group_layers([n for n, _ in gpt2.named_parameters()], {**categories, "extra": ["nope"]})
 
 
 def test_draw_is_pure_and_independent_of_parameter_order():
@@ -116,32 +118,67 @@ def test_draw_is_pure_and_independent_of_parameter_order():
 
 # -- training ---------------------------------------------------------------------------------------------
 
+
 def _hf_trainer(out, regs, max_steps=3, model=None, **kw):
     tok = build_char_tokenizer()
     model = model if model is not None else tiny_llama(vocab_size=len(tok), num_hidden_layers=4)
-    return llmreg.RegTrainer(model=model, args=hf_args(out, max_steps=max_steps, **kw), train_dataset=lm_dataset(tok),
-                             data_collator=DataCollatorForLanguageModeling(tok, mlm=False), regularizers=regs)
+    return llmreg.RegTrainer(
+        model=model,
+        args=hf_args(out, max_steps=max_steps, **kw),
+        train_dataset=lm_dataset(tok),
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        regularizers=regs,
+    )
 
 
 def _sft_trainer(out, regs):
     tok = build_char_tokenizer()
-    args = trl.SFTConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                         max_length=48, logging_steps=1, report_to=[], use_cpu=True, seed=0, save_strategy="no",
-                         disable_tqdm=True, activation_checkpointing=False)
-    return llmreg.RegSFTTrainer(model=tiny_llama(vocab_size=len(tok), num_hidden_layers=4), args=args,
-                                processing_class=tok, regularizers=regs,
-                                train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=16))
+    args = trl.SFTConfig(
+        output_dir=str(out),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_length=48,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        activation_checkpointing=False,
+    )
+    return llmreg.RegSFTTrainer(
+        model=tiny_llama(vocab_size=len(tok), num_hidden_layers=4),
+        args=args,
+        processing_class=tok,
+        regularizers=regs,
+        train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=16),
+    )
 
 
 def _dpo_trainer(out, regs):
     tok = build_char_tokenizer()
-    args = trl.DPOConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                         max_length=48, logging_steps=1, report_to=[], use_cpu=True, seed=0, save_strategy="no",
-                         disable_tqdm=True)
-    return llmreg.RegDPOTrainer(model=tiny_llama(vocab_size=len(tok), num_hidden_layers=4),
-                                ref_model=tiny_llama(vocab_size=len(tok), num_hidden_layers=4), args=args,
-                                processing_class=tok, regularizers=regs,
-                                train_dataset=make_builtin_dataset(format="preference", num_examples=16))
+    args = trl.DPOConfig(
+        output_dir=str(out),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_length=48,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    return llmreg.RegDPOTrainer(
+        model=tiny_llama(vocab_size=len(tok), num_hidden_layers=4),
+        ref_model=tiny_llama(vocab_size=len(tok), num_hidden_layers=4),
+        args=args,
+        processing_class=tok,
+        regularizers=regs,
+        train_dataset=make_builtin_dataset(format="preference", num_examples=16),
+    )
 
 
 def _adam_state_params(trainer) -> list[torch.nn.Parameter]:
@@ -169,7 +206,9 @@ def test_frozen_unchanged_trainable_changed_and_no_optimizer_state_for_frozen(bu
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     state_numel = sum(t.numel() for st in opt.state.values() for k, t in st.items() if k in ("exp_avg", "exp_avg_sq"))
     assert state_numel == 2 * sum(before[n].numel() for n in set(before) - frozen)
-    logged = [h["reg/half_ft/trainable_fraction"] for h in trainer.state.log_history if "reg/half_ft/trainable_fraction" in h]
+    logged = [
+        h["reg/half_ft/trainable_fraction"] for h in trainer.state.log_history if "reg/half_ft/trainable_fraction" in h
+    ]
     total = sum(t.numel() for t in before.values())
     assert logged and logged[-1] == pytest.approx(sum(before[n].numel() for n in set(before) - frozen) / total)
 
@@ -205,9 +244,14 @@ def test_peft_is_refused_by_trainer_and_recipe(tmp_path):
         _hf_trainer(tmp_path, ["half_ft"], model=get_peft_model(tiny_llama(vocab_size=len(tok)), lora))
     from llmreg.recipe.validate import validate_recipe
 
-    raw = {"model": {"config": {"size": "tiny"}}, "tokenizer": {"builtin": "char"},
-           "data": {"train": "builtin:arithmetic"}, "trainer": {"kind": "sft", "max_steps": 2},
-           "peft": {"r": 4, "target_modules": ["q_proj"]}, "regularizers": [{"name": "half_ft"}]}
+    raw = {
+        "model": {"config": {"size": "tiny"}},
+        "tokenizer": {"builtin": "char"},
+        "data": {"train": "builtin:arithmetic"},
+        "trainer": {"kind": "sft", "max_steps": 2},
+        "peft": {"r": 4, "target_modules": ["q_proj"]},
+        "regularizers": [{"name": "half_ft"}],
+    }
     with pytest.raises(ConfigError, match="half_ft.*PEFT"):
         validate_recipe(raw)
     with pytest.raises(ConfigError, match="balance"):

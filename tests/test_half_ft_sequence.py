@@ -13,8 +13,12 @@ from conftest import REPO
 
 @pytest.mark.slow
 def test_half_ft_sequence_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, f"{REPO}/benchmarks/half_ft_sequence.py", "--smoke", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, f"{REPO}/benchmarks/half_ft_sequence.py", "--smoke", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "half_ft_sequence.json").read_text())
     assert set(results) == {"vanilla", "half_ft"}
@@ -29,4 +33,3 @@ def test_half_ft_sequence_smoke(tmp_path):
             regs = yaml.safe_load((tmp_path / name / stage / "recipe.yaml").read_text())["regularizers"]
             assert regs == ([] if name == "vanilla" else [{"name": "half_ft", "seed": 0, "stage": i}])
     assert "| half_ft |" in proc.stdout and "| vanilla |" in proc.stdout
-

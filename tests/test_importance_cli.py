@@ -16,8 +16,15 @@ def _recipe(tmp_path, name: str, **sections) -> str:
         "model": {"config": {"size": "tiny"}, "dtype": "float32"},
         "tokenizer": {"builtin": "char"},
         "data": {"train": "builtin:arithmetic", "num_examples": 32},
-        "trainer": {"kind": "sft", "max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
-                    "logging_steps": 1, "save_strategy": "no", "activation_checkpointing": False},
+        "trainer": {
+            "kind": "sft",
+            "max_steps": 3,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "activation_checkpointing": False,
+        },
         "output_dir": str(tmp_path / name),
         **sections,
     }
@@ -41,8 +48,13 @@ def test_si_then_finetune_with_the_artifact(tmp_path, capsys):
 
     # phase 2 starts from phase 1's final model: accepted; from a fresh model: refused before training
     regs = [{"name": "forgetting_penalty", "artifact": str(directory)}]
-    phase2 = _recipe(tmp_path, "ft", model={"name_or_path": str(tmp_path / "imp" / "final"), "dtype": "float32"},
-                     tokenizer={"name_or_path": str(tmp_path / "imp" / "final")}, regularizers=regs)
+    phase2 = _recipe(
+        tmp_path,
+        "ft",
+        model={"name_or_path": str(tmp_path / "imp" / "final"), "dtype": "float32"},
+        tokenizer={"name_or_path": str(tmp_path / "imp" / "final")},
+        regularizers=regs,
+    )
     assert main(["train", phase2]) == 0
     logged = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("reg/forgetting_penalty/penalty", 0) > 0 for r in logged)
@@ -62,20 +74,31 @@ def test_ewc_records_the_fisher_without_training(tmp_path):
     assert not (tmp_path / "ewc" / "final").exists()  # nothing was trained
 
 
-@pytest.mark.parametrize("sections,command,message", [
-    ({"importance": {"method": "si", "num_samples": 3}}, "importance",
-     "importance: num_samples does not apply to method si"),
-    ({"importance": {"method": "sj"}}, "importance", "importance.method: expected one of ['si', 'ewc']"),
-    ({"importance": {"mehtod": "si"}}, "importance", "importance: unknown key 'mehtod'; did you mean 'method'?"),
-    ({"importance": {"method": "si"}, "peft": {"r": 4, "target_modules": ["q_proj"]}}, "importance",
-     "drop peft"),
-    ({"importance": {"method": "ewc"}, "trainer": {"kind": "sft", "deepspeed": "ds_configs/zero2.json"}},
-     "importance", "runs without DeepSpeed"),
-    ({}, "importance", "has no `importance:` section"),
-    ({"importance": {"method": "si"}}, "train", "run it with `llmreg importance`"),
-    ({"regularizers": [{"name": "forgetting_penalty", "artifact": "nowhere/importance"}]}, "train",
-     "importance artifact not found: nowhere/importance"),
-])
+@pytest.mark.parametrize(
+    "sections,command,message",
+    [
+        (
+            {"importance": {"method": "si", "num_samples": 3}},
+            "importance",
+            "importance: num_samples does not apply to method si",
+        ),
+        ({"importance": {"method": "sj"}}, "importance", "importance.method: expected one of ['si', 'ewc']"),
+        ({"importance": {"mehtod": "si"}}, "importance", "importance: unknown key 'mehtod'; did you mean 'method'?"),
+        ({"importance": {"method": "si"}, "peft": {"r": 4, "target_modules": ["q_proj"]}}, "importance", "drop peft"),
+        (
+            {"importance": {"method": "ewc"}, "trainer": {"kind": "sft", "deepspeed": "ds_configs/zero2.json"}},
+            "importance",
+            "runs without DeepSpeed",
+        ),
+        ({}, "importance", "has no `importance:` section"),
+        ({"importance": {"method": "si"}}, "train", "run it with `llmreg importance`"),
+        (
+            {"regularizers": [{"name": "forgetting_penalty", "artifact": "nowhere/importance"}]},
+            "train",
+            "importance artifact not found: nowhere/importance",
+        ),
+    ],
+)
 def test_errors_before_anything_loads(tmp_path, capsys, monkeypatch, sections, command, message):
     import llmreg.recipe.build as build
 

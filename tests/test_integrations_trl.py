@@ -36,11 +36,24 @@ def test_config_fields_of_the_recipe():
 
 def _trainer(tmp_path, **kw):
     tok = build_char_tokenizer()
-    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
-                          max_completion_length=5, beta=0.0, use_cpu=True, bf16=False, report_to=[], **kw)
-    return llmreg.RegGRPOTrainer(model=tiny_llama(vocab_size=len(tok)), args=args, processing_class=tok,
-                                 reward_funcs=lambda completions, **_: [0.0] * len(completions),
-                                 train_dataset=make_builtin_dataset(format="prompt_only", num_examples=8))
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=5,
+        beta=0.0,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        **kw,
+    )
+    return llmreg.RegGRPOTrainer(
+        model=tiny_llama(vocab_size=len(tok)),
+        args=args,
+        processing_class=tok,
+        reward_funcs=lambda completions, **_: [0.0] * len(completions),
+        train_dataset=make_builtin_dataset(format="prompt_only", num_examples=8),
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo"])
@@ -57,9 +70,12 @@ def test_aggregate_like_loss_matches_trl(loss_type, ga, tmp_path):
     completion_mask[1, 3:] = 0
     completion_mask[3, 1:] = 0
     inputs = {
-        "prompt_ids": torch.randint(3, vocab, (4, 3), generator=g), "prompt_mask": torch.ones(4, 3, dtype=torch.long),
-        "completion_ids": torch.randint(3, vocab, (4, 5), generator=g), "completion_mask": completion_mask,
-        "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5]), "num_items_in_batch": torch.tensor(37.0),
+        "prompt_ids": torch.randint(3, vocab, (4, 3), generator=g),
+        "prompt_mask": torch.ones(4, 3, dtype=torch.long),
+        "completion_ids": torch.randint(3, vocab, (4, 5), generator=g),
+        "completion_mask": completion_mask,
+        "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5]),
+        "num_items_in_batch": torch.tensor(37.0),
         "ref_per_token_logps": -torch.rand(4, 5, generator=g) * 5,
     }
     with torch.no_grad():

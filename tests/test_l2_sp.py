@@ -31,8 +31,9 @@ def test_pre_step_edit_equals_explicit_penalty_gradient(tok):
     with torch.no_grad():  # move away from the anchor so the penalty is not zero
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    edited, reference, _ = edited_and_autograd_grads(model, tok, reg, shards, lambda m: sum(
-        0.5 * 0.3 * (p - start[n]).pow(2).sum() for n, p in m.named_parameters()))
+    edited, reference, _ = edited_and_autograd_grads(
+        model, tok, reg, shards, lambda m: sum(0.5 * 0.3 * (p - start[n]).pow(2).sum() for n, p in m.named_parameters())
+    )
     assert reference.keys() == dict(model.named_parameters()).keys()
     for n in reference:
         assert torch.allclose(edited[n], reference[n], atol=1e-6, rtol=1e-5), n
@@ -62,9 +63,13 @@ def test_training_with_edit_matches_training_with_explicit_penalty(tok, tmp_path
 
     from llmreg.data import tiny_llama
 
-    explicit = ExplicitPenaltyTrainer(model=tiny_llama(vocab_size=len(tok), seed=0), args=hf_args(tmp_path / "b", **kw),
-                                      train_dataset=lm_dataset(tok), data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-                                      lam=5.0)
+    explicit = ExplicitPenaltyTrainer(
+        model=tiny_llama(vocab_size=len(tok), seed=0),
+        args=hf_args(tmp_path / "b", **kw),
+        train_dataset=lm_dataset(tok),
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        lam=5.0,
+    )
     explicit.train()
     assert max_rel_diff(weights(edited.model), weights(explicit.model)) < 1e-5
 

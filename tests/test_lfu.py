@@ -33,8 +33,10 @@ def _batch(tok):
 def _model(tok, peft=False):
     model = tiny_llama(vocab_size=len(tok), seed=0)
     if peft:
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"),
+        )
         # a trained-looking adapter: B = 0 would make dL/dA vanish
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -63,12 +65,14 @@ def _hidden_with(model, batch, add=None):
     """Decoder-layer outputs, with `add[l]` added to layer l's output by a hook written here."""
     outs, handles = [], []
     for i, layer in enumerate(_layers(model)):
+
         def hook(mod, args, output, i=i):
             h = output[0] if isinstance(output, tuple) else output
             if add is not None:
                 h = h + add[i]
             outs.append(h)
             return (h, *output[1:]) if isinstance(output, tuple) else h
+
         handles.append(layer.register_forward_hook(hook))
     try:
         out = model(**batch)
@@ -94,7 +98,7 @@ def test_reps_delta_is_normalised_ascent_gradient_and_consistency_is_explicit_ms
         h.retain_grad()
     out.loss.backward()
     g = [h.grad.sum((0, 1)) for h in hs]
-    norm = torch.sqrt(sum((x ** 2).sum() for x in g))
+    norm = torch.sqrt(sum((x**2).sum() for x in g))
     expected = [alpha * x / norm for x in g]
 
     reg, _, term = _run_reg(model, batch, alpha=alpha, lam=2.0)
@@ -159,8 +163,9 @@ def test_full_ft_aux_lora_perturbation_equals_weight_perturbation(tok):
     alpha, rank, lora_alpha = 0.2, 4, 8.0
     model = _model(tok)
     ref = copy.deepcopy(model)
-    reg, _, term = _run_reg(model, batch, alpha=alpha, aux="lora", aux_lora_rank=rank, aux_lora_alpha=lora_alpha,
-                            lam=1.0)
+    reg, _, term = _run_reg(
+        model, batch, alpha=alpha, aux="lora", aux_lora_rank=rank, aux_lora_alpha=lora_alpha, lam=1.0
+    )
     scale = lora_alpha / rank
     # independent g_B: for y = W x + s B A x at B = 0, dL/dB = s * sum_tokens dL/dy (A x)^T; via retain_grad on
     # each linear's output
@@ -168,18 +173,19 @@ def test_full_ft_aux_lora_perturbation_equals_weight_perturbation(tok):
     for li, layer in enumerate(_layers(ref)):
         for name, mod in layer.named_modules():
             if isinstance(mod, torch.nn.Linear):
+
                 def hook(m, args, output, key=f"{li}.{name}"):
                     output.retain_grad()
                     outs[key] = (args[0].detach(), output)
+
                 handles.append(mod.register_forward_hook(hook))
     ref(**batch).loss.backward()
     for h in handles:
         h.remove()
     keys = sorted(outs)
     assert len(keys) == 7 * len(_layers(ref))
-    gb = {k: scale * torch.einsum("bto,btr->or", outs[k][1].grad, outs[k][0] @ reg._aux_a[("lora", k)].T)
-          for k in keys}
-    norm = torch.sqrt(sum((v ** 2).sum() for v in gb.values()))
+    gb = {k: scale * torch.einsum("bto,btr->or", outs[k][1].grad, outs[k][0] @ reg._aux_a[("lora", k)].T) for k in keys}
+    norm = torch.sqrt(sum((v**2).sum() for v in gb.values()))
     for k in keys:
         torch.testing.assert_close(reg._state.delta[("lora", k)], alpha * gb[k] / norm, rtol=1e-4, atol=1e-9)
 
@@ -220,7 +226,7 @@ def test_peft_adapter_perturbation_equals_moved_adapter(tok):
     names = [n for n, p in ref.named_parameters() if p.requires_grad]
     params = [p for n, p in ref.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(ref(**batch).loss, params)
-    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
     reg, _, term = _run_reg(model, batch, alpha=alpha, aux="lora", lam=1.0)
     by_key = {}
     for (which, key), d in reg._state.delta.items():
@@ -270,8 +276,11 @@ def test_consistency_pure_function_against_hand_numbers():
     assert float(consistency(t, p, mask, count=2)) == pytest.approx(10 / 4)
 
 
-@pytest.mark.parametrize("setting", [{"alpha": 0.0}, {"lam": 0.0}, {"alpha": 0.0, "aux": "lora"},
-                                     {"lam": 0.0, "aux": "lora"}], ids=["alpha0", "lam0", "alpha0-lora", "lam0-lora"])
+@pytest.mark.parametrize(
+    "setting",
+    [{"alpha": 0.0}, {"lam": 0.0}, {"alpha": 0.0, "aux": "lora"}, {"lam": 0.0, "aux": "lora"}],
+    ids=["alpha0", "lam0", "alpha0-lora", "lam0-lora"],
+)
 def test_zero_alpha_or_lambda_trains_exactly_like_plain_sft(tok, tmp_path, setting):
     plain = make_hf_trainer(tok, tmp_path / "plain", max_steps=3)
     plain.train()
@@ -299,8 +308,9 @@ def test_gradient_checkpointing_gives_the_same_training(tok, tmp_path, aux):
     a, b = weights(plain.model), weights(ckpt.model)
     assert max(((a[k] - b[k]).abs().max() / a[k].abs().max()).item() for k in a) < 1e-5
     if aux == "lora":  # the recompute inside the layers would lose delta: refused, not silently approximate
-        wrong = make_hf_trainer(tok, tmp_path / "c", regularizers=[{**regs[0], "exec": "retain"}], max_steps=2,
-                                gradient_checkpointing=True)
+        wrong = make_hf_trainer(
+            tok, tmp_path / "c", regularizers=[{**regs[0], "exec": "retain"}], max_steps=2, gradient_checkpointing=True
+        )
         with pytest.raises(ConfigError, match="exec 'retain' with activation checkpointing"):
             wrong.train()
 
@@ -309,12 +319,27 @@ def test_sft_trainer_fused_head_and_fresh_ascent_batch(tok, tmp_path):
     import trl
 
     def run(**opts):
-        args = trl.SFTConfig(output_dir=str(tmp_path / str(len(opts))), max_length=48, learning_rate=1e-2,
-                             logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, max_steps=2,
-                             per_device_train_batch_size=4, save_strategy="no", activation_checkpointing=False)
-        t = llmreg.RegSFTTrainer(model=tiny_llama(vocab_size=len(tok)), args=args, processing_class=tok,
-                                 regularizers=[{"name": "lfu", "alpha": 0.5, **opts}],
-                                 train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=32))
+        args = trl.SFTConfig(
+            output_dir=str(tmp_path / str(len(opts))),
+            max_length=48,
+            learning_rate=1e-2,
+            logging_steps=1,
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+            max_steps=2,
+            per_device_train_batch_size=4,
+            save_strategy="no",
+            activation_checkpointing=False,
+        )
+        t = llmreg.RegSFTTrainer(
+            model=tiny_llama(vocab_size=len(tok)),
+            args=args,
+            processing_class=tok,
+            regularizers=[{"name": "lfu", "alpha": 0.5, **opts}],
+            train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=32),
+        )
         t.train()
         return [h for h in t.state.log_history if "reg/lfu/l_cons" in h]
 
@@ -349,6 +374,7 @@ def test_fresh_ascent_batches_resume_exactly(tok, tmp_path):
     assert max_rel_diff(weights(full.model), weights(resumed.model)) < 1e-5
     # the count is what makes it exact: a resume whose stream restarts from 0 lands elsewhere
     import llmreg.regularizers.lfu as lfu_module
+
     original = lfu_module.LfU.load_state_dict
     lfu_module.LfU.load_state_dict = lambda self, state: original(self, {})
     try:
@@ -382,8 +408,9 @@ def test_recipe_is_the_testbed_recipe_plus_lfu():
 
     lfu = yaml.safe_load(open(f"{REPO}/recipes/lfu/testbed.yaml"))
     vanilla = yaml.safe_load(open(f"{REPO}/recipes/testbed/vanilla.yaml"))
-    assert {k: v for k, v in lfu.items() if k not in ("regularizers", "output_dir")} == \
-        {k: v for k, v in vanilla.items() if k not in ("regularizers", "output_dir")}
+    assert {k: v for k, v in lfu.items() if k not in ("regularizers", "output_dir")} == {
+        k: v for k, v in vanilla.items() if k not in ("regularizers", "output_dir")
+    }
     recipe = load_recipe(f"{REPO}/recipes/lfu/testbed.yaml")
     assert recipe.regularizers == [{"name": "lfu", "lam": 5.0, "alpha": 0.1, "aux": "reps"}]
     with pytest.raises(ConfigError, match="aux"):
@@ -400,9 +427,28 @@ def test_step_overhead_runs_lfu_and_the_lora_variant(tmp_path):
 
     out = tmp_path / "overhead.json"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, f"{REPO}/benchmarks/step_overhead.py", "--size", "tiny", "--steps", "2",
-                           "--warmup", "1", "--only", "lfu", "lfu_lora", "--json", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            f"{REPO}/benchmarks/step_overhead.py",
+            "--size",
+            "tiny",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--only",
+            "lfu",
+            "lfu_lora",
+            "--json",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     by_name = {r["name"]: r for r in json.loads(out.read_text())}
     assert set(by_name) == {"vanilla", "lfu", "lfu_lora"}

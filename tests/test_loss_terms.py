@@ -36,25 +36,50 @@ class EmbeddingEnergy(Regularizer):
         return {"energy": self.lam * per_row.mean()}
 
 
-COMMON = dict(max_steps=1, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-              report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, train_sampling_strategy="sequential",
-              max_grad_norm=0.0, optim="sgd")
+COMMON = dict(
+    max_steps=1,
+    learning_rate=1e-2,
+    lr_scheduler_type="constant",
+    logging_steps=1,
+    save_strategy="no",
+    report_to=[],
+    use_cpu=True,
+    seed=0,
+    data_seed=0,
+    disable_tqdm=True,
+    train_sampling_strategy="sequential",
+    max_grad_norm=0.0,
+    optim="sgd",
+)
 
 
 def _build(kind, out, batch, ga, regs):
     tok = build_char_tokenizer()
     kw = dict(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=ga, **COMMON)
     if kind == "hf":
-        return llmreg.RegTrainer(model=tiny_llama(vocab_size=len(tok)), args=transformers.TrainingArguments(**kw),
-                                 train_dataset=lm_dataset(tok), regularizers=regs,
-                                 data_collator=transformers.DataCollatorForLanguageModeling(tok, mlm=False))
+        return llmreg.RegTrainer(
+            model=tiny_llama(vocab_size=len(tok)),
+            args=transformers.TrainingArguments(**kw),
+            train_dataset=lm_dataset(tok),
+            regularizers=regs,
+            data_collator=transformers.DataCollatorForLanguageModeling(tok, mlm=False),
+        )
     if kind == "sft":
-        return llmreg.RegSFTTrainer(model=tiny_llama(vocab_size=len(tok)), args=trl.SFTConfig(max_length=64, **kw),
-                                    processing_class=tok, regularizers=regs,
-                                    train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=16))
-    return llmreg.RegDPOTrainer(model=tiny_llama(vocab_size=len(tok)), ref_model=tiny_llama(vocab_size=len(tok)),
-                                args=trl.DPOConfig(max_length=64, **kw), processing_class=tok, regularizers=regs,
-                                train_dataset=make_builtin_dataset(format="preference", num_examples=16))
+        return llmreg.RegSFTTrainer(
+            model=tiny_llama(vocab_size=len(tok)),
+            args=trl.SFTConfig(max_length=64, **kw),
+            processing_class=tok,
+            regularizers=regs,
+            train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=16),
+        )
+    return llmreg.RegDPOTrainer(
+        model=tiny_llama(vocab_size=len(tok)),
+        ref_model=tiny_llama(vocab_size=len(tok)),
+        args=trl.DPOConfig(max_length=64, **kw),
+        processing_class=tok,
+        regularizers=regs,
+        train_dataset=make_builtin_dataset(format="preference", num_examples=16),
+    )
 
 
 @pytest.mark.parametrize("kind", ["hf", "sft", "dpo"])

@@ -23,11 +23,25 @@ STACK = [{"name": "lp_reg", "rho": 0.9, "minp_kappa": 0.7}]  # not negligible on
 def _run(out, zero: int, regularizers, spg: int | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29600 + zero * 7 + len(regularizers) + 3 * (spg or 0) + os.getpid() % 300), WORKER,
-           "--zero", str(zero), "--out", str(out),
-           "--regularizers", json.dumps(regularizers), "--steps", "4",
-           *(["--steps-per-generation", str(spg)] if spg else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29600 + zero * 7 + len(regularizers) + 3 * (spg or 0) + os.getpid() % 300),
+        WORKER,
+        "--zero",
+        str(zero),
+        "--out",
+        str(out),
+        "--regularizers",
+        json.dumps(regularizers),
+        "--steps",
+        "4",
+        *(["--steps-per-generation", str(spg)] if spg else []),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(os.path.join(out, "result.pt"), weights_only=False)

@@ -24,10 +24,26 @@ def digit_count_reward(completions, **_):
 
 
 def grpo_args(out, **kw):
-    base = dict(output_dir=str(out), per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
-                beta=0.0, max_steps=3, learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1,
-                save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
-                epsilon=1.0, epsilon_high=9.0, loss_type="dapo")
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=6,
+        beta=0.0,
+        max_steps=3,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        epsilon=1.0,
+        epsilon_high=9.0,
+        loss_type="dapo",
+    )
     base.update(kw)
     return trl.GRPOConfig(**base)
 
@@ -35,10 +51,14 @@ def grpo_args(out, **kw):
 def make(cls, out, regs=None, **kw):
     tok = build_char_tokenizer()
     extra = {} if regs is None else {"regularizers": regs}
-    return cls(model=tiny_llama(vocab_size=len(tok)), args=grpo_args(out, **kw), processing_class=tok,
-               reward_funcs=digit_count_reward,
-               train_dataset=make_builtin_dataset(format="prompt_only", num_examples=32),
-               **extra)
+    return cls(
+        model=tiny_llama(vocab_size=len(tok)),
+        args=grpo_args(out, **kw),
+        processing_class=tok,
+        reward_funcs=digit_count_reward,
+        train_dataset=make_builtin_dataset(format="prompt_only", num_examples=32),
+        **extra,
+    )
 
 
 def reg_metric(trainer, key):
@@ -87,13 +107,19 @@ class Spy(LpReg):
         am = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
         k = batch["completion_ids"].size(1)
         with torch.no_grad():  # the unfused forward: full logits, as a user would compute them
-            logits = trl_compat.causal_lm(trainer.model)(input_ids=ids, attention_mask=am).logits[:, -k - 1:-1]
+            logits = trl_compat.causal_lm(trainer.model)(input_ids=ids, attention_mask=am).logits[:, -k - 1 : -1]
         self.batches.append(dict(batch=dict(batch), old_logp=old_logp, logits=logits.clone(), T=trainer.temperature))
 
     def loss_terms(self, ctx):
         out = super().loss_terms(ctx)
-        self.terms.append(dict(term=out["penalty"].detach(), logp=ctx.extras["per_token_logps"].detach(),
-                               inputs=dict(ctx.inputs), ga=ctx.trainer.current_gradient_accumulation_steps))
+        self.terms.append(
+            dict(
+                term=out["penalty"].detach(),
+                logp=ctx.extras["per_token_logps"].detach(),
+                inputs=dict(ctx.inputs),
+                ga=ctx.trainer.current_gradient_accumulation_steps,
+            )
+        )
         return out
 
 
@@ -123,8 +149,9 @@ def test_proxy_pass_matches_explicit_logits(policy, tmp_path):
         # global threshold: the rho-quantile of the old log-probs of the negative-advantage tokens
         neg = mask & (batch["advantages"][:, None] < 0)
         if neg.any():
-            assert math.isclose(batch["lp_reg_threshold"][0].item(), torch.quantile(rec["old_logp"][neg], rho).item(),
-                                rel_tol=1e-5)
+            assert math.isclose(
+                batch["lp_reg_threshold"][0].item(), torch.quantile(rec["old_logp"][neg], rho).item(), rel_tol=1e-5
+            )
     # each loss term is TRL's dapo normalisation of the explicit k3 penalty
     for rec in spy.terms:
         inp = rec["inputs"]
@@ -147,8 +174,14 @@ def test_gradient_accumulation_invariance(tmp_path):
     common = dict(max_steps=1, optim="sgd", learning_rate=1.0, bf16=False)  # SGD: Adam's first step is sign-like
     one = make(llmreg.RegGRPOTrainer, tmp_path / "one", regs, per_device_train_batch_size=8, **common)
     one.train()
-    four = make(llmreg.RegGRPOTrainer, tmp_path / "four", regs, per_device_train_batch_size=2,
-                gradient_accumulation_steps=4, **common)
+    four = make(
+        llmreg.RegGRPOTrainer,
+        tmp_path / "four",
+        regs,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        **common,
+    )
     four.train()
     assert reg_metric(one, "reg/lp_reg/penalty")[0] > 1e-3
     w1, w4 = weights(one.model), weights(four.model)
@@ -167,6 +200,7 @@ def test_bad_options_fail_early():
 
 
 # -- memory -------------------------------------------------------------------------------------------------
+
 
 class VocabMemory(TorchDispatchMode):
     """Peak bytes of live storages with at least `vocab` elements allocated under the mode (views and in-place
@@ -227,11 +261,16 @@ class FullKLSpy(LpReg):
         am = torch.cat([inp["prompt_mask"], inp["completion_mask"]], 1)
         k = inp["completion_ids"].size(1)
         with torch.no_grad():
-            logits = trl_compat.causal_lm(trainer.model)(input_ids=ids, attention_mask=am).logits[:, -k - 1:-1]
+            logits = trl_compat.causal_lm(trainer.model)(input_ids=ids, attention_mask=am).logits[:, -k - 1 : -1]
         mask = trl_compat.response_mask(inp)
         lp, proxy = ctx.extras["per_token_logps"].detach(), inp["lp_reg_proxy_logp"]
-        sel = (mask.bool() & (inp["advantages"][:, None] < 0) & (lp <= inp["lp_reg_threshold"][0])
-               & inp["lp_reg_kept"] & (lp < proxy))
+        sel = (
+            mask.bool()
+            & (inp["advantages"][:, None] < 0)
+            & (lp <= inp["lp_reg_threshold"][0])
+            & inp["lp_reg_kept"]
+            & (lp < proxy)
+        )
         pen = torch.zeros_like(lp)
         for b, t in sel.nonzero().tolist():
             z = logits[b, t].double() / trainer.temperature
@@ -256,5 +295,4 @@ def test_full_forward_kl_estimator_in_the_trainer(tmp_path):
 
 def test_full_forward_kl_refuses_off_policy(tmp_path):
     with pytest.raises(llmreg.ConfigError, match="on-policy only"):
-        make(llmreg.RegGRPOTrainer, tmp_path, [{"name": "lp_reg", "estimator": "full_kl"}],
-             steps_per_generation=2)
+        make(llmreg.RegGRPOTrainer, tmp_path, [{"name": "lp_reg", "estimator": "full_kl"}], steps_per_generation=2)

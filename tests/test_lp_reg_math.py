@@ -34,8 +34,11 @@ def ref_proxy(logits, ids, kappa, temperature, fixed=False, inclusive=True, befo
         else:
             proxy_out.append(math.log(p[o] / p[keep].sum()) if keep[o] else -math.inf)
     shape = ids.shape
-    return (torch.tensor(logp_out).reshape(shape), torch.tensor(proxy_out).reshape(shape),
-            torch.tensor(kept_out).reshape(shape))
+    return (
+        torch.tensor(logp_out).reshape(shape),
+        torch.tensor(proxy_out).reshape(shape),
+        torch.tensor(kept_out).reshape(shape),
+    )
 
 
 def _close(a, b, atol=1e-4):
@@ -66,13 +69,19 @@ def test_minp_proxy_matches_reference(temperature, chunk):
     _close(minp_proxy_logprobs(logits, ids, 0.02, temperature, chunk_size=chunk), proxy)
 
 
-@pytest.mark.parametrize("variant", [dict(fixed=True), dict(inclusive=False), dict(soft=True), dict(before=True),
-                                     dict(before=True, fixed=True)])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(fixed=True), dict(inclusive=False), dict(soft=True), dict(before=True), dict(before=True, fixed=True)],
+)
 def test_minp_proxy_variants_match_reference(variant):
     logits = _peaked_logits((4, 6), 40, seed=2)
     ids = torch.randint(0, 40, (4, 6), generator=torch.Generator().manual_seed(3))
-    kw = dict(threshold_type="fixed" if variant.get("fixed") else "minp", inclusive=variant.get("inclusive", True),
-              filter_before_temperature=variant.get("before", False), soft_fill=variant.get("soft", False))
+    kw = dict(
+        threshold_type="fixed" if variant.get("fixed") else "minp",
+        inclusive=variant.get("inclusive", True),
+        filter_before_temperature=variant.get("before", False),
+        soft_fill=variant.get("soft", False),
+    )
     stats = minp_proxy_stats(logits, ids, kappa=0.03, temperature=0.8, chunk_size=7, **kw)
     logp, proxy, kept = ref_proxy(logits, ids, 0.03, 0.8, **variant)
     _close(stats.logp, logp)

@@ -42,10 +42,19 @@ def _ids(vocab, seed=0):
 
 # -- identity at initialisation ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("options", [{}, {"impl": "explicit"}, {"placement": "symmetry_aware"},
-                                     {"placement": "scalar"}, {"tied_embeddings": "untie"},
-                                     {"lm_head": True}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"impl": "explicit"},
+        {"placement": "symmetry_aware"},
+        {"placement": "scalar"},
+        {"tied_embeddings": "untie"},
+        {"lm_head": True},
+    ],
+)
 def test_wrapped_model_equals_plain_model_at_init(options, tie):
     plain = tiny_llama(vocab_size=60, seed=0, tie_word_embeddings=tie)
     wrapped = tiny_llama(vocab_size=60, seed=0, tie_word_embeddings=tie)
@@ -66,11 +75,19 @@ def test_placements_put_the_papers_multipliers_where_the_spec_says():
 
     rc = LayerPlan(row=True, col=True)
     all_ = kinds({"placement": "all"})
-    assert all_ == {**{f"self_attn.{m}": rc for m in ("q_proj", "k_proj", "v_proj", "o_proj")},
-                    **{f"mlp.{m}": rc for m in ("gate_proj", "up_proj", "down_proj")}, "model.embed_tokens": rc}
+    assert all_ == {
+        **{f"self_attn.{m}": rc for m in ("q_proj", "k_proj", "v_proj", "o_proj")},
+        **{f"mlp.{m}": rc for m in ("gate_proj", "up_proj", "down_proj")},
+        "model.embed_tokens": rc,
+    }
     sym = kinds({"placement": "symmetry_aware"})
-    assert sym == {"self_attn.q_proj": LayerPlan(row=True), "self_attn.o_proj": rc, "mlp.gate_proj": LayerPlan(row=True),
-                   "mlp.down_proj": rc, "model.embed_tokens": rc}
+    assert sym == {
+        "self_attn.q_proj": LayerPlan(row=True),
+        "self_attn.o_proj": rc,
+        "mlp.gate_proj": LayerPlan(row=True),
+        "mlp.down_proj": rc,
+        "model.embed_tokens": rc,
+    }
     assert set(kinds({"placement": "scalar"}).values()) == {LayerPlan(scalar=True)}
     assert kinds({"placement": "none"}) == {}
     assert "model.embed_tokens" not in kinds({"placement": "all"}, tie=True)  # tied: skipped by default
@@ -79,6 +96,7 @@ def test_placements_put_the_papers_multipliers_where_the_spec_says():
 
 
 # -- gradients against the closed forms -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("impl", IMPLS, ids=["fused", "explicit"])
 def test_linear_gradients_equal_the_closed_forms(impl):
@@ -100,9 +118,9 @@ def test_linear_gradients_equal_the_closed_forms(impl):
     W_eff = sd * rd[:, None] * Wd * cd[None, :]
     assert torch.allclose(y, X.mm(W_eff.T).reshape(3, 2, d_out) + b.detach())
     expect = {
-        "W": sd * rd[:, None] * cd[None, :] * G,                     # r_i c_j G_ij (times s)
-        "r": sd * (Wd * cd[None, :] * G).sum(1),                      # sum_j W_ij c_j G_ij
-        "c": sd * (rd[:, None] * Wd * G).sum(0),                      # sum_i r_i W_ij G_ij
+        "W": sd * rd[:, None] * cd[None, :] * G,  # r_i c_j G_ij (times s)
+        "r": sd * (Wd * cd[None, :] * G).sum(1),  # sum_j W_ij c_j G_ij
+        "c": sd * (rd[:, None] * Wd * G).sum(0),  # sum_i r_i W_ij G_ij
         "s": (rd[:, None] * Wd * cd[None, :] * G).sum().reshape(1),  # sum_ij W_ij G_ij with r, c in W
         "x": (Rm @ W_eff).reshape(3, 2, d_in),
         "b": Rm.sum(0),
@@ -154,13 +172,22 @@ def test_embedding_gradients_equal_the_closed_forms():
 
 # -- groups, clipping, state -------------------------------------------------------------------------------
 
+
 def test_multipliers_get_their_own_weight_decay_and_learning_rate(tok, tmp_path):
-    trainer = make_hf_trainer(tok, tmp_path, regularizers=[{"name": "multipliers", "lr_scale": 3.0}],
-                              max_steps=1, learning_rate=1e-3, weight_decay=0.1)
+    trainer = make_hf_trainer(
+        tok,
+        tmp_path,
+        regularizers=[{"name": "multipliers", "lr_scale": 3.0}],
+        max_steps=1,
+        learning_rate=1e-3,
+        weight_decay=0.1,
+    )
     trainer.create_optimizer()
     name_of = {id(p): n for n, p in trainer.model.named_parameters()}
-    groups = {(g["weight_decay"], g["lr"]): sorted(name_of[id(p)] for p in g["params"])
-              for g in trainer.optimizer.param_groups}
+    groups = {
+        (g["weight_decay"], g["lr"]): sorted(name_of[id(p)] for p in g["params"])
+        for g in trainer.optimizer.param_groups
+    }
     mults = sorted(n for n in name_of.values() if is_multiplier(n))
     assert len(mults) == 2 * (7 * 2 + 1)  # rows + columns of 7 linears x 2 layers and the embedding
     assert groups[(2e-3, 3e-3)] == mults
@@ -198,8 +225,10 @@ def test_global_clip_skips_the_multipliers(tok, tmp_path):
     assert norm > 10 * max_norm and mult_norm > 1e-3
 
     def close(got, factor_others, factor_mult):
-        return all(torch.allclose(got[n], grads[n] * (factor_mult if n in mult else factor_others), rtol=1e-5,
-                                  atol=1e-9) for n in grads)
+        return all(
+            torch.allclose(got[n], grads[n] * (factor_mult if n in mult else factor_others), rtol=1e-5, atol=1e-9)
+            for n in grads
+        )
 
     clipped, metrics = _step_grads(tok, tmp_path / "exclude", trainer_max_grad_norm=max_norm)
     assert metrics["reg/multipliers/grad_norm"] == pytest.approx(norm, rel=1e-5)
@@ -208,12 +237,13 @@ def test_global_clip_skips_the_multipliers(tok, tmp_path):
     assert close(clipped, max_norm / (norm + 1e-6), 1.0)
     assert not close(clipped, max_norm / (norm + 1e-6), max_norm / (norm + 1e-6))
 
-    separate, _ = _step_grads(tok, tmp_path / "separate", trainer_max_grad_norm=max_norm, clip="separate",
-                              max_grad_norm=mult_norm / 4)
+    separate, _ = _step_grads(
+        tok, tmp_path / "separate", trainer_max_grad_norm=max_norm, clip="separate", max_grad_norm=mult_norm / 4
+    )
     assert close(separate, max_norm / (norm + 1e-6), (mult_norm / 4) / (mult_norm + 1e-6))
 
     included, _ = _step_grads(tok, tmp_path / "include", trainer_max_grad_norm=max_norm, clip="include")
-    total = (norm ** 2 + mult_norm ** 2) ** 0.5
+    total = (norm**2 + mult_norm**2) ** 0.5
     assert close(included, max_norm / (total + 1e-6), max_norm / (total + 1e-6))
 
 
@@ -222,8 +252,9 @@ def test_logged_grad_norm_is_the_pre_clip_total_and_is_computed_once(tok, tmp_pa
     multipliers' own clip pass: the trainer's norm pass (accelerate's clip_grad_norm_) does not run."""
     grads, _ = _step_grads(tok, tmp_path / "raw", trainer_max_grad_norm=0.0)
     total = torch.sqrt(sum(g.double().square().sum() for g in grads.values())).item()
-    trainer = make_hf_trainer(tok, tmp_path / "clip", regularizers=[{"name": "multipliers"}], max_steps=1,
-                              max_grad_norm=0.05)
+    trainer = make_hf_trainer(
+        tok, tmp_path / "clip", regularizers=[{"name": "multipliers"}], max_steps=1, max_grad_norm=0.05
+    )
     calls = []
     original = trainer.accelerator.clip_grad_norm_
     trainer.accelerator.clip_grad_norm_ = lambda *a, **k: calls.append(1) or original(*a, **k)
@@ -238,9 +269,17 @@ def test_logged_grad_norm_is_the_pre_clip_total_and_is_computed_once(tok, tmp_pa
 
 def test_clip_leaves_the_updates_of_the_multipliers_unscaled(tok, tmp_path):
     """With plain SGD the multipliers' update is -lr * their raw gradient even when the others are clipped."""
+
     def deltas(out, max_grad_norm):
-        trainer = make_hf_trainer(tok, out, max_steps=1, learning_rate=0.1, optim="sgd", max_grad_norm=max_grad_norm,
-                                  regularizers=[{"name": "multipliers", "weight_decay": 0.0}])
+        trainer = make_hf_trainer(
+            tok,
+            out,
+            max_steps=1,
+            learning_rate=0.1,
+            optim="sgd",
+            max_grad_norm=max_grad_norm,
+            regularizers=[{"name": "multipliers", "weight_decay": 0.0}],
+        )
         before = weights(trainer.model)
         trainer.train()
         return {n: w - before[n] for n, w in weights(trainer.model).items()}
@@ -262,24 +301,28 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tok, tmp_path):
     first = make_hf_trainer(tok, tmp_path / "cut", regularizers=regs, **KW)
     first.add_callback(StopAt(3))
     first.train()
-    resumed = make_hf_trainer(tok, tmp_path / "cut", regularizers=regs, model=tiny_llama(vocab_size=len(tok), seed=7),
-                              **KW)
+    resumed = make_hf_trainer(
+        tok, tmp_path / "cut", regularizers=regs, model=tiny_llama(vocab_size=len(tok), seed=7), **KW
+    )
     resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
     assert losses(full)[3:] == pytest.approx(losses(resumed)[-3:], rel=1e-5, abs=1e-6)
     final = weights(full.model)
     assert max_rel_diff(final, weights(resumed.model)) < 1e-5
     assert max((final[n] - 1).abs().max().item() for n in final if is_multiplier(n)) > 1e-3  # they did move
     # a checkpoint trained with other multipliers is refused
-    other = make_hf_trainer(tok, tmp_path / "cut", regularizers=[{"name": "multipliers",
-                                                                   "placement": "symmetry_aware"}], **KW)
+    other = make_hf_trainer(
+        tok, tmp_path / "cut", regularizers=[{"name": "multipliers", "placement": "symmetry_aware"}], **KW
+    )
     with pytest.raises(Exception, match="lrm_|other multipliers"):
         other.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
 
 
 # -- export ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tie,policy", [(False, "skip"), (True, "skip"), (True, "untie")],
-                         ids=["untied", "tied-skip", "tied-untie"])
+
+@pytest.mark.parametrize(
+    "tie,policy", [(False, "skip"), (True, "skip"), (True, "untie")], ids=["untied", "tied-skip", "tied-untie"]
+)
 def test_export_writes_a_plain_model_with_the_same_logits(tok, tmp_path, tie, policy):
     regs = [{"name": "multipliers", "tied_embeddings": policy}]
     model = tiny_llama(vocab_size=len(tok), seed=0, tie_word_embeddings=tie)
@@ -323,6 +366,7 @@ def test_saved_run_dir_holds_wrapped_weights_and_says_so(tok, tmp_path):
 
 
 # -- errors ---------------------------------------------------------------------------------------------
+
 
 def test_clear_errors():
     with pytest.raises(ConfigError, match=r"placement: expected one of \['all', 'symmetry_aware'"):
@@ -376,8 +420,7 @@ def test_quickstart_recipe_validates(nothing_loads):  # noqa: F811  (the fixture
 
     recipe = load_recipe(QUICKSTART)
     assert recipe.trainer.kind == "hf" and recipe.model.config == {"size": "tiny"}
-    assert recipe.regularizers == [{"name": "multipliers", "placement": "all",
-                                    "weight_decay": 2e-3, "lr_scale": 1.0}]
+    assert recipe.regularizers == [{"name": "multipliers", "placement": "all", "weight_decay": 2e-3, "lr_scale": 1.0}]
     assert recipe.trainer.args["max_grad_norm"] == 1.0 and recipe.trainer.args["weight_decay"] == 0.1
     with pytest.raises(ConfigError, match="placement"):
         load_recipe(QUICKSTART, ["regularizers.0.placement=rows"])
@@ -401,8 +444,9 @@ def test_cli_train_then_export_loads_without_llmreg(tmp_path):
     from transformers import AutoConfig, LlamaForCausalLM
 
     out, plain = tmp_path / "run", tmp_path / "plain"
-    trained = cli("train", QUICKSTART, f"output_dir={out}", "trainer.max_steps=6", "trainer.save_steps=6",
-                  "data.num_examples=64")
+    trained = cli(
+        "train", QUICKSTART, f"output_dir={out}", "trainer.max_steps=6", "trainer.save_steps=6", "data.num_examples=64"
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     exported = cli("export", str(out), str(plain))
     assert exported.returncode == 0, exported.stderr[-3000:]
@@ -417,8 +461,10 @@ def test_cli_train_then_export_loads_without_llmreg(tmp_path):
     ids = _ids(wrapped.config.vocab_size, seed=5)
     script = tmp_path / "load.py"
     script.write_text(NO_LLMREG)
-    loaded = run([sys.executable, str(script), str(plain), json.dumps(ids.tolist()), str(tmp_path / "logits.pt")],
-                 cwd=str(tmp_path))
+    loaded = run(
+        [sys.executable, str(script), str(plain), json.dumps(ids.tolist()), str(tmp_path / "logits.pt")],
+        cwd=str(tmp_path),
+    )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     with torch.no_grad():
         diff = (torch.load(tmp_path / "logits.pt") - wrapped.eval()(input_ids=ids).logits).abs().max().item()
@@ -448,8 +494,22 @@ def test_loading_a_wrapped_model_folder_is_refused_with_the_export_hint(tok, tmp
     with pytest.raises(ConfigError, match=r"holds learnable multipliers .* llmreg export"):
         build_model(recipe, tok, trainer.args)
     suite = os.path.join(REPO, "eval", "suites", "stories260k.yaml")
-    assert main(["eval", "--suite", suite, "--model", str(tmp_path / "final"), "--model", str(tmp_path / "final"),
-                 "--out", str(tmp_path / "ev")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--suite",
+                suite,
+                "--model",
+                str(tmp_path / "final"),
+                "--model",
+                str(tmp_path / "final"),
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 2
+    )
     assert "holds learnable multipliers" in capsys.readouterr().err
     export_plain(str(tmp_path / "final"), str(tmp_path / "plain"))
     recipe = load_recipe(QUICKSTART, [f"model.name_or_path={tmp_path / 'plain'}", "model.config=null"])

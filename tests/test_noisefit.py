@@ -19,6 +19,7 @@ from llmreg.regularizers.noisefit.noise import standard_normal, training_noise_k
 
 # -- explicit reference formulas ------------------------------------------------------------------------------------
 
+
 def lower_median(x: torch.Tensor) -> torch.Tensor:
     return torch.sort(x).values[(x.numel() - 1) // 2]
 
@@ -51,8 +52,9 @@ def batch_with_prompt_mask(tok, rows=3):
 
 
 def fake_trainer(step=5, rank=0, world=1):
-    return SimpleNamespace(state=SimpleNamespace(global_step=step), args=SimpleNamespace(world_size=world,
-                                                                                         process_index=rank))
+    return SimpleNamespace(
+        state=SimpleNamespace(global_step=step), args=SimpleNamespace(world_size=world, process_index=rank)
+    )
 
 
 def prepared(model, selected, **opts):
@@ -64,6 +66,7 @@ def prepared(model, selected, **opts):
 
 
 # -- the noise operator and the SNR ranking -------------------------------------------------------------------------
+
 
 def test_adaptive_noise_equals_token_by_token_formula():
     from llmreg.regularizers.noisefit.noise import adaptive_noise, branch_base
@@ -86,8 +89,10 @@ def test_snr_ranking_equals_explicit_computation(tok):
     model = tiny_llama(vocab_size=len(tok), seed=0, num_hidden_layers=5)
     batch = batch_with_prompt_mask(tok)
     captured = {}
-    handles = [layer.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out.detach()))
-               for i, layer in enumerate(model.model.layers)]
+    handles = [
+        layer.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out.detach()))
+        for i, layer in enumerate(model.model.layers)
+    ]
     with torch.no_grad():
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     for handle in handles:
@@ -97,13 +102,26 @@ def test_snr_ranking_equals_explicit_computation(tok):
     for i in range(5):
         h = captured[i]
         base = sigma * h.flatten().std()
-        noise = sum((explicit_ani(h, standard_normal(h.shape, h.device, "snr", seed, i, k), base) - h).abs().mean()
-                    for k in range(draws)) / draws
+        noise = (
+            sum(
+                (explicit_ani(h, standard_normal(h.shape, h.device, "snr", seed, i, k), base) - h).abs().mean()
+                for k in range(draws)
+            )
+            / draws
+        )
         snr.append((h.abs().mean() / (noise + 1e-6)).item())
     order = sorted(range(5), key=lambda i: -snr[i])
     for select, want in (("high", sorted(order[:2])), ("low", sorted(order[-2:]))):
-        reg = llmreg.build_regularizer({"name": "noisefit", "num_layers": 2, "select": select, "noise_std": sigma,
-                                        "snr_draws": draws, "seed": seed})
+        reg = llmreg.build_regularizer(
+            {
+                "name": "noisefit",
+                "num_layers": 2,
+                "select": select,
+                "noise_std": sigma,
+                "snr_draws": draws,
+                "seed": seed,
+            }
+        )
         reg.setup(model, None)
         assert reg.select(model, batch) == want
         assert reg.snr == pytest.approx(snr, rel=1e-4)
@@ -112,10 +130,25 @@ def test_snr_ranking_equals_explicit_computation(tok):
     with torch.no_grad():
         normed = model.model.norm(captured[4])
     base = sigma * normed.flatten().std()
-    noise = sum((explicit_ani(normed, standard_normal(normed.shape, normed.device, "snr", seed, 4, k), base)
-                 - normed).abs().mean() for k in range(draws)) / draws
-    reg = llmreg.build_regularizer({"name": "noisefit", "num_layers": 2, "noise_std": sigma, "snr_draws": draws,
-                                    "seed": seed, "last_layer_post_norm": True})
+    noise = (
+        sum(
+            (explicit_ani(normed, standard_normal(normed.shape, normed.device, "snr", seed, 4, k), base) - normed)
+            .abs()
+            .mean()
+            for k in range(draws)
+        )
+        / draws
+    )
+    reg = llmreg.build_regularizer(
+        {
+            "name": "noisefit",
+            "num_layers": 2,
+            "noise_std": sigma,
+            "snr_draws": draws,
+            "seed": seed,
+            "last_layer_post_norm": True,
+        }
+    )
     reg.setup(model, None)
     reg.select(model, batch)
     assert reg.snr[:4] == pytest.approx(snr[:4], rel=1e-4)
@@ -123,6 +156,7 @@ def test_snr_ranking_equals_explicit_computation(tok):
 
 
 # -- the hybrid loss --------------------------------------------------------------------------------------------------
+
 
 def explicit_loss(model, batch, selected, step, shard, opts):
     """Three separate forwards (clean, noisy 1, noisy 2) with the explicit operator, then the hybrid formula."""
@@ -134,11 +168,13 @@ def explicit_loss(model, batch, selected, step, shard, opts):
         handles = []
         if branch:
             for layer in selected:
+
                 def hook(m, a, out, layer=layer, branch=branch):
                     eps = standard_normal(out.shape, out.device, *training_noise_key(seed, step, shard, layer, branch))
                     base = sigma * out.detach().flatten().std()
                     noisy = explicit_ani(out, eps, base, beta)
                     return out + (noisy - out).detach() if detach_scale else noisy
+
                 handles.append(model.model.layers[layer].register_forward_hook(hook))
         logits.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float())
         for handle in handles:
@@ -158,13 +194,22 @@ def explicit_loss(model, batch, selected, step, shard, opts):
 
     if detach_teacher:
         p0 = F.softmax(z0.detach() / T, -1)
-        soft = 0.5 * (F.kl_div(F.log_softmax(z1 / T, -1), p0, reduction="none").sum(-1)
-                      + F.kl_div(F.log_softmax(z2 / T, -1), p0, reduction="none").sum(-1)) * T * T
+        soft = (
+            0.5
+            * (
+                F.kl_div(F.log_softmax(z1 / T, -1), p0, reduction="none").sum(-1)
+                + F.kl_div(F.log_softmax(z2 / T, -1), p0, reduction="none").sum(-1)
+            )
+            * T
+            * T
+        )
         cons = F.kl_div(F.log_softmax(z1 / T, -1), F.softmax(z2 / T, -1).detach(), reduction="none").sum(-1)
     else:
         p0 = F.softmax(z0 / T, -1)
-        soft = 0.5 * (F.kl_div(F.log_softmax(z1, -1), p0, reduction="none").sum(-1)
-                      + F.kl_div(F.log_softmax(z2, -1), p0, reduction="none").sum(-1))
+        soft = 0.5 * (
+            F.kl_div(F.log_softmax(z1, -1), p0, reduction="none").sum(-1)
+            + F.kl_div(F.log_softmax(z2, -1), p0, reduction="none").sum(-1)
+        )
         cons = F.kl_div(F.log_softmax(z1, -1), F.softmax(z2, -1), reduction="none").sum(-1)
     alpha, lam = opts.get("alpha", 0.5), opts.get("lam", 0.1)
     return alpha * ce + (1 - alpha) * masked_mean(soft) + lam * masked_mean(cons), masked_mean(soft)
@@ -173,8 +218,13 @@ def explicit_loss(model, batch, selected, step, shard, opts):
 OPTION_SETS = {
     "default": {},
     "v1_quirks": {"noise_std": 0.8, "double_sigma": True, "shift_mask": False, "alpha": 0.3, "lam": 0.5},
-    "v2_detached": {"detach_teacher": True, "detach_noise_scale": True, "temperature": 2.0, "chunk_size": 5,
-                    "recompute_logits": "always"},
+    "v2_detached": {
+        "detach_teacher": True,
+        "detach_noise_scale": True,
+        "temperature": 2.0,
+        "chunk_size": 5,
+        "recompute_logits": "always",
+    },
     "recomputed_chunks": {"recompute_logits": "always", "chunk_size": 4, "noise_std": 0.8},
 }
 
@@ -208,16 +258,20 @@ def test_three_separate_forwards_equal_the_stacked_one(tok, tmp_path):
         model = tiny_llama(vocab_size=len(tok), seed=0, num_hidden_layers=3)
         reg = prepared(model, [0, 2], num_layers=2, noise_std=0.8, pack_branches=pack)
         model.train()
-        loss = reg.training_loss(llmreg.LossContext(model=model, inputs=batch, loss=None, outputs=None,
-                                                    trainer=fake_trainer()))
+        loss = reg.training_loss(
+            llmreg.LossContext(model=model, inputs=batch, loss=None, outputs=None, trainer=fake_trainer())
+        )
         loss.backward()
         results[pack] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
     assert results["never"][0] == pytest.approx(results["auto"][0], rel=1e-6)
     assert max_rel_diff(results["auto"][1], results["never"][1]) < 1e-5
     with pytest.raises(ConfigError, match="gradient checkpointing"):
-        llmreg.RegTrainer(model=tiny_llama(vocab_size=len(tok)), train_dataset=lm_dataset(tok, n=8),
-                          args=hf_args(tmp_path, gradient_checkpointing=True),
-                          regularizers=[{"name": "noisefit", "num_layers": 1, "pack_branches": "never"}])
+        llmreg.RegTrainer(
+            model=tiny_llama(vocab_size=len(tok)),
+            train_dataset=lm_dataset(tok, n=8),
+            args=hf_args(tmp_path, gradient_checkpointing=True),
+            regularizers=[{"name": "noisefit", "num_layers": 1, "pack_branches": "never"}],
+        )
 
 
 def test_prefix_sharing_runs_the_prefix_once_with_the_same_loss_and_gradients(tok):
@@ -231,8 +285,9 @@ def test_prefix_sharing_runs_the_prefix_once_with_the_same_loss_and_gradients(to
         for i, layer in enumerate(model.model.layers):
             layer.register_forward_hook(lambda m, a, out, i=i, seen=seen: seen.__setitem__(i, out.shape[0]))
         model.train()
-        loss = reg.training_loss(llmreg.LossContext(model=model, inputs=batch, loss=None, outputs=None,
-                                                    trainer=fake_trainer()))
+        loss = reg.training_loss(
+            llmreg.LossContext(model=model, inputs=batch, loss=None, outputs=None, trainer=fake_trainer())
+        )
         loss.backward()
         results[share] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, seen)
     assert results[True][2] == {0: rows, 1: 3 * rows, 2: 3 * rows, 3: 3 * rows}  # layer 1's output is noised
@@ -245,8 +300,9 @@ def test_prefix_sharing_is_off_by_default_when_the_prefix_has_dropout(tok, caplo
     assert prepared(tiny_llama(vocab_size=len(tok), num_hidden_layers=3), [1], num_layers=1)._share_prefix
     dropped = tiny_llama(vocab_size=len(tok), num_hidden_layers=3, attention_dropout=0.1)
     assert not prepared(dropped, [1], num_layers=1)._share_prefix
-    assert not prepared(tiny_llama(vocab_size=len(tok), num_hidden_layers=3), [1], num_layers=1,
-                        pack_branches="never")._share_prefix
+    assert not prepared(
+        tiny_llama(vocab_size=len(tok), num_hidden_layers=3), [1], num_layers=1, pack_branches="never"
+    )._share_prefix
     with caplog.at_level("WARNING"):
         assert prepared(dropped, [1], num_layers=1, prefix_sharing=True)._share_prefix
     assert "dropout" in caplog.text
@@ -260,11 +316,15 @@ def test_noise_key_follows_step_and_shard(tok):
     values = {}
     for step, rank, world in ((5, 0, 1), (5, 1, 2), (6, 0, 1)):
         reg._micro = (-1, -1)  # each as the first micro-batch of its step
-        ctx = llmreg.LossContext(model=model, inputs=batch, loss=None, outputs=None, trainer=fake_trainer(step, rank, world))
+        ctx = llmreg.LossContext(
+            model=model, inputs=batch, loss=None, outputs=None, trainer=fake_trainer(step, rank, world)
+        )
         values[(step, rank)] = reg.training_loss(ctx).item()
         assert reg._key == (step, rank)
     reg.post_step(None)
-    assert explicit_loss(model, batch, [1], 5, 1, {"noise_std": 3.0})[0].item() == pytest.approx(values[(5, 1)], rel=1e-5)
+    assert explicit_loss(model, batch, [1], 5, 1, {"noise_std": 3.0})[0].item() == pytest.approx(
+        values[(5, 1)], rel=1e-5
+    )
     assert len(set(values.values())) == 3
     # a second micro-batch of the same step is the next shard: micro * world + rank
     reg._micro = (-1, -1)
@@ -277,8 +337,13 @@ def test_noise_key_follows_step_and_shard(tok):
 def test_hybrid_loss_accumulation_units():
     from llmreg.regularizers.noisefit.loss import hybrid_loss
 
-    sums = {"nll_sum": torch.tensor(12.0), "soft_sum": torch.tensor(3.0), "cons_sum": torch.tensor(6.0),
-            "ce_count": torch.tensor(4), "kl_count": torch.tensor(3)}
+    sums = {
+        "nll_sum": torch.tensor(12.0),
+        "soft_sum": torch.tensor(3.0),
+        "cons_sum": torch.tensor(6.0),
+        "ce_count": torch.tensor(4),
+        "kl_count": torch.tensor(3),
+    }
     plain = hybrid_loss(sums, 0.5, 0.1)
     assert plain["loss"].item() == pytest.approx(0.5 * 3.0 + 0.5 * 1.0 + 0.1 * 2.0)
     scaled = hybrid_loss(sums, 0.5, 0.1, token_mean=lambda total, count: total / 16, ga_divisor=4)
@@ -286,6 +351,7 @@ def test_hybrid_loss_accumulation_units():
 
 
 # -- noise only in training -------------------------------------------------------------------------------------------
+
 
 def test_eval_and_generate_see_the_clean_model(tok, tmp_path):
     batch = batch_with_prompt_mask(tok, rows=2)
@@ -322,9 +388,14 @@ def test_trainer_evaluate_is_unchanged_by_noisefit(tok, tmp_path):
     data = lm_dataset(tok, n=16)
     metrics = []
     for regs in ([], [{"name": "noisefit", "num_layers": 1, "noise_std": 1.0}]):
-        trainer = llmreg.RegTrainer(model=tiny_llama(vocab_size=len(tok), seed=0), args=hf_args(tmp_path, max_steps=1),
-                                    train_dataset=data, eval_dataset=data, regularizers=regs,
-                                    data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+        trainer = llmreg.RegTrainer(
+            model=tiny_llama(vocab_size=len(tok), seed=0),
+            args=hf_args(tmp_path, max_steps=1),
+            train_dataset=data,
+            eval_dataset=data,
+            regularizers=regs,
+            data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        )
         metrics.append(trainer.evaluate()["eval_loss"])
         if regs:
             trainer.reg_stack.regularizers[0]._rows = 4  # even armed, evaluation runs in eval mode under no_grad
@@ -334,6 +405,7 @@ def test_trainer_evaluate_is_unchanged_by_noisefit(tok, tmp_path):
 
 # -- training through the trainers ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("layers", ["", r"layers\.0$"], ids=["snr-choice", "first-layer-then-stacked-inputs"])
 def test_gradient_checkpointing_replays_the_same_noise(tok, tmp_path, layers):
     """Also with the noise on layer 0, where prefix sharing stacks the later layer's mask / positions."""
@@ -341,16 +413,23 @@ def test_gradient_checkpointing_replays_the_same_noise(tok, tmp_path, layers):
 
     results = []
     for gc in (False, True):
-        trainer = llmreg.RegTrainer(model=tiny_llama(vocab_size=len(tok), seed=0), train_dataset=lm_dataset(tok, n=16),
-                                    args=hf_args(tmp_path / str(gc), max_steps=2, gradient_checkpointing=gc),
-                                    data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-                                    regularizers=[{"name": "noisefit", "num_layers": 1, "noise_std": 1.0,
-                                                   "layers": layers}])
+        trainer = llmreg.RegTrainer(
+            model=tiny_llama(vocab_size=len(tok), seed=0),
+            train_dataset=lm_dataset(tok, n=16),
+            args=hf_args(tmp_path / str(gc), max_steps=2, gradient_checkpointing=gc),
+            data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+            regularizers=[{"name": "noisefit", "num_layers": 1, "noise_std": 1.0, "layers": layers}],
+        )
         trainer.train()
         reg = trainer.reg_stack.regularizers[0]
         assert reg._share_prefix and (reg.selected == [0] if layers else True)
-        results.append((losses(trainer), weights(trainer.model),
-                        [h["reg/noisefit/soft"] for h in trainer.state.log_history if "loss" in h]))
+        results.append(
+            (
+                losses(trainer),
+                weights(trainer.model),
+                [h["reg/noisefit/soft"] for h in trainer.state.log_history if "loss" in h],
+            )
+        )
     assert results[0][2][0] > 1e-5  # the noise is doing something
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
     assert max_rel_diff(results[0][1], results[1][1]) < 1e-5
@@ -361,17 +440,37 @@ def test_sft_trains_on_completion_tokens_and_differs_from_plain_sft(tok, tmp_pat
     """alpha = 1, lambda = 0 leaves TRL's completion-only CE, normalised like SFT's own (also over an accumulation
     window: num_items_in_batch)."""
     out = {}
-    for regs in ([], [{"name": "noisefit", "num_layers": 1, "noise_std": 1.0, "alpha": 1.0, "lam": 0.0}],
-                 [{"name": "noisefit", "num_layers": 1, "noise_std": 1.0}]):
-        args = trl.SFTConfig(output_dir=str(tmp_path), max_length=48, learning_rate=1e-2, logging_steps=1, report_to=[],
-                             max_steps=2, use_cpu=True, seed=0, disable_tqdm=True, per_device_train_batch_size=batch,
-                             gradient_accumulation_steps=ga,
-                             save_strategy="no", lr_scheduler_type="constant", optim="sgd", max_grad_norm=0.0)
-        trainer = llmreg.RegSFTTrainer(model=tiny_llama(vocab_size=len(tok), seed=0), args=args, processing_class=tok,
-                                       regularizers=regs,
-                                       train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=16))
+    for regs in (
+        [],
+        [{"name": "noisefit", "num_layers": 1, "noise_std": 1.0, "alpha": 1.0, "lam": 0.0}],
+        [{"name": "noisefit", "num_layers": 1, "noise_std": 1.0}],
+    ):
+        args = trl.SFTConfig(
+            output_dir=str(tmp_path),
+            max_length=48,
+            learning_rate=1e-2,
+            logging_steps=1,
+            report_to=[],
+            max_steps=2,
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=ga,
+            save_strategy="no",
+            lr_scheduler_type="constant",
+            optim="sgd",
+            max_grad_norm=0.0,
+        )
+        trainer = llmreg.RegSFTTrainer(
+            model=tiny_llama(vocab_size=len(tok), seed=0),
+            args=args,
+            processing_class=tok,
+            regularizers=regs,
+            train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=16),
+        )
         trainer.train()
-        out[len(regs) and (regs[0].get("alpha"), )] = (losses(trainer), weights(trainer.model))
+        out[len(regs) and (regs[0].get("alpha"),)] = (losses(trainer), weights(trainer.model))
     plain, ce_only, hybrid = out[0], out[(1.0,)], out[(None,)]
     # alpha = 1, lambda = 0 is plain SFT's completion-only CE: the same losses and updates as TRL's fused head
     assert ce_only[0] == pytest.approx(plain[0], rel=1e-4)
@@ -381,6 +480,7 @@ def test_sft_trains_on_completion_tokens_and_differs_from_plain_sft(tok, tmp_pat
 
 
 # -- errors and internals ---------------------------------------------------------------------------------------------
+
 
 def test_clear_errors(tok, tmp_path):
     model = tiny_llama(vocab_size=len(tok), seed=0)  # 2 decoder layers
@@ -422,16 +522,23 @@ def test_only_one_regularizer_may_replace_the_loss():
 
 def test_label_smoothing_is_refused(tok, tmp_path):
     with pytest.raises(ConfigError, match="label_smoothing_factor"):
-        llmreg.RegTrainer(model=tiny_llama(vocab_size=len(tok)), train_dataset=lm_dataset(tok, n=8),
-                          args=hf_args(tmp_path, label_smoothing_factor=0.1),
-                          regularizers=[{"name": "noisefit", "num_layers": 1}])
+        llmreg.RegTrainer(
+            model=tiny_llama(vocab_size=len(tok)),
+            train_dataset=lm_dataset(tok, n=8),
+            args=hf_args(tmp_path, label_smoothing_factor=0.1),
+            regularizers=[{"name": "noisefit", "num_layers": 1}],
+        )
 
 
 def test_hf_calibration_batch_is_a_seeded_training_batch(tok, tmp_path):
     """Pins the Trainer internals the SNR batch uses (`_remove_unused_columns`, `_prepare_inputs`)."""
     args = trl.SFTConfig(output_dir=str(tmp_path), max_length=48, report_to=[], use_cpu=True, max_steps=1)
-    trainer = llmreg.RegSFTTrainer(model=tiny_llama(vocab_size=len(tok)), args=args, processing_class=tok,
-                                   train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=16))
+    trainer = llmreg.RegSFTTrainer(
+        model=tiny_llama(vocab_size=len(tok)),
+        args=args,
+        processing_class=tok,
+        train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=16),
+    )
     one = hf_integration.calibration_batch(trainer, 4, torch.Generator().manual_seed(1))
     two = hf_integration.calibration_batch(trainer, 4, torch.Generator().manual_seed(1))
     assert {"input_ids", "labels"} <= set(one) and one["input_ids"].shape[0] == 4
@@ -465,14 +572,17 @@ def test_shipped_recipe_validates_and_bad_options_fail():
 
 # -- v2 calibration ---------------------------------------------------------------------------------------------------
 
+
 def explicit_policy(kl, dce, clean_ce, factors, hidden, max_ratio, prior, frac, bands):
     import math
 
     num_layers, num_scales = len(kl), len(factors)
     score, valid = [], []
     for l in range(num_layers):
-        raw = [kl[l][j] / (1 + dce[l][j] / abs(clean_ce)) / (1 + prior * math.log2(factors[j]) ** 2)
-               for j in range(num_scales)]
+        raw = [
+            kl[l][j] / (1 + dce[l][j] / abs(clean_ce)) / (1 + prior * math.log2(factors[j]) ** 2)
+            for j in range(num_scales)
+        ]
         ok = [dce[l][j] / abs(clean_ce) <= max_ratio for j in range(num_scales)]
         score.append([raw[j] if ok[j] else -math.inf for j in range(num_scales)] if any(ok) else raw)
         valid.append(ok)
@@ -488,7 +598,7 @@ def explicit_policy(kl, dce, clean_ce, factors, hidden, max_ratio, prior, frac, 
         picked = []
         for band in range(bands):
             lo, hi = math.floor(band * num_layers / bands), math.floor((band + 1) * num_layers / bands)
-            picked += [l for l in by_score if lo <= l < hi][:math.ceil(cap / bands)]
+            picked += [l for l in by_score if lo <= l < hi][: math.ceil(cap / bands)]
         picked += [l for l in by_score if l not in picked]
         selected = sorted(picked[:cap])
     best_kl = [kl[l][max(range(num_scales), key=lambda j: score[l][j])] for l in selected]
@@ -538,15 +648,22 @@ def test_v2_calibration_grid_equals_explicit_kl_and_ce(tok, tmp_path):
         clean_ce = F.cross_entropy(clean[mask], labels[:, 1:][mask])
         for layer in (0, 2):
             for j, factor in enumerate((0.5, 4.0, 16.0)):
+
                 def hook(m, a, out, layer=layer, j=j, factor=factor):
                     eps = standard_normal(out.shape, out.device, "probe", 0, 0, layer, j)
-                    return explicit_ani(out, eps, factor / 64 ** 0.5)
+                    return explicit_ani(out, eps, factor / 64**0.5)
+
                 handle = model.model.layers[layer].register_forward_hook(hook)
                 noisy = model(**inputs).logits[:, :-1].float()
                 handle.remove()
                 lp, lq = F.log_softmax(clean[mask], -1), F.log_softmax(noisy[mask], -1)
-                sym = 0.5 * (F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
-                             + F.kl_div(lp, lq, log_target=True, reduction="none").sum(-1)).mean()
+                sym = (
+                    0.5
+                    * (
+                        F.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
+                        + F.kl_div(lp, lq, log_target=True, reduction="none").sum(-1)
+                    ).mean()
+                )
                 dce = (F.cross_entropy(noisy[mask], labels[:, 1:][mask]) - clean_ce).clamp(min=0)
                 assert reg.policy["kl"][layer][j] == pytest.approx(sym.item(), rel=1e-4, abs=1e-9)
                 assert reg.policy["ce_delta"][layer][j] == pytest.approx(dce.item(), rel=1e-3, abs=1e-6)
@@ -561,8 +678,9 @@ def test_v2_trains_writes_its_policy_and_resumes_with_it(tok, tmp_path):
     from conftest import make_hf_trainer
 
     model = tiny_llama(vocab_size=len(tok), seed=0, num_hidden_layers=4)
-    trainer = make_hf_trainer(tok, tmp_path, regularizers=[{"name": "noisefit", "version": "v2"}], model=model,
-                              max_steps=2)
+    trainer = make_hf_trainer(
+        tok, tmp_path, regularizers=[{"name": "noisefit", "version": "v2"}], model=model, max_steps=2
+    )
     trainer.train()
     reg = trainer.reg_stack.regularizers[0]
     policy = json.load(open(tmp_path / "auto_noise_policy.json"))
@@ -586,16 +704,27 @@ def test_core_training_loss_hook_in_host_units_reproduces_the_host(tok, tmp_path
         def training_loss(self, ctx):
             logits = ctx.model(**{k: v for k, v in ctx.inputs.items() if k != "labels"}).logits.float()
             labels = ctx.inputs["labels"][:, 1:]
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                  ignore_index=-100, reduction="sum")
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
             return ctx.token_mean(nll, (labels != -100).sum())
 
     results = {}
     for name, regs in (("host", []), ("hook", [PlainCE()])):
-        trainer = llmreg.RegTrainer(model=tiny_llama(vocab_size=len(tok), seed=0), train_dataset=lm_dataset(tok, n=16),
-                                    args=hf_args(tmp_path / name, max_steps=2, per_device_train_batch_size=2,
-                                                 gradient_accumulation_steps=2, optim="sgd", max_grad_norm=0.0),
-                                    data_collator=DataCollatorForLanguageModeling(tok, mlm=False), regularizers=regs)
+        trainer = llmreg.RegTrainer(
+            model=tiny_llama(vocab_size=len(tok), seed=0),
+            train_dataset=lm_dataset(tok, n=16),
+            args=hf_args(
+                tmp_path / name,
+                max_steps=2,
+                per_device_train_batch_size=2,
+                gradient_accumulation_steps=2,
+                optim="sgd",
+                max_grad_norm=0.0,
+            ),
+            data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+            regularizers=regs,
+        )
         trainer.train()
         results[name] = (losses(trainer), weights(trainer.model))
     assert results["hook"][0] == pytest.approx(results["host"][0], rel=1e-5)

@@ -12,29 +12,55 @@ import llmreg
 from llmreg.data import build_char_tokenizer, make_builtin_dataset, tiny_llama
 
 STEPS = 4
-COMMON = dict(max_steps=STEPS, learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-              report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True)
+COMMON = dict(
+    max_steps=STEPS,
+    learning_rate=5e-3,
+    lr_scheduler_type="constant",
+    logging_steps=1,
+    save_strategy="no",
+    report_to=[],
+    use_cpu=True,
+    seed=0,
+    data_seed=0,
+    disable_tqdm=True,
+)
 
 
 def _hf(cls, out, tok, extra):
     from conftest import lm_dataset
 
     args = transformers.TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, **COMMON)
-    return cls(model=tiny_llama(vocab_size=len(tok)), args=args, train_dataset=lm_dataset(tok),
-               data_collator=transformers.DataCollatorForLanguageModeling(tok, mlm=False), **extra)
+    return cls(
+        model=tiny_llama(vocab_size=len(tok)),
+        args=args,
+        train_dataset=lm_dataset(tok),
+        data_collator=transformers.DataCollatorForLanguageModeling(tok, mlm=False),
+        **extra,
+    )
 
 
 def _sft(cls, out, tok, extra):
     args = trl.SFTConfig(output_dir=str(out), per_device_train_batch_size=4, max_length=64, **COMMON)
-    return cls(model=tiny_llama(vocab_size=len(tok)), args=args, processing_class=tok,
-               train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=32), **extra)
+    return cls(
+        model=tiny_llama(vocab_size=len(tok)),
+        args=args,
+        processing_class=tok,
+        train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=32),
+        **extra,
+    )
 
 
 def _dpo(cls, out, tok, extra):
     args = trl.DPOConfig(output_dir=str(out), per_device_train_batch_size=4, max_length=64, **COMMON)
     # an unsaved model has no path TRL could rebuild the reference from: pass the same init explicitly
-    return cls(model=tiny_llama(vocab_size=len(tok)), ref_model=tiny_llama(vocab_size=len(tok)), args=args,
-               processing_class=tok, train_dataset=make_builtin_dataset(format="preference", num_examples=32), **extra)
+    return cls(
+        model=tiny_llama(vocab_size=len(tok)),
+        ref_model=tiny_llama(vocab_size=len(tok)),
+        args=args,
+        processing_class=tok,
+        train_dataset=make_builtin_dataset(format="preference", num_examples=32),
+        **extra,
+    )
 
 
 def digit_count_reward(completions, **_):
@@ -43,10 +69,22 @@ def digit_count_reward(completions, **_):
 
 
 def _grpo(cls, out, tok, extra):
-    args = trl.GRPOConfig(output_dir=str(out), per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
-                          beta=0.0, **COMMON)
-    return cls(model=tiny_llama(vocab_size=len(tok)), args=args, processing_class=tok, reward_funcs=digit_count_reward,
-               train_dataset=make_builtin_dataset(format="prompt_only", num_examples=32), **extra)
+    args = trl.GRPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=6,
+        beta=0.0,
+        **COMMON,
+    )
+    return cls(
+        model=tiny_llama(vocab_size=len(tok)),
+        args=args,
+        processing_class=tok,
+        reward_funcs=digit_count_reward,
+        train_dataset=make_builtin_dataset(format="prompt_only", num_examples=32),
+        **extra,
+    )
 
 
 CASES = {

@@ -25,14 +25,33 @@ PRETRAIN = os.path.join(REPO, "recipes", "pretrain")
 def tiny_pretrain(out_dir, **extra) -> dict:
     """A pretrain recipe small enough to train in about a second."""
     raw = {
-        "model": {"config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                             "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}},
+        "model": {
+            "config": {
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 64,
+            }
+        },
         "tokenizer": {"name_or_path": TOKENIZER},
-        "data": {"train": {"path": TEXT, "max_examples": 60},
-                 "pretrain": {"block_size": 16, "token_budget": 512, "validation_fraction": 0.2}},
-        "trainer": {"kind": "hf", "num_train_epochs": 1, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
-                    "lr_scheduler_type": "cosine", "weight_decay": 0.4, "save_strategy": "no",
-                    "eval_strategy": "no", "disable_tqdm": True, "logging_steps": 1000},
+        "data": {
+            "train": {"path": TEXT, "max_examples": 60},
+            "pretrain": {"block_size": 16, "token_budget": 512, "validation_fraction": 0.2},
+        },
+        "trainer": {
+            "kind": "hf",
+            "num_train_epochs": 1,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 3e-3,
+            "lr_scheduler_type": "cosine",
+            "weight_decay": 0.4,
+            "save_strategy": "no",
+            "eval_strategy": "no",
+            "disable_tqdm": True,
+            "logging_steps": 1000,
+        },
         "regularizers": [{"name": "weight_decay", "no_decay": ["norm", "bias$"]}],
         "output_dir": str(out_dir),
         "seed": 0,
@@ -60,8 +79,11 @@ def nothing_loads(monkeypatch):
     for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
         monkeypatch.setattr(cls, "from_pretrained", boom)
         monkeypatch.setattr(cls, "from_config", boom, raising=False)
-    for module, name in ((llmreg.recipe.build, "build_model"), (llmreg.recipe.build, "build_tokenizer"),
-                         (llmreg.pretrain.data, "pretrain_blocks")):
+    for module, name in (
+        (llmreg.recipe.build, "build_model"),
+        (llmreg.recipe.build, "build_tokenizer"),
+        (llmreg.pretrain.data, "pretrain_blocks"),
+    ):
         monkeypatch.setattr(module, name, boom)
 
 
@@ -75,6 +97,7 @@ def tokenizer():
 
 
 # -- data --------------------------------------------------------------------------------------------
+
 
 def test_pack_keeps_the_budget_in_order_and_drops_the_remainder():
     from llmreg.pretrain.data import pack
@@ -110,7 +133,7 @@ def test_build_gives_the_packed_budget_and_labels_equal_ids(tmp_path, tokenizer)
     stream = [t for d in ids[:-held] for t in d][:512]
     assert train.shape == (32, 16) and train.reshape(-1).tolist() == stream
     val_stream = [t for d in ids[-held:] for t in d]
-    assert val.reshape(-1).tolist() == val_stream[:len(val_stream) // 16 * 16]
+    assert val.reshape(-1).tolist() == val_stream[: len(val_stream) // 16 * 16]
     batch = collate_blocks([{"input_ids": train[0]}, {"input_ids": train[1]}])
     assert torch.equal(batch["labels"], batch["input_ids"]) and batch["input_ids"].shape == (2, 16)
 
@@ -122,16 +145,19 @@ def test_recipes_validate_and_round_trip():
     assert again.to_dict() == recipe.to_dict()
 
 
-@pytest.mark.parametrize("override,message", [
-    ("data.pretrain.blok_size=8", "data.pretrain: unknown key 'blok_size'; did you mean 'block_size'?"),
-    ("data.train=missing/stories.txt", "data.train: data file not found: missing/stories.txt"),
-    ("data.pretrain.token_budget=4", "token_budget: 4 is less than one block"),
-    ("data.pretrain.validation_fraction=1.0", "validation_fraction: must be in [0, 1)"),
-    ("trainer.kind=sft", "pre-training runs with trainer kind 'hf', not 'sft'"),
-    ("trainer.optim=adafactor", "decoupled AdamW weight decay, got 'adafactor'"),
-    ("trainer.weight_decay=lots", "trainer.weight_decay: expected float, got 'lots'"),
-    ("data.pretrain.synthetic={teachers: [missing/teacher]}", "teachers[0]: no model folder (config.json)"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.pretrain.blok_size=8", "data.pretrain: unknown key 'blok_size'; did you mean 'block_size'?"),
+        ("data.train=missing/stories.txt", "data.train: data file not found: missing/stories.txt"),
+        ("data.pretrain.token_budget=4", "token_budget: 4 is less than one block"),
+        ("data.pretrain.validation_fraction=1.0", "validation_fraction: must be in [0, 1)"),
+        ("trainer.kind=sft", "pre-training runs with trainer kind 'hf', not 'sft'"),
+        ("trainer.optim=adafactor", "decoupled AdamW weight decay, got 'adafactor'"),
+        ("trainer.weight_decay=lots", "trainer.weight_decay: expected float, got 'lots'"),
+        ("data.pretrain.synthetic={teachers: [missing/teacher]}", "teachers[0]: no model folder (config.json)"),
+    ],
+)
 def test_bad_pretrain_input_fails_before_anything_loads(nothing_loads, override, message):
     with pytest.raises(ConfigError) as err:
         load_recipe(os.path.join(PRETRAIN, "tiny.yaml"), [override])
@@ -155,9 +181,16 @@ def test_cluster_recipes_and_every_row_of_the_paper_table_validate():
             if column not in row:
                 continue
             epochs, lr, wd = row[column]
-            recipe = load_recipe(path, [*local, f"data.pretrain.token_budget={table['budgets'][row['tokens']]}",
-                                        f"trainer.num_train_epochs={epochs}", f"trainer.learning_rate={lr}",
-                                        f"trainer.weight_decay={wd}"])
+            recipe = load_recipe(
+                path,
+                [
+                    *local,
+                    f"data.pretrain.token_budget={table['budgets'][row['tokens']]}",
+                    f"trainer.num_train_epochs={epochs}",
+                    f"trainer.learning_rate={lr}",
+                    f"trainer.weight_decay={wd}",
+                ],
+            )
             assert recipe.trainer.args["weight_decay"] == wd and recipe.data.pretrain.block_size == 4096
             checked += 1
         if "member" in row:  # the paper's member rule: 2x epochs, 1/2 weight decay, the same lr
@@ -167,20 +200,27 @@ def test_cluster_recipes_and_every_row_of_the_paper_table_validate():
     # 64 x 4,096 tokens per step: the budgets are 800 / 1,600 / 3,200 / 6,400 base steps
     assert [b // (64 * 4096) for b in table["budgets"].values()] == [800, 1600, 3200, 6400]
     base = load_recipe(os.path.join(PRETRAIN, "dclm_300m.yaml"), local)
-    assert (base.trainer.args["num_train_epochs"], base.trainer.args["learning_rate"],
-            base.trainer.args["weight_decay"]) == tuple(table["rows"][1]["regularized"])
+    assert (
+        base.trainer.args["num_train_epochs"],
+        base.trainer.args["learning_rate"],
+        base.trainer.args["weight_decay"],
+    ) == tuple(table["rows"][1]["regularized"])
 
 
 # -- sweep: grid checks ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("grid,message", [
-    (["trainer.weight_decay="], "no values for 'trainer.weight_decay'"),
-    (["trainer.weight_decay=0.1,,0.4"], "empty value in the list"),
-    (["trainer.weight_decay"], "expected key=v1,v2"),
-    (["trainer.weight_decay=0.1", "trainer.weight_decay=0.4"], "given twice"),
-    (["output_dir=a,b"], "set by the sweep itself"),
-    (["trainer.weight_decay=0.1,0.1"], "a value is repeated"),
-])
+
+@pytest.mark.parametrize(
+    "grid,message",
+    [
+        (["trainer.weight_decay="], "no values for 'trainer.weight_decay'"),
+        (["trainer.weight_decay=0.1,,0.4"], "empty value in the list"),
+        (["trainer.weight_decay"], "expected key=v1,v2"),
+        (["trainer.weight_decay=0.1", "trainer.weight_decay=0.4"], "given twice"),
+        (["output_dir=a,b"], "set by the sweep itself"),
+        (["trainer.weight_decay=0.1,0.1"], "a value is repeated"),
+    ],
+)
 def test_parse_grid_refuses_bad_axes(grid, message):
     from llmreg.pretrain.sweep import parse_grid
 
@@ -188,11 +228,14 @@ def test_parse_grid_refuses_bad_axes(grid, message):
         parse_grid(grid)
 
 
-@pytest.mark.parametrize("grid,message", [
-    (["trainer.wieght_decay=0.1,0.4"], "trainer: unknown key 'wieght_decay'; did you mean 'weight_decay'?"),
-    (["trainer.weight_decay=0.1,big"], "trainer.weight_decay: expected float, got 'big'"),
-    (["trainer.num_train_epochs=4,8", "data.pretrain.blocksize=64"], "did you mean 'block_size'?"),
-])
+@pytest.mark.parametrize(
+    "grid,message",
+    [
+        (["trainer.wieght_decay=0.1,0.4"], "trainer: unknown key 'wieght_decay'; did you mean 'weight_decay'?"),
+        (["trainer.weight_decay=0.1,big"], "trainer.weight_decay: expected float, got 'big'"),
+        (["trainer.num_train_epochs=4,8", "data.pretrain.blocksize=64"], "did you mean 'block_size'?"),
+    ],
+)
 def test_bad_grid_fails_before_any_model_loads(nothing_loads, tmp_path, grid, message):
     from llmreg.pretrain.sweep import plan_sweep
 
@@ -204,8 +247,17 @@ def test_bad_grid_fails_before_any_model_loads(nothing_loads, tmp_path, grid, me
 def test_cli_sweep_bad_grid_exits_2(nothing_loads, tmp_path, capsys):
     from llmreg.cli import main
 
-    code = main(["sweep", os.path.join(PRETRAIN, "tiny.yaml"), "--out", str(tmp_path), "--grid",
-                 "trainer.weight_decay=0.1,0.4", "trainer.num_train_epoch=4,8"])
+    code = main(
+        [
+            "sweep",
+            os.path.join(PRETRAIN, "tiny.yaml"),
+            "--out",
+            str(tmp_path),
+            "--grid",
+            "trainer.weight_decay=0.1,0.4",
+            "trainer.num_train_epoch=4,8",
+        ]
+    )
     assert code == 2
     assert "did you mean 'num_train_epochs'?" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
@@ -213,34 +265,52 @@ def test_cli_sweep_bad_grid_exits_2(nothing_loads, tmp_path, capsys):
 
 # -- sweep: certificate ------------------------------------------------------------------------------
 
+
 def test_certificate_checks_the_axis_neighbours():
     from llmreg.pretrain.sweep import certificate, format_table, summarize
 
     axes = [("wd", [0.4, 0.1, 1.6]), ("epochs", [4, 8, 16])]  # given unsorted: neighbours follow value order
     # losses[(i, j)] for wd index i (0.4, 0.1, 1.6) and epochs index j
-    losses = {(1, 0): 3.0, (1, 1): 2.9, (1, 2): 2.95,
-              (0, 0): 2.8, (0, 1): 2.5, (0, 2): 2.6,
-              (2, 0): 2.9, (2, 1): 2.7, (2, 2): 2.55}
+    losses = {
+        (1, 0): 3.0,
+        (1, 1): 2.9,
+        (1, 2): 2.95,
+        (0, 0): 2.8,
+        (0, 1): 2.5,
+        (0, 2): 2.6,
+        (2, 0): 2.9,
+        (2, 1): 2.7,
+        (2, 2): 2.55,
+    }
     info = summarize(axes, losses)
     assert info["best"] == (0, 1) and info["certificate"]["certified"]
     assert {(c["axis"], c["value"]) for c in info["certificate"]["neighbours"]} == {
-        ("wd", 0.1), ("wd", 1.6), ("epochs", 4), ("epochs", 16)}
+        ("wd", 0.1),
+        ("wd", 1.6),
+        ("epochs", 4),
+        ("epochs", 16),
+    }
     assert info["certificate"]["edges"] == []
     # (2, 2) = wd 1.6, 16 epochs: its neighbours (wd 0.4, 16) = 2.6 and (1.6, 8) = 2.7 are worse: a local minimum
     assert sorted(info["local_minima"]) == [(0, 1), (2, 2)]
-    assert certificate(axes, losses, (2, 2))["edges"] == [{"axis": "wd", "side": "high"},
-                                                          {"axis": "epochs", "side": "high"}]
+    assert certificate(axes, losses, (2, 2))["edges"] == [
+        {"axis": "wd", "side": "high"},
+        {"axis": "epochs", "side": "high"},
+    ]
     # a missing neighbour leaves the best unproven; a better one refutes a point
     partial = dict(losses)
     partial[(2, 1)] = None
     cert = certificate(axes, partial, (0, 1))
-    assert not cert["certified"] and {"axis": "wd", "value": 1.6, "loss": None, "status": "missing"} in cert["neighbours"]
+    assert (
+        not cert["certified"] and {"axis": "wd", "value": 1.6, "loss": None, "status": "missing"} in cert["neighbours"]
+    )
     assert any(c["status"] == "better" for c in certificate(axes, losses, (1, 1))["neighbours"])
     table = format_table(axes, losses, (0, 1))
     assert table.splitlines()[2].startswith("| 0.1 |") and "**2.5000**" in table.splitlines()[3]
 
 
 # -- sweep: runs and resume --------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
@@ -286,8 +356,10 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
     model = load_members([os.path.join(point.run_dir, "final")])[0]
     assert validation_loss(model, val) == pytest.approx(point.result["eval_loss"], rel=1e-5)
     # a third invocation has nothing to do; a different recipe in the same folder is refused
-    assert run_sweep(plan_sweep(recipe_path, [], grid, out=str(out)), train_fn=counting,
-                     say=lambda *a: None) and len(again) == 2
+    assert (
+        run_sweep(plan_sweep(recipe_path, [], grid, out=str(out)), train_fn=counting, say=lambda *a: None)
+        and len(again) == 2
+    )
     with pytest.raises(ConfigError, match="holds a run of a different recipe"):
         plan_sweep(recipe_path, ["trainer.learning_rate=1e-3"], grid, out=str(out))
 
@@ -308,16 +380,17 @@ def test_data_order_depends_on_the_seed_only(tmp_path):
 
 # -- fits --------------------------------------------------------------------------------------------
 
+
 def test_power_law_fit_recovers_parameters_and_keeps_them_non_negative():
     from llmreg.pretrain.fit import fit_power_law
 
     n = np.array([0.15, 0.3, 0.6, 1.4])
-    law = fit_power_law(n, 0.5 / n ** 1.02 + 3.43)
+    law = fit_power_law(n, 0.5 / n**1.02 + 3.43)
     assert (law.A, law.alpha, law.E) == pytest.approx((0.5, 1.02, 3.43), rel=1e-4)
     assert law.inverse(3.43 + 0.5) == pytest.approx(1.0, rel=1e-4) and law.inverse(3.0) == math.inf
     k = np.array([1, 2, 3, 4, 5, 8])
     rng = np.random.default_rng(0)
-    noisy = 0.3 / k ** 0.8 + 3.3 + rng.normal(0, 1e-3, len(k))
+    noisy = 0.3 / k**0.8 + 3.3 + rng.normal(0, 1e-3, len(k))
     law = fit_power_law(k, noisy)
     assert law.E == pytest.approx(3.3, abs=0.02) and law.alpha == pytest.approx(0.8, abs=0.15)
     # data falling towards a negative asymptote: the bound E >= 0 holds and beats any E < 0 fit in the bounds
@@ -328,6 +401,7 @@ def test_power_law_fit_recovers_parameters_and_keeps_them_non_negative():
 
 
 # -- ensembles ---------------------------------------------------------------------------------------
+
 
 def _two_members():
     from llmreg.data import tiny_llama
@@ -354,10 +428,12 @@ def test_ensemble_loss_equals_the_hand_computation():
     mix = (p1 + p2) / 2
     hand_probs = -torch.log(mix.gather(-1, targets[..., None])).mean().item()
     member_losses = [validation_loss(m, blocks, batch_size=2) for m in members]
-    assert validation_loss(EnsembleCausalLM(members, "logits"), blocks, batch_size=2) == pytest.approx(hand_logits,
-                                                                                                        rel=1e-5)
-    assert validation_loss(EnsembleCausalLM(members, "probs"), blocks, batch_size=2) == pytest.approx(hand_probs,
-                                                                                                       rel=1e-5)
+    assert validation_loss(EnsembleCausalLM(members, "logits"), blocks, batch_size=2) == pytest.approx(
+        hand_logits, rel=1e-5
+    )
+    assert validation_loss(EnsembleCausalLM(members, "probs"), blocks, batch_size=2) == pytest.approx(
+        hand_probs, rel=1e-5
+    )
     assert hand_logits != pytest.approx(hand_probs, rel=1e-6)
     assert hand_probs <= sum(member_losses) / 2  # a mixture is never worse than the mean member
     single = -torch.log(p1.gather(-1, targets[..., None])).mean().item()
@@ -454,12 +530,12 @@ def test_ensemble_lm_eval_matches_members(tmp_path, tokenizer):
 
 # -- distillation ------------------------------------------------------------------------------------
 
+
 def test_logit_average_sampling_draws_from_the_mean_logits():
     from llmreg.pretrain.distill import sample_sequences
 
     members = _two_members()
-    got = sample_sequences(members, num=3, length=6, bos_id=1, generator=torch.Generator().manual_seed(5),
-                           batch_size=3)
+    got = sample_sequences(members, num=3, length=6, bos_id=1, generator=torch.Generator().manual_seed(5), batch_size=3)
     # the same draws by hand: full forward passes (no cache), softmax of the mean logits, one multinomial per step
     gen = torch.Generator().manual_seed(5)
     seq = torch.full((3, 1), 1, dtype=torch.long)
@@ -474,8 +550,9 @@ def test_pooled_corpus_takes_equal_shares_and_mix_has_the_synthetic_fraction():
     from llmreg.pretrain.distill import generate_corpus, mix_blocks
 
     rows = generate_corpus(_two_members(), num=5, length=4, bos_id=1, sampling="pooled", seed=0)
-    assert [r["teacher"] for r in rows] == [0, 0, 0, 1, 1] and all(len(r["ids"]) == 4 and r["ids"][0] == 1
-                                                                   for r in rows)
+    assert [r["teacher"] for r in rows] == [0, 0, 0, 1, 1] and all(
+        len(r["ids"]) == 4 and r["ids"][0] == 1 for r in rows
+    )
     real = np.arange(12, dtype=np.int32).reshape(6, 2)
     synthetic = [[100, 101], [102, 103], [104, 105], [106, 107]]
     mixed = mix_blocks(real, synthetic, fraction=0.75, seed=0)
@@ -498,12 +575,21 @@ def test_distill_recipe_generates_once_and_trains_on_the_mix(tmp_path, tokenizer
         teachers.append(str(path))
     with pytest.raises(ConfigError, match="train the teacher first"):
         load_recipe(os.path.join(PRETRAIN, "distill.yaml"), [f"data.pretrain.synthetic.teachers=[{tmp_path}/none]"])
-    small = ["model.config.hidden_size=16", "model.config.intermediate_size=32", "model.config.num_hidden_layers=1",
-             "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2",
-             "data.pretrain.block_size=16", "data.pretrain.token_budget=256",
-             f"data.train={{path: {TEXT}, max_examples: 40}}", "data.pretrain.synthetic.num_sequences=10",
-             f"data.pretrain.synthetic.teachers=[{teachers[0]}, {teachers[1]}]", f"output_dir={tmp_path / 'student'}",
-             "trainer.num_train_epochs=1", "trainer.disable_tqdm=true"]
+    small = [
+        "model.config.hidden_size=16",
+        "model.config.intermediate_size=32",
+        "model.config.num_hidden_layers=1",
+        "model.config.num_attention_heads=2",
+        "model.config.num_key_value_heads=2",
+        "data.pretrain.block_size=16",
+        "data.pretrain.token_budget=256",
+        f"data.train={{path: {TEXT}, max_examples: 40}}",
+        "data.pretrain.synthetic.num_sequences=10",
+        f"data.pretrain.synthetic.teachers=[{teachers[0]}, {teachers[1]}]",
+        f"output_dir={tmp_path / 'student'}",
+        "trainer.num_train_epochs=1",
+        "trainer.disable_tqdm=true",
+    ]
     recipe = load_recipe(os.path.join(PRETRAIN, "distill.yaml"), small)
     run = build_run(recipe)
     assert len(run.trainer.train_dataset) == 16 + 48  # 16 real blocks, 0.75 / 0.25 x 16 synthetic
@@ -529,8 +615,8 @@ def test_joint_asymptote_and_data_efficiency():
     sizes = {0.15: 3.6, 0.3: 3.45, 0.6: 3.37, 1.4: 3.31}
     e_star = 3.17
     # E_N built from a size law with asymptote 3.17, then each ensemble curve approaches its E_N
-    e_n = {n: 0.05 / n ** 1.0 + e_star for n in sizes}
-    data = {n: (k, 0.2 / k ** 0.9 + e_n[n]) for n in sizes}
+    e_n = {n: 0.05 / n**1.0 + e_star for n in sizes}
+    data = {n: (k, 0.2 / k**0.9 + e_n[n]) for n in sizes}
     out = joint_asymptote(data)
     assert out["E_star"] == pytest.approx(e_star, rel=1e-3)
     assert [out["per_size"][n]["E"] for n in sorted(sizes)] == pytest.approx([e_n[n] for n in sorted(sizes)], rel=1e-4)

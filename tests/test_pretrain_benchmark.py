@@ -43,8 +43,10 @@ def test_smoke_run_writes_everything_into_the_tmp_dir(tmp_path):
     assert ens["K"] == [1, 2] and ens["member_epochs"] == 2 * base["best"]["epochs"]
     assert ens["member_weight_decay"] == base["best"]["weight_decay"] / 2
     tuned = base["ensembles"]["tuned"]
-    assert (tuned["member_epochs"], tuned["member_weight_decay"]) == (base["best"]["epochs"],
-                                                                     base["best"]["weight_decay"])
+    assert (tuned["member_epochs"], tuned["member_weight_decay"]) == (
+        base["best"]["epochs"],
+        base["best"]["weight_decay"],
+    )
     assert tuned["member_losses"][0] == base["best"]["eval_loss"]  # member 0 is the grid's best run
     for e in (ens, tuned):
         assert e["logits"][0] == pytest.approx(e["member_losses"][0], rel=1e-5)  # K=1 is member 0's own loss
@@ -78,8 +80,16 @@ def test_smoke_needs_a_tmp_out_and_unknown_variants_fail_before_training(tmp_pat
 
 def test_merge_adds_a_variant_and_refuses_other_settings():
     module = load_script()
-    old = {"budget_tokens": 10, "grid": {"weight_decay": [0.1]}, "model": {"h": 1}, "block_size": 8,
-           "learning_rate": 0.003, "variants": {"baseline": {"x": 1}}, "command": "a", "total_seconds": 1.0}
+    old = {
+        "budget_tokens": 10,
+        "grid": {"weight_decay": [0.1]},
+        "model": {"h": 1},
+        "block_size": 8,
+        "learning_rate": 0.003,
+        "variants": {"baseline": {"x": 1}},
+        "command": "a",
+        "total_seconds": 1.0,
+    }
     new = dict(old, variants={"multipliers": {"x": 2}}, command="b", total_seconds=2.0)
     merged = module.merge_results(old, new)
     assert merged["variants"] == {"baseline": {"x": 1}, "multipliers": {"x": 2}} and merged["total_seconds"] == 3.0

@@ -53,10 +53,16 @@ def nothing_loads(monkeypatch):
         for name in ("from_pretrained", "from_config"):
             if hasattr(cls, name):
                 monkeypatch.setattr(cls, name, boom)
-    for module, name in ((llmreg.data, "tiny_llama"), (llmreg.data, "build_char_tokenizer"),
-                         (llmreg.data, "make_builtin_dataset"), (datasets, "load_dataset"),
-                         (datasets, "load_from_disk"), (llmreg.recipe.build, "build_model"),
-                         (llmreg.recipe.build, "build_tokenizer"), (llmreg.recipe.sources, "load_source")):
+    for module, name in (
+        (llmreg.data, "tiny_llama"),
+        (llmreg.data, "build_char_tokenizer"),
+        (llmreg.data, "make_builtin_dataset"),
+        (datasets, "load_dataset"),
+        (datasets, "load_from_disk"),
+        (llmreg.recipe.build, "build_model"),
+        (llmreg.recipe.build, "build_tokenizer"),
+        (llmreg.recipe.sources, "load_source"),
+    ):
         monkeypatch.setattr(module, name, boom)
 
 
@@ -79,7 +85,10 @@ BAD_OVERRIDES = [
     ("regularizers.0.name=l2sp", "regularizers.0: unknown regularizer 'l2sp'; did you mean 'l2_sp'?"),
     ("regularizers.0.lamb=0.1", "regularizers.0: unknown key 'lamb'; did you mean 'lam'?"),
     ("regularizers.0.lam=strong", "regularizers.0.lam: expected float"),
-    ("model.config.num_hidden_layer=4", "model.config: unknown key 'num_hidden_layer'; did you mean 'num_hidden_layers'?"),
+    (
+        "model.config.num_hidden_layer=4",
+        "model.config: unknown key 'num_hidden_layer'; did you mean 'num_hidden_layers'?",
+    ),
     ("model.config.size=huge", "model.config.size: unknown value 'huge'"),
     ("model.dtype=fp32", "did you mean 'float32'?"),
     ("model.name_or_path=./no/such/model", "set exactly one of name_or_path"),
@@ -111,8 +120,9 @@ def test_bad_input_is_one_line_config_error_before_loading(tmp_path, monkeypatch
 
 def test_deepspeed_config_with_optimizer_block_is_refused(tmp_path, nothing_loads):
     ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-                              "zero_optimization": {"stage": 2}}))
+    ds.write_text(
+        json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 2}})
+    )
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "out"))
     with pytest.raises(ConfigError, match=r"^trainer\.deepspeed: DeepSpeed config has an 'optimizer' block") as info:
         load_recipe(path, [f"trainer.deepspeed={ds}"])
@@ -154,12 +164,26 @@ def test_missing_sections_and_keys(tmp_path):
 
 # -- overrides --------------------------------------------------------------------------------------
 
+
 def test_apply_overrides_dotted_list_index_and_nesting():
-    raw = {"trainer": {"kind": "sft"}, "regularizers": [{"name": "l2_sp", "lam": 0.01}], "peft": None,
-           "model": {"config": {"size": "tiny"}}}
-    out = apply_overrides(raw, ["trainer.learning_rate=1e-5", "regularizers.0.lam=0.1",
-                                "model.config.num_hidden_layers=4", "regularizers.1.name=weight_decay",
-                                "peft.r=8", "trainer.report_to=[tensorboard]", "output_dir="])
+    raw = {
+        "trainer": {"kind": "sft"},
+        "regularizers": [{"name": "l2_sp", "lam": 0.01}],
+        "peft": None,
+        "model": {"config": {"size": "tiny"}},
+    }
+    out = apply_overrides(
+        raw,
+        [
+            "trainer.learning_rate=1e-5",
+            "regularizers.0.lam=0.1",
+            "model.config.num_hidden_layers=4",
+            "regularizers.1.name=weight_decay",
+            "peft.r=8",
+            "trainer.report_to=[tensorboard]",
+            "output_dir=",
+        ],
+    )
     # YAML 1.1: '1e-5' stays a string here; validation coerces it (test below)
     assert out["trainer"] == {"kind": "sft", "learning_rate": "1e-5", "report_to": ["tensorboard"]}
     assert out["regularizers"] == [{"name": "l2_sp", "lam": 0.1}, {"name": "weight_decay"}]
@@ -169,14 +193,17 @@ def test_apply_overrides_dotted_list_index_and_nesting():
     assert raw["regularizers"][0]["lam"] == 0.01 and raw["peft"] is None  # the input is not modified
 
 
-@pytest.mark.parametrize("override,message", [
-    ("trainer.learning_rate", "expected key=value"),
-    ("trainer..lr=1", "empty component"),
-    ("regularizers.5.lam=1", "index 5 is out of range"),
-    ("regularizers.first.lam=1", "must be a number"),
-    ("trainer.kind.x=1", "trainer.kind is 'sft', not a mapping or list"),
-    ("trainer.x=[1,", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer.learning_rate", "expected key=value"),
+        ("trainer..lr=1", "empty component"),
+        ("regularizers.5.lam=1", "index 5 is out of range"),
+        ("regularizers.first.lam=1", "must be a number"),
+        ("trainer.kind.x=1", "trainer.kind is 'sft', not a mapping or list"),
+        ("trainer.x=[1,", "not valid YAML"),
+    ],
+)
 def test_bad_overrides(override, message):
     raw = {"trainer": {"kind": "sft"}, "regularizers": [{"name": "l2_sp"}]}
     with pytest.raises(ConfigError, match=message) as info:
@@ -187,8 +214,15 @@ def test_bad_overrides(override, message):
 def test_overrides_are_validated_and_coerced(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "out"))
     assert isinstance(yaml.safe_load("1e-5"), str)  # why coercion is needed at all
-    recipe = load_recipe(path, ["trainer.learning_rate=1e-5", "regularizers.0.lam=0.1",
-                                "model.config.num_hidden_layers=4", "trainer.weight_decay=0"])
+    recipe = load_recipe(
+        path,
+        [
+            "trainer.learning_rate=1e-5",
+            "regularizers.0.lam=0.1",
+            "model.config.num_hidden_layers=4",
+            "trainer.weight_decay=0",
+        ],
+    )
     assert recipe.trainer.args["learning_rate"] == 1e-5 and isinstance(recipe.trainer.args["learning_rate"], float)
     assert recipe.regularizers == [{"name": "l2_sp", "lam": 0.1}]
     assert recipe.model.config == {"size": "tiny", "num_hidden_layers": 4}
@@ -201,6 +235,7 @@ def test_regularizer_shorthand_and_defaults(tmp_path):
 
 
 # -- defaults, paths, round trip --------------------------------------------------------------------
+
 
 def test_quickstart_recipe_validates(nothing_loads):
     recipe = load_recipe(QUICKSTART)
@@ -225,12 +260,14 @@ def test_defaults_filled_in(tmp_path, monkeypatch):
 
 
 def test_eval_source_gets_its_own_builtin_seed_and_eval_schedule(tmp_path):
-    recipe = validate_recipe(tiny_recipe(tmp_path, data={"train": "builtin:arithmetic", "eval": "builtin:arithmetic",
-                                                         "seed": 3}))
+    recipe = validate_recipe(
+        tiny_recipe(tmp_path, data={"train": "builtin:arithmetic", "eval": "builtin:arithmetic", "seed": 3})
+    )
     assert (recipe.data.train.seed, recipe.data.eval.seed) == (3, 4)
     assert recipe.trainer.args["eval_strategy"] == "steps"
-    explicit = validate_recipe(tiny_recipe(tmp_path, data={"train": "builtin:arithmetic",
-                                                           "eval": {"path": "builtin:arithmetic", "seed": 3}}))
+    explicit = validate_recipe(
+        tiny_recipe(tmp_path, data={"train": "builtin:arithmetic", "eval": {"path": "builtin:arithmetic", "seed": 3}})
+    )
     assert explicit.data.eval.seed == 3
 
 
@@ -259,13 +296,16 @@ def test_resolved_recipe_round_trips(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "out", peft={"r": 4, "lora_alpha": 8}))
-    recipe = load_recipe(path, [f"trainer.deepspeed={ds}", "trainer.learning_rate=3e-4", "data.eval=builtin:arithmetic"])
+    recipe = load_recipe(
+        path, [f"trainer.deepspeed={ds}", "trainer.learning_rate=3e-4", "data.eval=builtin:arithmetic"]
+    )
     dump_recipe(recipe, str(tmp_path / "resolved.yaml"))
     again = load_recipe(str(tmp_path / "resolved.yaml"))
     assert again.to_dict() == recipe.to_dict()
 
 
 # -- data sources -----------------------------------------------------------------------------------
+
 
 def test_local_data_sources(tmp_path):
     from datasets import Dataset
@@ -286,17 +326,26 @@ def test_unusable_local_sources(tmp_path):
     (tmp_path / "plain_dir").mkdir()
     (tmp_path / "d.txt").write_text("x")
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
-    cases = [({"train": str(tmp_path / "plain_dir")}, "not written by Dataset.save_to_disk"),
-             ({"train": str(tmp_path / "d.txt")}, "unsupported data file"),
-             ({"train": {"path": str(tmp_path / "d.jsonl"), "split": "test"}}, "a single file has no split 'test'"),
-             ({"train": {"file": "x.jsonl"}}, "data.train: missing key 'path'")]
+    cases = [
+        ({"train": str(tmp_path / "plain_dir")}, "not written by Dataset.save_to_disk"),
+        ({"train": str(tmp_path / "d.txt")}, "unsupported data file"),
+        ({"train": {"path": str(tmp_path / "d.jsonl"), "split": "test"}}, "a single file has no split 'test'"),
+        ({"train": {"file": "x.jsonl"}}, "data.train: missing key 'path'"),
+    ]
     for data, message in cases:
         with pytest.raises(ConfigError, match=message):
             validate_recipe(tiny_recipe(tmp_path / "out", data=data))
 
 
-@pytest.mark.parametrize("kind,columns", [("hf", {"text"}), ("sft", {"prompt", "completion"}),
-                                          ("dpo", {"prompt", "chosen", "rejected"}), ("grpo", {"prompt", "answer"})])
+@pytest.mark.parametrize(
+    "kind,columns",
+    [
+        ("hf", {"text"}),
+        ("sft", {"prompt", "completion"}),
+        ("dpo", {"prompt", "chosen", "rejected"}),
+        ("grpo", {"prompt", "answer"}),
+    ],
+)
 def test_builtin_format_follows_trainer_kind(tmp_path, kind, columns):
     recipe = validate_recipe(tiny_recipe(tmp_path, trainer={"kind": kind}))
     ds = load_source(recipe.data.train, kind, "train")
@@ -304,6 +353,7 @@ def test_builtin_format_follows_trainer_kind(tmp_path, kind, columns):
 
 
 # -- building runs ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["hf", "sft", "dpo", "grpo"])
 def test_build_run_each_kind(tmp_path, kind):
@@ -356,6 +406,7 @@ def test_build_time_errors_are_config_errors(tmp_path):
 
 # -- resume rules and the metrics file --------------------------------------------------------------
 
+
 def test_resume_rules(tmp_path):
     recipe = validate_recipe(tiny_recipe(tmp_path / "out", resume=True))
     with pytest.raises(ConfigError, match="no checkpoint in"):
@@ -376,12 +427,29 @@ def test_overwrite_replaces_an_earlier_run_and_nothing_else(tmp_path):
         (out / name).mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"step": 50, "loss": 1.0}\n')
     (out / "keep.txt").write_text("mine")
-    recipe = validate_recipe(tiny_recipe(out, trainer={"kind": "sft", "max_steps": 2, "save_steps": 2,
-                                                       "logging_steps": 1, "per_device_train_batch_size": 4}))
+    recipe = validate_recipe(
+        tiny_recipe(
+            out,
+            trainer={
+                "kind": "sft",
+                "max_steps": 2,
+                "save_steps": 2,
+                "logging_steps": 1,
+                "per_device_train_batch_size": 4,
+            },
+        )
+    )
     result = train(recipe, overwrite=True)
     assert result.checkpoints == ["checkpoint-2"] and result.global_step == 2
-    assert sorted(os.listdir(out)) == ["README.md", "checkpoint-2", "final", "keep.txt", "metrics.jsonl", "notes",
-                                       "recipe.yaml"]
+    assert sorted(os.listdir(out)) == [
+        "README.md",
+        "checkpoint-2",
+        "final",
+        "keep.txt",
+        "metrics.jsonl",
+        "notes",
+        "recipe.yaml",
+    ]
     assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl")) if "loss" in r] == [1, 2]
 
 
@@ -393,8 +461,12 @@ def test_metrics_file_is_trimmed_to_the_resumed_step(tmp_path):
     fresh = SimpleNamespace(is_world_process_zero=True, global_step=0, epoch=0.0)
     cb.on_train_begin(None, fresh, None)
     for step in (1, 2, 3, 4):
-        cb.on_log(None, SimpleNamespace(is_world_process_zero=True, global_step=step, epoch=step / 4), None,
-                  logs={"loss": float(step)})
+        cb.on_log(
+            None,
+            SimpleNamespace(is_world_process_zero=True, global_step=step, epoch=step / 4),
+            None,
+            logs={"loss": float(step)},
+        )
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4]
     cb.on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=2, epoch=0.5), None)
     assert [r["loss"] for r in read_metrics(path)] == [1.0, 2.0]

@@ -12,8 +12,14 @@ from transformers import TrainerCallback
 from llmreg.data import tiny_llama
 from llmreg.integrations.hf import STATE_DIR
 
-KW = dict(max_steps=6, save_strategy="steps", save_steps=3, learning_rate=1e-2, lr_scheduler_type="cosine",
-          train_sampling_strategy="random")
+KW = dict(
+    max_steps=6,
+    save_strategy="steps",
+    save_steps=3,
+    learning_rate=1e-2,
+    lr_scheduler_type="cosine",
+    train_sampling_strategy="random",
+)
 
 
 class StopAt(TrainerCallback):
@@ -41,8 +47,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tok, tmp_path):
     assert (ckpt / STATE_DIR / "rank0.pt").is_file()
 
     # a different init proves the weights and the l2_sp anchors both come from the checkpoint
-    resumed = make_hf_trainer(tok, tmp_path / "cut", regularizers=_regs(), model=tiny_llama(vocab_size=len(tok), seed=7),
-                              **KW)
+    resumed = make_hf_trainer(
+        tok, tmp_path / "cut", regularizers=_regs(), model=tiny_llama(vocab_size=len(tok), seed=7), **KW
+    )
     resumed.train(resume_from_checkpoint=str(ckpt))
 
     assert losses(full)[3:] == pytest.approx(losses(resumed)[-3:], rel=1e-5, abs=1e-6)

@@ -16,8 +16,12 @@ from conftest import REPO
 def test_rlvr_entropy_smoke(tmp_path):
     bench = REPO + "/benchmarks"
     before = {p: p.stat().st_mtime for p in Path(bench).rglob("*") if p.is_file()}
-    proc = subprocess.run([sys.executable, f"{bench}/rlvr_entropy.py", "--smoke", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, f"{bench}/rlvr_entropy.py", "--smoke", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "rlvr_entropy.json").read_text())
     assert set(results["runs"]) == {"grpo", "grpo_entropy", "lp_reg"} and results["config"]["smoke"]

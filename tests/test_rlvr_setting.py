@@ -59,9 +59,15 @@ def test_cpu_recipes_share_everything_but_the_method(name):
 def test_testbed_rollouts_stop_at_the_newline(tmp_path):
     from llmreg.recipe.build import build_run
 
-    recipe = load_recipe(os.path.join(REPO, "recipes", "rlvr", "lp_reg.yaml"),
-                         ["model.testbed={size: tiny, steps: 20, skills: [add]}", "data.num_examples=16",
-                          "trainer.per_device_train_batch_size=16", f"output_dir={tmp_path}"])
+    recipe = load_recipe(
+        os.path.join(REPO, "recipes", "rlvr", "lp_reg.yaml"),
+        [
+            "model.testbed={size: tiny, steps: 20, skills: [add]}",
+            "data.num_examples=16",
+            "trainer.per_device_train_batch_size=16",
+            f"output_dir={tmp_path}",
+        ],
+    )
     run = build_run(recipe)
     newline = run.tokenizer.convert_tokens_to_ids("\n")
     assert newline in run.trainer.eos_token_ids and run.tokenizer.eos_token_id in run.trainer.eos_token_ids

@@ -16,8 +16,9 @@ from llmreg.recipe import validate_recipe
 from llmreg.recipe.schema import StagedRecipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINYSTORIES = os.path.abspath(os.path.join(REPO, "..", "shared", "data", "tinystories",
-                                           "tinystories_validation_first1000.txt"))
+TINYSTORIES = os.path.abspath(
+    os.path.join(REPO, "..", "shared", "data", "tinystories", "tinystories_validation_first1000.txt")
+)
 
 
 def staged_raw(out_dir, stages=None, **sections) -> dict:
@@ -25,11 +26,19 @@ def staged_raw(out_dir, stages=None, **sections) -> dict:
     raw = {
         "model": {"config": {"size": "tiny"}},
         "data": {"train": "builtin:arithmetic", "num_examples": 32},
-        "trainer": {"kind": "sft", "max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
-                    "logging_steps": 1, "disable_tqdm": True},
+        "trainer": {
+            "kind": "sft",
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "disable_tqdm": True,
+        },
         "output_dir": str(out_dir),
         "seed": 0,
-        "stages": stages if stages is not None else [
+        "stages": stages
+        if stages is not None
+        else [
             {"name": "a", "data": {"train": "builtin:testbed_add"}},
             {"name": "b", "data": {"train": "builtin:testbed_sub"}, "trainer": {"learning_rate": 1e-4}},
         ],
@@ -66,8 +75,9 @@ def probe():
         options_cls = ProbeOptions
 
         def setup(self, model, trainer) -> None:
-            SEEN.append({"stage": self.options.stage,
-                         "weights": {n: p.detach().clone() for n, p in model.state_dict().items()}})
+            SEEN.append(
+                {"stage": self.options.stage, "weights": {n: p.detach().clone() for n, p in model.state_dict().items()}}
+            )
 
     SEEN.clear()
     register("_stage_probe")(StageProbe)
@@ -78,21 +88,30 @@ def probe():
 
 # -- validation ------------------------------------------------------------------------------------
 
+
 def _stage(name, **sections):
     return {"name": name, **sections}
 
 
 BAD = [
-    (dict(stages=[_stage("sft"), _stage("dpo", trainer={"kind": "dpo", "learning_rat": 1e-5})]),
-     "stages[1] (dpo): trainer: unknown key 'learning_rat'; did you mean 'learning_rate'?"),
-    (dict(stages=[_stage("a", trainr={"max_steps": 1})]),
-     "stages[0] (a): unknown key 'trainr'; did you mean 'trainer'?"),
-    (dict(stages=[_stage("a"), _stage("b", model={"config": {"size": "tiny"}})]),
-     "stages[1] (b): model is set at the top level only"),
+    (
+        dict(stages=[_stage("sft"), _stage("dpo", trainer={"kind": "dpo", "learning_rat": 1e-5})]),
+        "stages[1] (dpo): trainer: unknown key 'learning_rat'; did you mean 'learning_rate'?",
+    ),
+    (
+        dict(stages=[_stage("a", trainr={"max_steps": 1})]),
+        "stages[0] (a): unknown key 'trainr'; did you mean 'trainer'?",
+    ),
+    (
+        dict(stages=[_stage("a"), _stage("b", model={"config": {"size": "tiny"}})]),
+        "stages[1] (b): model is set at the top level only",
+    ),
     (dict(stages=[_stage("a"), {"output_dir": "x"}]), "stages[1] (stage1): output_dir is set at the top level only"),
     (dict(stages=[_stage("a"), _stage("a")]), "stages[1] (a): duplicate stage name 'a'"),
-    (dict(stages=[_stage("a", regularizers=[{"name": "l2sp"}])]),
-     "stages[0] (a): regularizers.0: unknown regularizer 'l2sp'; did you mean 'l2_sp'?"),
+    (
+        dict(stages=[_stage("a", regularizers=[{"name": "l2sp"}])]),
+        "stages[0] (a): regularizers.0: unknown regularizer 'l2sp'; did you mean 'l2_sp'?",
+    ),
     (dict(stages=[_stage("a/b")]), "stages[0].name: 'a/b' is not a usable folder name"),
     (dict(stages=[]), "stages: expected a non-empty list"),
     (dict(stages=[_stage("a", peft={"r": 4}), _stage("b")]), "stages[0] (a): peft: only the last stage"),
@@ -112,10 +131,16 @@ def test_stage_errors_name_the_stage(tmp_path, sections, message):
 
 def test_eval_task_must_be_in_the_suite(tmp_path):
     stage_eval = {"suite": write_suite(tmp_path), "limit": 2}
-    raw = staged_raw(tmp_path / "out", stage_eval=stage_eval,
-                     stages=[_stage("a", eval_task="testbed_sub"), _stage("b", eval_task="testbed_su")])
-    with pytest.raises(ConfigError, match=r"stages\[1\] \(b\): eval_task: 'testbed_su' is not a task of .*suite.yaml; "
-                                          r"did you mean 'testbed_sub'\?"):
+    raw = staged_raw(
+        tmp_path / "out",
+        stage_eval=stage_eval,
+        stages=[_stage("a", eval_task="testbed_sub"), _stage("b", eval_task="testbed_su")],
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"stages\[1\] \(b\): eval_task: 'testbed_su' is not a task of .*suite.yaml; "
+        r"did you mean 'testbed_sub'\?",
+    ):
         validate_recipe(raw)
     raw["stages"][1]["eval_task"] = "tinystories_ppl"
     assert [s.eval_task for s in validate_recipe(raw).stages] == ["testbed_sub", "tinystories_ppl"]
@@ -146,15 +171,22 @@ def test_cli_validate_reports_the_stage_and_exits_2(tmp_path, capsys):
 
 # -- the merge rule and the stage index ------------------------------------------------------------
 
+
 def test_stage_sections_merge_over_the_top_level(tmp_path):
     stages = [
         _stage("a", peft=None),
-        _stage("b", data={"train": "builtin:testbed_add"}, trainer={"learning_rate": 1e-4},
-               regularizers=[{"name": "weight_decay"}], peft=None),
+        _stage(
+            "b",
+            data={"train": "builtin:testbed_add"},
+            trainer={"learning_rate": 1e-4},
+            regularizers=[{"name": "weight_decay"}],
+            peft=None,
+        ),
         {"peft": {"r": 4}},
     ]
-    raw = staged_raw(tmp_path / "out", stages=stages, peft={"r": 8, "lora_alpha": 16},
-                     regularizers=[{"name": "l2_sp", "lam": 0.01}])
+    raw = staged_raw(
+        tmp_path / "out", stages=stages, peft={"r": 8, "lora_alpha": 16}, regularizers=[{"name": "l2_sp", "lam": 0.01}]
+    )
     staged = validate_recipe(raw)
     assert isinstance(staged, StagedRecipe)
     a, b, c = (s.recipe for s in staged.stages)
@@ -164,7 +196,10 @@ def test_stage_sections_merge_over_the_top_level(tmp_path):
     assert (a.trainer.args["learning_rate"], b.trainer.args["learning_rate"]) == (1e-3, 1e-4)
     assert b.trainer.args["max_steps"] == 2 and b.data.train.num_examples == 32
     assert (a.data.train.path, b.data.train.path, c.data.train.path) == (
-        "builtin:arithmetic", "builtin:testbed_add", "builtin:arithmetic")
+        "builtin:arithmetic",
+        "builtin:testbed_add",
+        "builtin:arithmetic",
+    )
     # regularizers replace; peft: null turns it off, a mapping merges (r from the stage, lora_alpha from the top)
     assert [r["name"] for r in a.regularizers] == ["l2_sp"] and [r["name"] for r in b.regularizers] == ["weight_decay"]
     assert a.peft is None and b.peft is None and (c.peft["r"], c.peft["lora_alpha"]) == (4, 16)
@@ -190,12 +225,14 @@ def test_stage_index_is_injected_into_regularizers_with_a_stage_option(tmp_path,
     assert regs[1] == [{"name": "_stage_probe", "stage": 1}]
     assert regs[2] == [{"name": "_stage_probe", "stage": 7}, {"name": "l2_sp"}]  # explicit wins; l2_sp has no stage
     # a recipe without stages is left alone
-    plain = validate_recipe({k: v for k, v in staged_raw(tmp_path / "o2", regularizers=["_stage_probe"]).items()
-                             if k != "stages"})
+    plain = validate_recipe(
+        {k: v for k, v in staged_raw(tmp_path / "o2", regularizers=["_stage_probe"]).items() if k != "stages"}
+    )
     assert plain.regularizers == [{"name": "_stage_probe"}]
 
 
 # -- running ---------------------------------------------------------------------------------------
+
 
 def _final_weights(final_dir: str) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
@@ -219,10 +256,17 @@ def test_two_stages_chain_resume_and_stage_eval(tmp_path, probe, capsys, monkeyp
     assert os.path.isfile(TINYSTORIES), f"the shared data is missing: {TINYSTORIES}"
     suite = write_suite(tmp_path)
     out = tmp_path / "out"
-    raw = staged_raw(out, regularizers=["_stage_probe"], stage_eval={"suite": suite, "limit": 2},
-                     stages=[_stage("a", data={"train": "builtin:testbed_add"}, eval_task="tinystories_ppl"),
-                             _stage("b", data={"train": "builtin:testbed_sub"}, eval_task="testbed_sub",
-                                    trainer={"learning_rate": 1e-4})])
+    raw = staged_raw(
+        out,
+        regularizers=["_stage_probe"],
+        stage_eval={"suite": suite, "limit": 2},
+        stages=[
+            _stage("a", data={"train": "builtin:testbed_add"}, eval_task="tinystories_ppl"),
+            _stage(
+                "b", data={"train": "builtin:testbed_sub"}, eval_task="testbed_sub", trainer={"learning_rate": 1e-4}
+            ),
+        ],
+    )
     staged = validate_recipe(raw)
     result = run_stages(staged)
     printed = capsys.readouterr().out
@@ -251,8 +295,10 @@ def test_two_stages_chain_resume_and_stage_eval(tmp_path, probe, capsys, monkeyp
     by = {k: v["scores"] for k, v in scores["models"].items()}
     assert set(by) == {"start", "0_a", "1_b"}
     assert report["tasks"] == ["tinystories_ppl", "testbed_sub"] and report["negated"] == ["tinystories_ppl"]
-    assert report["R"] == [[-by["0_a"]["tinystories_ppl"], by["0_a"]["testbed_sub"]],
-                           [-by["1_b"]["tinystories_ppl"], by["1_b"]["testbed_sub"]]]
+    assert report["R"] == [
+        [-by["0_a"]["tinystories_ppl"], by["0_a"]["testbed_sub"]],
+        [-by["1_b"]["tinystories_ppl"], by["1_b"]["testbed_sub"]],
+    ]
     assert report["baseline"] == [-by["start"]["tinystories_ppl"], by["start"]["testbed_sub"]]
     assert len({by[k]["tinystories_ppl"] for k in by}) == 3  # three different models, three perplexities
     metrics = continual_metrics(report["R"], report["baseline"])
@@ -278,7 +324,9 @@ def test_two_stages_chain_resume_and_stage_eval(tmp_path, probe, capsys, monkeyp
         plan_stages(validate_recipe(raw))
     resumed_recipe = validate_recipe({**raw, "resume": True})
     assert [(p.action, p.resume_from) for p in plan_stages(resumed_recipe)] == [
-        ("skip", None), ("train", str(out / "1_b" / "checkpoint-2"))]
+        ("skip", None),
+        ("train", str(out / "1_b" / "checkpoint-2")),
+    ]
     resumed = run_stages(resumed_recipe)
     assert resumed.skipped == ["a"] and resumed.trained == ["b"] and [s["stage"] for s in SEEN] == [1]
     _assert_same(SEEN[0]["weights"], weights_a)
@@ -299,8 +347,10 @@ def test_continual_report_orientation():
 
     from llmreg.recipe.stages import continual_report
 
-    stages = [SimpleNamespace(name="a", dir_name="0_a", eval_task="x"),
-              SimpleNamespace(name="b", dir_name="1_b", eval_task="y")]
+    stages = [
+        SimpleNamespace(name="a", dir_name="0_a", eval_task="x"),
+        SimpleNamespace(name="b", dir_name="1_b", eval_task="y"),
+    ]
     scores = {"start": {"x": 0.1, "y": 20.0}, "0_a": {"x": 0.9, "y": 15.0}, "1_b": {"x": 0.5, "y": 10.0}}
     report = continual_report(stages, scores, {"x": "acc,none", "y": "word_perplexity,none"})
     assert report["R"] == [[0.9, -15.0], [0.5, -10.0]] and report["baseline"] == [0.1, -20.0]

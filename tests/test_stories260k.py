@@ -26,9 +26,18 @@ def test_fine_tuning_on_gsm8k_forgets_tinystories(tmp_path, monkeypatch):
     from llmreg.recipe.run import train
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    recipe = load_recipe(RECIPE, ["trainer.max_steps=40", "trainer.warmup_steps=4", "trainer.save_steps=40",
-                                  "eval_during_training.every_steps=20", "eval_during_training.limit=4",
-                                  "data.train.max_examples=400", f"output_dir={tmp_path / 'run'}"])
+    recipe = load_recipe(
+        RECIPE,
+        [
+            "trainer.max_steps=40",
+            "trainer.warmup_steps=4",
+            "trainer.save_steps=40",
+            "eval_during_training.every_steps=20",
+            "eval_during_training.limit=4",
+            "data.train.max_examples=400",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
     assert recipe.model.name_or_path == MODEL  # resolved relative to the recipe file, from any cwd
     result = train(recipe)
     assert result.global_step == 40
@@ -46,8 +55,10 @@ def test_fine_tuning_on_gsm8k_forgets_tinystories(tmp_path, monkeypatch):
     assert saved["forgetting"] > 0
     assert saved["target_gain"] > 0 and saved["tasks"]["tinystories_ppl"]["role"] == "retain"
     md = open(tmp_path / "report" / "forgetting_report.md").read()
-    assert f"| tinystories_ppl | retain | word_perplexity,none (lower is better) | {base['tinystories_ppl']:.4g} " \
-           f"| {tuned['tinystories_ppl']:.4g} |" in md
+    assert (
+        f"| tinystories_ppl | retain | word_perplexity,none (lower is better) | {base['tinystories_ppl']:.4g} "
+        f"| {tuned['tinystories_ppl']:.4g} |" in md
+    )
     assert all(os.path.getsize(f) > 0 for f in files)
 
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -57,28 +68,35 @@ def test_fine_tuning_on_gsm8k_forgets_tinystories(tmp_path, monkeypatch):
 
 # -- prompt_field / completion_field ----------------------------------------------------------------------------
 
+
 def _recipe(train) -> dict:
     return {"model": {"name_or_path": MODEL}, "data": {"train": train}, "trainer": {"kind": "sft", "max_steps": 1}}
 
 
-@pytest.mark.parametrize("train, message", [
-    ({"path": GSM8K, "prompt_field": "question"}, "set prompt_field and completion_field together"),
-    ({"path": GSM8K, "completion_field": "answer"}, "set prompt_field and completion_field together"),
-    ({"path": GSM8K, "prompt_field": "question", "completion_field": "answer", "text_field": "question"},
-     "text_field or prompt_field/completion_field, not both"),
-    ({"path": GSM8K, "prompt_field": "answer", "completion_field": "answer"}, "name the same column 'answer'"),
-    ({"path": "builtin:arithmetic", "prompt_field": "q", "completion_field": "a"}, "built-in data already"),
-    ({"path": GSM8K, "promt_field": "question"}, "unknown key 'promt_field'; did you mean 'prompt_field'"),
-    ({"path": GSM8K, "prompt_field": 3, "completion_field": "answer"}, "prompt_field: expected str"),
-])
+@pytest.mark.parametrize(
+    "train, message",
+    [
+        ({"path": GSM8K, "prompt_field": "question"}, "set prompt_field and completion_field together"),
+        ({"path": GSM8K, "completion_field": "answer"}, "set prompt_field and completion_field together"),
+        (
+            {"path": GSM8K, "prompt_field": "question", "completion_field": "answer", "text_field": "question"},
+            "text_field or prompt_field/completion_field, not both",
+        ),
+        ({"path": GSM8K, "prompt_field": "answer", "completion_field": "answer"}, "name the same column 'answer'"),
+        ({"path": "builtin:arithmetic", "prompt_field": "q", "completion_field": "a"}, "built-in data already"),
+        ({"path": GSM8K, "promt_field": "question"}, "unknown key 'promt_field'; did you mean 'prompt_field'"),
+        ({"path": GSM8K, "prompt_field": 3, "completion_field": "answer"}, "prompt_field: expected str"),
+    ],
+)
 def test_column_mapping_errors(train, message):
     with pytest.raises(ConfigError, match=message):
         validate_recipe(_recipe(train))
 
 
 def test_column_mapping_loads_prompt_completion():
-    recipe = validate_recipe(_recipe({"path": GSM8K, "prompt_field": "question", "completion_field": "answer",
-                                      "max_examples": 3}))
+    recipe = validate_recipe(
+        _recipe({"path": GSM8K, "prompt_field": "question", "completion_field": "answer", "max_examples": 3})
+    )
     ds = load_source(recipe.data.train, "sft", "train")
     first = json.loads(open(GSM8K).readline())
     assert ds.column_names == ["prompt", "completion"] and len(ds) == 3

@@ -120,7 +120,11 @@ def test_core_imports_only_torch_and_itself():
                 bad.append(f"{module} imports {name}")
             elif root in HEAVY and top_level:
                 bad.append(f"{module} imports {name} at module level")
-            elif top_level and root not in CORE_THIRD_PARTY | {"llmreg", "__future__"} and root not in sys.stdlib_module_names:
+            elif (
+                top_level
+                and root not in CORE_THIRD_PARTY | {"llmreg", "__future__"}
+                and root not in sys.stdlib_module_names
+            ):
                 bad.append(f"{module} imports {name} (not torch or the standard library)")
     assert not bad, "\n".join(bad)
 
@@ -135,12 +139,19 @@ def _function_lengths(path: pathlib.Path):
 
 @pytest.mark.parametrize("limit", [MAX_MODULE_LINES])
 def test_no_module_over_the_line_limit(limit):
-    long = [f"{p.relative_to(PACKAGE.parent)}: {n} lines" for p in _modules().values()
-            if (n := len(p.read_text().splitlines())) > limit]
+    long = [
+        f"{p.relative_to(PACKAGE.parent)}: {n} lines"
+        for p in _modules().values()
+        if (n := len(p.read_text().splitlines())) > limit
+    ]
     assert not long, f"modules over {limit} lines:\n" + "\n".join(long)
 
 
 def test_no_function_over_the_line_limit():
-    long = [f"{path.relative_to(PACKAGE.parent)}:{line} {name}: {n} lines"
-            for path in _modules().values() for name, line, n in _function_lengths(path) if n > MAX_FUNCTION_LINES]
+    long = [
+        f"{path.relative_to(PACKAGE.parent)}:{line} {name}: {n} lines"
+        for path in _modules().values()
+        for name, line, n in _function_lengths(path)
+        if n > MAX_FUNCTION_LINES
+    ]
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)

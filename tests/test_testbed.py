@@ -167,12 +167,21 @@ def test_check_build_options_presets_and_errors():
     from llmreg.testbed.build import check_build_options
 
     assert check_build_options("default") == {"seed": 0}
-    assert check_build_options({"size": "tiny", "steps": 20, "seed": 3, "lr": 1}) == \
-        {"seed": 3, "size": "tiny", "steps": 20, "lr": 1}
+    assert check_build_options({"size": "tiny", "steps": 20, "seed": 3, "lr": 1}) == {
+        "seed": 3,
+        "size": "tiny",
+        "steps": 20,
+        "lr": 1,
+    }
     assert check_build_options(check_build_options({"steps": 5})) == {"seed": 0, "steps": 5}  # idempotent
-    for spec, message in [("defualt", "did you mean 'default'"), ({"stepz": 1}, "did you mean 'steps'"),
-                          ({"size": "smal"}, "did you mean 'small'"), ({"steps": 1.5}, "steps: expected int"),
-                          ({"seed": True}, "seed: expected int"), ({"skills": ["srot"]}, "did you mean 'sort'"),
-                          (3, "expected a preset name or a mapping")]:
+    for spec, message in [
+        ("defualt", "did you mean 'default'"),
+        ({"stepz": 1}, "did you mean 'steps'"),
+        ({"size": "smal"}, "did you mean 'small'"),
+        ({"steps": 1.5}, "steps: expected int"),
+        ({"seed": True}, "seed: expected int"),
+        ({"skills": ["srot"]}, "did you mean 'sort'"),
+        (3, "expected a preset name or a mapping"),
+    ]:
         with pytest.raises(ValueError, match=message):
             check_build_options(spec)

@@ -39,13 +39,21 @@ def nothing_builds(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("validation built or loaded something")
 
-    for module, name in ((testbed, "build"), (B, "build"), (B, "train"), (B, "load"), (llmreg.data.builtin, "make_builtin_dataset"),
-                         (datasets, "load_dataset"), (transformers.AutoModelForCausalLM, "from_pretrained"),
-                         (transformers.AutoTokenizer, "from_pretrained")):
+    for module, name in (
+        (testbed, "build"),
+        (B, "build"),
+        (B, "train"),
+        (B, "load"),
+        (llmreg.data.builtin, "make_builtin_dataset"),
+        (datasets, "load_dataset"),
+        (transformers.AutoModelForCausalLM, "from_pretrained"),
+        (transformers.AutoTokenizer, "from_pretrained"),
+    ):
         monkeypatch.setattr(module, name, boom)
 
 
 # -- validation ---------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name, regularizers", [("vanilla", []), ("l2_sp", [{"name": "l2_sp"}])])
 def test_shipped_recipes_have_finetunes_defaults(nothing_builds, name, regularizers):
@@ -71,8 +79,10 @@ BAD = [
     ({"model": {"testbed": {"steps": "many"}}}, "model.testbed: steps: expected int, got 'many'"),
     ({"model": {"testbed": {"skills": ["copy", "revrse"]}}}, "unknown skill 'revrse'; did you mean 'reverse'?"),
     ({"model": {"testbed": "default", "config": {"size": "tiny"}}}, "model: set exactly one of name_or_path"),
-    ({"data": {"train": "builtin:testbed_sbu"}}, "data.train: unknown built-in task 'testbed_sbu'; did you mean "
-                                                 "'builtin:testbed_sub'?"),
+    (
+        {"data": {"train": "builtin:testbed_sbu"}},
+        "data.train: unknown built-in task 'testbed_sbu'; did you mean 'builtin:testbed_sub'?",
+    ),
 ]
 
 
@@ -88,6 +98,7 @@ def test_bad_testbed_input_fails_before_anything_loads(nothing_builds, patch, me
 
 # -- data ---------------------------------------------------------------------------------------------------------
 
+
 def test_builtin_testbed_data_is_finetunes_encoding():
     """prompt + completion tokenised as TRL does (prompt with <s>, then the whole text) gives finetune's ids and
     answer-only labels; the other formats carry the same rows."""
@@ -100,8 +111,8 @@ def test_builtin_testbed_data_is_finetunes_encoding():
     for row, ref in zip(ds, reference):
         prompt_ids = tok(row["prompt"])["input_ids"]
         ids = tok(row["prompt"] + row["completion"])["input_ids"]
-        assert ids == ref["input_ids"] and ids[:len(prompt_ids)] == prompt_ids
-        assert [-100] * len(prompt_ids) + ids[len(prompt_ids):] == ref["labels"]
+        assert ids == ref["input_ids"] and ids[: len(prompt_ids)] == prompt_ids
+        assert [-100] * len(prompt_ids) + ids[len(prompt_ids) :] == ref["labels"]
     pref = make_builtin_dataset("testbed_reverse", "preference", num_examples=30, seed=0)
     assert all(r["chosen"] != r["rejected"] and len(r["chosen"]) == len(r["rejected"]) for r in pref)
     assert all(r["rejected"].endswith("\n") for r in pref)
@@ -112,6 +123,7 @@ def test_builtin_testbed_data_is_finetunes_encoding():
 
 
 # -- training through the recipe = testbed.finetune ----------------------------------------------------------------
+
 
 def test_recipe_trains_like_finetune(tmp_path, monkeypatch):
     """The vanilla recipe on a tiny build reaches the weights of `testbed.finetune` with the same settings (same
@@ -133,14 +145,16 @@ def test_recipe_trains_like_finetune(tmp_path, monkeypatch):
     assert path.parent == tmp_path / "cache" / "testbed"  # the recipe built it there; this call loaded it
     via_api = testbed.finetune(path, "sub", steps=10, lr=3e-3, batch_size=8)
     base = testbed.load(path)[0]
-    for (name, a), (_, b), (_, _start) in zip(via_recipe.state_dict().items(), via_api.state_dict().items(),
-                                             base.state_dict().items()):
+    for (name, a), (_, b), (_, _start) in zip(
+        via_recipe.state_dict().items(), via_api.state_dict().items(), base.state_dict().items()
+    ):
         assert (a - b).abs().max() < 1e-4, name
     moved = max((a - s).abs().max() for a, s in zip(via_api.parameters(), base.parameters()))
     assert moved > 1e-2
 
 
 # -- the suite ------------------------------------------------------------------------------------------------------
+
 
 def test_suite_roles_and_held_out_documents(monkeypatch):
     from llmreg.eval.suite import load_suite
@@ -161,8 +175,17 @@ def test_suite_exact_match_agrees_with_evaluate_all(tmp_path, monkeypatch):
     from llmreg.eval.run import evaluate_suite
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    path = testbed.build(cache_dir=tmp_path, size="tiny", steps=500, lr=3e-3, warmup=10, batch_size=32,
-                         skills=["copy"], eval_n=50, log=lambda s: None)
+    path = testbed.build(
+        cache_dir=tmp_path,
+        size="tiny",
+        steps=500,
+        lr=3e-3,
+        warmup=10,
+        batch_size=32,
+        skills=["copy"],
+        eval_n=50,
+        log=lambda s: None,
+    )
     model, tok, _ = testbed.load(path)
     direct = testbed.evaluate_all(model, tok, eval_n=50)
     assert 0.0 < direct["copy"] < 1.0, direct

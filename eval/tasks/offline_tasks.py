@@ -23,9 +23,13 @@ def _hellaswag_clean(text):
 def hellaswag_docs(dataset):
     """{query, choices, gold} like lm-eval's hellaswag. This copy's `ctx` is already
     "<activity_label>: <ctx_a> <ctx_b>" (ctx_b not capitalised, since the split is lost)."""
-    return dataset.map(lambda doc: {"query": _hellaswag_clean(doc["ctx"]),
-                                    "choices": [_hellaswag_clean(e) for e in doc["endings"]],
-                                    "gold": int(doc["label"])})
+    return dataset.map(
+        lambda doc: {
+            "query": _hellaswag_clean(doc["ctx"]),
+            "choices": [_hellaswag_clean(e) for e in doc["endings"]],
+            "gold": int(doc["label"]),
+        }
+    )
 
 
 def load_piqa(data_files, **metadata):
@@ -51,9 +55,17 @@ def load_mmlu(data_files, **metadata):
     for subject, path in sorted(data_files.items()):
         with open(path, newline="") as f:
             rows = [dict(zip(MMLU_COLUMNS, row)) for row in csv.reader(f) if row]
-        per_subject.append([{"question": r["question"], "choices": [r[k] for k in "ABCD"],
-                             "answer": "ABCD".index(r["answer"].strip()), "subject": subject.replace("_", " ")}
-                            for r in rows])
+        per_subject.append(
+            [
+                {
+                    "question": r["question"],
+                    "choices": [r[k] for k in "ABCD"],
+                    "answer": "ABCD".index(r["answer"].strip()),
+                    "subject": subject.replace("_", " "),
+                }
+                for r in rows
+            ]
+        )
     docs = [rows[i] for i in range(max(map(len, per_subject))) for rows in per_subject if i < len(rows)]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
 
@@ -61,13 +73,16 @@ def load_mmlu(data_files, **metadata):
 def truthfulqa_mc2_docs(dataset):
     """The generation CSV's answer lists (';'-separated) -> lm-eval's mc2_targets: correct ones labelled 1,
     then incorrect ones labelled 0. (The hub's multiple_choice config was curated from the same lists.)"""
+
     def split(text):
         return [a.strip() for a in (text or "").split(";") if a.strip()]
 
     def to_doc(doc):
         good, bad = split(doc["Correct Answers"]), split(doc["Incorrect Answers"])
-        return {"question": doc["Question"],
-                "mc2_targets": {"choices": good + bad, "labels": [1] * len(good) + [0] * len(bad)}}
+        return {
+            "question": doc["Question"],
+            "mc2_targets": {"choices": good + bad, "labels": [1] * len(good) + [0] * len(bad)},
+        }
 
     return dataset.map(to_doc, remove_columns=dataset.column_names)
 

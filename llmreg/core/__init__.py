@@ -7,6 +7,17 @@ from llmreg.core.shards import ShardAccess
 from llmreg.core.stack import RegularizerStack
 
 __all__ = [
-    "ConfigError", "LossContext", "NoOptions", "Order", "Regularizer", "RegularizerStack", "Requirements",
-    "ShardAccess", "available", "build_regularizer", "get_regularizer_class", "option", "register",
+    "ConfigError",
+    "LossContext",
+    "NoOptions",
+    "Order",
+    "Regularizer",
+    "RegularizerStack",
+    "Requirements",
+    "ShardAccess",
+    "available",
+    "build_regularizer",
+    "get_regularizer_class",
+    "option",
+    "register",
 ]

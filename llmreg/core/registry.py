@@ -39,9 +39,7 @@ def get_regularizer_class(name: str) -> type[Regularizer]:
     if name not in _REGISTRY:
         hint = closest(name, _REGISTRY)
         suggestion = f"; did you mean '{hint}'?" if hint else ""
-        raise ConfigError(
-            f"unknown regularizer '{name}'{suggestion} (registered: {', '.join(sorted(_REGISTRY))})"
-        )
+        raise ConfigError(f"unknown regularizer '{name}'{suggestion} (registered: {', '.join(sorted(_REGISTRY))})")
     return _REGISTRY[name]
 
 

@@ -131,7 +131,7 @@ class ShardAccess:
         if self.zero_stage == 3:
             size = p.ds_tensor.ds_numel
             start = size * dist.get_rank()
-            piece = flat[start:start + size]
+            piece = flat[start : start + size]
             if piece.numel() < size:
                 piece = torch.cat([piece, piece.new_zeros(size - piece.numel())])
             return piece

@@ -64,12 +64,16 @@ class RegularizerStack:
         """The one regularizer that replaces the host's training loss, if any."""
         owners = [r for r in self.regularizers if r.overrides("training_loss")]
         if len(owners) > 1:
-            raise ConfigError(f"regularizers {', '.join(repr(r.name) for r in owners)} each replace the training "
-                              "loss; at most one of them can be used at a time")
+            raise ConfigError(
+                f"regularizers {', '.join(repr(r.name) for r in owners)} each replace the training "
+                "loss; at most one of them can be used at a time"
+            )
         if owners and any(r.requires.needs_outputs for r in self.regularizers):
             needs = [r.name for r in self.regularizers if r.requires.needs_outputs]
-            raise ConfigError(f"regularizer '{owners[0].name}' replaces the host's forward and loss, so the model "
-                              f"outputs that {', '.join(needs)} need do not exist; they cannot be combined")
+            raise ConfigError(
+                f"regularizer '{owners[0].name}' replaces the host's forward and loss, so the model "
+                f"outputs that {', '.join(needs)} need do not exist; they cannot be combined"
+            )
         return owners[0] if owners else None
 
     def check_environment(self, *, zero_stage: int, is_peft: bool) -> None:
@@ -137,7 +141,9 @@ class RegularizerStack:
                 names = list(group["names"])
                 for name in names:
                     if name not in by_name:
-                        raise ConfigError(f"regularizer '{reg.name}' put unknown or frozen parameter '{name}' in a group")
+                        raise ConfigError(
+                            f"regularizer '{reg.name}' put unknown or frozen parameter '{name}' in a group"
+                        )
                     if name in claimed:
                         raise ConfigError(f"regularizer '{reg.name}' put parameter '{name}' in two groups")
                     claimed.add(name)
@@ -158,7 +164,9 @@ class RegularizerStack:
         for name, _ in trainable:
             key = tuple(sorted(options[name].items()))
             buckets.setdefault(key, []).append(name)
-        result = [{"params": [by_name[n] for n in names], "names": names, **dict(key)} for key, names in buckets.items()]
+        result = [
+            {"params": [by_name[n] for n in names], "names": names, **dict(key)} for key, names in buckets.items()
+        ]
         assert_partition(result, trainable)
         return result
 

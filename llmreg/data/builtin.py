@@ -45,8 +45,10 @@ def _arithmetic_rows(n: int, seed: int, max_operand: int = 99) -> list[tuple[str
 def _testbed_rows(skill: str) -> Callable[[int, int], list[tuple[str, str, str]]]:
     def rows(n: int, seed: int) -> list[tuple[str, str, str]]:
         rng = random.Random(f"rejected-{seed}")
-        return [(prompt, answer + "\n", _corrupt(answer, rng) + "\n")
-                for prompt, answer in make_examples(skill, n, seed=seed, split="train")]
+        return [
+            (prompt, answer + "\n", _corrupt(answer, rng) + "\n")
+            for prompt, answer in make_examples(skill, n, seed=seed, split="train")
+        ]
 
     return rows
 
@@ -62,7 +64,7 @@ def _corrupt(answer: str, rng: random.Random) -> str:
     """A near miss for preference data: one character replaced by another of its kind (digit or letter)."""
     i = rng.randrange(len(answer))
     pool = "0123456789" if answer[i].isdigit() else "abcdefghijklmnopqrstuvwxyz"
-    return answer[:i] + rng.choice(pool.replace(answer[i], "")) + answer[i + 1:]
+    return answer[:i] + rng.choice(pool.replace(answer[i], "")) + answer[i + 1 :]
 
 
 BUILTIN_TASKS: dict[str, Callable[..., list[tuple[str, str, str]]]] = {
@@ -86,8 +88,11 @@ def make_builtin_dataset(task: str = "arithmetic", format: str = "text", num_exa
     elif format == "prompt_completion":
         data = {"prompt": [p for p, _, _ in rows], "completion": [c for _, c, _ in rows]}
     elif format == "preference":
-        data = {"prompt": [p for p, _, _ in rows], "chosen": [c for _, c, _ in rows],
-                "rejected": [r for _, _, r in rows]}
+        data = {
+            "prompt": [p for p, _, _ in rows],
+            "chosen": [c for _, c, _ in rows],
+            "rejected": [r for _, _, r in rows],
+        }
     else:
         data = {"prompt": [p for p, _, _ in rows], "answer": [c.strip() for _, c, _ in rows]}
     return Dataset.from_dict(data)

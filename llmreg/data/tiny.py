@@ -6,11 +6,24 @@ from typing import Any
 
 SIZES: dict[str, dict[str, Any]] = {
     # 2 layers, hidden 64: trains a few hundred steps on a CPU in seconds
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    ),
     # about 20M parameters (8 layers, hidden 384, vocabulary 8000): the default benchmark model
-    "default": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
-                    num_key_value_heads=6, max_position_embeddings=1024, vocab_size=8000),
+    "default": dict(
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        max_position_embeddings=1024,
+        vocab_size=8000,
+    ),
 }
 
 

@@ -34,8 +34,15 @@ PREFIX = "eval/"
 class EvalSuiteCallback(TrainerCallback):
     """Every `every_steps` optimizer steps: `evaluate_suite(suite, model, limit=limit)` -> log `eval/<task>`."""
 
-    def __init__(self, suite: Any, every_steps: int, limit: int | None = None, trainer: Any = None,
-                 tokenizer: Any = None, batch_size: int = 4) -> None:
+    def __init__(
+        self,
+        suite: Any,
+        every_steps: int,
+        limit: int | None = None,
+        trainer: Any = None,
+        tokenizer: Any = None,
+        batch_size: int = 4,
+    ) -> None:
         from llmreg.eval.suite import load_suite
 
         if not isinstance(every_steps, int) or isinstance(every_steps, bool) or every_steps < 1:
@@ -62,15 +69,18 @@ class EvalSuiteCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         check_not_sharded(args)
         if self.trainer is None:
-            raise ConfigError("EvalSuiteCallback needs the trainer to log through: build it with trainer=... "
-                              "or call callback.attach(trainer) instead of trainer.add_callback(callback)")
+            raise ConfigError(
+                "EvalSuiteCallback needs the trainer to log through: build it with trainer=... "
+                "or call callback.attach(trainer) instead of trainer.add_callback(callback)"
+            )
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.global_step % self.every_steps != 0:
             return
         if state.is_world_process_zero:
-            scores = self.evaluate(model if model is not None else self.trainer.model,
-                                   self.tokenizer or processing_class)
+            scores = self.evaluate(
+                model if model is not None else self.trainer.model, self.tokenizer or processing_class
+            )
             import transformers
 
             # the base Trainer.log on purpose: see the module docstring (TRL's log would take its train metrics).
@@ -99,12 +109,16 @@ def check_not_sharded(args: Any) -> None:
     """ConfigError under ZeRO-3 or FSDP: one rank's partitioned weights cannot be evaluated alone."""
     stage = _zero_stage(args)
     if stage == 3:
-        raise ConfigError("eval during training does not support DeepSpeed ZeRO-3: its weights are partitioned "
-                          "across ranks, so rank 0 cannot evaluate the model alone; use ZeRO-2, or evaluate the "
-                          "saved checkpoints with `llmreg eval`")
+        raise ConfigError(
+            "eval during training does not support DeepSpeed ZeRO-3: its weights are partitioned "
+            "across ranks, so rank 0 cannot evaluate the model alone; use ZeRO-2, or evaluate the "
+            "saved checkpoints with `llmreg eval`"
+        )
     if getattr(args, "fsdp", None):
-        raise ConfigError("eval during training does not support FSDP (sharded weights); evaluate the saved "
-                          "checkpoints with `llmreg eval`")
+        raise ConfigError(
+            "eval during training does not support FSDP (sharded weights); evaluate the saved "
+            "checkpoints with `llmreg eval`"
+        )
 
 
 def _zero_stage(args: Any) -> int:

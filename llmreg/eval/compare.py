@@ -27,8 +27,15 @@ def run_name(path: str, taken: dict) -> str:
     return name if name not in taken else f"{name}-{len(taken)}"
 
 
-def compare_to_base(suite, suite_path: str, base: str, models: list[str], out: str, limit: int | None = None,
-                    cache_dir: str | None = None) -> list[str]:
+def compare_to_base(
+    suite,
+    suite_path: str,
+    base: str,
+    models: list[str],
+    out: str,
+    limit: int | None = None,
+    cache_dir: str | None = None,
+) -> list[str]:
     """Score the base and each model on `suite`; write the report into `out`; the files written."""
     print(f"evaluating base {base} on {suite_path}", flush=True)
     base_scores = eval_run.cached_evaluate(suite, base, limit=limit, cache_dir=cache_dir)

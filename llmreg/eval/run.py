@@ -72,8 +72,9 @@ def _groups(suite: Suite, limit: int | None) -> dict[tuple, list]:
     return groups
 
 
-def evaluate_suite(suite: Suite | str, model: Any, tokenizer: Any = None, limit: int | None = None,
-                   batch_size: int = 4) -> Scores:
+def evaluate_suite(
+    suite: Suite | str, model: Any, tokenizer: Any = None, limit: int | None = None, batch_size: int = 4
+) -> Scores:
     """{task: primary score} for `model` (a path or an in-memory PreTrainedModel) on every suite task."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -89,9 +90,16 @@ def evaluate_suite(suite: Suite | str, model: Any, tokenizer: Any = None, limit:
         only_local = all(e.task in suite.local_tasks for e in suite.entries)
         manager = TaskManager(include_path=include, include_defaults=not only_local)
         for (task_limit, shots), entries in _groups(suite, limit).items():
-            out = simple_evaluate(model=lm, tasks=[e.task for e in entries], task_manager=manager,
-                                  limit=task_limit, num_fewshot=shots, log_samples=False,
-                                  apply_chat_template=suite.apply_chat_template, bootstrap_iters=0)
+            out = simple_evaluate(
+                model=lm,
+                tasks=[e.task for e in entries],
+                task_manager=manager,
+                limit=task_limit,
+                num_fewshot=shots,
+                log_samples=False,
+                apply_chat_template=suite.apply_chat_template,
+                bootstrap_iters=0,
+            )
             for entry in entries:
                 key = primary_metric(out["results"][entry.task], entry.metric)
                 scores[entry.task] = float(out["results"][entry.task][key])
@@ -101,16 +109,19 @@ def evaluate_suite(suite: Suite | str, model: Any, tokenizer: Any = None, limit:
 
 # --- base-score cache ----------------------------------------------------------------------------------------
 
+
 def cache_path(cache_dir: str | None, model_name: str, suite: Suite, limit: int | None) -> str:
     """Base scores depend on the model, the suite file's content and the limit: all three key the file."""
-    key = json.dumps([os.path.abspath(model_name) if os.path.exists(model_name) else model_name,
-                      suite.file_hash, limit])
+    key = json.dumps(
+        [os.path.abspath(model_name) if os.path.exists(model_name) else model_name, suite.file_hash, limit]
+    )
     name = hashlib.sha256(key.encode()).hexdigest()[:20] + ".json"
     return os.path.join(cache_dir or DEFAULT_CACHE, name)
 
 
-def cached_evaluate(suite: Suite, model_path: str, limit: int | None = None, cache_dir: str | None = None,
-                    **kw) -> Scores:
+def cached_evaluate(
+    suite: Suite, model_path: str, limit: int | None = None, cache_dir: str | None = None, **kw
+) -> Scores:
     """evaluate_suite on a model path, reusing an earlier result for the same model, suite and limit."""
     path = cache_path(cache_dir, model_path, suite, limit)
     if os.path.isfile(path):
@@ -119,12 +130,22 @@ def cached_evaluate(suite: Suite, model_path: str, limit: int | None = None, cac
     scores = evaluate_suite(suite, model_path, limit=limit, **kw)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"model": model_path, "suite": suite.path, "limit": limit, "scores": dict(scores),
-                   "metrics": scores.metrics}, f, indent=2)
+        json.dump(
+            {
+                "model": model_path,
+                "suite": suite.path,
+                "limit": limit,
+                "scores": dict(scores),
+                "metrics": scores.metrics,
+            },
+            f,
+            indent=2,
+        )
     return scores
 
 
 # --- report --------------------------------------------------------------------------------------------------
+
 
 def _gain(base: float, tuned: float, metric: str) -> float:
     return base - tuned if lower_is_better(metric) else tuned - base
@@ -140,8 +161,9 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     with one of the two strictly better."""
     front = []
     for name, (f, g) in points.items():
-        dominated = any(f2 <= f and g2 >= g and (f2 < f or g2 > g) for other, (f2, g2) in points.items()
-                        if other != name)
+        dominated = any(
+            f2 <= f and g2 >= g and (f2 < f or g2 > g) for other, (f2, g2) in points.items() if other != name
+        )
         if not dominated:
             front.append(name)
     return front
@@ -150,8 +172,13 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
 def forgetting_report(base_scores: dict[str, float], runs: dict[str, dict[str, float]], suite: Suite) -> dict:
     """Per run and task: base, tuned, delta, gain; per run: target_gain, forgetting, gain_per_forgetting."""
     metrics = {**getattr(base_scores, "metrics", {})}
-    report: dict[str, Any] = {"suite": suite.path, "sign_convention": __doc__.split("Sign convention: ")[1].strip(),
-                              "base": dict(base_scores), "metrics": metrics, "runs": {}}
+    report: dict[str, Any] = {
+        "suite": suite.path,
+        "sign_convention": __doc__.split("Sign convention: ")[1].strip(),
+        "base": dict(base_scores),
+        "metrics": metrics,
+        "runs": {},
+    }
     for name, scores in runs.items():
         metrics.update({t: m for t, m in getattr(scores, "metrics", {}).items() if t not in metrics})
         tasks, target, retain = {}, [], []
@@ -160,14 +187,25 @@ def forgetting_report(base_scores: dict[str, float], runs: dict[str, dict[str, f
             base, tuned = base_scores[entry.task], scores[entry.task]
             gain = _gain(base, tuned, metric)
             role = suite.role(entry.task)
-            tasks[entry.task] = {"role": role, "metric": metric, "lower_is_better": lower_is_better(metric),
-                                 "base": base, "tuned": tuned, "delta": tuned - base, "gain": gain}
+            tasks[entry.task] = {
+                "role": role,
+                "metric": metric,
+                "lower_is_better": lower_is_better(metric),
+                "base": base,
+                "tuned": tuned,
+                "delta": tuned - base,
+                "gain": gain,
+            }
             (target if role == "target" else retain).append((gain, entry.weight))
         target_gain = _weighted_mean(target)
         forgetting = _weighted_mean([(-g, w) for g, w in retain])
         per_point = target_gain / forgetting if target_gain is not None and forgetting and forgetting > 0 else None
-        report["runs"][name] = {"tasks": tasks, "target_gain": target_gain, "forgetting": forgetting,
-                                "gain_per_forgetting": per_point}
+        report["runs"][name] = {
+            "tasks": tasks,
+            "target_gain": target_gain,
+            "forgetting": forgetting,
+            "gain_per_forgetting": per_point,
+        }
     points = {n: (r["forgetting"] or 0.0, r["target_gain"] or 0.0) for n, r in report["runs"].items()}
     report["pareto_front"] = pareto_front(points)
     return report
@@ -178,18 +216,32 @@ def _fmt(x: Any) -> str:
 
 
 def write_markdown(report: dict, path: str) -> None:
-    lines = [f"# Forgetting report: {os.path.basename(report['suite'])}", "",
-             f"Sign convention: {report['sign_convention']}", "",
-             "| run | target gain | forgetting | gain per point of forgetting | Pareto |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Forgetting report: {os.path.basename(report['suite'])}",
+        "",
+        f"Sign convention: {report['sign_convention']}",
+        "",
+        "| run | target gain | forgetting | gain per point of forgetting | Pareto |",
+        "|---|---|---|---|---|",
+    ]
     for name, run in report["runs"].items():
-        lines.append(f"| {name} | {_fmt(run['target_gain'])} | {_fmt(run['forgetting'])} | "
-                     f"{_fmt(run['gain_per_forgetting'])} | {'yes' if name in report['pareto_front'] else ''} |")
+        lines.append(
+            f"| {name} | {_fmt(run['target_gain'])} | {_fmt(run['forgetting'])} | "
+            f"{_fmt(run['gain_per_forgetting'])} | {'yes' if name in report['pareto_front'] else ''} |"
+        )
     for name, run in report["runs"].items():
-        lines += ["", f"## {name}", "", "| task | role | metric | base | tuned | delta | gain |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            "| task | role | metric | base | tuned | delta | gain |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for task, t in run["tasks"].items():
-            lines.append(f"| {task} | {t['role']} | {t['metric']}{' (lower is better)' if t['lower_is_better'] else ''}"
-                         f" | {_fmt(t['base'])} | {_fmt(t['tuned'])} | {_fmt(t['delta'])} | {_fmt(t['gain'])} |")
+            lines.append(
+                f"| {task} | {t['role']} | {t['metric']}{' (lower is better)' if t['lower_is_better'] else ''}"
+                f" | {_fmt(t['base'])} | {_fmt(t['tuned'])} | {_fmt(t['delta'])} | {_fmt(t['gain'])} |"
+            )
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

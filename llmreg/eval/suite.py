@@ -155,8 +155,10 @@ def _check_remote_task(task: str, repo: Path, where: str) -> None:
         known = sorted({*known, *index})
         scope = f"not a local task in {repo / 'eval' / 'tasks'} nor an lm-eval task"
     else:
-        scope = (f"not a local task in {repo / 'eval' / 'tasks'} (HF_HUB_OFFLINE is set, so lm-eval's hub tasks are "
-                 "not allowed)")
+        scope = (
+            f"not a local task in {repo / 'eval' / 'tasks'} (HF_HUB_OFFLINE is set, so lm-eval's hub tasks are "
+            "not allowed)"
+        )
     hint = closest(task, known)
     raise ConfigError(f"{where}: unknown task '{task}': {scope}" + (f"; did you mean '{hint}'?" if hint else ""))
 

@@ -155,21 +155,39 @@ class RegularizedTrainerMixin:
     # -- per-step hooks -----------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not len(self.reg_stack) or not model.training:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         divisor = self._reg_ga_divisor(num_items_in_batch)
         owner = self.reg_stack.loss_owner
         if owner is not None:
-            ctx = LossContext(model=model, inputs=inputs, loss=None, outputs=None, trainer=self,
-                              num_items_in_batch=num_items_in_batch, ga_divisor=divisor,
-                              token_mean=lambda total, count: self._reg_token_mean(total, count, num_items_in_batch))
+            ctx = LossContext(
+                model=model,
+                inputs=inputs,
+                loss=None,
+                outputs=None,
+                trainer=self,
+                num_items_in_batch=num_items_in_batch,
+                ga_divisor=divisor,
+                token_mean=lambda total, count: self._reg_token_mean(total, count, num_items_in_batch),
+            )
             loss, outputs = owner.training_loss(ctx), None
         else:
             want_outputs = return_outputs or self.reg_stack.needs_outputs
-            result = super().compute_loss(model, inputs, return_outputs=want_outputs,
-                                          num_items_in_batch=num_items_in_batch)
+            result = super().compute_loss(
+                model, inputs, return_outputs=want_outputs, num_items_in_batch=num_items_in_batch
+            )
             loss, outputs = result if want_outputs else (result, None)
-        ctx = LossContext(model=model, inputs=inputs, loss=loss, outputs=outputs, trainer=self,
-                          num_items_in_batch=num_items_in_batch, ga_divisor=divisor, extras=self._reg_loss_extras())
+        ctx = LossContext(
+            model=model,
+            inputs=inputs,
+            loss=loss,
+            outputs=outputs,
+            trainer=self,
+            num_items_in_batch=num_items_in_batch,
+            ga_divisor=divisor,
+            extras=self._reg_loss_extras(),
+        )
         extra = self.reg_stack.loss_terms(ctx)
         if extra is not None:
             loss = loss + extra / divisor
@@ -178,6 +196,7 @@ class RegularizedTrainerMixin:
     def _reg_loss_extras(self) -> dict[str, Any]:
         """Trainer-specific tensors of the micro-batch just computed (`LossContext.extras`); see trl_compat."""
         return {}
+
     def _reg_token_mean(self, token_sum: torch.Tensor, token_count: Any, num_items_in_batch: Any) -> torch.Tensor:
         """A sum over label tokens in the units of the host's own causal-LM loss (`Trainer.compute_loss`,
         `SFTTrainer.compute_loss`): over `num_items_in_batch` (the whole accumulation window, every rank's tokens
@@ -203,7 +222,9 @@ class RegularizedTrainerMixin:
         """Whether the host loss is normalised over the whole accumulation window (`training_step`'s rule)."""
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+            scaled = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
         return bool(scaled)
 
     def training_step(self, *args, **kwargs):

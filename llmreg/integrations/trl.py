@@ -78,7 +78,8 @@ def old_logps_computed_by_trl(trainer: Any) -> bool:
     """Whether `_generate_and_score_completions` runs its own no-grad pass for the old log-probs (trl 1.16)."""
     generate_every = trainer.args.steps_per_generation * trainer.num_iterations
     return trainer.args.gradient_accumulation_steps % generate_every != 0 or bool(
-        trainer.use_vllm and trainer.vllm_importance_sampling_correction)
+        trainer.use_vllm and trainer.vllm_importance_sampling_correction
+    )
 
 
 def response_mask(inputs: dict[str, Any]) -> torch.Tensor:
@@ -87,8 +88,9 @@ def response_mask(inputs: dict[str, Any]) -> torch.Tensor:
     return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
 
 
-def aggregate_like_loss(trainer: Any, per_token: torch.Tensor, mask: torch.Tensor,
-                        inputs: dict[str, Any]) -> torch.Tensor:
+def aggregate_like_loss(
+    trainer: Any, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any]
+) -> torch.Tensor:
     """`per_token` [B, T] reduced exactly as `_compute_loss` reduces its per-token loss for `trainer.loss_type`,
     in the units the regularizer mixin expects (it divides by the accumulation steps afterwards, as TRL does
     for every loss type; for dapo/cispo/vespo TRL's normaliser already contains that factor)."""
@@ -194,19 +196,23 @@ class GRPOHooks:
             self._reg_rollout_pending = False
             self._reg_rollout_fused = True
             with self._reg_capture_hidden(logits_to_keep):
-                return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                                  *args, **kwargs)
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+                )
         if not (torch.is_grad_enabled() and len(self.reg_stack)):
-            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                              *args, **kwargs)
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
         hidden: list[torch.Tensor] = []
         handle = None
         if _needs_step_hidden(self.reg_stack):
             handle = causal_lm(self.model).base_model.register_forward_hook(
-                lambda module, args_, output: hidden.append(output.last_hidden_state[:, -logits_to_keep - 1:-1]))
+                lambda module, args_, output: hidden.append(output.last_hidden_state[:, -logits_to_keep - 1 : -1])
+            )
         try:
-            result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                                *args, **kwargs)
+            result = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
         finally:
             if handle is not None:
                 handle.remove()
@@ -242,8 +248,13 @@ class GRPOHooks:
         lm_head = causal_lm(self.model).get_output_embeddings()
         with _gathered_head(lm_head) as (weight, bias):
             chunk = RolloutHidden(
-                hidden=hidden[:, -k - 1:-1], targets=input_ids[:, -k:], rows=slice(row, row + input_ids.size(0)),
-                weight=weight, bias=bias, temperature=self.temperature)
+                hidden=hidden[:, -k - 1 : -1],
+                targets=input_ids[:, -k:],
+                rows=slice(row, row + input_ids.size(0)),
+                weight=weight,
+                bias=bias,
+                temperature=self.temperature,
+            )
             for reg in _grpo_members(self.reg_stack):
                 if reg.needs_rollout_hidden:
                     reg.on_rollout_hidden(chunk)
@@ -262,7 +273,7 @@ class GRPOHooks:
         try:
             with torch.no_grad():
                 for start in range(0, input_ids.size(0), chunk):
-                    ids, am = input_ids[start:start + chunk], attention_mask[start:start + chunk]
+                    ids, am = input_ids[start : start + chunk], attention_mask[start : start + chunk]
                     with self.accelerator.autocast():
                         hidden = backbone(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state
                     self._reg_emit_hidden(hidden, ids, k, start)

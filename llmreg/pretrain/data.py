@@ -93,8 +93,11 @@ def _validate_synthetic(section: Any, recipe_dir: str | None, where: str) -> Syn
         from llmreg.core.options import closest
 
         hint = closest(spec.sampling, SAMPLING_MODES)
-        raise ConfigError(f"{where}.sampling: unknown value {spec.sampling!r}"
-                          + (f"; did you mean '{hint}'?" if hint else "") + f" (one of {', '.join(SAMPLING_MODES)})")
+        raise ConfigError(
+            f"{where}.sampling: unknown value {spec.sampling!r}"
+            + (f"; did you mean '{hint}'?" if hint else "")
+            + f" (one of {', '.join(SAMPLING_MODES)})"
+        )
     if spec.temperature <= 0:
         raise ConfigError(f"{where}.temperature: must be > 0, got {spec.temperature}")
     for key in ("num_sequences", "batch_size"):
@@ -104,8 +107,10 @@ def _validate_synthetic(section: Any, recipe_dir: str | None, where: str) -> Syn
     for i, path in enumerate(spec.teachers):
         full = resolve_path(path, recipe_dir)
         if not os.path.isfile(os.path.join(full, "config.json")):
-            raise ConfigError(f"{where}.teachers[{i}]: no model folder (config.json) at {path}; train the teacher "
-                              "first (see recipes/pretrain/README.md)")
+            raise ConfigError(
+                f"{where}.teachers[{i}]: no model folder (config.json) at {path}; train the teacher "
+                "first (see recipes/pretrain/README.md)"
+            )
         teachers.append(full)
     spec.teachers = teachers
     if spec.cache_dir is not None:
@@ -114,6 +119,7 @@ def _validate_synthetic(section: Any, recipe_dir: str | None, where: str) -> Syn
 
 
 # -- pure functions ----------------------------------------------------------------------------------
+
 
 def split_documents(text: str, separator: str = "\n\n") -> list[str]:
     """Non-empty documents of `text`, stripped."""
@@ -133,23 +139,28 @@ def hold_out(docs: list, fraction: float) -> tuple[list, list]:
         return list(docs), []
     n_val = max(1, round(len(docs) * fraction))
     if n_val >= len(docs):
-        raise ConfigError(f"data.pretrain.validation_fraction {fraction} leaves no training documents "
-                          f"({len(docs)} documents)")
+        raise ConfigError(
+            f"data.pretrain.validation_fraction {fraction} leaves no training documents ({len(docs)} documents)"
+        )
     return list(docs[:-n_val]), list(docs[-n_val:])
 
 
 def pack(token_docs: list[list[int]], block_size: int, token_budget: int | None = None) -> np.ndarray:
     """Concatenate, keep the first `token_budget` tokens, cut into full blocks (the remainder is dropped):
     an int32 array [blocks, block_size] (numpy, not lists: the paper's seed set is 210M tokens)."""
-    stream = np.concatenate([np.asarray(d, dtype=np.int32) for d in token_docs]) if token_docs else \
-        np.zeros(0, dtype=np.int32)
+    stream = (
+        np.concatenate([np.asarray(d, dtype=np.int32) for d in token_docs])
+        if token_docs
+        else np.zeros(0, dtype=np.int32)
+    )
     if token_budget is not None:
         if token_budget > len(stream):
-            raise ConfigError(f"data.pretrain.token_budget: {token_budget} tokens asked, the training text has "
-                              f"only {len(stream)}")
+            raise ConfigError(
+                f"data.pretrain.token_budget: {token_budget} tokens asked, the training text has only {len(stream)}"
+            )
         stream = stream[:token_budget]
     n = len(stream) // block_size
-    return stream[:n * block_size].reshape(n, block_size)
+    return stream[: n * block_size].reshape(n, block_size)
 
 
 def blocks_dataset(blocks):
@@ -169,6 +180,7 @@ def collate_blocks(features: list[dict]) -> dict:
 
 # -- build time --------------------------------------------------------------------------------------
 
+
 def read_documents(path: str, separator: str, role: str) -> list[str]:
     """Documents of a text file (split on `separator`) or of a data file's `text` column."""
     if path.lower().endswith(TEXT_EXTENSIONS):
@@ -180,7 +192,7 @@ def read_documents(path: str, separator: str, role: str) -> list[str]:
 def _source_documents(source, separator: str, role: str) -> list[str]:
     if source.kind == "local" and source.path.lower().endswith(TEXT_EXTENSIONS):
         docs = read_documents(source.path, separator, role)
-        return docs[:source.max_examples] if source.max_examples is not None else docs
+        return docs[: source.max_examples] if source.max_examples is not None else docs
     from llmreg.recipe.sources import load_source
 
     ds = load_source(source, "hf", role)
@@ -202,8 +214,10 @@ def pretrain_blocks(recipe, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     if not len(train):
         raise ConfigError(f"data.train: fewer tokens than one block of {spec.block_size}")
     if val_docs and not len(val):
-        raise ConfigError(f"data.pretrain: the validation documents have fewer tokens than one block "
-                          f"({spec.block_size}); raise validation_fraction")
+        raise ConfigError(
+            f"data.pretrain: the validation documents have fewer tokens than one block "
+            f"({spec.block_size}); raise validation_fraction"
+        )
     return train, val
 
 
@@ -230,5 +244,7 @@ def check_pretrain_recipe(recipe) -> None:
     # the recipe's weight decays are decoupled AdamW values (theta <- theta - lr*wd*theta); an optimizer that
     # adds wd*theta to the gradient (Adam + L2, Adafactor, SGD) would make them mean something else
     if not optim.startswith("adamw"):
-        raise ConfigError(f"trainer.optim: pre-training recipes assume decoupled AdamW weight decay, got {optim!r}; "
-                          "use an adamw_* optimizer (e.g. adamw_torch)")
+        raise ConfigError(
+            f"trainer.optim: pre-training recipes assume decoupled AdamW weight decay, got {optim!r}; "
+            "use an adamw_* optimizer (e.g. adamw_torch)"
+        )

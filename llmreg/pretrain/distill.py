@@ -34,9 +34,16 @@ META_FILE = "meta.json"
 
 
 @torch.no_grad()
-def sample_sequences(members: Sequence[torch.nn.Module], num: int, length: int, bos_id: int,
-                     temperature: float = 1.0, generator: torch.Generator | None = None, batch_size: int = 16,
-                     combine: str = "logits") -> list[list[int]]:
+def sample_sequences(
+    members: Sequence[torch.nn.Module],
+    num: int,
+    length: int,
+    bos_id: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    batch_size: int = 16,
+    combine: str = "logits",
+) -> list[list[int]]:
     """`num` sequences of `length` tokens (BOS + length-1 samples) from the members' combined distribution
     (one member: its own). KV caches per member; fp32 sampling."""
     out: list[list[int]] = []
@@ -59,8 +66,16 @@ def sample_sequences(members: Sequence[torch.nn.Module], num: int, length: int, 
     return out
 
 
-def generate_corpus(teachers: Sequence[torch.nn.Module], num: int, length: int, bos_id: int, sampling: str = "pooled",
-                    temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> list[dict]:
+def generate_corpus(
+    teachers: Sequence[torch.nn.Module],
+    num: int,
+    length: int,
+    bos_id: int,
+    sampling: str = "pooled",
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[dict]:
     """[{"ids": [...], "teacher": k or "ensemble"}] of `num` sequences (see the module docstring)."""
     gen = torch.Generator().manual_seed(seed)
     if sampling == "logit_average":
@@ -70,15 +85,26 @@ def generate_corpus(teachers: Sequence[torch.nn.Module], num: int, length: int, 
     rows = []
     for i, teacher in enumerate(teachers):
         share = num // k + (1 if i < num % k else 0)
-        rows += [{"ids": s, "teacher": i} for s in sample_sequences([teacher], share, length, bos_id, temperature,
-                                                                   gen, batch_size)]
+        rows += [
+            {"ids": s, "teacher": i}
+            for s in sample_sequences([teacher], share, length, bos_id, temperature, gen, batch_size)
+        ]
     return rows
 
 
 def _meta(spec, block_size: int, vocab: int) -> dict:
-    return {"teachers": list(spec.teachers), "sampling": spec.sampling, "temperature": spec.temperature,
-            "top_k": None, "top_p": None, "num_sequences": spec.num_sequences, "seed": spec.seed,
-            "length": block_size, "vocab_size": vocab, "start": "BOS"}
+    return {
+        "teachers": list(spec.teachers),
+        "sampling": spec.sampling,
+        "temperature": spec.temperature,
+        "top_k": None,
+        "top_p": None,
+        "num_sequences": spec.num_sequences,
+        "seed": spec.seed,
+        "length": block_size,
+        "vocab_size": vocab,
+        "start": "BOS",
+    }
 
 
 def synthetic_blocks(spec, block_size: int, tokenizer, cache_dir: str, args=None) -> list[list[int]]:
@@ -90,8 +116,16 @@ def synthetic_blocks(spec, block_size: int, tokenizer, cache_dir: str, args=None
     with guard:
         cached = _read_cache(cache_dir, meta)
         if cached is None:
-            rows = generate_corpus(_load_teachers(spec.teachers, len(tokenizer)), spec.num_sequences, block_size,
-                                   _bos(tokenizer), spec.sampling, spec.temperature, spec.seed, spec.batch_size)
+            rows = generate_corpus(
+                _load_teachers(spec.teachers, len(tokenizer)),
+                spec.num_sequences,
+                block_size,
+                _bos(tokenizer),
+                spec.sampling,
+                spec.temperature,
+                spec.seed,
+                spec.batch_size,
+            )
             _write_cache(cache_dir, meta, rows, tokenizer)
             cached = [r["ids"] for r in rows]
     return cached
@@ -111,8 +145,10 @@ def _load_teachers(paths: Sequence[str], vocab: int) -> list[torch.nn.Module]:
     for path in paths:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         if model.config.vocab_size < vocab:
-            raise ConfigError(f"data.pretrain.synthetic.teachers: {path} has a vocabulary of "
-                              f"{model.config.vocab_size}, the tokenizer {vocab}; teachers and student share one")
+            raise ConfigError(
+                f"data.pretrain.synthetic.teachers: {path} has a vocabulary of "
+                f"{model.config.vocab_size}, the tokenizer {vocab}; teachers and student share one"
+            )
         teachers.append(model)
     return teachers
 
@@ -149,6 +185,10 @@ def mix_blocks(real, synthetic: list[list[int]], fraction: float, seed: int = 0)
     while len(picked) < need:
         order = list(range(len(synthetic)))
         rng.shuffle(order)
-        picked += [synthetic[i] for i in order[:need - len(picked)]]
-    return np.concatenate([np.asarray(real, dtype=np.int32).reshape(-1, len(synthetic[0])),
-                           np.asarray(picked, dtype=np.int32).reshape(-1, len(synthetic[0]))])
+        picked += [synthetic[i] for i in order[: need - len(picked)]]
+    return np.concatenate(
+        [
+            np.asarray(real, dtype=np.int32).reshape(-1, len(synthetic[0])),
+            np.asarray(picked, dtype=np.int32).reshape(-1, len(synthetic[0])),
+        ]
+    )

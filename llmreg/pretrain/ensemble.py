@@ -83,7 +83,8 @@ class EnsembleCausalLM(torch.nn.Module):
 
         scores = combined_log_scores(
             (m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits for m in self.members),
-            self.combine)
+            self.combine,
+        )
         return CausalLMOutput(logits=scores)
 
 
@@ -116,7 +117,7 @@ def validation_loss(model: torch.nn.Module, blocks: Sequence[Sequence[int]], bat
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
-        ids = torch.as_tensor(np.asarray(blocks[i:i + batch_size]), dtype=torch.long, device=_device(model))
+        ids = torch.as_tensor(np.asarray(blocks[i : i + batch_size]), dtype=torch.long, device=_device(model))
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -131,8 +132,9 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def evaluate_ensemble_suite(suite, member_paths: Sequence[str], combine: str = "logits", limit: int | None = None,
-                            batch_size: int = 4):
+def evaluate_ensemble_suite(
+    suite, member_paths: Sequence[str], combine: str = "logits", limit: int | None = None, batch_size: int = 4
+):
     """lm-eval scores of the ensemble on a suite (llmreg.eval.run.evaluate_suite with the ensemble model)."""
     from transformers import AutoTokenizer
 

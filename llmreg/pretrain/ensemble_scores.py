@@ -25,8 +25,9 @@ from llmreg.recipe.schema import StagedRecipe
 
 def member_folders(paths: Sequence[str]) -> list[str]:
     """The model folder of each member (a run's final/ when it has one), checked before anything loads."""
-    members = [os.path.join(m, "final") if os.path.isfile(os.path.join(m, "final", "config.json")) else m
-               for m in paths]
+    members = [
+        os.path.join(m, "final") if os.path.isfile(os.path.join(m, "final", "config.json")) else m for m in paths
+    ]
     check_member_paths(members)
     return members
 
@@ -35,8 +36,10 @@ def validation_recipe(recipe_path: str, overrides: Sequence[str]):
     """The recipe whose held-out blocks are the validation set: one with data.pretrain."""
     recipe = load_recipe(recipe_path, overrides)
     if isinstance(recipe, StagedRecipe) or recipe.data.pretrain is None:
-        raise ConfigError(f"ensemble --recipe: {recipe_path} has no data.pretrain (its held-out blocks are the "
-                          "validation set); use --suite for other evaluations")
+        raise ConfigError(
+            f"ensemble --recipe: {recipe_path} has no data.pretrain (its held-out blocks are the "
+            "validation set); use --suite for other evaluations"
+        )
     return recipe
 
 
@@ -46,18 +49,28 @@ def ensemble_validation(recipe, members: list[str], combine: str) -> dict:
 
     _, val = pretrain_data.pretrain_blocks(recipe, AutoTokenizer.from_pretrained(members[0]))
     if not len(val):
-        raise ConfigError("ensemble --recipe: the recipe holds out no validation blocks (data.eval or "
-                          "data.pretrain.validation_fraction)")
+        raise ConfigError(
+            "ensemble --recipe: the recipe holds out no validation blocks (data.eval or "
+            "data.pretrain.validation_fraction)"
+        )
     models = load_members(members)
-    return {"members": members, "combine": combine, "blocks": len(val), "K": list(range(1, len(models) + 1)),
-            "member_losses": [validation_loss(m, val) for m in models],
-            "ensemble_loss": [validation_loss(EnsembleCausalLM(models[:k], combine), val)
-                              for k in range(1, len(models) + 1)]}
+    return {
+        "members": members,
+        "combine": combine,
+        "blocks": len(val),
+        "K": list(range(1, len(models) + 1)),
+        "member_losses": [validation_loss(m, val) for m in models],
+        "ensemble_loss": [
+            validation_loss(EnsembleCausalLM(models[:k], combine), val) for k in range(1, len(models) + 1)
+        ],
+    }
 
 
 def validation_lines(result: dict) -> list[str]:
-    return [f"  K={k}  ensemble {loss:.4f}   member {k}: {single:.4f}" for k, loss, single in
-            zip(result["K"], result["ensemble_loss"], result["member_losses"])]
+    return [
+        f"  K={k}  ensemble {loss:.4f}   member {k}: {single:.4f}"
+        for k, loss, single in zip(result["K"], result["ensemble_loss"], result["member_losses"])
+    ]
 
 
 def ensemble_suite_scores(suite: str, members: list[str], combine: str, limit: int | None) -> dict:

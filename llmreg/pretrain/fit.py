@@ -53,8 +53,9 @@ def _nonneg_linear(u: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     return best[0], best[1], float(((best[0] * u + best[1] - y) ** 2).sum())
 
 
-def fit_power_law(x: Sequence[float], y: Sequence[float], alpha_range: tuple[float, float] = (1e-3, 5.0),
-                  scan: int = 400) -> PowerLaw:
+def fit_power_law(
+    x: Sequence[float], y: Sequence[float], alpha_range: tuple[float, float] = (1e-3, 5.0), scan: int = 400
+) -> PowerLaw:
     """Least-squares L(x) = A / x^alpha + E with A, alpha, E >= 0 (at least 3 points)."""
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
@@ -83,7 +84,7 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], alpha_range: tuple[flo
         c, d = hi - golden * (hi - lo), lo + golden * (hi - lo)
     alpha = min((lo + hi) / 2, grid[i], key=rss)
     a, e, r = _nonneg_linear((x / scale) ** -alpha, y)
-    return PowerLaw(A=a * scale ** alpha, alpha=float(alpha), E=e, rss=r)
+    return PowerLaw(A=a * scale**alpha, alpha=float(alpha), E=e, rss=r)
 
 
 def data_efficiency(baseline_data_law: PowerLaw, recipe_loss: float, budget: float) -> float:

@@ -29,8 +29,15 @@ def _after_train(trainer: Any, recipe: Any) -> None:
         write_final_eval(trainer, recipe)  # final validation loss, after the schedule reached its end
 
 
-PRETRAIN_MODE = register_data_mode(DataMode(
-    name="pretrain", validate=validate_pretrain, check_recipe=check_pretrain_recipe,
-    build_datasets=pretrain_datasets, collator=collate_blocks, after_train=_after_train, reads_text_files=True,
-    holds_out_eval=_holds_out_eval,
-))
+PRETRAIN_MODE = register_data_mode(
+    DataMode(
+        name="pretrain",
+        validate=validate_pretrain,
+        check_recipe=check_pretrain_recipe,
+        build_datasets=pretrain_datasets,
+        collator=collate_blocks,
+        after_train=_after_train,
+        reads_text_files=True,
+        holds_out_eval=_holds_out_eval,
+    )
+)

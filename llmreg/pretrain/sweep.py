@@ -43,6 +43,7 @@ FORBIDDEN_AXES = ("output_dir", "resume")  # the sweep owns them
 
 # -- grid --------------------------------------------------------------------------------------------
 
+
 def parse_grid(items: Iterable[str]) -> list[tuple[str, list[Any]]]:
     """`["a.b=1,2", "c=x,y"]` -> [("a.b", [1, 2]), ("c", ["x", "y"])]; values parsed as YAML."""
     axes: list[tuple[str, list[Any]]] = []
@@ -54,8 +55,10 @@ def parse_grid(items: Iterable[str]) -> list[tuple[str, list[Any]]]:
         if key in (k for k, _ in axes):
             raise ConfigError(f"grid: axis '{key}' is given twice; put all its values in one key=v1,v2,...")
         if key.split(".")[0] in FORBIDDEN_AXES:
-            raise ConfigError(f"grid: '{key}' is set by the sweep itself (each point runs in <out>/<point>); "
-                              "choose the sweep folder with --out")
+            raise ConfigError(
+                f"grid: '{key}' is set by the sweep itself (each point runs in <out>/<point>); "
+                "choose the sweep folder with --out"
+            )
         if not raw.strip():
             raise ConfigError(f"grid {text!r}: no values for '{key}'")
         values = []
@@ -101,8 +104,9 @@ class SweepPlan:
     points: list[Point] = field(default_factory=list)
 
 
-def plan_sweep(recipe_path: str, base_overrides: list[str], grid: list[str], out: str | None = None,
-               overwrite: bool = False) -> SweepPlan:
+def plan_sweep(
+    recipe_path: str, base_overrides: list[str], grid: list[str], out: str | None = None, overwrite: bool = False
+) -> SweepPlan:
     """Validate every point (nothing is loaded); finished points carry their result."""
     from llmreg.recipe import load_recipe
     from llmreg.recipe.schema import StagedRecipe
@@ -118,18 +122,23 @@ def plan_sweep(recipe_path: str, base_overrides: list[str], grid: list[str], out
         values = {key: vals[i] for (key, vals), i in zip(axes, index)}
         name = "__".join(f"{s}={_fmt(v)}" for s, v in zip(shorts, values.values()))
         run_dir = os.path.join(out, name)
-        point_overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                           for k, v in values.items()]
+        point_overrides = [
+            f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in values.items()
+        ]
         try:
             recipe = load_recipe(recipe_path, [*base_overrides, *point_overrides, f"output_dir={run_dir}"])
         except ConfigError as err:
             raise ConfigError(f"grid point {name}: {err}") from None
         if recipe.data.pretrain is None:
-            raise ConfigError(f"sweep: {recipe_path} has no data.pretrain section; the sweep ranks runs by their "
-                              "final validation loss, which pretrain recipes write (final_eval.json)")
+            raise ConfigError(
+                f"sweep: {recipe_path} has no data.pretrain section; the sweep ranks runs by their "
+                "final validation loss, which pretrain recipes write (final_eval.json)"
+            )
         if recipe.data.pretrain.validation_fraction <= 0 and recipe.data.eval is None:
-            raise ConfigError("sweep: the recipe has no validation data (data.eval or "
-                              "data.pretrain.validation_fraction > 0)")
+            raise ConfigError(
+                "sweep: the recipe has no validation data (data.eval or data.pretrain.validation_fraction > 0)"
+            )
         point = Point(index=index, values=values, name=name, run_dir=run_dir, recipe=recipe)
         if not overwrite:
             _check_same_recipe(point)
@@ -153,10 +162,15 @@ def _check_same_recipe(point: Point) -> None:
     planned = _comparable(point.recipe.to_dict())
     saved = _comparable(saved)
     if saved != planned:
-        diff = sorted(k for k in set(_flatten(saved)) | set(_flatten(planned))
-                      if _flatten(saved).get(k) != _flatten(planned).get(k))
-        raise ConfigError(f"sweep: {point.run_dir} holds a run of a different recipe (differs in "
-                          f"{', '.join(diff[:5])}); use another --out, or --overwrite to redo every point")
+        diff = sorted(
+            k
+            for k in set(_flatten(saved)) | set(_flatten(planned))
+            if _flatten(saved).get(k) != _flatten(planned).get(k)
+        )
+        raise ConfigError(
+            f"sweep: {point.run_dir} holds a run of a different recipe (differs in "
+            f"{', '.join(diff[:5])}); use another --out, or --overwrite to redo every point"
+        )
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -170,16 +184,23 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 # -- running -----------------------------------------------------------------------------------------
 
+
 def write_final_eval(trainer, recipe) -> dict:
     """Evaluate the trained model on the validation blocks; `<output_dir>/final_eval.json` (main process)."""
     from llmreg.recipe.run import FINAL_EVAL_FILE
 
     metrics = trainer.evaluate()
-    result = {METRIC: float(metrics["eval_loss"]), "global_step": trainer.state.global_step,
-              "epochs": trainer.args.num_train_epochs, "learning_rate": trainer.args.learning_rate,
-              "weight_decay": trainer.args.weight_decay, "seed": trainer.args.seed,
-              "train_blocks": len(trainer.train_dataset), "eval_blocks": len(trainer.eval_dataset),
-              "recipe": recipe.to_dict()}
+    result = {
+        METRIC: float(metrics["eval_loss"]),
+        "global_step": trainer.state.global_step,
+        "epochs": trainer.args.num_train_epochs,
+        "learning_rate": trainer.args.learning_rate,
+        "weight_decay": trainer.args.weight_decay,
+        "seed": trainer.args.seed,
+        "train_blocks": len(trainer.train_dataset),
+        "eval_blocks": len(trainer.eval_dataset),
+        "recipe": recipe.to_dict(),
+    }
     if trainer.is_world_process_zero():
         with open(os.path.join(recipe.output_dir, FINAL_EVAL_FILE), "w") as f:
             json.dump(result, f, indent=2)
@@ -206,8 +227,10 @@ def run_sweep(plan: SweepPlan, overwrite: bool = False, say=print, train_fn=None
         from llmreg.recipe.run import train as train_fn
     os.makedirs(plan.out, exist_ok=True)
     todo = [p for p in plan.points if overwrite or p.result is None]
-    say(f"sweep {plan.recipe_path}: {len(plan.points)} points, {len(plan.points) - len(todo)} finished, "
-        f"{len(todo)} to run; outputs in {plan.out}")
+    say(
+        f"sweep {plan.recipe_path}: {len(plan.points)} points, {len(plan.points) - len(todo)} finished, "
+        f"{len(todo)} to run; outputs in {plan.out}"
+    )
     write_summary(plan)
     for n, point in enumerate(todo):
         recipe = point.recipe
@@ -228,6 +251,7 @@ def run_sweep(plan: SweepPlan, overwrite: bool = False, say=print, train_fn=None
 
 # -- summary and certificate -------------------------------------------------------------------------
 
+
 def axis_order(values: list[Any]) -> list[int]:
     """Indices of `values` in grid order: numeric values sorted, others as given."""
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -235,8 +259,9 @@ def axis_order(values: list[Any]) -> list[int]:
     return list(range(len(values)))
 
 
-def certificate(axes: list[tuple[str, list[Any]]], losses: dict[tuple[int, ...], float | None],
-                point: tuple[int, ...]) -> dict:
+def certificate(
+    axes: list[tuple[str, list[Any]]], losses: dict[tuple[int, ...], float | None], point: tuple[int, ...]
+) -> dict:
     """The paper's check of one point: every +-1 neighbour along each axis (in sorted value order) that
     exists on the grid must have a loss >= the point's. Missing (unrun) neighbours make it unproven."""
     own = losses.get(point)
@@ -253,8 +278,11 @@ def certificate(axes: list[tuple[str, list[Any]]], losses: dict[tuple[int, ...],
             loss = losses.get(tuple(nb))
             status = "missing" if loss is None else ("ok" if own is not None and loss >= own else "better")
             checks.append({"axis": key, "value": values[nb[a]], "loss": loss, "status": status})
-    return {"certified": own is not None and all(c["status"] == "ok" for c in checks),
-            "neighbours": checks, "edges": edges}
+    return {
+        "certified": own is not None and all(c["status"] == "ok" for c in checks),
+        "neighbours": checks,
+        "edges": edges,
+    }
 
 
 def summarize(axes: list[tuple[str, list[Any]]], losses: dict[tuple[int, ...], float | None]) -> dict:
@@ -273,21 +301,26 @@ def _cell(loss: float | None, is_best: bool) -> str:
     return f"**{loss:.4f}**" if is_best else f"{loss:.4f}"
 
 
-def format_table(axes: list[tuple[str, list[Any]]], losses: dict[tuple[int, ...], float | None],
-                 best: tuple[int, ...] | None) -> str:
+def format_table(
+    axes: list[tuple[str, list[Any]]], losses: dict[tuple[int, ...], float | None], best: tuple[int, ...] | None
+) -> str:
     """Markdown: a matrix for two axes (rows: the first axis), else one row per point; best in bold."""
     if len(axes) == 2:
         (k0, v0), (k1, v1) = axes
         o0, o1 = axis_order(v0), axis_order(v1)
-        lines = [f"| {k0} \\ {k1} | " + " | ".join(str(v1[j]) for j in o1) + " |",
-                 "|---|" + "---|" * len(o1)]
+        lines = [f"| {k0} \\ {k1} | " + " | ".join(str(v1[j]) for j in o1) + " |", "|---|" + "---|" * len(o1)]
         for i in o0:
             lines.append(f"| {v0[i]} | " + " | ".join(_cell(losses.get((i, j)), best == (i, j)) for j in o1) + " |")
         return "\n".join(lines)
     lines = ["| " + " | ".join(k for k, _ in axes) + f" | {METRIC} |", "|" + "---|" * (len(axes) + 1)]
     for index in itertools.product(*(axis_order(vals) for _, vals in axes)):
-        lines.append("| " + " | ".join(str(axes[a][1][i]) for a, i in enumerate(index)) + " | "
-                     + _cell(losses.get(index), best == index) + " |")
+        lines.append(
+            "| "
+            + " | ".join(str(axes[a][1][i]) for a, i in enumerate(index))
+            + " | "
+            + _cell(losses.get(index), best == index)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -301,12 +334,17 @@ def write_summary(plan: SweepPlan) -> dict:
     table = format_table(plan.axes, losses, best)
     by_index = {p.index: p for p in plan.points}
     summary = {
-        "recipe": os.path.abspath(plan.recipe_path), "overrides": plan.base_overrides,
-        "axes": [{"key": k, "values": v} for k, v in plan.axes], "metric": METRIC,
-        "points": [{"name": p.name, "values": p.values, "run_dir": p.run_dir,
-                    METRIC: (p.result or {}).get(METRIC)} for p in plan.points],
-        "best": None if best is None else {"name": by_index[best].name, "values": by_index[best].values,
-                                           METRIC: losses[best]},
+        "recipe": os.path.abspath(plan.recipe_path),
+        "overrides": plan.base_overrides,
+        "axes": [{"key": k, "values": v} for k, v in plan.axes],
+        "metric": METRIC,
+        "points": [
+            {"name": p.name, "values": p.values, "run_dir": p.run_dir, METRIC: (p.result or {}).get(METRIC)}
+            for p in plan.points
+        ],
+        "best": None
+        if best is None
+        else {"name": by_index[best].name, "values": by_index[best].values, METRIC: losses[best]},
         "certificate": info["certificate"],
         "local_minima": [by_index[p].name for p in info["local_minima"]],
         "table": table,
@@ -320,18 +358,28 @@ def write_summary(plan: SweepPlan) -> dict:
 
 
 def markdown_report(summary: dict) -> str:
-    lines = [f"# Sweep of {os.path.basename(summary['recipe'])}", "",
-             f"Final validation loss ({summary['metric']}); best in bold.", "", summary["table"], ""]
+    lines = [
+        f"# Sweep of {os.path.basename(summary['recipe'])}",
+        "",
+        f"Final validation loss ({summary['metric']}); best in bold.",
+        "",
+        summary["table"],
+        "",
+    ]
     best, cert = summary["best"], summary["certificate"]
     if best is None:
         lines.append("No finished point yet.")
     else:
-        lines.append(f"Best: {best['name']} ({best[summary['metric']]:.4f}); neighbour check: "
-                     + ("passed" if cert["certified"] else "NOT passed")
-                     + "".join(f"; {c['axis']}={c['value']} {c['status']}" for c in cert["neighbours"]
-                               if c["status"] != "ok"))
+        lines.append(
+            f"Best: {best['name']} ({best[summary['metric']]:.4f}); neighbour check: "
+            + ("passed" if cert["certified"] else "NOT passed")
+            + "".join(f"; {c['axis']}={c['value']} {c['status']}" for c in cert["neighbours"] if c["status"] != "ok")
+        )
         if cert["edges"]:
-            lines.append("At the grid's edge on: " + ", ".join(f"{e['axis']} ({e['side']})" for e in cert["edges"])
-                         + " (extend the grid there to be sure it is a minimum).")
+            lines.append(
+                "At the grid's edge on: "
+                + ", ".join(f"{e['axis']} ({e['side']})" for e in cert["edges"])
+                + " (extend the grid there to be sure it is a minimum)."
+            )
         lines.append("Points passing the neighbour check: " + ", ".join(summary["local_minima"]))
     return "\n".join(lines) + "\n"

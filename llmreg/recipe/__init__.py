@@ -16,6 +16,17 @@ from llmreg.recipe.schema import DataSpec, ModelSpec, Recipe, SourceSpec, Tokeni
 from llmreg.recipe.validate import validate_recipe
 
 __all__ = [
-    "DataSpec", "ModelSpec", "Recipe", "Run", "SourceSpec", "TokenizerSpec", "TrainerSpec", "apply_overrides",
-    "build_run", "dump_recipe", "load_recipe", "read_recipe_file", "validate_recipe",
+    "DataSpec",
+    "ModelSpec",
+    "Recipe",
+    "Run",
+    "SourceSpec",
+    "TokenizerSpec",
+    "TrainerSpec",
+    "apply_overrides",
+    "build_run",
+    "dump_recipe",
+    "load_recipe",
+    "read_recipe_file",
+    "validate_recipe",
 ]

@@ -45,12 +45,14 @@ def build_run(recipe: Recipe, extra_regularizers: list | None = None) -> Run:
     if mode is not None:  # e.g. packed blocks of a fixed token budget (data.pretrain, registered by llmreg.pretrain)
         train_ds, eval_ds = mode.build_datasets(recipe, tokenizer, args)
     else:
-        train_ds = prepare_dataset(load_source(recipe.data.train, recipe.trainer.kind, "train"), recipe, tokenizer,
-                                   args)
+        train_ds = prepare_dataset(
+            load_source(recipe.data.train, recipe.trainer.kind, "train"), recipe, tokenizer, args
+        )
         eval_ds = None
         if recipe.data.eval is not None:
-            eval_ds = prepare_dataset(load_source(recipe.data.eval, recipe.trainer.kind, "eval"), recipe, tokenizer,
-                                      args)
+            eval_ds = prepare_dataset(
+                load_source(recipe.data.eval, recipe.trainer.kind, "eval"), recipe, tokenizer, args
+            )
     model = build_model(recipe, tokenizer, args)
     trainer = build_trainer(recipe, args, model, tokenizer, train_ds, eval_ds, extra_regularizers)
     return Run(recipe=recipe, args=args, tokenizer=tokenizer, trainer=trainer)
@@ -100,8 +102,9 @@ def prepare_dataset(ds, recipe: Recipe, tokenizer, args):
     if recipe.trainer.kind != "hf":
         return ds
     if "text" not in ds.column_names:
-        raise ConfigError(f"data: trainer kind 'hf' trains on a 'text' column, found {ds.column_names}; "
-                          "set data.text_field")
+        raise ConfigError(
+            f"data: trainer kind 'hf' trains on a 'text' column, found {ds.column_names}; set data.text_field"
+        )
     max_length = min(tokenizer.model_max_length, 4096)  # hub tokenizers may report a huge sentinel
 
     def tokenize(batch):
@@ -125,8 +128,14 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_ds, eval_ds, ext
 
     kind = recipe.trainer.kind
     regularizers = [*recipe.regularizers, *(extra_regularizers or [])]
-    kwargs: dict[str, Any] = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                  processing_class=tokenizer, regularizers=regularizers)
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        regularizers=regularizers,
+    )
     if kind == "hf":
         from transformers import DataCollatorForLanguageModeling
 
@@ -150,8 +159,14 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, train_ds, eval_ds, ext
         from llmreg.eval.callback import EvalSuiteCallback
 
         spec = recipe.eval_during_training
-        EvalSuiteCallback(spec.suite, spec.every_steps, limit=spec.limit, batch_size=spec.batch_size,
-                          tokenizer=tokenizer, trainer=trainer)
+        EvalSuiteCallback(
+            spec.suite,
+            spec.every_steps,
+            limit=spec.limit,
+            batch_size=spec.batch_size,
+            tokenizer=tokenizer,
+            trainer=trainer,
+        )
     return trainer
 
 

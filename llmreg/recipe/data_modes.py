@@ -48,8 +48,10 @@ def data_mode(name: str) -> DataMode:
     if name not in _MODES and name in BUILTIN_PROVIDERS:
         importlib.import_module(BUILTIN_PROVIDERS[name])
     if name not in _MODES:
-        raise ConfigError(f"data.{name}: no data mode '{name}' is registered (import the package that provides "
-                          "it, e.g. llmreg.pretrain)")
+        raise ConfigError(
+            f"data.{name}: no data mode '{name}' is registered (import the package that provides "
+            "it, e.g. llmreg.pretrain)"
+        )
     return _MODES[name]
 
 

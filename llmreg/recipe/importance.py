@@ -47,14 +47,27 @@ def run_importance(recipe: Any, overwrite: bool = False) -> str:
     meta = {"model": recipe.model.describe(), "data": recipe.data.train.path}
     if spec.method == "ewc":
         run = build_run(recipe)
-        write_ewc_artifact(run.trainer, directory, num_samples=spec.num_samples, targets=spec.targets,
-                           exclude=spec.exclude, final_model=None, **meta)
+        write_ewc_artifact(
+            run.trainer,
+            directory,
+            num_samples=spec.num_samples,
+            targets=spec.targets,
+            exclude=spec.exclude,
+            final_model=None,
+            **meta,
+        )
         return directory
-    recorder = SIImportance(targets=spec.targets, exclude=spec.exclude, xi=spec.xi, fold=spec.fold,
-                            omega_clamp=spec.omega_clamp)
+    recorder = SIImportance(
+        targets=spec.targets, exclude=spec.exclude, xi=spec.xi, fold=spec.fold, omega_clamp=spec.omega_clamp
+    )
     result = train(recipe, overwrite=overwrite, extra_regularizers=[recorder])
-    write_si_artifact(result.trainer, recorder, directory,
-                      final_model=os.path.abspath(os.path.join(recipe.output_dir, FINAL_DIR)), **meta)
+    write_si_artifact(
+        result.trainer,
+        recorder,
+        directory,
+        final_model=os.path.abspath(os.path.join(recipe.output_dir, FINAL_DIR)),
+        **meta,
+    )
     return directory
 
 
@@ -62,6 +75,8 @@ def phase2_lines(recipe: Any, directory: str) -> list[str]:
     """What `llmreg importance` prints when done: where the artifact is and how phase 2 uses it."""
     method = recipe.importance.method
     start = os.path.join(recipe.output_dir, FINAL_DIR) if method == "si" else "the same model"
-    return [f"done: importance artifact in {directory}",
-            f"  phase 2: start from {start} with regularizers: [{{name: forgetting_penalty, importance: "
-            f"{method}, artifact: {directory}}}]"]
+    return [
+        f"done: importance artifact in {directory}",
+        f"  phase 2: start from {start} with regularizers: [{{name: forgetting_penalty, importance: "
+        f"{method}, artifact: {directory}}}]",
+    ]

@@ -51,8 +51,10 @@ def validate_importance(section: Any, recipe_dir: str | None, deepspeed: Any, pe
     if wrong:
         raise ConfigError(f"importance: {', '.join(wrong)} does not apply to method {spec.method}")
     if spec.method == "ewc" and deepspeed:
-        raise ConfigError("importance: method ewc needs per-example gradients and runs without DeepSpeed; "
-                          "drop trainer.deepspeed (the model must fit on one device)")
+        raise ConfigError(
+            "importance: method ewc needs per-example gradients and runs without DeepSpeed; "
+            "drop trainer.deepspeed (the model must fit on one device)"
+        )
     if spec.method == "si" and peft is not None:
         raise ConfigError("importance: method si records full weights; drop peft (LoRA phase 1 is not offered)")
     if spec.num_samples < 1:

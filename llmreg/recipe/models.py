@@ -82,14 +82,19 @@ def model_config(spec: ModelSpec, tokenizer):
 
     fields = dict(spec.config)
     size, model_type = fields.pop("size", None), fields.pop("model_type", "llama")
-    from_tokenizer = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-                      "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    from_tokenizer = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     for key, value in from_tokenizer.items():
         if value is not None:
             fields.setdefault(key, value)
     if fields["vocab_size"] < len(tokenizer):
-        raise ConfigError(f"model.config.vocab_size: {fields['vocab_size']} is smaller than the tokenizer's "
-                          f"{len(tokenizer)} tokens")
+        raise ConfigError(
+            f"model.config.vocab_size: {fields['vocab_size']} is smaller than the tokenizer's {len(tokenizer)} tokens"
+        )
     with reraise_at_recipe_key("model.config", (TypeError, ValueError)):
         if size is not None:
             return tiny_llama_config(size, **fields)

@@ -82,4 +82,3 @@ def _index(node: list, part: str, text: str) -> int:
     if index > len(node):
         raise ConfigError(f"override {text!r}: index {index} is out of range (the list has {len(node)} items)")
     return index
-

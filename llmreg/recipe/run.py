@@ -55,8 +55,11 @@ def checkpoints_in(output_dir: str) -> list[str]:
     """checkpoint-N directories, by step."""
     if not os.path.isdir(output_dir):
         return []
-    found = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)
-             and os.path.isdir(os.path.join(output_dir, d))]
+    found = [
+        d
+        for d in os.listdir(output_dir)
+        if re.fullmatch(r"checkpoint-\d+", d) and os.path.isdir(os.path.join(output_dir, d))
+    ]
     return sorted(found, key=lambda d: int(d.split("-")[1]))
 
 
@@ -71,13 +74,16 @@ def resume_checkpoint(recipe: Recipe, overwrite: bool = False) -> str | None:
     last = get_last_checkpoint(recipe.output_dir) if os.path.isdir(recipe.output_dir) else None
     if recipe.resume:
         if last is None:
-            raise ConfigError(f"resume: no checkpoint in {recipe.output_dir} to resume from; train without "
-                              "--resume first")
+            raise ConfigError(
+                f"resume: no checkpoint in {recipe.output_dir} to resume from; train without --resume first"
+            )
         return last
     if last is not None:
-        raise ConfigError(f"output_dir {recipe.output_dir} already holds {os.path.basename(last)} from an earlier "
-                          "run: add --resume to continue it, --overwrite to replace it, or set "
-                          "output_dir=<another dir>")
+        raise ConfigError(
+            f"output_dir {recipe.output_dir} already holds {os.path.basename(last)} from an earlier "
+            "run: add --resume to continue it, --overwrite to replace it, or set "
+            "output_dir=<another dir>"
+        )
     return None
 
 
@@ -101,8 +107,10 @@ def train(recipe: Recipe, overwrite: bool = False, extra_regularizers: list | No
     from llmreg.recipe.build import build_run
 
     if not isinstance(recipe, Recipe):
-        raise TypeError(f"train() takes one Recipe, got {type(recipe).__name__}; a recipe with stages runs with "
-                        "llmreg.recipe.stages.run_stages")
+        raise TypeError(
+            f"train() takes one Recipe, got {type(recipe).__name__}; a recipe with stages runs with "
+            "llmreg.recipe.stages.run_stages"
+        )
     resume_from = resume_checkpoint(recipe, overwrite)
     if overwrite and is_main_process():  # before build_run: a DPO/GRPO run writes init/ there
         clear_previous_run(recipe.output_dir)
@@ -118,6 +126,11 @@ def train(recipe: Recipe, overwrite: bool = False, extra_regularizers: list | No
     mode = recipe_data_mode(recipe)
     if mode is not None and mode.after_train is not None:  # pretrain: final_eval.json (the final validation loss)
         mode.after_train(run.trainer, recipe)
-    return RunResult(output_dir=recipe.output_dir, final_dir=final_dir, resumed_from=resume_from,
-                     checkpoints=checkpoints_in(recipe.output_dir), global_step=run.trainer.state.global_step,
-                     trainer=run.trainer)
+    return RunResult(
+        output_dir=recipe.output_dir,
+        final_dir=final_dir,
+        resumed_from=resume_from,
+        checkpoints=checkpoints_in(recipe.output_dir),
+        global_step=run.trainer.state.global_step,
+        trainer=run.trainer,
+    )

@@ -29,8 +29,9 @@ def trainer_config_class(kind: str) -> type:
     import transformers
     import trl
 
-    return {"hf": transformers.TrainingArguments, "sft": trl.SFTConfig, "dpo": trl.DPOConfig,
-            "grpo": trl.GRPOConfig}[kind]
+    return {"hf": transformers.TrainingArguments, "sft": trl.SFTConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig}[
+        kind
+    ]
 
 
 @dataclass
@@ -138,11 +139,19 @@ class Recipe:
         return {
             "model": _compact(self.model),
             "tokenizer": _compact(self.tokenizer),
-            "data": {**{role: _compact(src) for role, src in (("train", self.data.train), ("eval", self.data.eval))
-                        if src is not None},
-                     **({"pretrain": _pretrain_dict(self.data.pretrain)} if self.data.pretrain else {})},
-            "trainer": {"kind": self.trainer.kind, **self.trainer.args,
-                        **({"reward": self.trainer.reward} if self.trainer.reward else {})},
+            "data": {
+                **{
+                    role: _compact(src)
+                    for role, src in (("train", self.data.train), ("eval", self.data.eval))
+                    if src is not None
+                },
+                **({"pretrain": _pretrain_dict(self.data.pretrain)} if self.data.pretrain else {}),
+            },
+            "trainer": {
+                "kind": self.trainer.kind,
+                **self.trainer.args,
+                **({"reward": self.trainer.reward} if self.trainer.reward else {}),
+            },
             "peft": self.peft,
             "regularizers": [dict(spec) for spec in self.regularizers],
             "output_dir": self.output_dir,
@@ -204,8 +213,13 @@ class StagedRecipe:
         stages = []
         for stage in self.stages:
             full = stage.recipe.to_dict()
-            stages.append({"name": stage.name, **{k: full[k] for k in STAGE_SECTIONS if k in full},
-                           **({"eval_task": stage.eval_task} if stage.eval_task else {})})
+            stages.append(
+                {
+                    "name": stage.name,
+                    **{k: full[k] for k in STAGE_SECTIONS if k in full},
+                    **({"eval_task": stage.eval_task} if stage.eval_task else {}),
+                }
+            )
         return {
             "model": _compact(self.model),
             "tokenizer": _compact(self.tokenizer),

@@ -42,8 +42,10 @@ from llmreg.recipe.schema import (
 from llmreg.recipe.sources import validate_data
 
 DEFAULT_SEED = 42  # transformers' default, so a recipe without `seed` trains like the Trainer would
-REWARDS = {"exact_answer": "llmreg.data.builtin:exact_answer_reward",
-           "numeric_answer": "llmreg.data.rewards:numeric_answer_reward"}  # GSM8K-style "#### 42"
+REWARDS = {
+    "exact_answer": "llmreg.data.builtin:exact_answer_reward",
+    "numeric_answer": "llmreg.data.rewards:numeric_answer_reward",
+}  # GSM8K-style "#### 42"
 # trainer fields the recipe fills in when it is silent (HF logs every 500 steps: too sparse for short runs)
 TRAINER_DEFAULTS = {"logging_steps": 10, "report_to": "none", "save_strategy": "steps"}
 
@@ -78,8 +80,10 @@ def validate_run_recipe(raw: Any, recipe_path: str | None = None) -> Recipe:
     if top.get("stages") is not None:
         raise ConfigError("stages: a recipe with stages is validated by llmreg.recipe.validate.validate_recipe")
     if top.get("stage_eval") is not None:
-        raise ConfigError("stage_eval: only a recipe with `stages:` evaluates after each stage; for one run use "
-                          "eval_during_training, or `llmreg eval` on its final model")
+        raise ConfigError(
+            "stage_eval: only a recipe with `stages:` evaluates after each stage; for one run use "
+            "eval_during_training, or `llmreg eval` on its final model"
+        )
     for name in ("model", "data", "trainer"):
         if top.get(name) is None:
             raise ConfigError(f"recipe: missing section '{name}'")
@@ -117,13 +121,16 @@ def default_output_dir(recipe_path: str | None) -> str:
 
 # -- model and tokenizer ---------------------------------------------------------------------------
 
+
 def validate_model(section: dict, recipe_dir: str | None, seed: int) -> ModelSpec:
     spec = ModelSpec(**check_mapping(ModelSpec, section, "model"))
     if spec.dtype not in DTYPES:
         raise _choice_error("model.dtype", spec.dtype, DTYPES)
     if sum(x is not None for x in (spec.name_or_path, spec.config, spec.testbed)) != 1:
-        raise ConfigError("model: set exactly one of name_or_path (a local path or hub id) or config (a new model) "
-                          "or testbed (the forgetting testbed's model, e.g. testbed: default)")
+        raise ConfigError(
+            "model: set exactly one of name_or_path (a local path or hub id) or config (a new model) "
+            "or testbed (the forgetting testbed's model, e.g. testbed: default)"
+        )
     if spec.testbed is not None:
         from llmreg.testbed.build import check_build_options
 
@@ -192,6 +199,7 @@ def _local_or_hub(value: str, recipe_dir: str | None, where: str) -> str:
 
 # -- trainer ---------------------------------------------------------------------------------------
 
+
 def validate_trainer(section: dict, recipe_dir: str | None, seed: int, has_eval: bool) -> TrainerSpec:
     section = dict(section)
     kind = section.pop("kind", None)
@@ -258,6 +266,7 @@ def _field_default(cls: type, name: str) -> Any:
 
 # -- peft and regularizers -------------------------------------------------------------------------
 
+
 def validate_peft(section: dict | None) -> dict | None:
     if section is None:
         return None
@@ -297,8 +306,10 @@ def _validate_regularizer(item: Any, where: str) -> dict:
 
 # -- eval during training --------------------------------------------------------------------------
 
-def validate_eval_during_training(section: dict | None, recipe_dir: str | None,
-                                  trainer: TrainerSpec) -> EvalDuringTrainingSpec | None:
+
+def validate_eval_during_training(
+    section: dict | None, recipe_dir: str | None, trainer: TrainerSpec
+) -> EvalDuringTrainingSpec | None:
     """The suite must exist and load (its tasks and their data files are checked); steps and limit >= 1;
     ZeRO-3 is refused here rather than at train begin (rank 0 cannot evaluate partitioned weights)."""
     if section is None:
@@ -321,8 +332,10 @@ def validate_eval_during_training(section: dict | None, recipe_dir: str | None,
         load_suite(path)
     spec.suite = path
     if _zero_stage(trainer.args.get("deepspeed")) == 3:
-        raise ConfigError(f"{where}: not supported with DeepSpeed ZeRO-3 (rank 0 cannot evaluate partitioned "
-                          "weights); use ZeRO-2 or evaluate checkpoints afterwards with `llmreg eval`")
+        raise ConfigError(
+            f"{where}: not supported with DeepSpeed ZeRO-3 (rank 0 cannot evaluate partitioned "
+            "weights); use ZeRO-2 or evaluate checkpoints afterwards with `llmreg eval`"
+        )
     return spec
 
 

@@ -64,12 +64,14 @@ def validate_data(section: dict, recipe_dir: str | None) -> DataSpec:
     return DataSpec(train=train, eval=eval_, pretrain=pretrain)
 
 
-def _validate_source(value: Any, shared: dict, where: str, recipe_dir: str | None, is_eval: bool,
-                     text_ok: bool = False) -> SourceSpec:
+def _validate_source(
+    value: Any, shared: dict, where: str, recipe_dir: str | None, is_eval: bool, text_ok: bool = False
+) -> SourceSpec:
     own = {"path": value} if isinstance(value, str) else dict(value)
     if "path" not in own:
-        raise ConfigError(f"{where}: missing key 'path' (a file, a save_to_disk directory, hub:<name> or "
-                          "builtin:<task>)")
+        raise ConfigError(
+            f"{where}: missing key 'path' (a file, a save_to_disk directory, hub:<name> or builtin:<task>)"
+        )
     spec = SourceSpec(**check_mapping(SourceSpec, {**shared, **own}, where))
     _check_fields(spec, where)
     if spec.kind == "builtin":
@@ -100,8 +102,9 @@ def _check_builtin(spec: SourceSpec, where: str, own_seed: bool, is_eval: bool) 
     if spec.name not in BUILTIN_TASKS:
         hint = closest(spec.name, BUILTIN_TASKS)
         suggestion = f"; did you mean 'builtin:{hint}'?" if hint else ""
-        raise ConfigError(f"{where}: unknown built-in task '{spec.name}'{suggestion} "
-                          f"(built-in: {', '.join(BUILTIN_TASKS)})")
+        raise ConfigError(
+            f"{where}: unknown built-in task '{spec.name}'{suggestion} (built-in: {', '.join(BUILTIN_TASKS)})"
+        )
     spec.num_examples = spec.num_examples or DEFAULT_NUM_EXAMPLES
     if spec.seed is None:
         spec.seed = 0
@@ -122,8 +125,10 @@ def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None, text_ok: 
     if not os.path.exists(path):
         if looks_like_path(spec.path):
             raise ConfigError(f"{where}: data file not found: {spec.path}")
-        raise ConfigError(f"{where}: '{spec.path}' is not a local file or directory; write hub:{spec.path} for a "
-                          f"hub dataset or builtin:arithmetic for built-in data")
+        raise ConfigError(
+            f"{where}: '{spec.path}' is not a local file or directory; write hub:{spec.path} for a "
+            f"hub dataset or builtin:arithmetic for built-in data"
+        )
     if os.path.isdir(path):
         if not any(os.path.isfile(os.path.join(path, m)) for m in SAVED_DATASET_MARKERS):
             raise ConfigError(f"{where}: directory {spec.path} was not written by Dataset.save_to_disk")
@@ -131,8 +136,11 @@ def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None, text_ok: 
     if text_ok and path.lower().endswith(TEXT_EXTENSIONS):  # raw text: data.pretrain reads it itself
         return path
     if not path.lower().endswith(DATA_EXTENSIONS):
-        hint = " (raw text is read by the pretrain data mode: set data.pretrain)" if path.lower().endswith(
-            TEXT_EXTENSIONS) else ""
+        hint = (
+            " (raw text is read by the pretrain data mode: set data.pretrain)"
+            if path.lower().endswith(TEXT_EXTENSIONS)
+            else ""
+        )
         raise ConfigError(f"{where}: unsupported data file {spec.path}; use one of {', '.join(DATA_EXTENSIONS)}{hint}")
     if spec.split not in (None, "train"):
         raise ConfigError(f"{where}: a single file has no split '{spec.split}'; drop split or use a directory")
@@ -140,6 +148,7 @@ def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None, text_ok: 
 
 
 # -- loading (build time) ------------------------------------------------------------------------
+
 
 def load_source(spec: SourceSpec, trainer_kind: str, role: str):
     """The `datasets.Dataset` for `spec`, with `max_examples` and the column mapping applied."""
@@ -153,8 +162,9 @@ def load_source(spec: SourceSpec, trainer_kind: str, role: str):
             ds = ds.rename_column(spec.text_field, "text")
         if spec.prompt_field is not None:
             # GRPO: the second column is the reference answer the reward function reads
-            ds = _as_prompt_completion(ds, spec.prompt_field, spec.completion_field,
-                                       "answer" if trainer_kind == "grpo" else "completion")
+            ds = _as_prompt_completion(
+                ds, spec.prompt_field, spec.completion_field, "answer" if trainer_kind == "grpo" else "completion"
+            )
     return ds
 
 
@@ -174,14 +184,19 @@ def _load_raw(spec: SourceSpec, trainer_kind: str, role: str):
     if spec.kind == "builtin":
         from llmreg.data import make_builtin_dataset
 
-        return make_builtin_dataset(spec.name, format=BUILTIN_FORMATS[trainer_kind],
-                                    num_examples=spec.num_examples, seed=spec.seed)
+        return make_builtin_dataset(
+            spec.name, format=BUILTIN_FORMATS[trainer_kind], num_examples=spec.num_examples, seed=spec.seed
+        )
     if spec.kind == "hub":
         return _pick_split(datasets.load_dataset(spec.name, spec.subset, split=spec.split), spec, role)
     if os.path.isdir(spec.path):
         return _pick_split(datasets.load_from_disk(spec.path), spec, role)
-    loaders = {".jsonl": datasets.Dataset.from_json, ".json": datasets.Dataset.from_json,
-               ".parquet": datasets.Dataset.from_parquet, ".csv": datasets.Dataset.from_csv}
+    loaders = {
+        ".jsonl": datasets.Dataset.from_json,
+        ".json": datasets.Dataset.from_json,
+        ".parquet": datasets.Dataset.from_parquet,
+        ".csv": datasets.Dataset.from_csv,
+    }
     return loaders[os.path.splitext(spec.path)[1].lower()](spec.path)
 
 

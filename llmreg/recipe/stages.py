@@ -96,18 +96,24 @@ def plan_stages(staged: StagedRecipe, overwrite: bool = False) -> list[StagePlan
             continue
         if training:  # a stage after one that trains now: it must start clean
             if _has_outputs(stage):
-                raise ConfigError(f"{where}: {stage.recipe.output_dir} holds outputs of an earlier run, but an "
-                                  "earlier stage trains again now: add --overwrite to start all stages afresh")
+                raise ConfigError(
+                    f"{where}: {stage.recipe.output_dir} holds outputs of an earlier run, but an "
+                    "earlier stage trains again now: add --overwrite to start all stages afresh"
+                )
             plans.append(StagePlan(stage, "train"))
             continue
         last = checkpoints_in(stage.recipe.output_dir)
         if last and not staged.resume:
-            raise ConfigError(f"{where}: {stage.recipe.output_dir} already holds {last[-1]} from an earlier run: "
-                              "add --resume to continue it, --overwrite to replace all stages, or set "
-                              "output_dir=<another dir>")
+            raise ConfigError(
+                f"{where}: {stage.recipe.output_dir} already holds {last[-1]} from an earlier run: "
+                "add --resume to continue it, --overwrite to replace all stages, or set "
+                "output_dir=<another dir>"
+            )
         if staged.resume and not last and not plans:
-            raise ConfigError(f"resume: no finished stage and no checkpoint in {stage.recipe.output_dir} to resume "
-                              "from; train without --resume first")
+            raise ConfigError(
+                f"resume: no finished stage and no checkpoint in {stage.recipe.output_dir} to resume "
+                "from; train without --resume first"
+            )
         resume_from = os.path.join(stage.recipe.output_dir, last[-1]) if last and staged.resume else None
         plans.append(StagePlan(stage, "train", resume_from))
     return plans
@@ -119,8 +125,9 @@ def stage_recipe(stage: Stage, previous_final: str | None) -> Recipe:
     recipe = copy.deepcopy(stage.recipe)
     if previous_final is not None:
         recipe.model = ModelSpec(name_or_path=previous_final, dtype=recipe.model.dtype)
-        recipe.tokenizer = TokenizerSpec(name_or_path=previous_final,
-                                         model_max_length=recipe.tokenizer.model_max_length)
+        recipe.tokenizer = TokenizerSpec(
+            name_or_path=previous_final, model_max_length=recipe.tokenizer.model_max_length
+        )
     return recipe
 
 
@@ -162,9 +169,11 @@ def run_stages(staged: StagedRecipe, overwrite: bool = False) -> StagesResult:
             say(f"{header}: skipped, {final_dir(stage)} exists (use --overwrite to train it again)")
             result.skipped.append(stage.name)
         else:
-            say(f"{header}, from {recipe.model.describe()}"
-                 + (f", resuming from {plan.resume_from}" if plan.resume_from else "")
-                 + f", into {recipe.output_dir}")
+            say(
+                f"{header}, from {recipe.model.describe()}"
+                + (f", resuming from {plan.resume_from}" if plan.resume_from else "")
+                + f", into {recipe.output_dir}"
+            )
             recipe.resume = plan.resume_from is not None
             # overwrite again per stage: the main process cleared everything above, but another rank may look
             # at the stage directory before that finished (train() then skips the checkpoint check)
@@ -181,7 +190,19 @@ def run_stages(staged: StagedRecipe, overwrite: bool = False) -> StagesResult:
 
 
 __all__ = [
-    "START", "STAGE_EVAL_DIR", "StagePlan", "StagesResult", "continual_report", "evaluate_stages", "expand_stage",
-    "final_dir", "inject_stage_index", "merge_section", "plan_stages", "run_stages", "starting_model",
-    "validate_staged_recipe", "write_continual_markdown",
+    "START",
+    "STAGE_EVAL_DIR",
+    "StagePlan",
+    "StagesResult",
+    "continual_report",
+    "evaluate_stages",
+    "expand_stage",
+    "final_dir",
+    "inject_stage_index",
+    "merge_section",
+    "plan_stages",
+    "run_stages",
+    "starting_model",
+    "validate_staged_recipe",
+    "write_continual_markdown",
 ]

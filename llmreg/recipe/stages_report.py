@@ -86,8 +86,10 @@ def evaluate_stages(staged: StagedRecipe) -> dict:
             json.dump(continual, f, indent=2)
         write_continual_markdown(continual, os.path.join(out_dir, "continual_report.md"))
         report["continual"] = continual
-        say(f"stage_eval: op {_fmt(continual['op'])}, bwt {_fmt(continual['bwt'])}, fwt {_fmt(continual['fwt'])}; "
-             f"report in {out_dir}")
+        say(
+            f"stage_eval: op {_fmt(continual['op'])}, bwt {_fmt(continual['bwt'])}, fwt {_fmt(continual['fwt'])}; "
+            f"report in {out_dir}"
+        )
     else:
         say(f"stage_eval: scores in {out_dir} (no continual report: not every stage names its eval_task)")
     return report
@@ -105,8 +107,14 @@ def continual_report(stages: list[Stage], scores: dict[str, dict[str, float]], m
     sign = {t: -1.0 if lower_is_better(metrics.get(t, "")) else 1.0 for t in tasks}
     R = [[sign[t] * scores[s.dir_name][t] for t in tasks] for s in stages]
     baseline = [sign[t] * scores[START][t] for t in tasks]
-    return {"stages": [s.name for s in stages], "tasks": tasks, "R": R, "baseline": baseline,
-            "negated": sorted(t for t in set(tasks) if sign[t] < 0), **continual_metrics(R, baseline)}
+    return {
+        "stages": [s.name for s in stages],
+        "tasks": tasks,
+        "R": R,
+        "baseline": baseline,
+        "negated": sorted(t for t in set(tasks) if sign[t] < 0),
+        **continual_metrics(R, baseline),
+    }
 
 
 def _fmt(x: Any) -> str:
@@ -115,18 +123,34 @@ def _fmt(x: Any) -> str:
 
 def write_continual_markdown(report: dict, path: str) -> None:
     cols = [f"{j}_{name}: {task}" for j, (name, task) in enumerate(zip(report["stages"], report["tasks"]))]
-    lines = [f"# Continual-learning report: {os.path.basename(report.get('suite', ''))}", "",
-             "R[i][j]: the score on stage j's eval_task after training stage i (higher is better"
-             + (f"; negated: {', '.join(report['negated'])}" if report["negated"] else "") + ").", "",
-             "| after \\ on | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
-             "| start (baseline) | " + " | ".join(_fmt(x) for x in report["baseline"]) + " |"]
+    lines = [
+        f"# Continual-learning report: {os.path.basename(report.get('suite', ''))}",
+        "",
+        "R[i][j]: the score on stage j's eval_task after training stage i (higher is better"
+        + (f"; negated: {', '.join(report['negated'])}" if report["negated"] else "")
+        + ").",
+        "",
+        "| after \\ on | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+        "| start (baseline) | " + " | ".join(_fmt(x) for x in report["baseline"]) + " |",
+    ]
     for i, (name, row) in enumerate(zip(report["stages"], report["R"])):
         lines.append(f"| {i}_{name} | " + " | ".join(_fmt(x) for x in row) + " |")
-    lines += ["", f"op {_fmt(report['op'])}, bwt {_fmt(report['bwt'])} (negative = forgetting), "
-                  f"fwt {_fmt(report['fwt'])} (Lopez-Paz & Ranzato, 2017; llmreg.eval.continual)"]
+    lines += [
+        "",
+        f"op {_fmt(report['op'])}, bwt {_fmt(report['bwt'])} (negative = forgetting), "
+        f"fwt {_fmt(report['fwt'])} (Lopez-Paz & Ranzato, 2017; llmreg.eval.continual)",
+    ]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-__all__ = ["STAGE_EVAL_DIR", "START", "continual_report", "evaluate_stages", "final_dir", "starting_model",
-           "write_continual_markdown"]
+__all__ = [
+    "STAGE_EVAL_DIR",
+    "START",
+    "continual_report",
+    "evaluate_stages",
+    "final_dir",
+    "starting_model",
+    "write_continual_markdown",
+]

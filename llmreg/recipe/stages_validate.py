@@ -62,8 +62,11 @@ def inject_stage_index(items: Any, index: int) -> Any:
                 options_cls = get_regularizer_class(entry["name"]).options_cls
             except ConfigError:
                 options_cls = None
-            if options_cls is not None and dataclasses.is_dataclass(options_cls) and \
-                    any(f.name == "stage" for f in dataclasses.fields(options_cls)):
+            if (
+                options_cls is not None
+                and dataclasses.is_dataclass(options_cls)
+                and any(f.name == "stage" for f in dataclasses.fields(options_cls))
+            ):
                 entry = {**entry, "stage": index}
         out.append(entry)
     return out
@@ -84,12 +87,15 @@ def validate_staged_recipe(raw: dict, recipe_path: str | None = None) -> StagedR
     """Check a raw recipe with `stages:` (top-level keys already checked by validate_recipe)."""
     top = {k: v for k, v in raw.items() if k not in ("stages", "stage_eval")}
     if top.get("importance") is not None:
-        raise ConfigError("importance: not allowed together with stages; record importance with its own recipe "
-                          "(`llmreg importance`), then use the artifact in a stage's forgetting_penalty")
+        raise ConfigError(
+            "importance: not allowed together with stages; record importance with its own recipe "
+            "(`llmreg importance`), then use the artifact in a stage's forgetting_penalty"
+        )
     items = raw["stages"]
     if not isinstance(items, list) or not items:
-        raise ConfigError(f"stages: expected a non-empty list of stages (mappings with name, data, trainer, ...), "
-                          f"got {items!r}")
+        raise ConfigError(
+            f"stages: expected a non-empty list of stages (mappings with name, data, trainer, ...), got {items!r}"
+        )
     recipe_dir = os.path.dirname(os.path.abspath(recipe_path)) if recipe_path else None
     output_dir = os.path.abspath(os.path.expanduser(top.get("output_dir") or default_output_dir(recipe_path)))
     stage_eval, suite_tasks = validate_stage_eval(raw.get("stage_eval"), recipe_dir)
@@ -99,36 +105,50 @@ def validate_staged_recipe(raw: dict, recipe_path: str | None = None) -> StagedR
             raise ConfigError(f"stages[{i}]: expected a mapping (name, data, trainer, ...), got {item!r}")
         name = item.get("name", f"stage{i}")
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ConfigError(f"stages[{i}].name: {name!r} is not a usable folder name (letters, digits, '_', "
-                              "'-', '.'; starting with a letter or digit)")
+            raise ConfigError(
+                f"stages[{i}].name: {name!r} is not a usable folder name (letters, digits, '_', "
+                "'-', '.'; starting with a letter or digit)"
+            )
         where = f"stages[{i}] ({name})"
         for key in TOP_LEVEL_ONLY:
             if key in item:
-                raise ConfigError(f"{where}: {key} is set at the top level only (each stage after the first "
-                                  "starts from the previous stage's final model)")
+                raise ConfigError(
+                    f"{where}: {key} is set at the top level only (each stage after the first "
+                    "starts from the previous stage's final model)"
+                )
         values = check_mapping(_StageKeys, item, where)
         taken = next((s for s in stages if s.name == name), None)
         if taken is not None:
-            raise ConfigError(f"{where}: duplicate stage name '{name}' (stages[{taken.index}] has it too); "
-                              "stage names must be unique")
+            raise ConfigError(
+                f"{where}: duplicate stage name '{name}' (stages[{taken.index}] has it too); stage names must be unique"
+            )
         with reraise_at_recipe_key(where):
             recipe = validate_run_recipe(expand_stage(top, values, i, output_dir), recipe_path)
         if recipe.peft is not None and i < len(items) - 1:
-            raise ConfigError(f"{where}: peft: only the last stage may use PEFT (the next stage would start "
-                              "from an adapter rather than a whole model)")
+            raise ConfigError(
+                f"{where}: peft: only the last stage may use PEFT (the next stage would start "
+                "from an adapter rather than a whole model)"
+            )
         eval_task = values.get("eval_task")
         if eval_task is not None:
             if stage_eval is None:
                 raise ConfigError(f"{where}: eval_task: needs a top-level stage_eval (the suite it names a task of)")
             if eval_task not in suite_tasks:
                 hint = closest(eval_task, suite_tasks)
-                raise ConfigError(f"{where}: eval_task: '{eval_task}' is not a task of {stage_eval.suite}"
-                                  + (f"; did you mean '{hint}'?" if hint else "")
-                                  + f" (its tasks: {', '.join(suite_tasks)})")
+                raise ConfigError(
+                    f"{where}: eval_task: '{eval_task}' is not a task of {stage_eval.suite}"
+                    + (f"; did you mean '{hint}'?" if hint else "")
+                    + f" (its tasks: {', '.join(suite_tasks)})"
+                )
         stages.append(Stage(index=i, name=name, recipe=recipe, eval_task=eval_task))
-    return StagedRecipe(stages=stages, output_dir=output_dir, seed=top.get("seed", DEFAULT_SEED),
-                        resume=top.get("resume", False), stage_eval=stage_eval,
-                        path=os.path.abspath(recipe_path) if recipe_path else None)
+    return StagedRecipe(
+        stages=stages,
+        output_dir=output_dir,
+        seed=top.get("seed", DEFAULT_SEED),
+        resume=top.get("resume", False),
+        stage_eval=stage_eval,
+        path=os.path.abspath(recipe_path) if recipe_path else None,
+    )
 
 
 def validate_stage_eval(section: dict | None, recipe_dir: str | None) -> tuple[StageEvalSpec | None, list[str]]:

@@ -16,10 +16,15 @@ def summary(recipe: Any) -> list[str]:
     tokenizer = recipe.tokenizer.name_or_path or f"builtin {recipe.tokenizer.builtin}"
     data = source_text(recipe.data.train) + (f"; eval {source_text(recipe.data.eval)}" if recipe.data.eval else "")
     # repr for strings like eos_token "\n" that would otherwise break the line
-    trainer = ", ".join(f"{k}={v if not isinstance(v, str) or v.isprintable() else repr(v)}"
-                        for k, v in recipe.trainer.args.items())
-    regs = ", ".join(f"{r['name']}({', '.join(f'{k}={v}' for k, v in r.items() if k != 'name')})"
-                     for r in recipe.regularizers) or "none"
+    trainer = ", ".join(
+        f"{k}={v if not isinstance(v, str) or v.isprintable() else repr(v)}" for k, v in recipe.trainer.args.items()
+    )
+    regs = (
+        ", ".join(
+            f"{r['name']}({', '.join(f'{k}={v}' for k, v in r.items() if k != 'name')})" for r in recipe.regularizers
+        )
+        or "none"
+    )
     return [
         f"  model         {model} (dtype {recipe.model.dtype})",
         f"  tokenizer     {tokenizer}",
@@ -28,8 +33,11 @@ def summary(recipe: Any) -> list[str]:
         f"  peft          {recipe.peft or 'none'}",
         f"  regularizers  {regs}",
         f"  output_dir    {recipe.output_dir}",
-        *([f"  importance    {recipe.importance.method} -> {recipe.importance.output or 'output_dir/importance'}"]
-          if recipe.importance is not None else []),
+        *(
+            [f"  importance    {recipe.importance.method} -> {recipe.importance.output or 'output_dir/importance'}"]
+            if recipe.importance is not None
+            else []
+        ),
     ]
 
 
@@ -40,15 +48,22 @@ def staged_summary(staged: Any) -> list[str]:
     shared.append(f"  output_dir    {staged.output_dir}")
     if staged.stage_eval is not None:
         spec = staged.stage_eval
-        shared.append(f"  stage_eval    {spec.suite} (limit {spec.limit}, batch_size {spec.batch_size}) -> "
-                      f"{os.path.join(staged.output_dir, STAGE_EVAL_DIR)}")
+        shared.append(
+            f"  stage_eval    {spec.suite} (limit {spec.limit}, batch_size {spec.batch_size}) -> "
+            f"{os.path.join(staged.output_dir, STAGE_EVAL_DIR)}"
+        )
     n = len(staged.stages)
     for stage in staged.stages:
         start = "the model above" if stage.index == 0 else f"stage {stage.index}'s final model"
-        shared.append(f"  stage {stage.index + 1}/{n}: {stage.name} ({stage.recipe.trainer.kind}), from {start}, "
-                      f"into {stage.recipe.output_dir}")
-        shared += ["    " + line for line in summary(stage.recipe)
-                   if line.split()[0] not in ("model", "tokenizer", "output_dir")]
+        shared.append(
+            f"  stage {stage.index + 1}/{n}: {stage.name} ({stage.recipe.trainer.kind}), from {start}, "
+            f"into {stage.recipe.output_dir}"
+        )
+        shared += [
+            "    " + line
+            for line in summary(stage.recipe)
+            if line.split()[0] not in ("model", "tokenizer", "output_dir")
+        ]
         if stage.eval_task:
             shared.append(f"      eval_task     {stage.eval_task}")
     return shared
@@ -76,8 +91,10 @@ def run_lines(result: Any) -> list[str]:
 
 def stages_lines(result: Any) -> list[str]:
     """What finished stages (llmreg.recipe.stages.StagesResult) trained, skipped and wrote."""
-    return [f"done: {len(result.trained)} stages trained"
-            + (f", {len(result.skipped)} skipped ({', '.join(result.skipped)})" if result.skipped else "")
-            + f"; outputs in {result.output_dir}",
-            *(f"  stage {i + 1} final  {path}" for i, path in enumerate(result.final_dirs)),
-            *([f"  stage_eval     {os.path.join(result.output_dir, STAGE_EVAL_DIR)}"] if result.stage_eval else [])]
+    return [
+        f"done: {len(result.trained)} stages trained"
+        + (f", {len(result.skipped)} skipped ({', '.join(result.skipped)})" if result.skipped else "")
+        + f"; outputs in {result.output_dir}",
+        *(f"  stage {i + 1} final  {path}" for i, path in enumerate(result.final_dirs)),
+        *([f"  stage_eval     {os.path.join(result.output_dir, STAGE_EVAL_DIR)}"] if result.stage_eval else []),
+    ]

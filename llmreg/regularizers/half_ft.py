@@ -60,6 +60,7 @@ EMBEDDING_PATTERN = re.compile(r"(?:^|\.)(?:embed_tokens|lm_head|wte|wpe|embed_o
 
 # -- pure functions ------------------------------------------------------------------------------------
 
+
 def group_layers(
     names: list[str],
     categories: dict[str, list[str]],
@@ -82,7 +83,7 @@ def group_layers(
         if not match:
             continue
         index = int(match.group(1))
-        path = "." + ".".join(name[match.end():].split(".")[:-1]) + "."  # module path inside the layer
+        path = "." + ".".join(name[match.end() :].split(".")[:-1]) + "."  # module path inside the layer
         hits = [hit for m, hit in member_of.items() if f".{m}." in path]
         if len(hits) != 1:
             raise ConfigError(
@@ -130,8 +131,7 @@ def draw_frozen(
     n_layers = len(layers)
     categories = list(layers[0])
     # one draw of "which layers round up" per odd category, in category order, before the layer loop
-    round_up = {cat: set(rng.sample(range(n_layers), n_layers // 2))
-                for cat in categories if len(layers[0][cat]) % 2}
+    round_up = {cat: set(rng.sample(range(n_layers), n_layers // 2)) for cat in categories if len(layers[0][cat]) % 2}
     frozen: list[str] = []
     for index, layer in enumerate(layers):
         for cat in categories:
@@ -165,17 +165,21 @@ def trainable_fraction(named_sizes: dict[str, int], frozen: set[str]) -> float:
 
 # -- the regularizer -----------------------------------------------------------------------------------
 
+
 @dataclass
 class HalfFTOptions:
     seed: int = option(0, "selection seed; the draw depends on (seed, stage) only")
     stage: int = option(0, "stage index of a multi-stage recipe (filled in by `stages:`); each stage draws anew")
     balance: Literal["count", "params"] = option(
-        "count", "count: freeze half of each category's matrices (paper); params: subsets closest to half the "
-        "category's parameters (GQA models)")
+        "count",
+        "count: freeze half of each category's matrices (paper); params: subsets closest to half the "
+        "category's parameters (GQA models)",
+    )
     categories: dict[str, list[str]] = option(
         {k: list(v) for k, v in LLAMA_CATEGORIES.items()},
         "module names (or dotted paths such as attn.c_proj) per category inside a decoder layer; default: "
-        "Llama/Mistral/Qwen2 names")
+        "Llama/Mistral/Qwen2 names",
+    )
     train_embeddings: bool = option(True, "keep embeddings and LM head trainable (False: the paper's worse ablation)")
 
 
@@ -214,8 +218,13 @@ class HalfFineTuning(Regularizer):
         if not self.options.train_embeddings:
             frozen = sorted(set(frozen) | {n for n, _ in named if EMBEDDING_PATTERN.search(n)})
         self._apply(frozen)
-        logger.info("half_ft (seed %d, stage %d): %d tensors frozen, %.1f%% of the parameters trainable",
-                    self.options.seed, self.options.stage, len(frozen), 100 * self._fraction)
+        logger.info(
+            "half_ft (seed %d, stage %d): %d tensors frozen, %.1f%% of the parameters trainable",
+            self.options.seed,
+            self.options.stage,
+            len(frozen),
+            100 * self._fraction,
+        )
 
     def _apply(self, frozen: list[str]) -> None:
         named = dict(self._model.named_parameters())
@@ -223,8 +232,9 @@ class HalfFineTuning(Regularizer):
         if unknown:
             raise ConfigError(f"half_ft: the frozen set names parameters this model lacks: {unknown[:5]}")
         # a different trainable set on one rank would hang or corrupt the gradient reduction
-        dist.check_same_on_every_rank(frozen, "half_ft: the frozen sets (check that seed and stage are the same on "
-                                              "every rank)")
+        dist.check_same_on_every_rank(
+            frozen, "half_ft: the frozen sets (check that seed and stage are the same on every rank)"
+        )
         frozen_set = set(frozen)
         for name, p in named.items():
             if p.is_floating_point():
@@ -236,8 +246,12 @@ class HalfFineTuning(Regularizer):
         return {"trainable_fraction": self._fraction}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.options.seed, "stage": self.options.stage, "balance": self.options.balance,
-                "frozen": list(self.frozen)}
+        return {
+            "seed": self.options.seed,
+            "stage": self.options.stage,
+            "balance": self.options.balance,
+            "frozen": list(self.frozen),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "frozen" not in state:
@@ -246,9 +260,14 @@ class HalfFineTuning(Regularizer):
             self._loaded = self.frozen = list(state["frozen"])
             return
         if sorted(state["frozen"]) != sorted(self.frozen):
-            logger.warning("half_ft: resuming with the checkpoint's frozen set (seed %s, stage %s), not this "
-                           "run's draw (seed %d, stage %d)", state.get("seed"), state.get("stage"),
-                           self.options.seed, self.options.stage)
+            logger.warning(
+                "half_ft: resuming with the checkpoint's frozen set (seed %s, stage %s), not this "
+                "run's draw (seed %d, stage %d)",
+                state.get("seed"),
+                state.get("stage"),
+                self.options.seed,
+                self.options.stage,
+            )
         self._apply(list(state["frozen"]))
 
 

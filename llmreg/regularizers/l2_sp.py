@@ -58,6 +58,13 @@ class L2SP(ForgettingPenalty):
     options_cls = L2SPOptions
 
     def config(self) -> PenaltyConfig:
-        return PenaltyConfig(importance="l2sp", lam=0.5 * self.options.lam, weighting="none", temperature=0.0,
-                             selector=Selector(include=None, exclude=tuple(self.options.exclude)), anchor=None,
-                             apply="grad_edit", artifact=None)
+        return PenaltyConfig(
+            importance="l2sp",
+            lam=0.5 * self.options.lam,
+            weighting="none",
+            temperature=0.0,
+            selector=Selector(include=None, exclude=tuple(self.options.exclude)),
+            anchor=None,
+            apply="grad_edit",
+            artifact=None,
+        )

@@ -20,8 +20,13 @@ from llmreg.testbed import skills as S
 def summarize(before: dict[str, float], after: dict[str, float], new_skill: str = S.NEW_SKILL) -> dict:
     old = [s for s in before if s != new_skill]
     drops = {s: round(100 * (before[s] - after[s]), 1) for s in old}
-    return dict(before=before, after=after, drop_points=drops,
-                avg_old_drop_points=round(sum(drops.values()) / len(drops), 1), new_skill=after[new_skill])
+    return dict(
+        before=before,
+        after=after,
+        drop_points=drops,
+        avg_old_drop_points=round(sum(drops.values()) / len(drops), 1),
+        new_skill=after[new_skill],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         kw = {k: v for k, v in dict(steps=a.steps, size=a.size).items() if v is not None}
         t0 = time.time()
         path = build(cache_dir=a.cache_dir, seed=a.seed, log=lambda s: print(s, flush=True), **kw)
-        print(json.dumps(dict(path=str(path), seconds=round(time.time() - t0, 1),
-                              scores=json.loads((path / "scores.json").read_text()))))
+        print(
+            json.dumps(
+                dict(
+                    path=str(path),
+                    seconds=round(time.time() - t0, 1),
+                    scores=json.loads((path / "scores.json").read_text()),
+                )
+            )
+        )
         return 0
 
     import transformers
@@ -62,20 +74,25 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(dict(step=0, scores=before)), flush=True)
     callbacks = []
     if a.eval_every:
+
         class Probe(transformers.TrainerCallback):
             def on_step_end(self, args, state, control, model=None, **kw):
                 if state.global_step % a.eval_every == 0 and state.global_step < a.steps:
-                    print(json.dumps(dict(step=state.global_step, scores=evaluate_all(model, tok, eval_n=a.eval_n))),
-                          flush=True)
+                    print(
+                        json.dumps(dict(step=state.global_step, scores=evaluate_all(model, tok, eval_n=a.eval_n))),
+                        flush=True,
+                    )
                     model.train()
+
         callbacks.append(Probe())
     t0 = time.time()
-    model = finetune(a.path, a.skill, steps=a.steps, lr=a.lr, seed=a.seed, batch_size=a.batch_size,
-                     callbacks=callbacks)
+    model = finetune(a.path, a.skill, steps=a.steps, lr=a.lr, seed=a.seed, batch_size=a.batch_size, callbacks=callbacks)
     after = evaluate_all(model, tok, eval_n=a.eval_n)
     print(json.dumps(dict(step=a.steps, scores=after)), flush=True)
-    print(json.dumps(dict(summarize(before, after, a.skill), steps=a.steps, lr=a.lr,
-                          seconds=round(time.time() - t0, 1))), flush=True)
+    print(
+        json.dumps(dict(summarize(before, after, a.skill), steps=a.steps, lr=a.lr, seconds=round(time.time() - t0, 1))),
+        flush=True,
+    )
     return 0
 
 

@@ -31,13 +31,24 @@ import llmreg.testbed.skills as S
 BUILD_VERSION = 1
 # model sizes: "tiny" for tests (seconds), "small" the real testbed
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4),
-    "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4),
+    "tiny": dict(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4
+    ),
+    "small": dict(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4
+    ),
 }
-DEFAULTS: dict[str, Any] = dict(size="small", steps=1500, batch_size=64, lr=1e-3, warmup=100, weight_decay=0.0,
-                                skills=list(S.OLD_SKILLS), eval_n=200, table_seed=0)
+DEFAULTS: dict[str, Any] = dict(
+    size="small",
+    steps=1500,
+    batch_size=64,
+    lr=1e-3,
+    warmup=100,
+    weight_decay=0.0,
+    skills=list(S.OLD_SKILLS),
+    eval_n=200,
+    table_seed=0,
+)
 MAX_NEW_TOKENS = 8
 # named builds a recipe can ask for (`model: {testbed: default}`); a mapping of options is the other way
 PRESETS: dict[str, dict[str, Any]] = {"default": {}}
@@ -76,8 +87,10 @@ def check_build_options(spec: str | dict[str, Any]) -> dict[str, Any]:
 
     if isinstance(spec, str):
         if spec not in PRESETS:
-            raise ValueError(f"unknown testbed {spec!r}{hint(spec, PRESETS)} (presets: {', '.join(PRESETS)}; "
-                             f"or a mapping of build options: seed, {', '.join(DEFAULTS)})")
+            raise ValueError(
+                f"unknown testbed {spec!r}{hint(spec, PRESETS)} (presets: {', '.join(PRESETS)}; "
+                f"or a mapping of build options: seed, {', '.join(DEFAULTS)})"
+            )
         spec = PRESETS[spec]
     if not isinstance(spec, dict):
         raise ValueError(f"expected a preset name or a mapping of build options, got {spec!r}")
@@ -133,18 +146,26 @@ def pad_batch(ids: list[list[int]], labels: list[list[int]], pad_id: int):
     lab = torch.full((len(ids), width), -100, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, (x, y) in enumerate(zip(ids, labels)):
-        input_ids[i, :len(x)] = torch.tensor(x)
-        lab[i, :len(y)] = torch.tensor(y)
-        mask[i, :len(x)] = 1
+        input_ids[i, : len(x)] = torch.tensor(x)
+        lab[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
     return input_ids, mask, lab
 
 
-def evaluate_all(model, tokenizer, skill_names: list[str] | None = None, eval_n: int = 200,
-                 table_seed: int = 0) -> dict[str, float]:
+def evaluate_all(
+    model, tokenizer, skill_names: list[str] | None = None, eval_n: int = 200, table_seed: int = 0
+) -> dict[str, float]:
     """Exact match of `model` on each skill's held-out eval set (default: every skill, old and new)."""
     names = list(skill_names) if skill_names is not None else list(S.SKILLS)
-    return {s: S.exact_match(model, tokenizer, S.make_examples(s, eval_n, seed=0, split="eval", table_seed=table_seed),
-                             max_new_tokens=MAX_NEW_TOKENS) for s in names}
+    return {
+        s: S.exact_match(
+            model,
+            tokenizer,
+            S.make_examples(s, eval_n, seed=0, split="eval", table_seed=table_seed),
+            max_new_tokens=MAX_NEW_TOKENS,
+        )
+        for s in names
+    }
 
 
 def train(cfg: dict[str, Any], log: Callable[[str], None] = print):
@@ -182,8 +203,11 @@ def _train(cfg: dict[str, Any], log: Callable[[str], None]):
     torch.manual_seed(cfg["seed"])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg["lr"],
+        betas=(0.9, 0.98),
+    )
 
     def lr_at(step: int) -> float:
         if step < cfg["warmup"]:
@@ -204,14 +228,17 @@ def _train(cfg: dict[str, Any], log: Callable[[str], None]):
         opt.step()
         sched.step()
         if (step + 1) % 100 == 0 or step == 0:
-            log(f"step {step + 1}/{steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
-                f"{time.time() - t0:.0f}s")
+            log(
+                f"step {step + 1}/{steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"{time.time() - t0:.0f}s"
+            )
     model.eval()
     return model, tok
 
 
-def build(cache_dir: str | os.PathLike | None = None, seed: int = 0, log: Callable[[str], None] = print,
-          **overrides: Any) -> Path:
+def build(
+    cache_dir: str | os.PathLike | None = None, seed: int = 0, log: Callable[[str], None] = print, **overrides: Any
+) -> Path:
     """Path of the testbed artifact for this config, training it first if it is not cached.
 
     `overrides`: any of `DEFAULTS` (`steps`, `size`, `batch_size`, `lr`, ...). The directory
@@ -228,8 +255,9 @@ def build(cache_dir: str | os.PathLike | None = None, seed: int = 0, log: Callab
     t0 = time.time()
     model, tok = train(cfg, log=log)
     train_s = time.time() - t0
-    scores = evaluate_all(model, tok, list(cfg["skills"]) + [S.NEW_SKILL], eval_n=cfg["eval_n"],
-                          table_seed=cfg["table_seed"])
+    scores = evaluate_all(
+        model, tok, list(cfg["skills"]) + [S.NEW_SKILL], eval_n=cfg["eval_n"], table_seed=cfg["table_seed"]
+    )
     log(f"scores {json.dumps(scores)}")
     tmp = root / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -238,8 +266,11 @@ def build(cache_dir: str | os.PathLike | None = None, seed: int = 0, log: Callab
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True))
-    (tmp / "testbed.json").write_text(json.dumps(
-        dict(config=cfg, train_seconds=round(train_s, 1), total_seconds=round(time.time() - t0, 1)), indent=2))
+    (tmp / "testbed.json").write_text(
+        json.dumps(
+            dict(config=cfg, train_seconds=round(train_s, 1), total_seconds=round(time.time() - t0, 1)), indent=2
+        )
+    )
     try:
         tmp.rename(out)
     except OSError:  # another process finished first: keep its copy

@@ -33,9 +33,18 @@ class _Collator:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def finetune(model_dir: str | os.PathLike, skill: str = S.NEW_SKILL, steps: int = 800, lr: float = 1e-4,
-             regularizers: Sequence[Any] = (), seed: int = 0, batch_size: int = 32, output_dir: str | None = None,
-             callbacks: Sequence[Any] = (), **training_args: Any):
+def finetune(
+    model_dir: str | os.PathLike,
+    skill: str = S.NEW_SKILL,
+    steps: int = 800,
+    lr: float = 1e-4,
+    regularizers: Sequence[Any] = (),
+    seed: int = 0,
+    batch_size: int = 32,
+    output_dir: str | None = None,
+    callbacks: Sequence[Any] = (),
+    **training_args: Any,
+):
     """The model of `model_dir` after `steps` optimizer steps on `skill`'s train split; returns the model (eval mode).
 
     `regularizers`: what `RegTrainer(regularizers=...)` takes (objects, names or dicts).
@@ -50,15 +59,33 @@ def finetune(model_dir: str | os.PathLike, skill: str = S.NEW_SKILL, steps: int 
     data = skill_dataset(tok, skill, steps * batch_size, seed=seed + 1)
     with tempfile.TemporaryDirectory(prefix="llmreg-testbed-ft-") as tmp:
         kw: dict[str, Any] = dict(
-            output_dir=output_dir or tmp, max_steps=steps, learning_rate=lr, per_device_train_batch_size=batch_size,
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=seed,
-            data_seed=seed, logging_steps=max(1, steps // 10), save_strategy="no", report_to=[], use_cpu=True,
-            disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+            output_dir=output_dir or tmp,
+            max_steps=steps,
+            learning_rate=lr,
+            per_device_train_batch_size=batch_size,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            seed=seed,
+            data_seed=seed,
+            logging_steps=max(1, steps // 10),
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
         )
         kw.update(training_args)
-        trainer = RegTrainer(model=model, args=transformers.TrainingArguments(**kw), train_dataset=data,
-                             data_collator=_Collator(tok.pad_token_id), regularizers=list(regularizers),
-                             callbacks=list(callbacks) or None)
+        trainer = RegTrainer(
+            model=model,
+            args=transformers.TrainingArguments(**kw),
+            train_dataset=data,
+            data_collator=_Collator(tok.pad_token_id),
+            regularizers=list(regularizers),
+            callbacks=list(callbacks) or None,
+        )
         trainer.train()
     model.eval()
     return model

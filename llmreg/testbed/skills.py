@@ -72,8 +72,9 @@ def is_eval(prompt: str) -> bool:
     return h < EVAL_FRACTION * 2**64
 
 
-def make_examples(skill: str, n: int, seed: int = 0, split: str = "train",
-                  table_seed: int = 0) -> list[tuple[str, str]]:
+def make_examples(
+    skill: str, n: int, seed: int = 0, split: str = "train", table_seed: int = 0
+) -> list[tuple[str, str]]:
     """`n` (prompt, answer) pairs of `skill` from `split` ("train" or "eval"), identical for the same arguments.
 
     Eval sets are drawn without repetition (their spaces are large except `add`/`sub`'s
@@ -116,8 +117,9 @@ def eval_dataset(skill: str, eval_n: int = 200, table_seed: int = 0):
     from datasets import Dataset, DatasetDict
 
     examples = make_examples(skill, eval_n, seed=0, split="eval", table_seed=table_seed)
-    return DatasetDict({"test": Dataset.from_dict({"prompt": [p for p, _ in examples],
-                                                   "answer": [a for _, a in examples]})})
+    return DatasetDict(
+        {"test": Dataset.from_dict({"prompt": [p for p, _ in examples], "answer": [a for _, a in examples]})}
+    )
 
 
 def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -132,15 +134,20 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list
     newline = tokenizer.convert_tokens_to_ids("\n")
     with torch.no_grad():
         out = model.generate(
-            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=max_new_tokens,
-            do_sample=False, eos_token_id=[newline, tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=[newline, tokenizer.eos_token_id],
+            pad_token_id=tokenizer.pad_token_id,
         )
-    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return [t.split("\n", 1)[0] for t in texts]
 
 
-def exact_match(model, tokenizer, examples: list[tuple[str, str]], max_new_tokens: int = 8,
-                batch_size: int = 256) -> float:
+def exact_match(
+    model, tokenizer, examples: list[tuple[str, str]], max_new_tokens: int = 8, batch_size: int = 256
+) -> float:
     """Fraction of examples whose greedy continuation, up to the first newline, equals the answer.
 
     Batched generation with left padding; `model` needs only a HF-style `generate`.
@@ -153,7 +160,7 @@ def exact_match(model, tokenizer, examples: list[tuple[str, str]], max_new_token
     hits = 0
     try:
         for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
+            chunk = examples[i : i + batch_size]
             preds = _generate(model, tokenizer, [p for p, _ in chunk], max_new_tokens)
             hits += sum(pred == ans for pred, (_, ans) in zip(preds, chunk))
     finally:

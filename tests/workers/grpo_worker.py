@@ -43,18 +43,37 @@ def main() -> int:
 
     tok = build_char_tokenizer()
     args = trl.GRPOConfig(
-        output_dir=os.path.join(a.out, "trainer"), max_steps=a.steps,
+        output_dir=os.path.join(a.out, "trainer"),
+        max_steps=a.steps,
         per_device_train_batch_size=8 // world // (a.steps_per_generation or 1),
-        num_generations=2, max_completion_length=6, beta=0.0, epsilon=1.0, epsilon_high=9.0, loss_type="dapo",
-        learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, bf16=False, seed=0, data_seed=0, disable_tqdm=True,
+        num_generations=2,
+        max_completion_length=6,
+        beta=0.0,
+        epsilon=1.0,
+        epsilon_high=9.0,
+        loss_type="dapo",
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
         deepspeed=os.path.join(REPO, "ds_configs", f"zero{a.zero}.json") if a.zero else None,
         steps_per_generation=a.steps_per_generation,
     )
     model = tiny_llama(vocab_size=len(tok), seed=0)
-    trainer = llmreg.RegGRPOTrainer(model=model, args=args, processing_class=tok, reward_funcs=digit_count_reward,
-                                    train_dataset=make_builtin_dataset(format="prompt_only", num_examples=64),
-                                    regularizers=json.loads(a.regularizers))
+    trainer = llmreg.RegGRPOTrainer(
+        model=model,
+        args=args,
+        processing_class=tok,
+        reward_funcs=digit_count_reward,
+        train_dataset=make_builtin_dataset(format="prompt_only", num_examples=64),
+        regularizers=json.loads(a.regularizers),
+    )
     thresholds = []
     for reg in trainer.reg_stack:
         original = reg.on_generation_batch
@@ -75,8 +94,16 @@ def main() -> int:
     if args.process_index == 0:
         logs = [h for h in trainer.state.log_history if "loss" in h]
         metrics = [{k: v for k, v in h.items() if k.startswith("reg/")} for h in logs]
-        torch.save({"losses": [h["loss"] for h in logs], "metrics": metrics,
-                    "weights": weights, "thresholds": gathered, "world": world}, os.path.join(a.out, "result.pt"))
+        torch.save(
+            {
+                "losses": [h["loss"] for h in logs],
+                "metrics": metrics,
+                "weights": weights,
+                "thresholds": gathered,
+                "world": world,
+            },
+            os.path.join(a.out, "result.pt"),
+        )
     return world
 
 

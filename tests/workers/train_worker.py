@@ -49,8 +49,10 @@ def optimizer_groups_by_name(trainer) -> list[dict]:
             members[gid].extend(opt.fp16_groups[sub])
     else:
         torch_groups, members = opt.param_groups, [g["params"] for g in opt.param_groups]
-    return [{"weight_decay": g["weight_decay"], "names": sorted(name_of[id(p)] for p in ps)}
-            for g, ps in zip(torch_groups, members)]
+    return [
+        {"weight_decay": g["weight_decay"], "names": sorted(name_of[id(p)] for p in ps)}
+        for g, ps in zip(torch_groups, members)
+    ]
 
 
 def main() -> int:
@@ -69,8 +71,11 @@ def main() -> int:
     tok = build_char_tokenizer()
     ds = make_builtin_dataset(num_examples=64, seed=1)
     # fixed length so every rank and the single process see identical token counts
-    ds = ds.map(lambda b: tok(b["text"], padding="max_length", max_length=32, truncation=True), batched=True,
-                remove_columns=["text"])
+    ds = ds.map(
+        lambda b: tok(b["text"], padding="max_length", max_length=32, truncation=True),
+        batched=True,
+        remove_columns=["text"],
+    )
     per_device = a.global_batch // world // a.grad_accum
     args = TrainingArguments(
         output_dir=os.path.join(a.out, "trainer"),
@@ -96,10 +101,14 @@ def main() -> int:
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(0)
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"),
+        )
     trainer = RegTrainer(
-        model=model, args=args, train_dataset=ds,
+        model=model,
+        args=args,
+        train_dataset=ds,
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
         regularizers=json.loads(a.regularizers),
     )
@@ -124,8 +133,12 @@ def main() -> int:
     inner = getattr(inner, "optimizer", inner)  # DeepSpeed ZeRO optimizer -> the torch optimizer it steps
     adam_numel = sum(st["exp_avg"].numel() for st in inner.state.values() if "exp_avg" in st)
     engine = trainer.model_wrapped if a.zero else None
-    mine = {"stored": stored, "groups": groups, "adam_exp_avg_numel": adam_numel,
-            "ds_gradient_clipping": engine.gradient_clipping() if engine is not None else None}
+    mine = {
+        "stored": stored,
+        "groups": groups,
+        "adam_exp_avg_numel": adam_numel,
+        "ds_gradient_clipping": engine.gradient_clipping() if engine is not None else None,
+    }
     gathered = [None] * world
     if world > 1:
         torch.distributed.all_gather_object(gathered, mine)
@@ -136,9 +149,20 @@ def main() -> int:
     names = getattr(trainer, "reg_param_group_names", None)
     if rank == 0:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        metrics = [{k: v for k, v in h.items() if k.startswith("reg/")} for h in trainer.state.log_history if "loss" in h]
-        torch.save({"losses": losses, "metrics": metrics, "weights": weights, "per_rank": gathered,
-                    "group_names": names, "world": world}, os.path.join(a.out, "result.pt"))
+        metrics = [
+            {k: v for k, v in h.items() if k.startswith("reg/")} for h in trainer.state.log_history if "loss" in h
+        ]
+        torch.save(
+            {
+                "losses": losses,
+                "metrics": metrics,
+                "weights": weights,
+                "per_rank": gathered,
+                "group_names": names,
+                "world": world,
+            },
+            os.path.join(a.out, "result.pt"),
+        )
     return world
 
 

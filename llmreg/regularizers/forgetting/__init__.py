@@ -24,7 +24,16 @@ from llmreg.regularizers.forgetting.record import write_ewc_artifact, write_si_a
 from llmreg.regularizers.forgetting.si import SIImportance
 
 __all__ = [
-    "ForgettingPenalty", "PenaltyConfig", "SIImportance", "fisher_diagonal", "layer_coefficients",
-    "lora_product_penalty_grads", "quadratic_penalty", "quadratic_penalty_grad", "si_accumulate", "si_fold",
-    "write_ewc_artifact", "write_si_artifact",
+    "ForgettingPenalty",
+    "PenaltyConfig",
+    "SIImportance",
+    "fisher_diagonal",
+    "layer_coefficients",
+    "lora_product_penalty_grads",
+    "quadratic_penalty",
+    "quadratic_penalty_grad",
+    "si_accumulate",
+    "si_fold",
+    "write_ewc_artifact",
+    "write_si_artifact",
 ]

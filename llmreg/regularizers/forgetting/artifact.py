@@ -25,8 +25,17 @@ FORMAT = "llmreg-importance/1"
 # relative tolerance on the weights' sum of squares: far above fp32/bf16 rounding of a whole model,
 # far below what even a few optimizer steps change
 FINGERPRINT_RTOL = 1e-4
-ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
-             "num_attention_heads", "num_key_value_heads", "n_embd", "n_layer")
+ARCH_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "vocab_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "n_embd",
+    "n_layer",
+)
 
 
 def architecture(model: torch.nn.Module) -> dict[str, Any]:
@@ -67,8 +76,9 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def check_against_model(meta: dict[str, Any], directory: str, arch: dict[str, Any],
-                        shapes: dict[str, tuple[int, ...]]) -> None:
+def check_against_model(
+    meta: dict[str, Any], directory: str, arch: dict[str, Any], shapes: dict[str, tuple[int, ...]]
+) -> None:
     """Refuse an artifact for another architecture, or one lacking or mis-shaping a regularised weight."""
     recorded = meta.get("architecture", {})
     differ = {k: (recorded[k], arch[k]) for k in recorded.keys() & arch.keys() if recorded[k] != arch[k]}
@@ -79,12 +89,15 @@ def check_against_model(meta: dict[str, Any], directory: str, arch: dict[str, An
     missing = [n for n in shapes if n not in params]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ConfigError(f"importance artifact {directory} has no importance for {', '.join(missing[:3])}{more}; "
-                          f"record it with the same targets, or narrow `targets`/`exclude`")
+        raise ConfigError(
+            f"importance artifact {directory} has no importance for {', '.join(missing[:3])}{more}; "
+            f"record it with the same targets, or narrow `targets`/`exclude`"
+        )
     for name, shape in shapes.items():
         if params[name] != tuple(shape):
-            raise ConfigError(f"importance artifact {directory}: {name} has shape {list(params[name])}, "
-                              f"the model's is {list(shape)}")
+            raise ConfigError(
+                f"importance artifact {directory}: {name} has shape {list(params[name])}, the model's is {list(shape)}"
+            )
 
 
 def check_anchor(meta: dict[str, Any], directory: str, sum_sq: float, names: Iterable[str], anchor: str) -> None:
@@ -101,12 +114,16 @@ def check_anchor(meta: dict[str, Any], directory: str, sum_sq: float, names: Ite
     other = "start" if which == "end" else "end"
     hint = ""
     if _close(sums.get(other), sum_sq):
-        hint = (f"; it matches the importance run's {other} weights: set anchor="
-                f"{'pretrained' if other == 'start' else 'phase1_end'} or start from the {which} weights")
+        hint = (
+            f"; it matches the importance run's {other} weights: set anchor="
+            f"{'pretrained' if other == 'start' else 'phase1_end'} or start from the {which} weights"
+        )
     elif which == "end" and meta.get("final_model"):
         hint = f"; start fine-tuning from {meta['final_model']}"
-    raise ConfigError(f"the model being fine-tuned is not the anchor of importance artifact {directory} "
-                      f"(anchor={anchor}: weights' sum of squares {sum_sq:.8g}, artifact {sums.get(which)}){hint}")
+    raise ConfigError(
+        f"the model being fine-tuned is not the anchor of importance artifact {directory} "
+        f"(anchor={anchor}: weights' sum of squares {sum_sq:.8g}, artifact {sums.get(which)}){hint}"
+    )
 
 
 def _close(expected: float | None, got: float) -> bool:
@@ -121,8 +138,14 @@ def load_importance(directory: str, names: Iterable[str]) -> dict[str, torch.Ten
         return {name: fh.get_tensor(name).float() for name in names}
 
 
-def random_artifact(directory: str | os.PathLike, model: torch.nn.Module, method: str = "si", seed: int = 0,
-                    scale: float = 1.0, layer_scale: dict[str, float] | None = None) -> str:
+def random_artifact(
+    directory: str | os.PathLike,
+    model: torch.nn.Module,
+    method: str = "si",
+    seed: int = 0,
+    scale: float = 1.0,
+    layer_scale: dict[str, float] | None = None,
+) -> str:
     """For tests and benchmarks: an artifact for `model` as it is now (its weights are both anchors) with
     random Omega in [0, scale) on the default targets, times `layer_scale[layer]` per decoder layer."""
     from llmreg.regularizers.forgetting.targets import default_selector, layer_of, select_parameters
@@ -133,8 +156,15 @@ def random_artifact(directory: str | os.PathLike, model: torch.nn.Module, method
     layer_scale = layer_scale or {}
     omega = {n: scale * layer_scale.get(layer_of(n), 1.0) * torch.rand(named[n].shape, generator=gen) for n in names}
     sum_sq = {n: float(named[n].detach().double().pow(2).sum()) for n in names}
-    return save_artifact(directory, omega, {
-        "method": method, "architecture": architecture(model), "steps": 0, "model": "random (test/benchmark)",
-        "anchor_sum_sq": {"start": sum_sq, "end": sum_sq},
-        "importance_sum_sq": {n: float(t.double().pow(2).sum()) for n, t in omega.items()},
-    })
+    return save_artifact(
+        directory,
+        omega,
+        {
+            "method": method,
+            "architecture": architecture(model),
+            "steps": 0,
+            "model": "random (test/benchmark)",
+            "anchor_sum_sq": {"start": sum_sq, "end": sum_sq},
+            "importance_sum_sq": {n: float(t.double().pow(2).sum()) for n, t in omega.items()},
+        },
+    )

@@ -58,8 +58,13 @@ def quadratic_penalty_grad(
 
 
 def lora_product_penalty_grads(
-    lora_a: torch.Tensor, lora_b: torch.Tensor, anchor_a: torch.Tensor, anchor_b: torch.Tensor,
-    omega: torch.Tensor | float, coef: float, scale: float,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    anchor_a: torch.Tensor,
+    anchor_b: torch.Tensor,
+    omega: torch.Tensor | float,
+    coef: float,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients w.r.t. (A, B) of coef * sum omega * (s*B@A - s*B*@A*)^2, the penalty on the dense LoRA product.
 
@@ -70,7 +75,11 @@ def lora_product_penalty_grads(
 
 
 def lora_grads_from_product_diff(
-    lora_a: torch.Tensor, lora_b: torch.Tensor, diff: torch.Tensor, omega: torch.Tensor | float, coef: float,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    diff: torch.Tensor,
+    omega: torch.Tensor | float,
+    coef: float,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`lora_product_penalty_grads` given diff = s*B@A - s*B*@A* already formed (it is the costly product)."""

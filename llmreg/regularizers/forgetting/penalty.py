@@ -55,23 +55,34 @@ DEFAULT_LAMBDA = {"si": 1e-3, "ewc": 0.5, "l2sp": 0.005}
 @dataclass
 class ForgettingPenaltyOptions:
     importance: Literal["si", "ewc", "l2sp"] = option(
-        "si", "si | ewc: Omega from `artifact`; l2sp: Omega = 1 (no artifact)")
+        "si", "si | ewc: Omega from `artifact`; l2sp: Omega = 1 (no artifact)"
+    )
     artifact: str | None = option(None, "directory written by `llmreg importance` (importance.safetensors + .json)")
-    lam: float | None = option(None, "penalty weight lambda; default by importance: si 1e-3 (paper and code), "
-                                     "ewc 0.5 (the code's EWC baseline), l2sp 0.005 (= l2_sp's lam 0.01 / 2)")
+    lam: float | None = option(
+        None,
+        "penalty weight lambda; default by importance: si 1e-3 (paper and code), "
+        "ewc 0.5 (the code's EWC baseline), l2sp 0.005 (= l2_sp's lam 0.01 / 2)",
+    )
     layer_weighting: Literal["softmax", "uniform", "none"] | None = option(
-        None, "a_l: softmax(c*||Omega_l||) (paper) | uniform 1/L | none (a_l = 1); default softmax for si, "
-              "none for ewc and l2sp")
+        None,
+        "a_l: softmax(c*||Omega_l||) (paper) | uniform 1/L | none (a_l = 1); default softmax for si, "
+        "none for ewc and l2sp",
+    )
     layer_temperature: float = option(
-        1e-8, "c inside the layer softmax (code: 1e-8); retune when a_l is one-hot or flat")
+        1e-8, "c inside the layer softmax (code: 1e-8); retune when a_l is one-hot or flat"
+    )
     targets: list[str] = option(
-        [], "regexes of weight names to regularise; default: the 2-D weights of the decoder layers")
+        [], "regexes of weight names to regularise; default: the 2-D weights of the decoder layers"
+    )
     exclude: list[str] = option([], "regexes of weight names left out")
     anchor: Literal["phase1_end", "pretrained"] = option(
-        "phase1_end", "which weights of the importance run this run starts from and is pulled toward: "
-                      "phase1_end (the paper) | pretrained")
+        "phase1_end",
+        "which weights of the importance run this run starts from and is pulled toward: "
+        "phase1_end (the paper) | pretrained",
+    )
     apply: Literal["grad_edit", "loss"] = option(
-        "grad_edit", "grad_edit: edit local gradient shards once per step | loss: add R to the loss (no DeepSpeed)")
+        "grad_edit", "grad_edit: edit local gradient shards once per step | loss: add R to the loss (no DeepSpeed)"
+    )
 
 
 @dataclass(frozen=True)
@@ -118,9 +129,16 @@ class ForgettingPenalty(Regularizer):
         o = self.options
         weighting = o.layer_weighting or ("softmax" if o.importance == "si" else "none")
         lam = DEFAULT_LAMBDA[o.importance] if o.lam is None else o.lam
-        return PenaltyConfig(importance=o.importance, lam=lam, weighting=weighting, temperature=o.layer_temperature,
-                             selector=default_selector(o.targets, o.exclude), anchor=o.anchor, apply=o.apply,
-                             artifact=o.artifact)
+        return PenaltyConfig(
+            importance=o.importance,
+            lam=lam,
+            weighting=weighting,
+            temperature=o.layer_temperature,
+            selector=default_selector(o.targets, o.exclude),
+            anchor=o.anchor,
+            apply=o.apply,
+            artifact=o.artifact,
+        )
 
     def _read_artifact_meta(self) -> dict | None:
         cfg = self.cfg
@@ -129,12 +147,16 @@ class ForgettingPenalty(Regularizer):
                 raise ConfigError(f"{self.name}: importance=l2sp uses Omega = 1 and takes no artifact")
             return None
         if not cfg.artifact:
-            raise ConfigError(f"{self.name}: importance={cfg.importance} needs `artifact`, the directory written by "
-                              f"`llmreg importance RECIPE`")
+            raise ConfigError(
+                f"{self.name}: importance={cfg.importance} needs `artifact`, the directory written by "
+                f"`llmreg importance RECIPE`"
+            )
         meta = art.read_meta(cfg.artifact)
         if meta.get("method") != cfg.importance:
-            raise ConfigError(f"{self.name}: artifact {cfg.artifact} holds {meta.get('method')!r} importance, "
-                              f"but importance={cfg.importance!r}")
+            raise ConfigError(
+                f"{self.name}: artifact {cfg.artifact} holds {meta.get('method')!r} importance, "
+                f"but importance={cfg.importance!r}"
+            )
         return meta
 
     # -- setup: what is regularised, checks against the artifact, layer coefficients ----------------
@@ -149,18 +171,21 @@ class ForgettingPenalty(Regularizer):
             # dW = s * B @ A has B's rows and A's columns
             shapes = {t.name: (full_shape(t.lora_b)[0], full_shape(t.lora_a)[1]) for t in self._lora}
             if not shapes:
-                raise ConfigError(f"{self.name}: no LoRA-adapted module matches targets "
-                                  f"{list(cfg.selector.include or [])}")
+                raise ConfigError(
+                    f"{self.name}: no LoRA-adapted module matches targets {list(cfg.selector.include or [])}"
+                )
         else:
             named = {n: p for n, p in _base_named_parameters(model)}
             names = select_parameters(named.items(), cfg.selector)
             shapes = {n: tuple(full_shape(named[n])) for n in names}
             if not shapes:
-                raise ConfigError(f"{self.name}: no trainable weight matches targets "
-                                  f"{list(cfg.selector.include or [])}")
+                raise ConfigError(
+                    f"{self.name}: no trainable weight matches targets {list(cfg.selector.include or [])}"
+                )
         if cfg.apply == "loss" and getattr(trainer, "is_deepspeed_enabled", False):
-            raise ConfigError(f"{self.name}: apply=loss needs whole weights on every rank; use apply=grad_edit "
-                              f"under DeepSpeed")
+            raise ConfigError(
+                f"{self.name}: apply=loss needs whole weights on every rank; use apply=grad_edit under DeepSpeed"
+            )
         if self.meta is not None:
             art.check_against_model(self.meta, cfg.artifact, art.architecture(model), shapes)
             base = dict(_base_named_parameters(model, trainable_only=False))
@@ -305,12 +330,15 @@ class ForgettingPenalty(Regularizer):
                 raise ValueError(f"{self.name}: saved {key} cover other tensors than this run's")
             for name, value in saved.items():
                 if name in mine and mine[name].shape != value.shape:
-                    raise ValueError(f"{self.name}: saved {key} for {name} has shape {tuple(value.shape)}, expected "
-                                     f"{tuple(mine[name].shape)} (another number of processes?)")
+                    raise ValueError(
+                        f"{self.name}: saved {key} for {name} has shape {tuple(value.shape)}, expected "
+                        f"{tuple(mine[name].shape)} (another number of processes?)"
+                    )
             setattr(self, key, {k: v.float() for k, v in saved.items()})
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+
 
 def _base_named_parameters(model, trainable_only: bool = True):
     return [(base_name(n), p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]

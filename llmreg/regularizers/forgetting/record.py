@@ -32,12 +32,20 @@ def write_si_artifact(trainer: Any, recorder: SIImportance, directory: str, **me
     return recorder.save_artifact(directory, info, is_main=trainer.is_world_process_zero())
 
 
-def write_ewc_artifact(trainer: Any, directory: str, num_samples: int = 5000, targets: list[str] | None = None,
-                       exclude: list[str] | None = None, **meta: Any) -> dict[str, Any]:
+def write_ewc_artifact(
+    trainer: Any,
+    directory: str,
+    num_samples: int = 5000,
+    targets: list[str] | None = None,
+    exclude: list[str] | None = None,
+    **meta: Any,
+) -> dict[str, Any]:
     """The diagonal Fisher of `trainer.model` over `num_samples` single examples of its train dataset."""
     if getattr(trainer, "is_deepspeed_enabled", False):
-        raise ConfigError("ewc importance needs per-example gradients and runs without DeepSpeed; drop "
-                          "trainer.deepspeed for the importance run (the model must fit on one device)")
+        raise ConfigError(
+            "ewc importance needs per-example gradients and runs without DeepSpeed; drop "
+            "trainer.deepspeed for the importance run (the model must fit on one device)"
+        )
     model = trainer.model
     selector = default_selector(targets or [], exclude or [])
     names = [n for n, p in model.named_parameters() if p.requires_grad and selector(base_name(n), full_shape(p))]
@@ -45,11 +53,13 @@ def write_ewc_artifact(trainer: Any, directory: str, num_samples: int = 5000, ta
         raise ConfigError(f"ewc importance: no trainable weight matches targets {targets or 'default'}")
     trainer._train_batch_size = 1  # the Fisher needs per-example gradients: one example per batch
     loader = trainer.get_train_dataloader()
-    fisher, count = fisher_importance(model, loader, num_samples, names,
-                                      loss_fn=lambda m, batch: trainer.compute_loss(m, batch))
+    fisher, count = fisher_importance(
+        model, loader, num_samples, names, loss_fn=lambda m, batch: trainer.compute_loss(m, batch)
+    )
     fisher = {base_name(n): f.cpu() for n, f in fisher.items()}
-    sum_sq = {base_name(n): float(p.detach().double().pow(2).sum()) for n, p in model.named_parameters()
-              if n in set(names)}
+    sum_sq = {
+        base_name(n): float(p.detach().double().pow(2).sum()) for n, p in model.named_parameters() if n in set(names)
+    }
     info = {
         "method": "ewc",
         "architecture": art.architecture(model),

@@ -42,7 +42,8 @@ class SIImportanceOptions:
     xi: float = option(1e-9, "damping in the fold Omega = omega / (Delta^2 + xi) (code 1e-9; SI papers 1e-3 or 0.1)")
     fold: Literal["end", "epoch"] = option("end", "fold once at the end | at every epoch end (code)")
     omega_clamp: Literal["fold", "step", "none"] = option(
-        "fold", "clamp omega at 0 when folding | after every step (code) | never (canonical SI)")
+        "fold", "clamp omega at 0 when folding | after every step (code) | never (canonical SI)"
+    )
 
 
 def _epoch_fold_callback(recorder: SIImportance):
@@ -83,8 +84,11 @@ class SIImportance(Regularizer):
         self._params: dict[str, torch.nn.Parameter] = {}
 
     def setup(self, model, trainer) -> None:
-        names = [base_name(n) for n, p in model.named_parameters() if p.requires_grad
-                 and self.selector(base_name(n), full_shape(p))]
+        names = [
+            base_name(n)
+            for n, p in model.named_parameters()
+            if p.requires_grad and self.selector(base_name(n), full_shape(p))
+        ]
         if not names:
             raise ValueError(f"{self.name}: no trainable weight matches targets {self.options.targets or 'default'}")
         self.names = names
@@ -135,9 +139,12 @@ class SIImportance(Regularizer):
                 self.fold_epoch()
             return {n: self.folded.get(n, torch.zeros_like(self.omega[n])) for n in self._params}
         clamp = self.options.omega_clamp != "none"
-        return {name: si_fold(self.omega[name], self._shards.local_param(p) - self.theta_start[name],
-                              self.options.xi, clamp=clamp)
-                for name, p in self._params.items()}
+        return {
+            name: si_fold(
+                self.omega[name], self._shards.local_param(p) - self.theta_start[name], self.options.xi, clamp=clamp
+            )
+            for name, p in self._params.items()
+        }
 
     def _sum_sq(self, local_of) -> dict[str, float]:
         """Per recorded weight, the sum of squares over all ranks' shards (every rank must call it)."""
@@ -173,10 +180,13 @@ class SIImportance(Regularizer):
         return info
 
     def state_dict(self) -> dict:
-        return {"omega": {k: v.cpu() for k, v in self.omega.items()},
-                "theta_start": {k: v.cpu() for k, v in self.theta_start.items()},
-                "folded": {k: v.cpu() for k, v in self.folded.items()},
-                "steps": self.steps, "start_sum_sq": getattr(self, "start_sum_sq", None)}
+        return {
+            "omega": {k: v.cpu() for k, v in self.omega.items()},
+            "theta_start": {k: v.cpu() for k, v in self.theta_start.items()},
+            "folded": {k: v.cpu() for k, v in self.folded.items()},
+            "steps": self.steps,
+            "start_sum_sq": getattr(self, "start_sum_sq", None),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if self.omega and set(state["omega"]) != set(self.omega):

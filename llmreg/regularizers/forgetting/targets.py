@@ -70,15 +70,22 @@ def lora_targets(model: torch.nn.Module, selector: Selector) -> list[LoraTarget]
             continue
         adapters = [a for a in _active_adapters(module) if a in module.lora_A]
         if len(adapters) != 1:
-            raise ValueError(f"{module_name}: the forgetting penalty needs exactly one active LoRA adapter, "
-                             f"found {adapters}")
+            raise ValueError(
+                f"{module_name}: the forgetting penalty needs exactly one active LoRA adapter, found {adapters}"
+            )
         adapter = adapters[0]
         name = base_name(module_name + ".weight")
         weight = module.get_base_layer().weight
         if not selector(name, full_shape(weight)):
             continue
-        found.append(LoraTarget(name=name, lora_a=module.lora_A[adapter].weight, lora_b=module.lora_B[adapter].weight,
-                                scale=float(module.scaling[adapter])))
+        found.append(
+            LoraTarget(
+                name=name,
+                lora_a=module.lora_A[adapter].weight,
+                lora_b=module.lora_B[adapter].weight,
+                scale=float(module.scaling[adapter]),
+            )
+        )
     return found
 
 
@@ -88,6 +95,15 @@ def _active_adapters(module: Any) -> list[str]:
 
 
 __all__ = [
-    "DECODER_LAYERS", "LAYER_PATTERN", "OUTSIDE_LAYERS", "LoraTarget", "Selector", "base_name", "default_selector",
-    "full_shape", "layer_of", "lora_targets", "select_parameters",
+    "DECODER_LAYERS",
+    "LAYER_PATTERN",
+    "OUTSIDE_LAYERS",
+    "LoraTarget",
+    "Selector",
+    "base_name",
+    "default_selector",
+    "full_shape",
+    "layer_of",
+    "lora_targets",
+    "select_parameters",
 ]

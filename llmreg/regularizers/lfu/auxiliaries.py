@@ -54,8 +54,9 @@ class SteeringVectors(Auxiliary):
     hooks_inside_layers = False
 
     def layer_output(self, index: int, h: torch.Tensor) -> torch.Tensor | None:
-        vec = self.tracker.aux_value(("reps", index), h.shape[0],
-                                     lambda: torch.zeros(h.shape[-1], dtype=h.dtype, device=h.device))
+        vec = self.tracker.aux_value(
+            ("reps", index), h.shape[0], lambda: torch.zeros(h.shape[-1], dtype=h.dtype, device=h.device)
+        )
         return None if vec is None else h + vec
 
 
@@ -86,16 +87,20 @@ class FixedALora(Auxiliary):
                 add_hook(module.register_forward_hook(self._hook(key)))
                 count += 1
         if not count:
-            raise ConfigError(f"lfu: aux_lora_targets {self.options.aux_lora_targets} match no linear layer of the "
-                              "decoder")
+            raise ConfigError(
+                f"lfu: aux_lora_targets {self.options.aux_lora_targets} match no linear layer of the decoder"
+            )
 
     def _hook(self, key: Any):
         scale = self.options.aux_lora_alpha / self.options.aux_lora_rank
 
         def hook(module, args, output):
             x = args[0]
-            b = self.tracker.aux_value(key, x.shape[0], lambda: torch.zeros(
-                module.out_features, self.options.aux_lora_rank, dtype=x.dtype, device=x.device))
+            b = self.tracker.aux_value(
+                key,
+                x.shape[0],
+                lambda: torch.zeros(module.out_features, self.options.aux_lora_rank, dtype=x.dtype, device=x.device),
+            )
             if b is None:
                 return output
             a = self._a_like(key, x)
@@ -141,8 +146,11 @@ class AdapterShadows(Auxiliary):
     def _hook(self, key: Any):
         def hook(module, args, output):
             x = args[0]
-            e = self.tracker.aux_value(key, x.shape[0], lambda: torch.zeros(
-                module.out_features, module.in_features, dtype=x.dtype, device=x.device))
+            e = self.tracker.aux_value(
+                key,
+                x.shape[0],
+                lambda: torch.zeros(module.out_features, module.in_features, dtype=x.dtype, device=x.device),
+            )
             if e is None:
                 return output
             if e.requires_grad:  # the zero shadow of the clean pass

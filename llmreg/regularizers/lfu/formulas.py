@@ -63,8 +63,10 @@ def select_layers(requested: list[int], n_layers: int, include_embeddings: bool)
     if requested:
         bad = [i for i in requested if not -n_layers <= i < n_layers]
         if bad:
-            raise ConfigError(f"lfu: layers {bad} match no decoder layer (the model has {n_layers}: "
-                              f"0..{n_layers - 1}, or negative from the end)")
+            raise ConfigError(
+                f"lfu: layers {bad} match no decoder layer (the model has {n_layers}: "
+                f"0..{n_layers - 1}, or negative from the end)"
+            )
         chosen = sorted({i % n_layers for i in requested})
     else:
         chosen = list(range(n_layers))

@@ -34,6 +34,6 @@ class FreshBatches:
         per_epoch = math.ceil(len(dataset) / size)
         epoch, index = divmod(self.drawn, per_epoch)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + dist.rank() * 1009 + epoch + 1)
-        order = torch.randperm(len(dataset), generator=gen)[index * size:(index + 1) * size].tolist()
+        order = torch.randperm(len(dataset), generator=gen)[index * size : (index + 1) * size].tolist()
         self.drawn += 1
         return trainer.data_collator([dataset[i] for i in order])

@@ -55,8 +55,9 @@ class MicroStepTracker:
         """The auxiliary tensor this call adds: delta in the perturbed branch (or its recompute), a zero leaf in
         the clean pass (created on first use, reused by its recompute), None outside training."""
         st = self.step
-        if st.running == PERTURBED or (st.running is None and st.perturbed_rows is not None
-                                       and rows == st.perturbed_rows):
+        if st.running == PERTURBED or (
+            st.running is None and st.perturbed_rows is not None and rows == st.perturbed_rows
+        ):
             return st.delta.get(key)
         if st.running in (HOST, ASCENT):
             if st.running == HOST:

@@ -33,8 +33,17 @@ from llmreg.regularizers.lfu.micro_step import (
 )
 
 # what the perturbed forward of the decoder backbone gets from the host batch
-BACKBONE_KEYS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids",
-                 "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+BACKBONE_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "inputs_embeds",
+    "token_type_ids",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+)
 PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -43,25 +52,34 @@ class LfUOptions:
     lam: float = option(5.0, "consistency weight lambda (paper Table 5: 5; 0.1 and 1 score below plain SFT)")
     alpha: float = option(0.1, "ascent step size on the normalised gradient (paper: 0.1)")
     aux: Literal["reps", "lora"] = option(
-        "reps", "auxiliary component: reps (a steering vector per decoder layer) or lora (a zero-initialised LoRA "
-        "perturbation of every decoder linear layer; under PEFT LoRA the trained adapter itself)")
+        "reps",
+        "auxiliary component: reps (a steering vector per decoder layer) or lora (a zero-initialised LoRA "
+        "perturbation of every decoder linear layer; under PEFT LoRA the trained adapter itself)",
+    )
     layers: list[int] = option([], "decoder layers whose outputs enter the consistency (default: all)")
     include_embeddings: bool = option(False, "also the embedding output (the official code does)")
     distance: Literal["mse_mean", "sq_l2_sum"] = option(
-        "mse_mean", "mse_mean: per-element mean (code); sq_l2_sum: summed over the hidden size (paper Eq. 5; "
-        "divide lam by d for the same strength)")
+        "mse_mean",
+        "mse_mean: per-element mean (code); sq_l2_sum: summed over the hidden size (paper Eq. 5; "
+        "divide lam by d for the same strength)",
+    )
     ascent_batch: Literal["same", "fresh"] = option(
-        "same", "same: the ascent gradient from the training batch itself (paper); fresh: from an independent "
-        "random batch of the training set (official code)")
+        "same",
+        "same: the ascent gradient from the training batch itself (paper); fresh: from an independent "
+        "random batch of the training set (official code)",
+    )
     sync_ascent_grad: bool = option(False, "all-reduce the ascent gradient so every rank uses the same delta")
     aux_lora_rank: int = option(8, "rank r of the full fine-tuning LoRA perturbation")
     aux_lora_alpha: float = option(16.0, "LoRA alpha of the perturbation; scale s = alpha / r")
     aux_lora_targets: list[str] = option(
-        [], "regexes of the linear modules that get a perturbation (default: every nn.Linear of the decoder layers)")
+        [], "regexes of the linear modules that get a perturbation (default: every nn.Linear of the decoder layers)"
+    )
     grad_norm_eps: float = option(1e-12, "added to the ascent gradient's norm")
     exec: Literal["auto", "retain", "stacked"] = option(
-        "auto", "auto: stacked when activation checkpointing is on and the LoRA hooks sit inside the checkpointed "
-        "layers, else retain")
+        "auto",
+        "auto: stacked when activation checkpointing is on and the LoRA hooks sit inside the checkpointed "
+        "layers, else retain",
+    )
     seed: int = option(0, "seed of the fixed A factors (aux lora, full fine-tuning) and of the fresh batches")
 
     def __post_init__(self) -> None:
@@ -129,8 +147,10 @@ class LfU(Regularizer):
         def hook(module, args, output):
             h = hidden_of(output)
             if h.dim() != 3:
-                raise RuntimeError(f"lfu: decoder layer {index} returned a hidden state of shape {tuple(h.shape)}, "
-                                   "expected [batch, tokens, hidden]")
+                raise RuntimeError(
+                    f"lfu: decoder layer {index} returned a hidden state of shape {tuple(h.shape)}, "
+                    "expected [batch, tokens, hidden]"
+                )
             step = self._tracker.step
             if step.running == HOST and index == 0:
                 step.autocast = autocast_state(h.device.type)
@@ -147,8 +167,10 @@ class LfU(Regularizer):
     def loss_terms(self, ctx) -> dict[str, torch.Tensor]:
         st = self._state
         if st.host_rows is None or not st.host_hidden:
-            raise RuntimeError("lfu: the host forward did not pass through the model's decoder layers; LfU needs a "
-                               "trainer whose compute_loss runs the model on the training batch")
+            raise RuntimeError(
+                "lfu: the host forward did not pass through the model's decoder layers; LfU needs a "
+                "trainer whose compute_loss runs the model on the training batch"
+            )
         plan = self._resolve_plan()
         norm = self._set_ascent_step(ctx, st)
         perturbed = self._perturbed_forward(ctx.inputs, plan, st)
@@ -167,8 +189,9 @@ class LfU(Regularizer):
         loss_for_g = self._loss_for_ascent(ctx)
         keys = list(st.zero_leaves)
         with self._tracker.taking_ascent_gradient():
-            grads = torch.autograd.grad(loss_for_g, [st.zero_leaves[k] for k in keys], retain_graph=True,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(
+                loss_for_g, [st.zero_leaves[k] for k in keys], retain_graph=True, allow_unused=True
+            )
         grads = [torch.zeros_like(st.zero_leaves[k]) if g is None else g for k, g in zip(keys, grads)]
         if self.options.sync_ascent_grad:
             dist.all_reduce_mean_(grads)
@@ -198,10 +221,14 @@ class LfU(Regularizer):
         rows = st.host_rows
         if plan == "stacked":
             if any(k in inputs for k in PACKED_KEYS):
-                raise ConfigError("lfu: exec 'stacked' (activation checkpointing with aux lora) does not support "
-                                  "padding-free packed batches")
-            inputs = {k: torch.cat([v[:1], v]) if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v
-                      for k, v in inputs.items()}
+                raise ConfigError(
+                    "lfu: exec 'stacked' (activation checkpointing with aux lora) does not support "
+                    "padding-free packed batches"
+                )
+            inputs = {
+                k: torch.cat([v[:1], v]) if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v
+                for k, v in inputs.items()
+            }
             st.perturbed_rows = rows + 1
         with self._tracker.running(PERTURBED):
             self._decoder(**inputs, use_cache=False)
@@ -212,10 +239,13 @@ class LfU(Regularizer):
     def _resolve_plan(self) -> str:
         checkpointing = any(getattr(layer, "gradient_checkpointing", False) for layer in self._layers)
         retain_is_exact = not checkpointing or (
-            not self._aux.hooks_inside_layers and hooks_outside_checkpoint(self._layers[0]))
+            not self._aux.hooks_inside_layers and hooks_outside_checkpoint(self._layers[0])
+        )
         if self.options.exec == "retain" and not retain_is_exact:
-            raise ConfigError("lfu: exec 'retain' with activation checkpointing would recompute the perturbed branch "
-                              "without its perturbation; use exec 'auto' or 'stacked'")
+            raise ConfigError(
+                "lfu: exec 'retain' with activation checkpointing would recompute the perturbed branch "
+                "without its perturbation; use exec 'auto' or 'stacked'"
+            )
         if self.options.exec != "auto":
             return self.options.exec
         return "retain" if retain_is_exact else "stacked"
@@ -235,8 +265,9 @@ class LfU(Regularizer):
         if not torch.is_tensor(batch.get("labels")):
             raise ConfigError("lfu: the ascent gradient needs batches with labels")
         with self._tracker.running(ASCENT):
-            out = self._model(**{k: v for k, v in batch.items() if k in BACKBONE_KEYS or k == "labels"},
-                              use_cache=False)
+            out = self._model(
+                **{k: v for k, v in batch.items() if k in BACKBONE_KEYS or k == "labels"}, use_cache=False
+            )
         if getattr(out, "loss", None) is None:
             raise ConfigError("lfu: the model returned no loss for the ascent batch")
         return out.loss

@@ -31,8 +31,16 @@ def _check(kappa: float, temperature: float, threshold_type: str) -> None:
         raise ValueError(f"threshold_type must be 'minp' or 'fixed', got {threshold_type!r}")
 
 
-def _stats_of_chunk(z: torch.Tensor, targets: torch.Tensor, kappa: float, temperature: float, threshold_type: str,
-                    inclusive: bool, filter_before_temperature: bool, soft_fill: bool) -> ProxyStats:
+def _stats_of_chunk(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    kappa: float,
+    temperature: float,
+    threshold_type: str,
+    inclusive: bool,
+    filter_before_temperature: bool,
+    soft_fill: bool,
+) -> ProxyStats:
     """`z`: an fp32 [rows, V] buffer of raw logits that this function owns and overwrites in place."""
     z.sub_(z.amax(dim=-1, keepdim=True))  # shifted logits, max 0
     drop = None
@@ -67,9 +75,17 @@ def _stats_of_chunk(z: torch.Tensor, targets: torch.Tensor, kappa: float, temper
     return ProxyStats(logp, proxy, kept)
 
 
-def minp_proxy_stats(logits: torch.Tensor, token_ids: torch.Tensor, kappa: float = 0.02, temperature: float = 1.0,
-                     chunk_size: int = DEFAULT_CHUNK_ROWS, threshold_type: str = "minp", inclusive: bool = True,
-                     filter_before_temperature: bool = False, soft_fill: bool = False) -> ProxyStats:
+def minp_proxy_stats(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    kappa: float = 0.02,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_ROWS,
+    threshold_type: str = "minp",
+    inclusive: bool = True,
+    filter_before_temperature: bool = False,
+    soft_fill: bool = False,
+) -> ProxyStats:
     """`logits` [..., V] (any float dtype), `token_ids` [...] -> `ProxyStats`, each [...].
 
     The proxy keeps the tokens with p >= kappa * p_max (`threshold_type="minp"`) or p >= kappa ("fixed"),
@@ -83,9 +99,19 @@ def minp_proxy_stats(logits: torch.Tensor, token_ids: torch.Tensor, kappa: float
     parts = []
     with torch.no_grad():
         for start in range(0, flat.shape[0], chunk_size):
-            z = flat[start:start + chunk_size].to(torch.float32, copy=True)
-            parts.append(_stats_of_chunk(z, targets[start:start + chunk_size], kappa, temperature, threshold_type,
-                                         inclusive, filter_before_temperature, soft_fill))
+            z = flat[start : start + chunk_size].to(torch.float32, copy=True)
+            parts.append(
+                _stats_of_chunk(
+                    z,
+                    targets[start : start + chunk_size],
+                    kappa,
+                    temperature,
+                    threshold_type,
+                    inclusive,
+                    filter_before_temperature,
+                    soft_fill,
+                )
+            )
             del z
     shape = token_ids.shape
     if not parts:
@@ -94,15 +120,28 @@ def minp_proxy_stats(logits: torch.Tensor, token_ids: torch.Tensor, kappa: float
     return ProxyStats(*(torch.cat([p[i] for p in parts]).reshape(shape) for i in range(3)))
 
 
-def minp_proxy_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, kappa: float = 0.02, temperature: float = 1.0,
-                        chunk_size: int = DEFAULT_CHUNK_ROWS, **options) -> torch.Tensor:
+def minp_proxy_logprobs(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    kappa: float = 0.02,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_ROWS,
+    **options,
+) -> torch.Tensor:
     """log pi_proxy(token) for each sampled token, fp32, -inf where the min-p filter removed it."""
     return minp_proxy_stats(logits, token_ids, kappa, temperature, chunk_size, **options).proxy_logp
 
 
-def hidden_proxy_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, token_ids: torch.Tensor,
-                       kappa: float = 0.02, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_ROWS,
-                       **options) -> ProxyStats:
+def hidden_proxy_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    token_ids: torch.Tensor,
+    kappa: float = 0.02,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_ROWS,
+    **options,
+) -> ProxyStats:
     """As `minp_proxy_stats`, with logits = hidden @ weight.T + bias formed one chunk of rows at a time.
 
     The projection runs in the weight's dtype (as the model's own head does) and is then cast to fp32.
@@ -114,13 +153,21 @@ def hidden_proxy_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
     parts = []
     with torch.no_grad():
         for start in range(0, flat.shape[0], chunk_size):
-            z = F.linear(flat[start:start + chunk_size].to(weight.dtype), weight, bias)
+            z = F.linear(flat[start : start + chunk_size].to(weight.dtype), weight, bias)
             if z.dtype != torch.float32:
                 z = z.float()
-            parts.append(_stats_of_chunk(z, targets[start:start + chunk_size], kappa, temperature,
-                                         options.get("threshold_type", "minp"), options.get("inclusive", True),
-                                         options.get("filter_before_temperature", False),
-                                         options.get("soft_fill", False)))
+            parts.append(
+                _stats_of_chunk(
+                    z,
+                    targets[start : start + chunk_size],
+                    kappa,
+                    temperature,
+                    options.get("threshold_type", "minp"),
+                    options.get("inclusive", True),
+                    options.get("filter_before_temperature", False),
+                    options.get("soft_fill", False),
+                )
+            )
             del z
     shape = token_ids.shape
     if not parts:
@@ -147,8 +194,9 @@ def lowp_threshold(values: torch.Tensor, rho: float) -> torch.Tensor | None:
     return v_lo + (pos - lo) * (v_hi - v_lo)
 
 
-def _scope_selection(lp: torch.Tensor, side: torch.Tensor, rho: float, scope: str,
-                     threshold: torch.Tensor | None) -> torch.Tensor:
+def _scope_selection(
+    lp: torch.Tensor, side: torch.Tensor, rho: float, scope: str, threshold: torch.Tensor | None
+) -> torch.Tensor:
     """Candidates among the `side` tokens (bool [B, T]) by low probability `lp` (detached fp32)."""
     if rho <= 0.0 or not bool(side.any()):
         return torch.zeros_like(side)
@@ -165,8 +213,9 @@ def _scope_selection(lp: torch.Tensor, side: torch.Tensor, rho: float, scope: st
     return out.reshape(side.shape)
 
 
-def k3_penalty(logp: torch.Tensor, target_logp: torch.Tensor, clamp: float | None = 10.0,
-               reverse: bool = False) -> torch.Tensor:
+def k3_penalty(
+    logp: torch.Tensor, target_logp: torch.Tensor, clamp: float | None = 10.0, reverse: bool = False
+) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi_target || pi_theta) at the sampled token: rr - log rr - 1 with
     rr = pi_target / pi_theta (veRL `low_var_kl`), value clamped to [-clamp, clamp]. `reverse`: rr inverted
     (KL(pi_theta || pi_target), the paper's Fig. 10 ablation). Finite inputs only."""
@@ -177,11 +226,21 @@ def k3_penalty(logp: torch.Tensor, target_logp: torch.Tensor, clamp: float | Non
     return value if clamp is None else value.clamp(-clamp, clamp)
 
 
-def lp_reg_penalty(logp: torch.Tensor, proxy_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                   rho: float = 0.01, beta: float = 1.0, scope: str = "global", threshold: torch.Tensor | None = None,
-                   kept: torch.Tensor | None = None, k3_clamp: float | None = 10.0, rho_pos: float = 0.0,
-                   threshold_pos: torch.Tensor | None = None, reverse_kl: bool = False,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def lp_reg_penalty(
+    logp: torch.Tensor,
+    proxy_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    rho: float = 0.01,
+    beta: float = 1.0,
+    scope: str = "global",
+    threshold: torch.Tensor | None = None,
+    kept: torch.Tensor | None = None,
+    k3_clamp: float | None = 10.0,
+    rho_pos: float = 0.0,
+    threshold_pos: torch.Tensor | None = None,
+    reverse_kl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lp-Reg's per-token penalty and selection mask, both [B, T].
 
     `logp` [B, T]: log pi_theta of the sampled tokens (with grad); `proxy_logp` [B, T]: log pi_proxy, -inf
@@ -212,8 +271,14 @@ def lp_reg_penalty(logp: torch.Tensor, proxy_logp: torch.Tensor, advantages: tor
     return penalty, selected
 
 
-def full_forward_kl(logits: torch.Tensor, kappa: float = 0.02, temperature: float = 1.0, beta: float = 1.0,
-                    proxy_logits: torch.Tensor | None = None, inclusive: bool = True) -> torch.Tensor:
+def full_forward_kl(
+    logits: torch.Tensor,
+    kappa: float = 0.02,
+    temperature: float = 1.0,
+    beta: float = 1.0,
+    proxy_logits: torch.Tensor | None = None,
+    inclusive: bool = True,
+) -> torch.Tensor:
     """beta * KL(pi_proxy || pi_theta) over the vocabulary, per row of `logits` [n, V] (with grad).
 
     pi_proxy is the min-p proxy of `proxy_logits` (default: `logits` detached, the on-policy case);
@@ -230,5 +295,3 @@ def full_forward_kl(logits: torch.Tensor, kappa: float = 0.02, temperature: floa
         p_proxy = lp_proxy.exp()
     terms = torch.where(keep, p_proxy * (lp_proxy - logp_theta), torch.zeros_like(logp_theta))
     return beta * terms.sum(dim=-1)
-
-

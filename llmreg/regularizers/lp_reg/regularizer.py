@@ -30,23 +30,28 @@ from llmreg.regularizers.lp_reg.formulas import (
 @dataclass
 class LpRegOptions:
     minp_kappa: float = option(0.02, "min-p ratio kappa: the proxy keeps tokens with p >= kappa * p_max")
-    rho: float = option(0.01, "share of the negative-advantage tokens, lowest probability first, that can be "
-                                "regularised")
+    rho: float = option(
+        0.01, "share of the negative-advantage tokens, lowest probability first, that can be regularised"
+    )
     beta: float = option(1.0, "penalty coefficient")
     estimator: Literal["k3", "full_kl"] = option(
-        "k3", "k3: per-token estimate at the sampled token (the code); full_kl: KL(proxy || policy) over "
-        "the vocabulary at the selected positions (package option, on-policy, not ZeRO-3)")
+        "k3",
+        "k3: per-token estimate at the sampled token (the code); full_kl: KL(proxy || policy) over "
+        "the vocabulary at the selected positions (package option, on-policy, not ZeRO-3)",
+    )
     k3_clamp: float | None = option(10.0, "clamp of the k3 value (the code's 10); null: no clamp")
     scope: Literal["global", "micro_batch"] = option(
-        "global", "global: threshold over the whole generation batch (paper); micro_batch: the code's k-lowest rule")
+        "global", "global: threshold over the whole generation batch (paper); micro_batch: the code's k-lowest rule"
+    )
     threshold_type: Literal["minp", "fixed"] = option("minp", "minp: p >= kappa * p_max; fixed: p >= kappa")
     filter_before_temperature: bool = option(False, "filter the raw logits before dividing by T (the code)")
     minp_inclusive: bool = option(True, "keep p >= kappa * p_max (the code); False: p > kappa * p_max (the paper)")
     soft_fill: bool = option(False, "minp_soft: filtered logits set to the row minimum instead of removed")
     rho_pos: float = option(0.0, "also regularise this share of the lowest-probability positive-advantage tokens")
     reverse_kl: bool = option(False, "k3 of KL(policy || proxy) instead (the paper's worse Fig. 10 ablation)")
-    chunk_size: int = option(DEFAULT_CHUNK_ROWS,
-                             "rows of [rows x vocab] fp32 logits formed at a time in the proxy pass")
+    chunk_size: int = option(
+        DEFAULT_CHUNK_ROWS, "rows of [rows x vocab] fp32 logits formed at a time in the proxy pass"
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.minp_kappa < 1.0:
@@ -104,19 +109,32 @@ class LpReg(GRPOHookRegularizer, Regularizer):
             if is_deepspeed_zero3_enabled():
                 raise ConfigError("lp_reg: estimator 'full_kl' is not supported under ZeRO-3; use 'k3'")
             if trl_compat.old_logps_computed_by_trl(trainer):
-                raise ConfigError("lp_reg: estimator 'full_kl' is on-policy only (steps_per_generation <= "
-                                  "gradient_accumulation_steps, num_iterations = 1, no vLLM); use 'k3'")
+                raise ConfigError(
+                    "lp_reg: estimator 'full_kl' is on-policy only (steps_per_generation <= "
+                    "gradient_accumulation_steps, num_iterations = 1, no vLLM); use 'k3'"
+                )
 
     # -- once per generation batch ----------------------------------------------------------------------
     def _proxy_options(self) -> dict[str, Any]:
         o = self.options
-        return dict(threshold_type=o.threshold_type, inclusive=o.minp_inclusive,
-                    filter_before_temperature=o.filter_before_temperature, soft_fill=o.soft_fill)
+        return dict(
+            threshold_type=o.threshold_type,
+            inclusive=o.minp_inclusive,
+            filter_before_temperature=o.filter_before_temperature,
+            soft_fill=o.soft_fill,
+        )
 
     def on_rollout_hidden(self, chunk: RolloutHidden) -> None:
-        stats = hidden_proxy_stats(chunk.hidden, chunk.weight, chunk.bias, chunk.targets, kappa=self.options.minp_kappa,
-                                   temperature=chunk.temperature, chunk_size=self.options.chunk_size,
-                                   **self._proxy_options())
+        stats = hidden_proxy_stats(
+            chunk.hidden,
+            chunk.weight,
+            chunk.bias,
+            chunk.targets,
+            kappa=self.options.minp_kappa,
+            temperature=chunk.temperature,
+            chunk_size=self.options.chunk_size,
+            **self._proxy_options(),
+        )
         self._parts.append((chunk.rows.start, stats))
 
     def on_generation_batch(self, batch: dict[str, Any], trainer: Any) -> None:
@@ -131,8 +149,10 @@ class LpReg(GRPOHookRegularizer, Regularizer):
         adv = adv if adv.dim() == 2 else adv[:, None]
         batch["lp_reg_proxy_logp"] = proxy
         batch["lp_reg_kept"] = kept
-        for key, rho, side in (("lp_reg_threshold", self.options.rho, adv < 0),
-                               ("lp_reg_threshold_pos", self.options.rho_pos, adv > 0)):
+        for key, rho, side in (
+            ("lp_reg_threshold", self.options.rho, adv < 0),
+            ("lp_reg_threshold_pos", self.options.rho_pos, adv > 0),
+        ):
             thr = None
             if self.options.scope == "global" and rho > 0:
                 thr = lowp_threshold(trl_compat.gather_values(trainer, old_logp[mask & side].float()), rho)
@@ -151,9 +171,20 @@ class LpReg(GRPOHookRegularizer, Regularizer):
         if o.scope == "global":
             thr, thr_pos = inputs["lp_reg_threshold"][:1].squeeze(0), inputs["lp_reg_threshold_pos"][:1].squeeze(0)
         penalty, selected = lp_reg_penalty(
-            logp, inputs["lp_reg_proxy_logp"], inputs["advantages"], mask, rho=o.rho, beta=o.beta, scope=o.scope,
-            threshold=thr, kept=None if o.soft_fill else inputs["lp_reg_kept"], k3_clamp=o.k3_clamp,
-            rho_pos=o.rho_pos, threshold_pos=thr_pos, reverse_kl=o.reverse_kl)
+            logp,
+            inputs["lp_reg_proxy_logp"],
+            inputs["advantages"],
+            mask,
+            rho=o.rho,
+            beta=o.beta,
+            scope=o.scope,
+            threshold=thr,
+            kept=None if o.soft_fill else inputs["lp_reg_kept"],
+            k3_clamp=o.k3_clamp,
+            rho_pos=o.rho_pos,
+            threshold_pos=thr_pos,
+            reverse_kl=o.reverse_kl,
+        )
         if o.estimator == "full_kl":
             penalty = self._full_kl(extras, selected, penalty)
         entropies = extras.get("entropies")
@@ -169,8 +200,13 @@ class LpReg(GRPOHookRegularizer, Regularizer):
         full = torch.zeros_like(penalty)
         if bool(selected.any()):
             logits = lm_head(hidden[selected])
-            kl = full_forward_kl(logits, kappa=self.options.minp_kappa, temperature=self._temperature(extras),
-                                 beta=self.options.beta, inclusive=self.options.minp_inclusive)
+            kl = full_forward_kl(
+                logits,
+                kappa=self.options.minp_kappa,
+                temperature=self._temperature(extras),
+                beta=self.options.beta,
+                inclusive=self.options.minp_inclusive,
+            )
             full = full.masked_scatter(selected, kl.to(full.dtype))
         return full
 

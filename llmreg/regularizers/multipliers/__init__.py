@@ -19,7 +19,18 @@ from llmreg.regularizers.multipliers.surgery import (
 )
 
 __all__ = [
-    "LayerPlan", "LearnableMultipliers", "MultipliersOptions", "attach", "clip_factor", "effective_weight",
-    "explicit_linear", "is_multiplier", "merge_linear", "merge_state_dict", "multiplied_embedding",
-    "multiplied_linear", "plan_for_model", "plan_from_state_dict",
+    "LayerPlan",
+    "LearnableMultipliers",
+    "MultipliersOptions",
+    "attach",
+    "clip_factor",
+    "effective_weight",
+    "explicit_linear",
+    "is_multiplier",
+    "merge_linear",
+    "merge_state_dict",
+    "multiplied_embedding",
+    "multiplied_linear",
+    "plan_for_model",
+    "plan_from_state_dict",
 ]

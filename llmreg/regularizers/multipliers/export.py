@@ -32,8 +32,17 @@ import llmreg.regularizers.multipliers.surgery as surgery
 from llmreg.core.options import ConfigError
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
-NOT_COPIED = {"config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
-              "training_args.bin", "optimizer.pt", "scheduler.pt", "trainer_state.json", "scaler.pt"}
+NOT_COPIED = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "training_args.bin",
+    "optimizer.pt",
+    "scheduler.pt",
+    "trainer_state.json",
+    "scaler.pt",
+}
 REPORT = "llmreg_export.json"
 
 # the notes a wrapped model's config.json carries (written by the `multipliers` regularizer at setup, dropped by
@@ -42,8 +51,10 @@ REPORT = "llmreg_export.json"
 # (llmreg.recipe.models.refuse_unexported: "<where>: <folder> <note>", {path} standing for the folder)
 CONFIG_NOTE = "llmreg_multipliers"
 UNEXPORTED_KEY = "llmreg_unexported"
-UNEXPORTED_NOTE = ("holds learnable multipliers (lrm_*) that transformers would drop; fold them into the weights "
-                   "first: llmreg export {path} <OUT_DIR>, and use <OUT_DIR>")
+UNEXPORTED_NOTE = (
+    "holds learnable multipliers (lrm_*) that transformers would drop; fold them into the weights "
+    "first: llmreg export {path} <OUT_DIR>, and use <OUT_DIR>"
+)
 
 
 @dataclass
@@ -174,19 +185,25 @@ def export_plain(run_dir: str, out_dir: str, *, verify: bool = True, overwrite: 
         rel = diff / before.abs().max().clamp_min(1e-12).item()
         limit = 1e-4 if dtype == torch.float32 else 2e-2
         if not rel <= limit:
-            raise RuntimeError(f"export: merged model differs from the wrapped one (max |dlogit| {diff:.3g}, "
-                               f"relative {rel:.3g} > {limit})")
+            raise RuntimeError(
+                f"export: merged model differs from the wrapped one (max |dlogit| {diff:.3g}, "
+                f"relative {rel:.3g} > {limit})"
+            )
     if os.path.isdir(out_dir) and overwrite:
         shutil.rmtree(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     plain.save_pretrained(out_dir)
     for path in glob.glob(os.path.join(src, "*")):
         name = os.path.basename(path)
-        if os.path.isfile(path) and name not in NOT_COPIED and not any(
-                fnmatch.fnmatch(name, pat) for pat in (*WEIGHT_FILES, "rng_state*.pth")):
+        if (
+            os.path.isfile(path)
+            and name not in NOT_COPIED
+            and not any(fnmatch.fnmatch(name, pat) for pat in (*WEIGHT_FILES, "rng_state*.pth"))
+        ):
             shutil.copy2(path, os.path.join(out_dir, name))
-    result = ExportResult(source=src, out_dir=out_dir, layers=len(plan), untied=untie, max_abs_logit_diff=diff,
-                          rel_logit_diff=rel)
+    result = ExportResult(
+        source=src, out_dir=out_dir, layers=len(plan), untied=untie, max_abs_logit_diff=diff, rel_logit_diff=rel
+    )
     with open(os.path.join(out_dir, REPORT), "w") as f:
         json.dump({**vars(result), "multiplied_layers": sorted(plan)}, f, indent=1)
     return result

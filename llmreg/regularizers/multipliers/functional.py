@@ -103,8 +103,13 @@ class _MultipliedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_row, grad_col
 
 
-def multiplied_linear(x: torch.Tensor, weight: torch.Tensor, row: torch.Tensor | None,
-                      col: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+def multiplied_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    row: torch.Tensor | None,
+    col: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x @ W_eff^T + b without keeping W_eff for backward (see the module docstring). The bias is not scaled."""
     if row is None and col is None:
         y = F.linear(x, weight)
@@ -113,8 +118,13 @@ def multiplied_linear(x: torch.Tensor, weight: torch.Tensor, row: torch.Tensor |
     return y if bias is None else y + bias
 
 
-def explicit_linear(x: torch.Tensor, weight: torch.Tensor, row: torch.Tensor | None,
-                    col: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+def explicit_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    row: torch.Tensor | None,
+    col: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The spec's form: scale the input features by c, the outputs by s * r; plain autograd."""
     if col is not None:
         x = x * col.to(x.dtype)
@@ -124,8 +134,9 @@ def explicit_linear(x: torch.Tensor, weight: torch.Tensor, row: torch.Tensor | N
     return y if bias is None else y + bias
 
 
-def multiplied_embedding(ids: torch.Tensor, table: torch.Tensor, row: torch.Tensor | None,
-                         col: torch.Tensor | None, **embedding_kwargs) -> torch.Tensor:
+def multiplied_embedding(
+    ids: torch.Tensor, table: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor | None, **embedding_kwargs
+) -> torch.Tensor:
     """E[ids] * r_tok[ids, None] * c: per-token row and per-feature column multipliers."""
     out = F.embedding(ids, table, **embedding_kwargs)
     if row is not None:

@@ -30,8 +30,13 @@ PLACEMENTS = ("all", "symmetry_aware", "scalar", "none")
 
 # paper App. C, pre-norm Llama-style blocks (norm gains kept): module name -> multipliers
 SYMMETRY_AWARE = {
-    "up_proj": "", "gate_proj": "row", "down_proj": "row,col",
-    "q_proj": "row", "k_proj": "", "v_proj": "", "o_proj": "row,col",
+    "up_proj": "",
+    "gate_proj": "row",
+    "down_proj": "row,col",
+    "q_proj": "row",
+    "k_proj": "",
+    "v_proj": "",
+    "o_proj": "row,col",
 }
 
 
@@ -62,19 +67,28 @@ def _is_tied(model: nn.Module) -> bool:
     return out is not None and inp is not None and out.weight is inp.weight
 
 
-def plan_for_model(model: nn.Module, placement: str, *, lm_head: bool = False, tied_embeddings: str = "skip",
-                   symmetry_table: dict[str, str] | None = None) -> tuple[dict[str, LayerPlan], list[str]]:
+def plan_for_model(
+    model: nn.Module,
+    placement: str,
+    *,
+    lm_head: bool = False,
+    tied_embeddings: str = "skip",
+    symmetry_table: dict[str, str] | None = None,
+) -> tuple[dict[str, LayerPlan], list[str]]:
     """(plan, notes). Decoder-block linears (modules inside `layers.<i>.`), the input embedding, and the LM
     head only with `lm_head=True`. Raises ConfigError for an unknown placement or a model with no target."""
     if placement not in PLACEMENTS:
         hint = closest(placement, PLACEMENTS)
-        raise ConfigError(f"multipliers: unknown placement {placement!r}" + (f"; did you mean {hint!r}?" if hint
-                          else f"; choose one of {', '.join(PLACEMENTS)}"))
+        raise ConfigError(
+            f"multipliers: unknown placement {placement!r}"
+            + (f"; did you mean {hint!r}?" if hint else f"; choose one of {', '.join(PLACEMENTS)}")
+        )
     notes: list[str] = []
     if placement == "none":
         return {}, ["placement 'none': no multipliers (ablation)"]
-    table = {k: parse_kinds(v, f"multipliers.symmetry_table.{k}")
-             for k, v in (symmetry_table or SYMMETRY_AWARE).items()}
+    table = {
+        k: parse_kinds(v, f"multipliers.symmetry_table.{k}") for k, v in (symmetry_table or SYMMETRY_AWARE).items()
+    }
     everywhere = LayerPlan(scalar=True) if placement == "scalar" else LayerPlan(row=True, col=True)
     plan: dict[str, LayerPlan] = {}
     unknown: list[str] = []
@@ -95,11 +109,15 @@ def plan_for_model(model: nn.Module, placement: str, *, lm_head: bool = False, t
         if layer_plan:
             plan[name] = layer_plan
     if unknown:
-        raise ConfigError(f"multipliers: placement 'symmetry_aware' has no rule for {unknown[:3]}; pass "
-                          "symmetry_table mapping these module names to row/col/scalar (or '')")
+        raise ConfigError(
+            f"multipliers: placement 'symmetry_aware' has no rule for {unknown[:3]}; pass "
+            "symmetry_table mapping these module names to row/col/scalar (or '')"
+        )
     if not seen:
-        raise ConfigError("multipliers: the model has no nn.Linear layers inside decoder blocks (modules named "
-                          "like 'layers.<i>.'); nothing to attach multipliers to")
+        raise ConfigError(
+            "multipliers: the model has no nn.Linear layers inside decoder blocks (modules named "
+            "like 'layers.<i>.'); nothing to attach multipliers to"
+        )
     names = {id(m): n for n, m in model.named_modules()}
     embed = model.get_input_embeddings()
     tied = _is_tied(model)
@@ -126,6 +144,7 @@ def plan_from_state_dict(keys: Iterable[str]) -> dict[str, LayerPlan]:
 
 
 # -- the multiplied modules -----------------------------------------------------------------------------
+
 
 class _Multiplied:
     """Mixin of the swapped-in classes: the multipliers present on this module."""
@@ -159,9 +178,17 @@ class MultipliedEmbedding(_Multiplied, nn.Embedding):
         if row is not None and row.numel() == 1:  # a scalar only
             col = row if col is None else row * col
             row = None
-        return Fm.multiplied_embedding(ids, self.weight, row, col, padding_idx=self.padding_idx,
-                                       max_norm=self.max_norm, norm_type=self.norm_type,
-                                       scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
+        return Fm.multiplied_embedding(
+            ids,
+            self.weight,
+            row,
+            col,
+            padding_idx=self.padding_idx,
+            max_norm=self.max_norm,
+            norm_type=self.norm_type,
+            scale_grad_by_freq=self.scale_grad_by_freq,
+            sparse=self.sparse,
+        )
 
 
 _SUBCLASSES: dict[type, type] = {nn.Linear: MultipliedLinear, nn.Embedding: MultipliedEmbedding}
@@ -176,8 +203,14 @@ def _multiplied_class(cls: type) -> type:
     return _SUBCLASSES[cls]
 
 
-def attach(model: nn.Module, plan: dict[str, LayerPlan], *, dtype: torch.dtype = torch.float32,
-           init: dict[str, float] | None = None, impl: str = "fused") -> list[str]:
+def attach(
+    model: nn.Module,
+    plan: dict[str, LayerPlan],
+    *,
+    dtype: torch.dtype = torch.float32,
+    init: dict[str, float] | None = None,
+    impl: str = "fused",
+) -> list[str]:
     """Register the planned multipliers (value 1, or `init[leaf module name]`) and swap each planned module's
     class; returns the new parameter names. Works on ZeRO-3 placeholders: shapes come from `ds_shape`."""
     modules = dict(model.named_modules())

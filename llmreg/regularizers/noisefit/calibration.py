@@ -33,8 +33,9 @@ def _lower_median(x: torch.Tensor) -> torch.Tensor:
     return torch.sort(x.flatten()).values[(x.numel() - 1) // 2]
 
 
-def score_grid(kl: torch.Tensor, ce_delta: torch.Tensor, clean_ce: float, factors: list[float],
-               max_ce_ratio: float, prior: float) -> tuple[torch.Tensor, torch.Tensor]:
+def score_grid(
+    kl: torch.Tensor, ce_delta: torch.Tensor, clean_ce: float, factors: list[float], max_ce_ratio: float, prior: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(score [L, S] with rejected scales at -inf, valid [L, S])."""
     ratio = ce_delta / max(abs(clean_ce), 1e-8)
     penalty = 1.0 + prior * torch.log2(torch.tensor(factors, dtype=torch.float64)).abs() ** 2
@@ -63,9 +64,19 @@ def select_by_depth(best: torch.Tensor, candidates: list[int], max_layers: int, 
     return sorted(picked[:max_layers])
 
 
-def v2_policy(kl: torch.Tensor, ce_delta: torch.Tensor, clean_ce: float, factors: list[float], hidden_size: int,
-              layers: list[int], max_ce_ratio: float = 0.02, prior: float = 0.05, target_frac: float = 0.75,
-              bands: int = 3, num_layers: int | None = None) -> dict:
+def v2_policy(
+    kl: torch.Tensor,
+    ce_delta: torch.Tensor,
+    clean_ce: float,
+    factors: list[float],
+    hidden_size: int,
+    layers: list[int],
+    max_ce_ratio: float = 0.02,
+    prior: float = 0.05,
+    target_frac: float = 0.75,
+    bands: int = 3,
+    num_layers: int | None = None,
+) -> dict:
     """The layers and scales from the mean KL and dCE grids [len(layers), S] of the candidate `layers` (positions
     among all `num_layers` decoder layers, which sets the cap ceil(sqrt(L)) and the depth bands)."""
     num_layers = num_layers or len(layers)
@@ -96,5 +107,11 @@ def v2_policy(kl: torch.Tensor, ce_delta: torch.Tensor, clean_ce: float, factors
         else:
             pos = int(best_pos[r])
         chosen[layer] = scales[pos]
-    return {"selected": selected, "scales": chosen, "target_kl": target, "candidates": candidates,
-            "best_score": {layers[r]: float(best_local[r]) for r in range(len(layers))}, "candidate_scales": scales}
+    return {
+        "selected": selected,
+        "scales": chosen,
+        "target_kl": target,
+        "candidates": candidates,
+        "best_score": {layers[r]: float(best_local[r]) for r in range(len(layers))},
+        "candidate_scales": scales,
+    }

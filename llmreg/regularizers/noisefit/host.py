@@ -24,8 +24,9 @@ def check_trainer(trainer: Any) -> None:
     if getattr(args, "loss_type", "nll") != "nll":
         raise ConfigError(f"noisefit: loss_type={args.loss_type!r} is not supported; use 'nll'")
     if getattr(args, "padding_free", False):
-        raise ConfigError("noisefit stacks the batch three times along the batch dimension; padding_free is not "
-                          "supported")
+        raise ConfigError(
+            "noisefit stacks the batch three times along the batch dimension; padding_free is not supported"
+        )
 
 
 def check_plain_logits(model: torch.nn.Module) -> None:
@@ -34,8 +35,10 @@ def check_plain_logits(model: torch.nn.Module) -> None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     scaled = [k for k in LOGIT_TRANSFORMS if getattr(text, k, None) not in (None, 1, 1.0)]
     if scaled:
-        raise ConfigError(f"noisefit: {type(unwrap(model)).__name__} transforms its logits after the LM "
-                          f"head ({', '.join(scaled)}); the chunked LM head does not reproduce that")
+        raise ConfigError(
+            f"noisefit: {type(unwrap(model)).__name__} transforms its logits after the LM "
+            f"head ({', '.join(scaled)}); the chunked LM head does not reproduce that"
+        )
 
 
 def model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -49,5 +52,6 @@ def repeat3(value: Any, rows: int) -> Any:
         return torch.cat([value, value, value], dim=0)
     if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == 1 and rows > 1:
         return value  # broadcast along the batch (e.g. shared position_ids)
-    raise ConfigError(f"noisefit: cannot stack model input of shape {tuple(getattr(value, 'shape', ()))} for "
-                      f"{rows} rows")
+    raise ConfigError(
+        f"noisefit: cannot stack model input of shape {tuple(getattr(value, 'shape', ()))} for {rows} rows"
+    )

@@ -62,7 +62,7 @@ def chunk_sums(h0, h1, h2, target, ce_w, kl_w, lm_head: Callable, temperature: f
     if detach_teacher:  # v2: T on every side, a detached teacher and consistency target, soft term times T^2
         log_p0 = (log_c if temperature == 1.0 else F.log_softmax(z0 / temperature, -1)).detach()
         log_q1, log_q2 = F.log_softmax(z1 / temperature, -1), F.log_softmax(z2 / temperature, -1)
-        soft = (log_p0.exp() * (log_p0 - 0.5 * (log_q1 + log_q2))).sum(-1) * temperature ** 2
+        soft = (log_p0.exp() * (log_p0 - 0.5 * (log_q1 + log_q2))).sum(-1) * temperature**2
         cons = kl(log_q2.detach(), log_q1)
     else:  # v1: only the teacher is tempered; nothing detached
         log_p0 = log_c if temperature == 1.0 else F.log_softmax(z0 / temperature, -1)
@@ -72,9 +72,15 @@ def chunk_sums(h0, h1, h2, target, ce_w, kl_w, lm_head: Callable, temperature: f
     return nll_sum, (soft * kl_w).sum(), (cons * kl_w).sum()
 
 
-def hybrid_sums(hidden: tuple[torch.Tensor, torch.Tensor, torch.Tensor], pos: Positions, lm_head: Callable,
-                temperature: float = 1.0, detach_teacher: bool = False, chunk_size: int = 256,
-                checkpoint: bool = True) -> dict[str, torch.Tensor]:
+def hybrid_sums(
+    hidden: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    pos: Positions,
+    lm_head: Callable,
+    temperature: float = 1.0,
+    detach_teacher: bool = False,
+    chunk_size: int = 256,
+    checkpoint: bool = True,
+) -> dict[str, torch.Tensor]:
     """Sums and counts of the three terms over `pos`, for the branches' final hidden states [B, T, d] each."""
     picked = [h[pos.rows, pos.cols] for h in hidden]
     ce_w, kl_w = pos.ce.to(picked[0].dtype), pos.kl.to(picked[0].dtype)
@@ -89,12 +95,12 @@ def hybrid_sums(hidden: tuple[torch.Tensor, torch.Tensor, torch.Tensor], pos: Po
         else:
             sums = chunk_sums(*args, lm_head, temperature, detach_teacher)
         nll, soft, cons = nll + sums[0], soft + sums[1], cons + sums[2]
-    return {"nll_sum": nll, "soft_sum": soft, "cons_sum": cons,
-            "ce_count": pos.ce.sum(), "kl_count": pos.kl.sum()}
+    return {"nll_sum": nll, "soft_sum": soft, "cons_sum": cons, "ce_count": pos.ce.sum(), "kl_count": pos.kl.sum()}
 
 
-def hybrid_loss(sums: dict[str, torch.Tensor], alpha: float, lam: float,
-                token_mean: Callable | None = None, ga_divisor: int = 1) -> dict[str, torch.Tensor]:
+def hybrid_loss(
+    sums: dict[str, torch.Tensor], alpha: float, lam: float, token_mean: Callable | None = None, ga_divisor: int = 1
+) -> dict[str, torch.Tensor]:
     """The hybrid loss from `hybrid_sums`. CE is normalised by `token_mean(sum, count)` (the host trainer's rule,
     default: this batch's token mean); soft and consistency are means over this batch's positions, divided by
     `ga_divisor` to be averaged over accumulation like the host's CE."""

@@ -33,8 +33,14 @@ def noise_scale(h: torch.Tensor, base: torch.Tensor | float, beta: float, nf_cli
     return base * mad * weight * nf
 
 
-def adaptive_noise(h: torch.Tensor, eps: torch.Tensor, base: torch.Tensor | float, beta: float = 0.1,
-                   nf_clip: float = 5.0, detach_scale: bool = False) -> torch.Tensor:
+def adaptive_noise(
+    h: torch.Tensor,
+    eps: torch.Tensor,
+    base: torch.Tensor | float,
+    beta: float = 0.1,
+    nf_clip: float = 5.0,
+    detach_scale: bool = False,
+) -> torch.Tensor:
     """ANI(h) for one branch with the given standard-normal draw `eps` (same shape as h); result in h's dtype.
 
     `detach_scale` (v2): the noise is a constant offset, so gradients pass through h as the identity."""
@@ -77,15 +83,17 @@ def training_noise_key(seed: int, step: int, shard: int, layer: int, branch: int
     return ("train", seed, step, shard, layer, branch)
 
 
-def layer_snr(h: torch.Tensor, sigma: float, beta: float, nf_clip: float, draws: int, seed: int,
-              layer: int) -> torch.Tensor:
+def layer_snr(
+    h: torch.Tensor, sigma: float, beta: float, nf_clip: float, draws: int, seed: int, layer: int
+) -> torch.Tensor:
     """signal / (noise + 1e-6): signal = mean |h| over the whole tensor, noise = mean over `draws` noise draws of
     mean |ANI(h) - h| with base sigma * std(h) (selection uses sigma once, also with v1's double sigma)."""
     h = h.detach().float()
     signal = h.abs().mean()
     scale = noise_scale(h, branch_base(h, sigma), beta, nf_clip)
-    noise = torch.stack([(scale * standard_normal(h.shape, h.device, "snr", seed, layer, i)).abs().mean()
-                         for i in range(draws)]).mean()
+    noise = torch.stack(
+        [(scale * standard_normal(h.shape, h.device, "snr", seed, layer, i)).abs().mean() for i in range(draws)]
+    ).mean()
     return signal / (noise + EPS)
 
 

@@ -58,8 +58,10 @@ class SharedPrefix:
         hidden = args[0] if args else kwargs.get("hidden_states")
         if not torch.is_tensor(hidden) or hidden.shape[0] != 3 * rows:
             return None
-        return (args[:1] + tuple(self._stack(a, rows) for a in args[1:]),
-                {k: (v if k == "hidden_states" else self._stack(v, rows)) for k, v in kwargs.items()})
+        return (
+            args[:1] + tuple(self._stack(a, rows) for a in args[1:]),
+            {k: (v if k == "hidden_states" else self._stack(v, rows)) for k, v in kwargs.items()},
+        )
 
     def _stack(self, value: Any, rows: int) -> Any:
         """Per-row tensors (a batch dim of `rows`, at least 2-D) stacked three times, each once per forward;

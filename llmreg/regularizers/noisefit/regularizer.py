@@ -43,28 +43,40 @@ class NoiseFiTOptions:
     noise_std: float = option(0.1, "sigma: noise std relative to std(h) of the branch's hidden states")
     num_layers: int = option(3, "k: number of decoder layers that get noise")
     select: Literal["high", "low"] = option("high", "pick the k layers of highest (v1 'Largest') or lowest SNR")
-    layers: str = option("", "regex searched in the decoder-layer module names to restrict the candidates "
-                             "(e.g. 'layers\\.(2|3|4)$'); empty: every decoder layer")
+    layers: str = option(
+        "",
+        "regex searched in the decoder-layer module names to restrict the candidates "
+        "(e.g. 'layers\\.(2|3|4)$'); empty: every decoder layer",
+    )
     beta: float = option(0.1, "beta: down-weighting of elements far from the token's median")
     nf_clip: float = option(5.0, "cap on the variance factor nf")
     snr_draws: int = option(10, "noise draws per layer for the SNR estimate")
-    last_layer_post_norm: bool = option(False, "v1 quirk: score the last decoder layer on the final-norm output "
-                                               "(hidden_states[-1]) while its hook still sees the raw layer output")
+    last_layer_post_norm: bool = option(
+        False,
+        "v1 quirk: score the last decoder layer on the final-norm output "
+        "(hidden_states[-1]) while its hook still sees the raw layer output",
+    )
     calib_batch_size: int = option(0, "rows of the seeded SNR calibration batch; 0: per_device_train_batch_size")
     alpha: float = option(0.5, "weight of the clean CE in the hybrid loss; (1 - alpha) weighs the soft term")
-    lam: float | None = option(None, "lambda: weight of the consistency KL(noisy 2 || noisy 1); None: 0.1 (v1), "
-                                     "0.05 (v2)")
+    lam: float | None = option(
+        None, "lambda: weight of the consistency KL(noisy 2 || noisy 1); None: 0.1 (v1), 0.05 (v2)"
+    )
     temperature: float = option(1.0, "T: softmax temperature of the clean teacher")
     double_sigma: bool = option(False, "v1 quirk: the training noise base is sigma^2 * std(h) (selection uses sigma)")
     shift_mask: bool = option(True, "False: v1 bug, the soft/consistency mask labels != -100 is one position off")
     detach_teacher: bool | None = option(
-        None, "detach the teacher and the consistency target, temper all sides by T, soft term times T^2 (v2); "
-              "None: False for v1, True for v2")
+        None,
+        "detach the teacher and the consistency target, temper all sides by T, soft term times T^2 (v2); "
+        "None: False for v1, True for v2",
+    )
     detach_noise_scale: bool | None = option(
-        None, "add the noise as a detached offset, identity gradient through h (v2); None: False for v1, True for v2")
+        None, "add the noise as a detached offset, identity gradient through h (v2); None: False for v1, True for v2"
+    )
     version: Literal["v1", "v2"] = option(
-        "v1", "v1: SNR selection of k layers, noise base sigma*std(h); v2: KL-response calibration of the layers "
-              "(at most ceil(sqrt(L))) and of a scale s_l per layer, noise base s_l (k, select, noise_std unused)")
+        "v1",
+        "v1: SNR selection of k layers, noise base sigma*std(h); v2: KL-response calibration of the layers "
+        "(at most ceil(sqrt(L))) and of a scale s_l per layer, noise base s_l (k, select, noise_std unused)",
+    )
     calib_batches: int = option(2, "v2: calibration batches per rank (seeded draws), statistics all-reduced")
     scale_factors: list[float] = option([0.25, 0.5, 1.0, 1.5, 2.0], "v2: candidate scales, times 1/sqrt(hidden size)")
     max_ce_ratio: float = option(0.02, "v2: reject scales whose relative CE increase exceeds this")
@@ -72,18 +84,24 @@ class NoiseFiTOptions:
     target_kl_frac: float = option(0.75, "v2: per-layer scale = smallest reaching this fraction of the median best KL")
     depth_bands: int = option(3, "v2: spread the selected layers over this many depth bands (1: off)")
     pack_branches: Literal["auto", "never"] = option(
-        "auto", "auto: clean and both noisy branches stacked in one forward; never: three forwards of the batch (as "
-                "the official code; lower peak per forward, same activations kept; not with gradient checkpointing)")
+        "auto",
+        "auto: clean and both noisy branches stacked in one forward; never: three forwards of the batch (as "
+        "the official code; lower peak per forward, same activations kept; not with gradient checkpointing)",
+    )
     prefix_sharing: bool | None = option(
-        None, "run the embeddings and the layers up to the first noisy layer once and stack the three branches only "
-              "after it (identical values: those layers see the same input in every branch); None: on unless a "
-              "module of that prefix has dropout (shared dropout masks would change the branches); only with "
-              "pack_branches='auto'")
+        None,
+        "run the embeddings and the layers up to the first noisy layer once and stack the three branches only "
+        "after it (identical values: those layers see the same input in every branch); None: on unless a "
+        "module of that prefix has dropout (shared dropout masks would change the branches); only with "
+        "pack_branches='auto'",
+    )
     seed: int = option(0, "seed of the calibration batch and of every noise draw")
     chunk_size: int = option(256, "positions per chunk of the chunked LM head / KL computation")
     recompute_logits: Literal["auto", "always", "never"] = option(
-        "auto", "recompute each chunk's logits in backward instead of keeping them for it; auto: when the three "
-                "branches' fp32 logits at the loss positions would exceed 256 MiB (large vocabularies)")
+        "auto",
+        "recompute each chunk's logits in backward instead of keeping them for it; auto: when the three "
+        "branches' fp32 logits at the loss positions would exceed 256 MiB (large vocabularies)",
+    )
 
     def __post_init__(self) -> None:
         v2 = self.version == "v2"
@@ -147,20 +165,27 @@ class NoiseFiT(Regularizer):
         if trainer is not None:
             check_trainer(trainer)
         checkpointing = getattr(anatomy.unwrap(model), "is_gradient_checkpointing", False) or any(
-            getattr(getattr(trainer, "args", None), k, False) for k in ("gradient_checkpointing",
-                                                                          "activation_checkpointing"))
+            getattr(getattr(trainer, "args", None), k, False)
+            for k in ("gradient_checkpointing", "activation_checkpointing")
+        )
         if self.options.pack_branches == "never" and checkpointing:
-            raise ConfigError("noisefit: pack_branches='never' cannot be combined with gradient checkpointing "
-                              "(the recomputation of a layer cannot tell which branch it belonged to)")
+            raise ConfigError(
+                "noisefit: pack_branches='never' cannot be combined with gradient checkpointing "
+                "(the recomputation of a layer cannot tell which branch it belonged to)"
+            )
         self._layers = anatomy.decoder_layers(model, where="noisefit")
         pattern = re.compile(self.options.layers) if self.options.layers else None
         self._candidates = [i for i, (name, _) in enumerate(self._layers) if pattern is None or pattern.search(name)]
         if not self._candidates:
-            raise ConfigError(f"noisefit: layers={self.options.layers!r} matches none of the {len(self._layers)} "
-                              f"decoder layers (e.g. '{self._layers[0][0]}')")
+            raise ConfigError(
+                f"noisefit: layers={self.options.layers!r} matches none of the {len(self._layers)} "
+                f"decoder layers (e.g. '{self._layers[0][0]}')"
+            )
         if self.options.version == "v1" and self.options.num_layers > len(self._candidates):
-            raise ConfigError(f"noisefit: num_layers={self.options.num_layers} but only {len(self._candidates)} "
-                              "candidate decoder layers")
+            raise ConfigError(
+                f"noisefit: num_layers={self.options.num_layers} but only {len(self._candidates)} "
+                "candidate decoder layers"
+            )
         self._body = anatomy.decoder(model, where="noisefit")
         self._lm_head = model.get_output_embeddings()
         if self._lm_head is None:
@@ -180,9 +205,15 @@ class NoiseFiT(Regularizer):
                 # batches (and probe noise) as one process with N*n
                 first = self._trainer.args.process_index * self.options.calib_batches
                 indices = list(range(first, first + self.options.calib_batches))
-                batches = [calibration_batch(
-                    self._trainer, size, torch.Generator().manual_seed(draw_seed("calib", self.options.seed, g)),
-                    purpose) for g in indices]
+                batches = [
+                    calibration_batch(
+                        self._trainer,
+                        size,
+                        torch.Generator().manual_seed(draw_seed("calib", self.options.seed, g)),
+                        purpose,
+                    )
+                    for g in indices
+                ]
                 self.calibrate(model, batches, indices)
                 if self._trainer.args.process_index == 0:
                     path = os.path.join(self._trainer.args.output_dir, "auto_noise_policy.json")
@@ -194,8 +225,9 @@ class NoiseFiT(Regularizer):
     def _probe(self) -> LayerProbe:
         return LayerProbe(self._layers, self._body, self._lm_head, self._forward_kwargs(), self.options)
 
-    def calibrate(self, model: torch.nn.Module, batches: list[dict[str, Any]],
-                  indices: list[int] | None = None) -> list[int]:
+    def calibrate(
+        self, model: torch.nn.Module, batches: list[dict[str, Any]], indices: list[int] | None = None
+    ) -> list[int]:
         """v2: the KL / CE response of every candidate layer to every candidate scale on `batches` (eval mode,
         no grad; sums all-reduced over ranks), then `calibration.v2_policy`."""
         opts = self.options
@@ -203,11 +235,26 @@ class NoiseFiT(Regularizer):
         kl, dce, counts, hidden = self._probe().kl_response(model, batches, indices, self._candidates)
         kl, dce, counts = (dist.all_reduce_sum_on_backend(t) for t in (kl, dce, counts))
         n = counts[0].clamp(min=1)
-        self.policy = v2_policy(kl / n, dce / n, float(counts[1] / n), factors, hidden, self._candidates,
-                                opts.max_ce_ratio, opts.scale_prior, opts.target_kl_frac, opts.depth_bands,
-                                num_layers=len(self._layers))
-        self.policy.update(clean_ce=float(counts[1] / n), kl=(kl / n).tolist(), ce_delta=(dce / n).tolist(),
-                           scale_factors=factors, layers=list(self._candidates))
+        self.policy = v2_policy(
+            kl / n,
+            dce / n,
+            float(counts[1] / n),
+            factors,
+            hidden,
+            self._candidates,
+            opts.max_ce_ratio,
+            opts.scale_prior,
+            opts.target_kl_frac,
+            opts.depth_bands,
+            num_layers=len(self._layers),
+        )
+        self.policy.update(
+            clean_ce=float(counts[1] / n),
+            kl=(kl / n).tolist(),
+            ce_delta=(dce / n).tolist(),
+            scale_factors=factors,
+            layers=list(self._candidates),
+        )
         self.selected = _rank0_choice(self.policy["selected"])
         self.scales = {int(k): float(v) for k, v in dist.broadcast_object(self.policy["scales"]).items()}
         logger.info("noisefit v2: noise on layers %s with scales %s", self.selected, self.scales)
@@ -223,8 +270,9 @@ class NoiseFiT(Regularizer):
         picked = [self._candidates[j] for j in select_layers(snr, opts.num_layers, opts.select)]
         self.selected = _rank0_choice(picked)
         self.snr = snr.tolist()
-        logger.info("noisefit: SNR %s; noise on layers %s (%s SNR)", [round(s, 3) for s in self.snr],
-                    self.selected, opts.select)
+        logger.info(
+            "noisefit: SNR %s; noise on layers %s (%s SNR)", [round(s, 3) for s in self.snr], self.selected, opts.select
+        )
         return self.selected
 
     def _install_hooks(self) -> None:
@@ -234,7 +282,7 @@ class NoiseFiT(Regularizer):
         first = min(self.selected)
         self._prefix = SharedPrefix(first, lambda: self._rows) if self._decide_prefix_sharing(first) else None
         if self._prefix is not None:
-            for _, layer in self._layers[first + 1:]:
+            for _, layer in self._layers[first + 1 :]:
                 self.add_hook(layer.register_forward_pre_hook(self._prefix.stack_inputs, with_kwargs=True))
 
     @property
@@ -245,13 +293,15 @@ class NoiseFiT(Regularizer):
         opts = self.options
         if opts.pack_branches != "auto" or opts.prefix_sharing is False:
             return False
-        prefix = [m for _, layer in self._layers[:first + 1] for m in layer.modules()]
+        prefix = [m for _, layer in self._layers[: first + 1] for m in layer.modules()]
         embed = self._body.get_input_embeddings() if hasattr(self._body, "get_input_embeddings") else None
         prefix += list(embed.modules()) if embed is not None else []
         dropout = [m for m in prefix if dropout_rate(m) > 0]
         if dropout and opts.prefix_sharing:
-            logger.warning("noisefit: prefix_sharing with dropout in the shared layers: the three branches share "
-                           "one dropout mask there")
+            logger.warning(
+                "noisefit: prefix_sharing with dropout in the shared layers: the three branches share "
+                "one dropout mask there"
+            )
         return bool(opts.prefix_sharing) or not dropout
 
     def _forward_kwargs(self) -> dict[str, Any]:
@@ -282,7 +332,7 @@ class NoiseFiT(Regularizer):
             elif h.shape[0] != 3 * rows:  # another forward between the stacked one and the optimizer step
                 return None
             else:
-                parts = [h[:rows]] + [self._noisy_branch(h[b * rows:(b + 1) * rows], layer, b) for b in (1, 2)]
+                parts = [h[:rows]] + [self._noisy_branch(h[b * rows : (b + 1) * rows], layer, b) for b in (1, 2)]
             noisy = torch.cat(parts, dim=0)
             return noisy if torch.is_tensor(output) else (noisy, *output[1:])
 
@@ -312,8 +362,10 @@ class NoiseFiT(Regularizer):
                     finally:
                         self._prefix.in_training_forward = False
                     if captured[0].shape[0] != 3 * rows:
-                        raise RuntimeError(f"noisefit: prefix sharing: the body returned {captured[0].shape[0]} rows, "
-                                           f"expected 3 x {rows}; set prefix_sharing: false for this model")
+                        raise RuntimeError(
+                            f"noisefit: prefix sharing: the body returned {captured[0].shape[0]} rows, "
+                            f"expected 3 x {rows}; set prefix_sharing: false for this model"
+                        )
                 else:
                     stacked = {k: repeat3(v, rows) for k, v in model_inputs(ctx.inputs).items()}
                     ctx.model(**stacked, **self._forward_kwargs())
@@ -327,12 +379,22 @@ class NoiseFiT(Regularizer):
             handle.remove()
             self._branch = None
         pos = positions(labels, opts.shift_mask)
-        sums = hybrid_sums(hidden, pos, self._lm_head, opts.temperature, opts.detach_teacher, opts.chunk_size,
-                           self._recompute(pos.rows.numel()))
+        sums = hybrid_sums(
+            hidden,
+            pos,
+            self._lm_head,
+            opts.temperature,
+            opts.detach_teacher,
+            opts.chunk_size,
+            self._recompute(pos.rows.numel()),
+        )
         out = hybrid_loss(sums, opts.alpha, opts.lam, ctx.token_mean, ctx.ga_divisor)
         # logged per micro-batch as plain token means (the loss's CE is in the host's accumulation units)
-        logged = {"ce": sums["nll_sum"] / sums["ce_count"].clamp(min=1), "soft": out["soft"],
-                  "consistency": out["consistency"]}
+        logged = {
+            "ce": sums["nll_sum"] / sums["ce_count"].clamp(min=1),
+            "soft": out["soft"],
+            "consistency": out["consistency"],
+        }
         self._means.add(**{key: value.detach() for key, value in logged.items()})
         return out["loss"]
 
@@ -362,8 +424,11 @@ class NoiseFiT(Regularizer):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"selected": list(self.selected or []), "snr": list(self.snr),
-                "scales": {int(k): float(v) for k, v in self.scales.items()}}
+        return {
+            "selected": list(self.selected or []),
+            "snr": list(self.snr),
+            "scales": {int(k): float(v) for k, v in self.scales.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "selected" not in state:

@@ -41,12 +41,14 @@ class LayerProbe:
             def hook(module, args, output):
                 h = output if torch.is_tensor(output) else output[0]
                 scores[index] = layer_snr(h, opts.noise_std, opts.beta, opts.nf_clip, opts.snr_draws, opts.seed, index)
+
             return hook
 
         last = len(self.layers) - 1
         post_norm = opts.last_layer_post_norm and last in candidates
-        handles = [self.layers[i][1].register_forward_hook(capture(i)) for i in candidates
-                   if not (post_norm and i == last)]
+        handles = [
+            self.layers[i][1].register_forward_hook(capture(i)) for i in candidates if not (post_norm and i == last)
+        ]
         if post_norm:
             hook = capture(last)
             handles.append(self.body.register_forward_hook(lambda m, a, out: hook(m, a, final_hidden(out))))
@@ -61,8 +63,9 @@ class LayerProbe:
             model.train(was_training)
         return torch.stack([scores[i] for i in candidates]).cpu()
 
-    def kl_response(self, model: torch.nn.Module, batches: list[dict[str, Any]], indices: list[int] | None,
-                    candidates: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]:
+    def kl_response(
+        self, model: torch.nn.Module, batches: list[dict[str, Any]], indices: list[int] | None, candidates: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]:
         """v2: (KL sums [candidates, factors], CE-increase sums, (batches, clean CE sum), hidden size) over
         `batches`, the probe noise of batch b keyed by `indices[b]` (its global number)."""
         opts = self.options
@@ -89,8 +92,9 @@ class LayerProbe:
                                 noisy_lp, noisy_ce = self.logprobs(self.final_hidden(model, batch), pos)
                             finally:
                                 hook.remove()
-                            kl[r, j] += float(masked_mean(symmetric_kl(clean_lp, noisy_lp), pos.ce)) \
-                                * opts.temperature ** 2
+                            kl[r, j] += (
+                                float(masked_mean(symmetric_kl(clean_lp, noisy_lp), pos.ce)) * opts.temperature**2
+                            )
                             dce[r, j] += max(noisy_ce - clean_ce, 0.0)
         finally:
             model.train(was_training)
@@ -108,8 +112,11 @@ class LayerProbe:
     def logprobs(self, hidden: torch.Tensor, pos: Any) -> tuple[torch.Tensor, float]:
         """Tempered log-probabilities at the loss positions, and the (untempered) token-mean CE there."""
         z = self.lm_head(hidden[pos.rows, pos.cols]).float()
-        ce = torch.nn.functional.cross_entropy(z[pos.ce], pos.target[pos.ce], reduction="mean") if pos.ce.any() \
+        ce = (
+            torch.nn.functional.cross_entropy(z[pos.ce], pos.target[pos.ce], reduction="mean")
+            if pos.ce.any()
             else z.new_zeros(())
+        )
         return torch.log_softmax(z / self.options.temperature, -1), float(ce)
 
     def noise_hook(self, scale: float, key: tuple):
