@@ -59,7 +59,8 @@ of tokens), T = 1, a dense deterministic reward of the completion ids, beta = 0,
 on-policy. A GRPO step's time includes generation, the reward and (lp_reg) the proxy pass.
 
 `--json PATH` writes a list of {"name", "trainer", "step_time_ratio",
-"peak_mem_ratio", "optimizer_state_ratio" (optimizer state bytes over vanilla's), plus "step_time_ms", "step_time_ms_min/max",
+"peak_mem_ratio", "optimizer_state_ratio" (optimizer state bytes over vanilla's), plus "step_time_ms",
+"step_time_ms_min/max",
 "paired_step_time_ratio", "peak_mem_mb", "mem_measure", "state_mb", "steps",
 "warmup", "size", "device", "loadavg_1min"}, vanilla first with ratios 1.0. Regularizers that
 cannot run here with default options (another trainer kind only, or their
@@ -620,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
     print(
-        f"step overhead: trainer={TRAINER_KIND} size={args.size} seq={SEQ_LEN[args.size]} batch={BATCH_SIZE} steps={args.steps} "
+        f"step overhead: trainer={TRAINER_KIND} size={args.size} seq={SEQ_LEN[args.size]} batch={BATCH_SIZE} "
+        f"steps={args.steps} "
         f"warmup={args.warmup} device={device_description()} load average (1 min) at start: {_loadavg()}"
     )
     print(f"variants: {', '.join([VANILLA] + names)}")

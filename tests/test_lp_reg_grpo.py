@@ -169,7 +169,8 @@ def test_proxy_pass_matches_explicit_logits(policy, tmp_path):
 
 @pytest.mark.slow
 def test_gradient_accumulation_invariance(tmp_path):
-    """docs/architecture.md, trap 7: GA=1 x batch 8 and GA=4 x batch 2 make the same update (same generation batch of 8)."""
+    """docs/architecture.md, trap 7: GA=1 x batch 8 and GA=4 x batch 2 make the same update (same generation
+    batch of 8)."""
     regs = [{"name": "lp_reg", "rho": 0.9, "minp_kappa": 0.7}]  # a penalty that is not negligible here
     common = dict(max_steps=1, optim="sgd", learning_rate=1.0, bf16=False)  # SGD: Adam's first step is sign-like
     one = make(llmreg.RegGRPOTrainer, tmp_path / "one", regs, per_device_train_batch_size=8, **common)

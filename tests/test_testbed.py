@@ -1,4 +1,5 @@
-"""The forgetting testbed: skill generators, the exact-match scorer, a tiny build (reproducible, cached), fine-tuning."""
+"""The forgetting testbed: skill generators, the exact-match scorer, a tiny build (reproducible, cached),
+fine-tuning."""
 
 from __future__ import annotations
 

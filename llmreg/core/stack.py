@@ -193,7 +193,8 @@ class RegularizerStack:
         unexpected = set(state) - set(self.labels)
         if missing or unexpected:
             raise ValueError(
-                f"regularizer state does not match the stack: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+                f"regularizer state does not match the stack: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}"
             )
         for reg, label in zip(self.regularizers, self.labels):
             if early is None or reg.loads_state_early == early:
