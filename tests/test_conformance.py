@@ -29,6 +29,7 @@ def _artifact(tmp_path):
 SETTINGS = {
     "forgetting_penalty": _artifact,
     "half_ft": {"seed": 3},
+    "kl_to_base": {"lam": 1.0},
     "l2_sp": {"lam": 1.0},
     "multipliers": {"lr_scale": 2.0},
     "lp_reg": {"rho": 0.9, "minp_kappa": 0.7},  # the untrained tiny model is nearly uniform

@@ -2,6 +2,7 @@
 
 from llmreg.regularizers.forgetting import ForgettingPenalty, SIImportance
 from llmreg.regularizers.half_ft import HalfFineTuning
+from llmreg.regularizers.kl_to_base import KLToBase
 from llmreg.regularizers.l2_sp import L2SP, l2_sp_grad, l2_sp_penalty
 from llmreg.regularizers.lfu import LfU
 from llmreg.regularizers.lp_reg import LpReg, lp_reg_penalty, minp_proxy_logprobs
@@ -12,6 +13,7 @@ from llmreg.regularizers.weight_decay import WeightDecayPolicy, split_by_decay
 __all__ = [
     "ForgettingPenalty",
     "HalfFineTuning",
+    "KLToBase",
     "L2SP",
     "LearnableMultipliers",
     "LfU",

@@ -1,0 +1,258 @@
+"""KL to the base model: `lam * KL(p_base || p_theta)` per training token, the baseline users reach for first.
+
+Reference: Shenfeld, Pari, Agrawal, "RL's Razor: Why Online Reinforcement Learning Forgets Less" (arXiv
+2509.04259): the forward KL between the base and the fine-tuned model, measured on the new task's data, predicts
+how much a fine-tune forgets. Penalising it during SFT is the regulariser form of that finding (and the SFT
+analogue of the reference-KL of TRL's DPO / GRPO). There is no paper recipe for the penalty itself, hence no
+paper default for `lam`: sweep it (`llmreg sweep ... --grid regularizers.0.lam=...`).
+
+Per micro-batch, with h the policy's final hidden states (captured by a forward hook on the decoder body: TRL's
+fused LM head gives no logits, docs/architecture.md trap 6) and h_b the base model's (one extra no-grad forward):
+
+    kl = sum_{positions t} sum_v p_b(v | t) (log p_b(v | t) - log p_theta(v | t)) / #positions
+
+over the positions that predict a real next token (`tokens: all`) or a trained one (`tokens: completion`:
+labels != -100, the SFT completion). `direction: reverse` uses KL(p_theta || p_base). The logits are formed from
+the hidden states in chunks of `chunk_size` positions, each recomputed in backward (`checkpoint`), so one chunk
+of [positions x vocab] fp32 logits is alive at a time. The term is a per-micro-batch mean, scaled for gradient
+accumulation by the stack like every loss term; across ranks the position count is averaged like the host's
+token count (`average_tokens_across_devices`), so N processes train as one.
+
+The base model:
+- full fine-tuning: a frozen copy of the model as `setup` sees it (before the optimizer; after surgery and
+  freezing regularizers ordered before it). Under ZeRO-3 the copy is built from the gathered parameters one
+  tensor at a time and then partitioned by a DeepSpeed inference engine (as TRL prepares its reference
+  models), so each rank keeps only its share; under ZeRO-2 and without DeepSpeed it is a full copy (ZeRO-2
+  keeps full parameters on every rank anyway). Memory: one more copy of the weights, no optimizer state.
+- PEFT: no copy; the same model with its adapters disabled (`PeftModel.disable_adapter()`).
+
+Hooks: `setup` (copy or PEFT check, the capture hook), `on_prepared` (device / ZeRO-3 partitioning),
+`loss_terms`, `metrics`. Departures: models that scale or softcap their logits after the LM head are refused
+(the logits are hidden @ W.T); an LM head with a LoRA adapter is refused under PEFT (the disabled-adapter base
+would not be the base there).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from llmreg.core import anatomy, dist
+from llmreg.core.options import ConfigError
+from llmreg.core.registry import register
+from llmreg.core.regularizer import LossContext, Order, Regularizer, Requirements, option
+from llmreg.core.running_mean import RunningMean
+
+BODY_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+# -- the math -----------------------------------------------------------------------------------------------
+
+
+def kl_positions(inputs: dict[str, Any], shape: torch.Size, tokens: str) -> torch.Tensor:
+    """[B, T] bool: the positions t whose logits enter the KL (they predict token t + 1)."""
+    mask = torch.zeros(shape, dtype=torch.bool, device=inputs["input_ids"].device)
+    if tokens == "completion":
+        labels = inputs.get("labels")
+        if not torch.is_tensor(labels):
+            raise ConfigError("kl_to_base: tokens 'completion' needs batches with labels")
+        mask[:, :-1] = labels[:, 1:] != anatomy.IGNORE_INDEX
+        return mask
+    am = inputs.get("attention_mask")
+    if torch.is_tensor(am) and am.dim() == 2:
+        mask[:, :-1] = am[:, 1:].bool() & am[:, :-1].bool()
+    else:
+        mask[:, :-1] = True
+    return mask
+
+
+def _chunk_kl(h: torch.Tensor, h_base: torch.Tensor, head, base_head, reverse: bool) -> torch.Tensor:
+    log_q = F.log_softmax(head(h).float(), dim=-1)
+    with torch.no_grad():
+        log_p = F.log_softmax(base_head(h_base).float(), dim=-1)
+    if reverse:
+        return (log_q.exp() * (log_q - log_p)).sum()
+    return (log_p.exp() * (log_p - log_q)).sum()
+
+
+def kl_sum(
+    hidden: torch.Tensor,
+    base_hidden: torch.Tensor,
+    head,
+    base_head,
+    reverse: bool = False,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Sum over rows of KL(p_base || p_theta) (or the reverse) from [N, H] hidden states and the two LM heads,
+    `chunk_size` rows of logits at a time; in backward each chunk's logits are recomputed, not kept."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, hb = hidden[start : start + chunk_size], base_hidden[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_chunk_kl, h, hb, head, base_head, reverse, use_reentrant=False)
+        else:
+            total = total + _chunk_kl(h, hb, head, base_head, reverse)
+    return total
+
+
+# -- the base model -----------------------------------------------------------------------------------------
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen, hook-free copy of the plain model; built from gathered parameters when ZeRO-3 partitioned it."""
+    plain = anatomy.unwrap(model)
+    if any(hasattr(p, "ds_id") for p in plain.parameters()):
+        import deepspeed
+
+        twin = type(plain)(plain.config)  # outside zero.Init: full tensors, filled one gathered tensor at a time
+        mine = dict(twin.named_parameters())
+        for name, p in plain.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                mine[name].data.copy_(p.data)
+        twin.to(next(iter(mine.values())).dtype)
+    else:
+        twin = copy.deepcopy(plain)
+    for module in twin.modules():  # other regularizers' hooks must not run in the base's forward
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+    twin.requires_grad_(False)
+    return twin.eval()
+
+
+def partition_for_inference(model: torch.nn.Module, trainer: Any) -> torch.nn.Module:
+    """A ZeRO-3 inference engine over `model` with the trainer's DeepSpeed config (no optimizer or scheduler)."""
+    import deepspeed
+
+    config = copy.deepcopy(trainer.accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()  # DeepSpeedEngine.eval() returns None
+    return engine
+
+
+# -- the regularizer ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class KLToBaseOptions:
+    lam: float = option(0.1, "strength of the KL term (no paper default: sweep it)")
+    direction: Literal["forward", "reverse"] = option(
+        "forward", "forward: KL(p_base || p_theta) (RL's Razor); reverse: KL(p_theta || p_base)"
+    )
+    tokens: Literal["all", "completion"] = option(
+        "all", "all: every position that predicts a real token; completion: only trained ones (labels != -100)"
+    )
+    chunk_size: int = option(1024, "positions whose [positions x vocab] fp32 logits are formed at a time")
+
+    def __post_init__(self) -> None:
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+
+@register("kl_to_base")
+class KLToBase(Regularizer):
+    """`lam * KL(p_base || p_theta)` on the training tokens, the base a frozen copy (or the adapter disabled).
+
+    Example::
+
+        RegSFTTrainer(model=model, args=sft_config, train_dataset=ds, processing_class=tok,
+                      regularizers=[{"name": "kl_to_base", "lam": 0.1}])
+        # recipe: regularizers: [{name: kl_to_base, lam: 0.1, tokens: completion}]
+    """
+
+    options_cls = KLToBaseOptions
+    order = Order.OBJECTIVE
+    requires = Requirements(trainers=("hf", "sft"))
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._captured: torch.Tensor | None = None
+        self._in_base = False
+        self._stats = RunningMean()
+        self._base: torch.nn.Module | None = None
+
+    def setup(self, model: torch.nn.Module, trainer: Any) -> None:
+        from llmreg.integrations.trl import check_plain_lm_head
+
+        reason = check_plain_lm_head(model)
+        if reason:
+            raise ConfigError(f"kl_to_base: {reason} (the logits are formed as hidden @ lm_head.T)")
+        self._trainer = trainer
+        self._peft_model = model if anatomy.is_peft(model) else None
+        self._head = anatomy.unwrap(model).get_output_embeddings()
+        if self._peft_model is not None and hasattr(self._head, "lora_A"):
+            raise ConfigError("kl_to_base: the LM head carries a LoRA adapter; leave lm_head out of target_modules")
+        if self._peft_model is None:
+            self._base = frozen_copy(model)
+        body = anatomy.decoder(model, where="kl_to_base")
+        self.add_hook(body.register_forward_hook(self._capture))
+
+    def _capture(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        # the training forward only: not evaluation (no grad), not the base's own pass through this body (PEFT)
+        if module.training and torch.is_grad_enabled() and not self._in_base:
+            self._captured = anatomy.final_hidden(output)
+
+    def on_prepared(self, model: torch.nn.Module, shards: Any) -> None:
+        if self._base is None:
+            return
+        if shards.zero_stage == 3:
+            self._base = partition_for_inference(self._base, self._trainer)
+        else:
+            self._base.to(next(anatomy.unwrap(model).parameters()).device)
+
+    def _base_hidden(self, inputs: dict[str, Any]) -> torch.Tensor:
+        kwargs = {k: inputs[k] for k in BODY_KEYS if torch.is_tensor(inputs.get(k))}
+        self._in_base = True
+        try:
+            with torch.no_grad():
+                if self._peft_model is not None:
+                    with self._peft_model.disable_adapter():
+                        out = anatomy.decoder(self._peft_model)(**kwargs, use_cache=False)
+                else:
+                    out = anatomy.decoder(self._base)(**kwargs, use_cache=False)
+        finally:
+            self._in_base = False
+        return anatomy.final_hidden(out)
+
+    def _base_head(self):
+        if self._base is None:
+            return self._head  # PEFT: the head has no adapter (checked in setup)
+        return anatomy.unwrap(self._base).get_output_embeddings()
+
+    def loss_terms(self, ctx: LossContext) -> dict[str, torch.Tensor]:
+        hidden, self._captured = self._captured, None
+        if hidden is None:
+            raise RuntimeError("kl_to_base: the training forward did not pass through the decoder body")
+        mask = kl_positions(ctx.inputs, hidden.shape[:2], self.options.tokens)
+        base_hidden = self._base_hidden(ctx.inputs)
+        total = kl_sum(
+            hidden[mask],
+            base_hidden[mask].to(hidden.dtype),
+            self._head,
+            self._base_head(),
+            reverse=self.options.direction == "reverse",
+            chunk_size=self.options.chunk_size,
+        )
+        kl = total / self._position_count(mask)
+        self._stats.add(kl_per_token=float(kl.detach()))
+        return {"kl": self.options.lam * kl}
+
+    def _position_count(self, mask: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's positions; with `average_tokens_across_devices` the mean over ranks of theirs, so
+        that DDP's gradient averaging gives the mean over every rank's positions, as one process would."""
+        count = mask.sum().to(torch.float32).reshape(1)
+        if dist.is_distributed() and getattr(self._trainer.args, "average_tokens_across_devices", False):
+            count = dist.all_reduce_sum_(count) / dist.world_size()
+        return count.squeeze(0).clamp(min=1)
+
+    def metrics(self) -> dict[str, float]:
+        return self._stats.pop()
