@@ -83,6 +83,20 @@ def expand_stage(top: dict, stage: dict, index: int, output_dir: str) -> dict:
     return raw
 
 
+def _check_eval_task(where: str, eval_task: str | None, stage_eval: Any, suite_tasks: list[str]) -> None:
+    if eval_task is None:
+        return
+    if stage_eval is None:
+        raise ConfigError(f"{where}: eval_task: needs a top-level stage_eval (the suite it names a task of)")
+    if eval_task not in suite_tasks:
+        hint = closest(eval_task, suite_tasks)
+        raise ConfigError(
+            f"{where}: eval_task: '{eval_task}' is not a task of {stage_eval.suite}"
+            + (f"; did you mean '{hint}'?" if hint else "")
+            + f" (its tasks: {', '.join(suite_tasks)})"
+        )
+
+
 def validate_staged_recipe(raw: dict, recipe_path: str | None = None) -> StagedRecipe:
     """Check a raw recipe with `stages:` (top-level keys already checked by validate_recipe)."""
     top = {k: v for k, v in raw.items() if k not in ("stages", "stage_eval")}
@@ -130,16 +144,7 @@ def validate_staged_recipe(raw: dict, recipe_path: str | None = None) -> StagedR
                 "from an adapter rather than a whole model)"
             )
         eval_task = values.get("eval_task")
-        if eval_task is not None:
-            if stage_eval is None:
-                raise ConfigError(f"{where}: eval_task: needs a top-level stage_eval (the suite it names a task of)")
-            if eval_task not in suite_tasks:
-                hint = closest(eval_task, suite_tasks)
-                raise ConfigError(
-                    f"{where}: eval_task: '{eval_task}' is not a task of {stage_eval.suite}"
-                    + (f"; did you mean '{hint}'?" if hint else "")
-                    + f" (its tasks: {', '.join(suite_tasks)})"
-                )
+        _check_eval_task(where, eval_task, stage_eval, suite_tasks)
         stages.append(Stage(index=i, name=name, recipe=recipe, eval_task=eval_task))
     return StagedRecipe(
         stages=stages,

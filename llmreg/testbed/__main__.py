@@ -29,7 +29,7 @@ def summarize(before: dict[str, float], after: dict[str, float], new_skill: str 
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llmreg.testbed")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--eval-every", type=int, default=0)
     f.add_argument("--eval-n", type=int, default=200)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
 
     from llmreg.testbed.build import build, evaluate_all, load
 

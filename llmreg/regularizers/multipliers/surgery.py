@@ -118,8 +118,16 @@ def plan_for_model(
             "multipliers: the model has no nn.Linear layers inside decoder blocks (modules named "
             "like 'layers.<i>.'); nothing to attach multipliers to"
         )
+    _plan_embeddings(model, plan, notes, everywhere, lm_head=lm_head, tied_embeddings=tied_embeddings)
+    return plan, notes
+
+
+def _plan_embeddings(
+    model: nn.Module, plan: dict, notes: list[str], everywhere: LayerPlan, *, lm_head: bool, tied_embeddings: str
+) -> None:
+    """The input embedding's multipliers (unless tied and skipped) and, with `lm_head`, the head's."""
     names = {id(m): n for n, m in model.named_modules()}
-    embed = model.get_input_embeddings()
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = _is_tied(model)
     if isinstance(embed, nn.Embedding):
         if tied and tied_embeddings == "skip":
@@ -129,8 +137,9 @@ def plan_for_model(
             if tied:
                 notes.append("tied embeddings with multipliers: `llmreg export` writes a separate LM head")
     if lm_head and isinstance(head, nn.Linear):
-        plan[names[id(head)]] = LayerPlan(scalar=True) if placement == "scalar" else LayerPlan(row=True)
-    return plan, notes
+        plan[names[id(head)]] = (
+            LayerPlan(scalar=True) if everywhere.scalar else LayerPlan(row=True)
+        )  # scalar placement: scalar
 
 
 def plan_from_state_dict(keys: Iterable[str]) -> dict[str, LayerPlan]:
