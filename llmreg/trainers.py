@@ -26,7 +26,7 @@ class RegDPOTrainer(RegularizedTrainerMixin, trl.DPOTrainer):
 
 
 class RegGRPOTrainer(GRPOHooks, RegularizedTrainerMixin, trl.GRPOTrainer):
-    """`GRPOHooks` (llmreg.trl_compat) adds GRPO's hook points: rollout hidden states, generation-batch
+    """`GRPOHooks` (llmreg.integrations.trl) adds GRPO's hook points: rollout hidden states, generation-batch
     tensors and the per-token log-probs of each micro-batch; it delegates straight to TRL with an empty stack."""
 
     trainer_kind = "grpo"

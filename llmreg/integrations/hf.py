@@ -11,9 +11,10 @@ Where each hook of `regularizer.py` is called from:
   (state of a `loads_state_early` regularizer at its start, before the
   optimizer is built);
 - `loss_terms`: `compute_loss`, training mode only; `ctx.extras` holds trainer-specific tensors of the
-  micro-batch (`_reg_loss_extras`; GRPO: per-token log-probs and entropies, from `trl_compat.GRPOHooks`);
+  micro-batch (`_reg_loss_extras`; GRPO: per-token log-probs and entropies, from `integrations.trl.GRPOHooks`);
   `training_loss` (one regularizer at most) replaces the parent's `compute_loss` before `loss_terms` run;
-- `on_rollout_hidden` / `on_generation_batch` (GRPO only): `trl_compat.GRPOHooks`, mixed into RegGRPOTrainer;
+- `on_rollout_hidden` / `on_generation_batch` (GRPO only): the `integrations.trl.GRPOHookRegularizer`
+  protocol, called by `GRPOHooks` (mixed into RegGRPOTrainer);
 - `pre_step`: after the boundary micro-step's backward: from `training_step`
   without DeepSpeed (before the Trainer clips), from the backward shim under
   DeepSpeed (before `engine.step()` clips and steps);
@@ -194,7 +195,7 @@ class RegularizedTrainerMixin:
         return (loss, outputs) if return_outputs else loss
 
     def _reg_loss_extras(self) -> dict[str, Any]:
-        """Trainer-specific tensors of the micro-batch just computed (`LossContext.extras`); see trl_compat."""
+        """Trainer-specific tensors of the micro-batch just computed (`LossContext.extras`); see integrations.trl."""
         return {}
 
     def _reg_token_mean(self, token_sum: torch.Tensor, token_count: Any, num_items_in_batch: Any) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Every version-sensitive access to `trl.GRPOTrainer` internals, in one place (pinned by tests/test_trl_compat.py).
+"""Every version-sensitive access to `trl.GRPOTrainer` internals, in one place (pinned by
+tests/test_integrations_trl.py), and the GRPO hook protocol for regularizers.
 
 Written against trl 1.16. What is relied on:
 

@@ -61,7 +61,7 @@ def _epoch_fold_callback(recorder: SIImportance):
 class SIImportance(Regularizer):
     """Phase 1: accumulate omega = -sum_t g_t * delta_t per weight element; `save_artifact` folds and writes.
 
-    Example (a run on general data; then `save_artifact` or `phase1.write_si_artifact`)::
+    Example (a run on general data; then `save_artifact` or `record.write_si_artifact`)::
 
         RegSFTTrainer(..., regularizers=[{"name": "si_importance"}])
 

@@ -15,7 +15,7 @@ import torch
 from llmreg.core.options import ConfigError
 from llmreg.core.registry import register
 from llmreg.core.regularizer import Order, Regularizer, Requirements, option
-from llmreg.integrations import trl as trl_compat
+from llmreg.integrations import trl as trl_internals
 from llmreg.integrations.trl import GRPOHookRegularizer, RolloutHidden
 from llmreg.regularizers.lp_reg.formulas import (
     DEFAULT_CHUNK_ROWS,
@@ -97,10 +97,10 @@ class LpReg(GRPOHookRegularizer, Regularizer):
         self._thresholds: list[float] = []
 
     def setup(self, model: torch.nn.Module, trainer: Any) -> None:
-        reason = trl_compat.check_plain_lm_head(model)
+        reason = trl_internals.check_plain_lm_head(model)
         if reason:
             raise ConfigError(f"lp_reg: {reason} (the proxy is formed as hidden @ lm_head.T)")
-        reason = trl_compat.unsupported_loss_type(trainer)
+        reason = trl_internals.unsupported_loss_type(trainer)
         if reason:
             raise ConfigError(f"lp_reg: {reason}")
         if self.options.estimator == "full_kl":
@@ -108,7 +108,7 @@ class LpReg(GRPOHookRegularizer, Regularizer):
 
             if is_deepspeed_zero3_enabled():
                 raise ConfigError("lp_reg: estimator 'full_kl' is not supported under ZeRO-3; use 'k3'")
-            if trl_compat.old_logps_computed_by_trl(trainer):
+            if trl_internals.old_logps_computed_by_trl(trainer):
                 raise ConfigError(
                     "lp_reg: estimator 'full_kl' is on-policy only (steps_per_generation <= "
                     "gradient_accumulation_steps, num_iterations = 1, no vLLM); use 'k3'"
@@ -144,7 +144,7 @@ class LpReg(GRPOHookRegularizer, Regularizer):
         if sum(p.logp.size(0) for p in parts) != n:
             raise RuntimeError(f"lp_reg: the proxy pass covered {sum(p.logp.size(0) for p in parts)} rows of {n}")
         old_logp, proxy, kept = (torch.cat([p[i] for p in parts]) for i in range(3))
-        mask = trl_compat.response_mask(batch).bool()
+        mask = trl_internals.response_mask(batch).bool()
         adv = batch["advantages"]
         adv = adv if adv.dim() == 2 else adv[:, None]
         batch["lp_reg_proxy_logp"] = proxy
@@ -155,7 +155,7 @@ class LpReg(GRPOHookRegularizer, Regularizer):
         ):
             thr = None
             if self.options.scope == "global" and rho > 0:
-                thr = lowp_threshold(trl_compat.gather_values(trainer, old_logp[mask & side].float()), rho)
+                thr = lowp_threshold(trl_internals.gather_values(trainer, old_logp[mask & side].float()), rho)
             value = -math.inf if thr is None else float(thr)
             batch[key] = torch.full((n,), value, dtype=torch.float32, device=old_logp.device)
             if key == "lp_reg_threshold" and thr is not None:
@@ -165,7 +165,7 @@ class LpReg(GRPOHookRegularizer, Regularizer):
     def loss_terms(self, ctx: Any) -> dict[str, torch.Tensor]:
         inputs, extras = ctx.inputs, ctx.extras
         logp = extras["per_token_logps"]
-        mask = trl_compat.response_mask(inputs)
+        mask = trl_internals.response_mask(inputs)
         o = self.options
         thr = thr_pos = None
         if o.scope == "global":
@@ -193,7 +193,7 @@ class LpReg(GRPOHookRegularizer, Regularizer):
         self._n_valid += float(valid.sum())
         if entropies is not None:
             self._entropy_sum += float(entropies.detach()[valid].float().sum())
-        return {"penalty": trl_compat.aggregate_like_loss(ctx.trainer, penalty, mask, inputs)}
+        return {"penalty": trl_internals.aggregate_like_loss(ctx.trainer, penalty, mask, inputs)}
 
     def _full_kl(self, extras: dict[str, Any], selected: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
         hidden, lm_head = extras["hidden_states"], extras["lm_head"]
