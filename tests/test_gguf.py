@@ -83,7 +83,7 @@ def cache(tmp_path, monkeypatch):
     return root, calls
 
 
-def _recipe(tmp_path, name: str, model: dict, steps: int = 3, max_length: int = 32) -> str:
+def _recipe(tmp_path, name: str, model: dict, steps: int = 3, max_length: int = 32, **sections) -> str:
     raw = {
         "model": model,
         "data": {"train": "builtin:arithmetic", "num_examples": 16},
@@ -100,6 +100,7 @@ def _recipe(tmp_path, name: str, model: dict, steps: int = 3, max_length: int = 
         },
         "output_dir": str(tmp_path / name),
         "seed": 0,
+        **sections,
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -144,6 +145,17 @@ def test_tiny_gguf_trains_saves_a_stock_model_and_the_second_load_hits_the_cache
     assert calls == []
     assert all(torch.equal(start[k], v) for k, v in _state(model).items())
     assert tok("the")["input_ids"] == [83, 257]
+
+
+def test_importance_from_a_gguf(tmp_path, cache):
+    from llmreg.regularizers.forgetting import artifact
+
+    _, calls = cache
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    recipe = _recipe(tmp_path, "ewc", {"name_or_path": path}, importance={"method": "ewc", "num_samples": 4})
+    assert main(["importance", recipe]) == 0
+    meta = artifact.read_meta(tmp_path / "ewc" / "importance")
+    assert meta["method"] == "ewc" and meta["model"] == path and len(calls) == 1
 
 
 def test_tokenizer_alone_from_a_gguf_converts_no_weights(tmp_path, cache):
@@ -195,7 +207,8 @@ def test_eval_refuses_a_missing_gguf_before_loading(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_tiny_gguf_under_two_process_zero2_converts_once(tmp_path):
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_tiny_gguf_under_two_process_zero_converts_once(tmp_path, zero):
     from test_cli import _torchrun
 
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
@@ -203,7 +216,7 @@ def test_tiny_gguf_under_two_process_zero2_converts_once(tmp_path):
     env_before = os.environ.get(gguf_mod.CACHE_ENV)
     os.environ[gguf_mod.CACHE_ENV] = str(tmp_path / "cache")
     try:
-        result = _torchrun("train", recipe, "trainer.deepspeed=ds_configs/zero2.json")
+        result = _torchrun("train", recipe, f"trainer.deepspeed=ds_configs/{zero}.json")
     finally:
         os.environ.pop(gguf_mod.CACHE_ENV)
         if env_before is not None:
@@ -218,7 +231,9 @@ def test_real_smollm2_gguf_trains_3_steps_and_reloads_from_the_cache(tmp_path, c
     from transformers import AutoModelForCausalLM
 
     root, calls = cache
-    recipe = load_recipe(_recipe(tmp_path, "run", {"name_or_path": REAL}, steps=3, max_length=32))
+    overrides = ["trainer.max_steps=3", "trainer.max_length=32", f"output_dir={tmp_path / 'run'}"]
+    recipe = load_recipe(os.path.join(REPO, "recipes", "gguf", "smollm2_sft.yaml"), overrides)  # the shipped one
+    assert recipe.model.describe() == REAL
     start = time.perf_counter()
     train(recipe)
     first = time.perf_counter() - start

@@ -13,7 +13,8 @@ transformers marks a model loaded from a GGUF as quantised and refuses `save_pre
 weights are ordinary float tensors: the model is rebuilt from its config without `quantization_config`, and the
 state dict loaded into it (strict), before it is saved; a model loaded from the cache is an ordinary model, so
 training, checkpoints and `final/` work as for any other. Under DeepSpeed the recipe converts on the main
-process first (`args.main_process_first`) and the other ranks load the cache it wrote.
+process first (`args.main_process_first`) and the other ranks load the cache it wrote; the conversion builds whole
+models outside `zero.Init` (integrations.hf_access.zero3_init_off), whose collectives would wait for the others.
 """
 
 from __future__ import annotations
@@ -127,8 +128,11 @@ def plain_copy(model):
 
 
 def _write_model(path: str, out: str) -> None:
+    from llmreg.integrations.hf_access import zero3_init_off
+
     print(f"de-quantising {path} once into the GGUF cache {cache_root()} ...", flush=True)
-    plain_copy(dequantise(path)).save_pretrained(out)
+    with zero3_init_off():  # one rank converts while the others wait: no collective zero.Init
+        plain_copy(dequantise(path)).save_pretrained(out)
 
 
 def _write_tokenizer(path: str, out: str) -> None:
