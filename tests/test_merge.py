@@ -147,3 +147,26 @@ def test_cli_exit_code_2_in_a_subprocess(tmp_path, pair, tok):
     )
     result = cli("merge", "--base", base, "--tuned", other, "--alpha", "0.5", "--out", str(tmp_path / "m"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_gguf_base(tmp_path, monkeypatch, capsys):
+    from test_gguf import write_tiny_gguf
+    from transformers import AutoModelForCausalLM
+
+    from llmreg.recipe import gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setenv(gguf.CACHE_ENV, str(tmp_path / "cache-a"))
+    base_folder = gguf.gguf_model_folder(path)
+    tuned = AutoModelForCausalLM.from_pretrained(base_folder)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.1)
+    tuned.save_pretrained(str(tmp_path / "tuned"))
+    # an empty cache: the config comes from the file's header (no `architectures` there), then it converts
+    monkeypatch.setenv(gguf.CACHE_ENV, str(tmp_path / "cache-b"))
+    argv = ["merge", "--base", path, "--tuned", str(tmp_path / "tuned"), "--alpha", "0.5", "--out", str(tmp_path / "m")]
+    assert main(argv) == 0, capsys.readouterr().err
+    b, t = _state(base_folder), _state(tmp_path / "tuned")
+    assert _close(_state(tmp_path / "m" / "alpha-0.5"), {k: (b[k] + t[k]) / 2 for k in b})
+    assert (tmp_path / "m" / "alpha-0.5" / "tokenizer.json").is_file()  # the base's: the tuned folder has none

@@ -110,11 +110,14 @@ def plan_merge(base: str, tuned: str, alphas: str, out: str, overwrite: bool = F
 def _config(path: str) -> dict:
     from transformers import AutoConfig
 
-    from llmreg.recipe.gguf import is_gguf_path, split_gguf_path
+    from llmreg.recipe.gguf import cache_folder, is_cached, is_gguf_path, split_gguf_path
 
-    if is_gguf_path(path):  # read from the file's header: nothing is de-quantised yet
-        folder, name = split_gguf_path(path)
-        return AutoConfig.from_pretrained(folder, gguf_file=name).to_dict()
+    if is_gguf_path(path):  # the converted copy's config, else the file's header (nothing is de-quantised yet)
+        if is_cached(path, ("model",)):
+            path = cache_folder(path)
+        else:
+            folder, name = split_gguf_path(path)
+            return AutoConfig.from_pretrained(folder, gguf_file=name).to_dict()
     try:
         return AutoConfig.from_pretrained(path).to_dict()
     except (OSError, ValueError) as err:
@@ -122,8 +125,8 @@ def _config(path: str) -> dict:
 
 
 def check_configs(base: dict, tuned: dict, base_name: str, tuned_name: str) -> None:
-    for key in ARCHITECTURE_KEYS:
-        if base.get(key) != tuned.get(key):
+    for key in ARCHITECTURE_KEYS:  # a GGUF header's config has no `architectures`: compared where both have it
+        if None not in (base.get(key), tuned.get(key)) and base[key] != tuned[key]:
             raise ConfigError(
                 f"merge: different architectures: {key} {tuned.get(key)!r} of {tuned_name} != "
                 f"{base.get(key)!r} of {base_name}; only fine-tunes of the base merge with it"
