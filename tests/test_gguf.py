@@ -158,6 +158,18 @@ def test_importance_from_a_gguf(tmp_path, cache):
     assert meta["method"] == "ewc" and meta["model"] == path and len(calls) == 1
 
 
+def test_eval_takes_a_gguf_path_as_base_and_model(tmp_path, cache):
+    import json
+
+    _, calls = cache
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    suite = os.path.join(REPO, "eval", "suites", "stories260k.yaml")  # local tasks on ../shared/data
+    argv = ["eval", "--suite", suite, "--base", path, "--model", path, "--out", str(tmp_path / "report")]
+    assert main([*argv, "--limit", "2", "--cache-dir", str(tmp_path / "scores")]) == 0
+    report = json.loads((tmp_path / "report" / "forgetting_report.json").read_text())
+    assert set(report["base"]) == {"gsm8k_ppl", "tinystories_ppl"} and len(calls) == 1  # converted once for both
+
+
 def test_tokenizer_alone_from_a_gguf_converts_no_weights(tmp_path, cache):
     root, calls = cache
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
