@@ -6,6 +6,7 @@
     llmreg list
     llmreg eval --suite SUITE --model PATH [--model PATH ...] [--base PATH] --out DIR [--limit N]
     llmreg export RUN_DIR OUT_DIR [--overwrite] [--no-verify]
+    llmreg merge --base MODEL --tuned RUN_OR_MODEL --alpha 0.25,0.5,0.75 --out DIR [--overwrite]
     llmreg sweep RECIPE [key=value ...] --grid key=v1,v2 [key=v1,v2 ...] [--out DIR] [--overwrite]
     llmreg ensemble MODEL [MODEL ...] (--recipe RECIPE [--set key=value ...] | --suite SUITE) [--combine ...]
 
@@ -16,7 +17,8 @@ status 2 and one line `error: <message>` on stderr, before anything is loaded.
 A recipe with `stages:` trains its stages in turn (llmreg.recipe.stages); `validate` shows each stage.
 
 This module parses the arguments and dispatches: what each command does lives in llmreg.recipe (train,
-validate, importance, the printed summaries), llmreg.eval.compare (eval), llmreg.pretrain (sweep, ensemble),
+validate, importance, the printed summaries), llmreg.eval.compare (eval), llmreg.eval.merge (merge),
+llmreg.pretrain (sweep, ensemble),
 llmreg.regularizers.multipliers.export (export) and llmreg.testbed (testbed).
 """
 
@@ -27,7 +29,7 @@ import sys
 from collections.abc import Sequence
 
 EXIT_CONFIG_ERROR = 2
-COMMANDS = ("train", "importance", "validate", "list", "eval", "testbed", "export", "sweep", "ensemble")
+COMMANDS = ("train", "importance", "validate", "list", "eval", "testbed", "export", "merge", "sweep", "ensemble")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_eval,
         _add_testbed,
         _add_export,
+        _add_merge,
         _add_sweep,
         _add_ensemble,
     ):
@@ -152,6 +155,21 @@ def _add_export(sub) -> None:
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     ex.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logit comparison")
     ex.set_defaults(func=cmd_export, overrides=[])
+
+
+def _add_merge(sub) -> None:
+    mg = sub.add_parser(
+        "merge",
+        help="interpolate a fine-tune toward its base (WiSE-FT): one plain model per alpha",
+        description="Write (1 - alpha) * base + alpha * tuned for each alpha to OUT/alpha-<alpha>/ with the "
+        "tokenizer (llmreg.eval.merge); a PEFT adapter is merged into the base first.",
+    )
+    mg.add_argument("--base", required=True, metavar="MODEL", help="model folder, hub name or DIR/NAME.gguf")
+    mg.add_argument("--tuned", required=True, metavar="RUN_OR_MODEL", help="a run (its final/), model or adapter")
+    mg.add_argument("--alpha", required=True, metavar="A,B,...", help="weights of the tuned model, e.g. 0.25,0.5")
+    mg.add_argument("--out", required=True, metavar="DIR", help="folder for the alpha-<alpha>/ models")
+    mg.add_argument("--overwrite", action="store_true", help="replace existing alpha-<alpha>/ folders")
+    mg.set_defaults(func=cmd_merge, overrides=[])
 
 
 def _add_sweep(sub) -> None:
@@ -322,6 +340,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         + (" (separate LM head: the embeddings are no longer tied)" if result.untied else "")
         + check
     )
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from llmreg.eval.merge import merge, plan_merge
+
+    plan = plan_merge(args.base, args.tuned, args.alpha, args.out, overwrite=args.overwrite)  # before loading
+    print("done: " + ", ".join(merge(plan)))
     return 0
 
 

@@ -50,10 +50,13 @@ def lower_is_better(metric_key: str) -> bool:
 
 def _load_model(model: Any, tokenizer: Any):
     """lm-eval's HFLM over an in-memory model (docs/architecture.md, trap 12); a path is loaded here so both
-    cases match."""
+    cases match. A `DIR/NAME.gguf` path loads its de-quantised copy from the GGUF cache (llmreg.recipe.gguf)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from llmreg.recipe.gguf import gguf_model_folder
+
     if isinstance(model, (str, os.PathLike)):
+        model = gguf_model_folder(str(model))
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model))
         model = AutoModelForCausalLM.from_pretrained(str(model))
     elif tokenizer is None:

@@ -7,6 +7,7 @@ transformers itself is imported inside the functions: regularizer modules import
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -52,3 +53,18 @@ def hooks_outside_checkpoint(layer: torch.nn.Module) -> bool:
     import transformers
 
     return isinstance(layer, GradientCheckpointingLayer) and int(transformers.__version__.split(".")[0]) >= 5
+
+
+@contextlib.contextmanager
+def zero3_init_off():
+    """Build whole models on this process although a ZeRO-3 TrainingArguments exists: transformers builds every
+    model inside `deepspeed.zero.Init` (collective calls) while its global DeepSpeed config says ZeRO-3, which
+    hangs when one rank builds a model that the others wait for (the GGUF conversion, llmreg.recipe.gguf)."""
+    import transformers.integrations.deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved

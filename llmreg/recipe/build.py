@@ -19,7 +19,7 @@ from llmreg.core.options import ConfigError
 from llmreg.recipe.callbacks import MetricsJsonlCallback
 from llmreg.recipe.data_modes import recipe_data_mode
 from llmreg.recipe.errors import reraise_at_recipe_key
-from llmreg.recipe.models import build_model, build_tokenizer
+from llmreg.recipe.models import build_model, build_tokenizer, convert_gguf
 from llmreg.recipe.schema import Recipe, trainer_config_class
 from llmreg.recipe.sources import load_source
 
@@ -40,6 +40,7 @@ def build_run(recipe: Recipe, extra_regularizers: list | None = None) -> Run:
     `extra_regularizers`: objects appended to the recipe's regularizers (built by the caller)."""
     init_distributed_for_deepspeed(recipe)
     args = build_training_args(recipe)
+    convert_gguf(recipe, args)
     tokenizer = build_tokenizer(recipe.tokenizer)
     mode = recipe_data_mode(recipe)
     if mode is not None:  # e.g. packed blocks of a fixed token budget (data.pretrain, registered by llmreg.pretrain)

@@ -24,6 +24,7 @@ import torch
 
 from llmreg.core.options import ConfigError
 from llmreg.recipe.errors import reraise_at_recipe_key
+from llmreg.recipe.gguf import MODEL_PARTS, check_gguf, converted_folder, is_gguf_path, split_gguf_path
 from llmreg.recipe.paths import looks_local
 from llmreg.recipe.schema import ModelSpec, Recipe, TokenizerSpec
 
@@ -42,8 +43,11 @@ def build_tokenizer(spec: TokenizerSpec):
         return build_char_tokenizer(spec.model_max_length or 512)
     from transformers import AutoTokenizer
 
+    path = spec.name_or_path
+    if spec.gguf_file is not None:
+        path = converted_folder(spec.name_or_path, spec.gguf_file, ("tokenizer",))
     with reraise_at_recipe_key("tokenizer.name_or_path", (OSError, ValueError)):
-        tok = AutoTokenizer.from_pretrained(spec.name_or_path)
+        tok = AutoTokenizer.from_pretrained(path)
     if spec.model_max_length:
         tok.model_max_length = spec.model_max_length
     if tok.pad_token is None:  # collators pad; many causal-LM tokenizers ship without a pad token
@@ -64,7 +68,11 @@ def refuse_unexported(path: str, where: str) -> None:
 
 def check_model_path(path: str, where: str = "eval") -> None:
     """A path that exists must be a model folder (and not one marked unexported); one that does not is an error
-    offline (no hub) or when it is written as a path (./x, /x, a/b/c), since hub names are at most `org/name`."""
+    offline (no hub) or when it is written as a path (./x, /x, a/b/c), since hub names are at most `org/name`.
+    A `DIR/NAME.gguf` path needs the file and the gguf package (llmreg.recipe.gguf)."""
+    if is_gguf_path(path):
+        check_gguf(*split_gguf_path(path), where)
+        return
     if os.path.exists(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"{where}: {path} is not a model folder (no config.json)")
@@ -112,6 +120,10 @@ def build_model(recipe: Recipe, tokenizer, args):
         newline = tokenizer.convert_tokens_to_ids("\n")
         model.generation_config.eos_token_id = [tokenizer.eos_token_id, newline]
         return model
+    if spec.gguf_file is not None:  # the de-quantised copy in the GGUF cache (convert_gguf wrote it)
+        return AutoModelForCausalLM.from_pretrained(
+            converted_folder(spec.name_or_path, spec.gguf_file), dtype=dtype or torch.float32
+        )
     if spec.name_or_path is not None:
         refuse_unexported(spec.name_or_path, "model.name_or_path")
         with reraise_at_recipe_key("model.name_or_path", (OSError, ValueError)):
@@ -122,6 +134,18 @@ def build_model(recipe: Recipe, tokenizer, args):
     torch.manual_seed(spec.seed)
     # from_config, not the model class: under ZeRO-3 it builds the model inside deepspeed.zero.Init
     return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+
+
+def convert_gguf(recipe: Recipe, args) -> None:
+    """De-quantise the recipe's GGUF files into the cache (llmreg.recipe.gguf) on the main process first; the
+    other ranks wait, then find the cache. Before the tokenizer loads, so no rank converts on its own."""
+    pairs = ((recipe.model, MODEL_PARTS), (recipe.tokenizer, ("tokenizer",)))
+    todo = [(spec, parts) for spec, parts in pairs if spec.gguf_file is not None]
+    if not todo:
+        return
+    with args.main_process_first(desc="convert the GGUF checkpoint"):
+        for spec, parts in todo:
+            converted_folder(spec.name_or_path, spec.gguf_file, parts)
 
 
 def testbed_path(spec: ModelSpec, args) -> str:

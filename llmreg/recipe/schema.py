@@ -45,11 +45,12 @@ class ModelSpec:
     seed: int | None = None  # initialisation seed of a from-config model; defaults to the recipe's seed
     # the forgetting testbed's pre-trained model: a preset ("default") or build options (llmreg.testbed.build)
     testbed: str | dict | None = None
+    gguf_file: str | None = None  # a GGUF file in the folder name_or_path (llmreg.recipe.gguf)
 
     def describe(self) -> str:
         """One line for logs and artifact metadata: the path or hub name, the testbed, or the config."""
         if self.name_or_path:
-            return self.name_or_path
+            return f"{self.name_or_path}/{self.gguf_file}" if self.gguf_file else self.name_or_path
         return f"testbed {self.testbed}" if self.testbed is not None else f"new from config {self.config}"
 
 
@@ -60,6 +61,7 @@ class TokenizerSpec:
     name_or_path: str | None = None
     builtin: str | None = None  # one of BUILTIN_TOKENIZERS
     model_max_length: int | None = None
+    gguf_file: str | None = None  # the tokenizer of a GGUF file in the folder name_or_path
 
 
 @dataclass

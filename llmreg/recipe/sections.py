@@ -26,6 +26,7 @@ from llmreg.core.options import ConfigError, check_mapping, closest, field_types
 from llmreg.integrations.deepspeed import check_deepspeed_config, load_deepspeed_config
 from llmreg.recipe.data_modes import data_mode
 from llmreg.recipe.errors import reraise_at_recipe_key
+from llmreg.recipe.gguf import resolve_gguf_spec
 from llmreg.recipe.importance_spec import validate_importance
 from llmreg.recipe.paths import looks_local, resolve_path
 from llmreg.recipe.schema import (
@@ -141,6 +142,7 @@ def validate_model(section: dict, recipe_dir: str | None, seed: int) -> ModelSpe
     else:
         spec.config = validate_model_config(spec.config)
         spec.seed = seed if spec.seed is None else spec.seed
+    resolve_gguf_spec(spec, "model")
     return spec
 
 
@@ -181,9 +183,10 @@ def validate_tokenizer(section: dict | None, model: ModelSpec, recipe_dir: str |
         spec.name_or_path = _local_or_hub(spec.name_or_path, recipe_dir, "tokenizer.name_or_path")
     elif spec.builtin is None:  # the model's own tokenizer, or the built-in one for a new model
         if model.name_or_path is not None:
-            spec.name_or_path = model.name_or_path
+            spec.name_or_path, spec.gguf_file = model.name_or_path, spec.gguf_file or model.gguf_file
         else:
             spec.builtin = "char"
+    resolve_gguf_spec(spec, "tokenizer")
     return spec
 
 

@@ -35,6 +35,10 @@ def starting_model(staged: StagedRecipe) -> tuple[Any, Any]:
     """(model or path, tokenizer or None): what stage 0 starts from, for evaluation."""
     recipe = staged.stages[0].recipe
     spec = recipe.model
+    if spec.gguf_file is not None:
+        from llmreg.recipe.gguf import converted_folder
+
+        return converted_folder(spec.name_or_path, spec.gguf_file), None
     if spec.name_or_path is not None:
         return spec.name_or_path, None
     if spec.testbed is not None:

@@ -13,7 +13,10 @@ from llmreg.recipe.stages_report import STAGE_EVAL_DIR
 def summary(recipe: Any) -> list[str]:
     """A few lines describing a validated recipe."""
     model = recipe.model.describe()
-    tokenizer = recipe.tokenizer.name_or_path or f"builtin {recipe.tokenizer.builtin}"
+    tok = recipe.tokenizer
+    tokenizer = tok.name_or_path or f"builtin {tok.builtin}"
+    if tok.gguf_file:
+        tokenizer = os.path.join(tokenizer, tok.gguf_file)
     data = source_text(recipe.data.train) + (f"; eval {source_text(recipe.data.eval)}" if recipe.data.eval else "")
     # repr for strings like eos_token "\n" that would otherwise break the line
     trainer = ", ".join(
