@@ -1,7 +1,7 @@
 """`llmreg` command line: train, validate, list.
 
     llmreg train RECIPE [key=value ...] [--resume | --overwrite]
-    llmreg importance RECIPE [key=value ...] [--overwrite]
+    llmreg importance RECIPE [key=value ...] [--resume | --overwrite]
     llmreg validate RECIPE [key=value ...]
     llmreg list
     llmreg eval --suite SUITE --model PATH [--model PATH ...] [--base PATH] --out DIR [--limit N]
@@ -46,6 +46,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     key=value arguments that come after an option here."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "testbed":  # its own parser reads everything after it, `--help` included
+        args.rest = [*extra, *args.rest]
+        return args
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -94,6 +97,7 @@ def _add_importance(sub) -> None:
         "write <output_dir>/importance for forgetting_penalty's `artifact`.",
     )
     _recipe_args(imp)
+    imp.add_argument("--resume", action="store_true", help="si: continue from the last checkpoint in output_dir")
     imp.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     imp.set_defaults(func=cmd_importance)
 
@@ -126,7 +130,7 @@ def _add_eval(sub) -> None:
     )
     ev.add_argument("--base", metavar="PATH", help="the model before fine-tuning (default: the first --model)")
     ev.add_argument("--out", required=True, metavar="DIR", help="folder for the report files")
-    ev.add_argument("--limit", type=int, help="at most N documents per task (quick runs)")
+    ev.add_argument("--limit", type=int, metavar="N", help="at most N >= 1 documents per task (quick runs)")
     ev.add_argument("--cache-dir", help="base-score cache (default ~/.cache/llmreg/eval)")
     ev.set_defaults(func=cmd_eval, overrides=[])
 
@@ -135,7 +139,7 @@ def _add_testbed(sub) -> None:
     tb = sub.add_parser(
         "testbed", help="build the CPU forgetting testbed, or fine-tune it on its new skill", add_help=False
     )
-    tb.add_argument("rest", nargs=argparse.REMAINDER, help="build | forget PATH ... (see --help after it)")
+    tb.add_argument("rest", nargs=argparse.REMAINDER, help="build | forget PATH ... (`llmreg testbed --help`)")
     tb.set_defaults(func=cmd_testbed, overrides=[])
 
 
@@ -194,7 +198,7 @@ def _add_ensemble(sub) -> None:
         default="logits",
         help="average the logits (default, product of experts) or the probabilities (mixture)",
     )
-    en.add_argument("--limit", type=int, help="--suite: at most N documents per task")
+    en.add_argument("--limit", type=int, metavar="N", help="--suite: at most N >= 1 documents per task")
     en.add_argument("--out", metavar="FILE", help="also write the results as JSON")
     en.set_defaults(func=cmd_ensemble, overrides=[])
 
@@ -270,8 +274,11 @@ def cmd_importance(args: argparse.Namespace) -> int:
     from llmreg.recipe.summary import summary
 
     recipe = load_recipe(args.recipe, args.overrides)
-    check_importance_recipe(recipe, args.recipe, args.overwrite)  # fail before anything loads
-    _say(f"recording {recipe.importance.method} importance with {args.recipe}", *summary(recipe))
+    if args.resume:
+        recipe.resume = True
+    resume_from = check_importance_recipe(recipe, args.recipe, args.overwrite)  # fail before anything loads
+    resuming = f", resuming from {resume_from}" if resume_from else ""
+    _say(f"recording {recipe.importance.method} importance with {args.recipe}{resuming}", *summary(recipe))
     _say(*phase2_lines(recipe, run_importance(recipe, overwrite=args.overwrite)))
     return 0
 
@@ -299,6 +306,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from llmreg.eval.suite import load_suite
     from llmreg.recipe.models import check_model_path
 
+    _check_limit(args.limit)
     suite = load_suite(args.suite)
     base, models = pick_base(args.model, args.base)
     for path in [base, *models]:  # before anything loads: a typo should not cost a model load
@@ -306,6 +314,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     files = compare_to_base(suite, args.suite, base, models, args.out, limit=args.limit, cache_dir=args.cache_dir)
     print("done: " + ", ".join(files))
     return 0
+
+
+def _check_limit(limit: int | None) -> None:
+    """lm-eval takes --limit 0 for "no documents" and a negative one for an islice error, after the model loaded."""
+    from llmreg.core.options import ConfigError
+
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit: must be >= 1 documents per task, got {limit} (leave it out for all)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -338,6 +354,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
     from llmreg.pretrain.ensemble_scores import member_folders
 
+    _check_limit(args.limit)
     members = member_folders(args.members)  # before anything loads
     if args.recipe is not None:
         from llmreg.pretrain.ensemble_scores import ensemble_validation, validation_lines, validation_recipe

@@ -244,8 +244,21 @@ def test_train_single_process_deepspeed_on_cpu(tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
 
 
+def test_testbed_help_lists_its_commands_and_options(capsys):
+    for argv, expected in (
+        (["testbed", "--help"], ["usage: llmreg testbed", "build", "forget", "pre-train the testbed model"]),
+        (["testbed", "forget", "--help"], ["fine-tuning steps (default 800)", "held-out examples per skill"]),
+        (["testbed", "build", "-h"], ["pre-training steps (default 1500)", "build cache"]),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        out = capsys.readouterr().out
+        assert info.value.code == 0, argv
+        for text in expected:
+            assert text in out, (argv, text)
+
+
 def test_testbed_subcommand_reaches_the_testbed_cli():
-    from llmreg.cli import main
 
     with pytest.raises(SystemExit) as info:
         main(["testbed", "forget", "--help"])

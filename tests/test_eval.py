@@ -239,6 +239,8 @@ def test_cli_eval_writes_report(tmp_path):
         (["--model", "./no/such/model", "--base", MODEL], "model path not found: ./no/such/model"),
         (["--model", MODEL], "give --base, or at least two --model"),
         (["--model", REPO, "--base", MODEL], "is not a model folder"),
+        (["--model", MODEL, "--base", MODEL, "--limit", "0"], "--limit: must be >= 1 documents per task, got 0"),
+        (["--model", MODEL, "--base", MODEL, "--limit", "-3"], "--limit: must be >= 1 documents per task, got -3"),
     ],
 )
 def test_cli_eval_errors_before_loading(args, message, tmp_path, capsys, monkeypatch):
