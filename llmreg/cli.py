@@ -33,7 +33,11 @@ COMMANDS = ("train", "importance", "validate", "list", "eval", "testbed", "expor
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     from llmreg.core.options import ConfigError
+    from llmreg.integrations.deepspeed import quiet_cpu_fallback_notice
+    from llmreg.recipe.errors import show_recipe_warnings_as_one_line
 
+    show_recipe_warnings_as_one_line()
+    quiet_cpu_fallback_notice()
     try:
         return args.func(args)
     except ConfigError as err:
@@ -109,8 +113,14 @@ def _add_validate(sub) -> None:
 
 
 def _add_list(sub) -> None:
-    lst = sub.add_parser("list", help="show the registered regularizers and their options")
-    lst.set_defaults(func=cmd_list)
+    lst = sub.add_parser(
+        "list",
+        help="the registered regularizers: a table (trainer kinds, PEFT, ZeRO-3), then their options",
+        description="A table of the registered regularizers (trainer kinds each supports, whether it works with "
+        "PEFT and with DeepSpeed ZeRO-3), then every option with its type, default and help.",
+    )
+    lst.add_argument("name", nargs="?", help="show only this regularizer's options")
+    lst.set_defaults(func=cmd_list, overrides=[])
 
 
 def _add_eval(sub) -> None:
@@ -284,29 +294,18 @@ def cmd_importance(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from llmreg.core.options import options_help
-    from llmreg.core.registry import available
+    from llmreg.recipe.listing import registry_lines
 
-    for name, cls in available().items():
-        print(f"{name}: {_first_doc_line(cls)}")
-        for opt, type_name, default, help_text in options_help(cls.options_cls):
-            print(f"    {opt} ({type_name}, default {default!r}): {help_text}")
+    print("\n".join(registry_lines(args.name)))
     return 0
 
 
-def _first_doc_line(cls: type) -> str:
-    """The class docstring's first line, else its module's (a method module opens with what it is)."""
-    doc = cls.__doc__ or getattr(sys.modules.get(cls.__module__), "__doc__", None) or ""
-    lines = [line.strip() for line in doc.strip().splitlines()]
-    return lines[0] if lines else ""
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from llmreg.eval.compare import compare_to_base, pick_base
+    from llmreg.eval.compare import check_limit, compare_to_base, pick_base
     from llmreg.eval.suite import load_suite
     from llmreg.recipe.models import check_model_path
 
-    _check_limit(args.limit)
+    check_limit(args.limit)
     suite = load_suite(args.suite)
     base, models = pick_base(args.model, args.base)
     for path in [base, *models]:  # before anything loads: a typo should not cost a model load
@@ -314,14 +313,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     files = compare_to_base(suite, args.suite, base, models, args.out, limit=args.limit, cache_dir=args.cache_dir)
     print("done: " + ", ".join(files))
     return 0
-
-
-def _check_limit(limit: int | None) -> None:
-    """lm-eval takes --limit 0 for "no documents" and a negative one for an islice error, after the model loaded."""
-    from llmreg.core.options import ConfigError
-
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit: must be >= 1 documents per task, got {limit} (leave it out for all)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -352,9 +343,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     import json
 
+    from llmreg.eval.compare import check_limit
     from llmreg.pretrain.ensemble_scores import member_folders
 
-    _check_limit(args.limit)
+    check_limit(args.limit)
     members = member_folders(args.members)  # before anything loads
     if args.recipe is not None:
         from llmreg.pretrain.ensemble_scores import ensemble_validation, validation_lines, validation_recipe

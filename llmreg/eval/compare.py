@@ -12,6 +12,12 @@ import llmreg.eval.run as eval_run  # looked up at call time (tests replace its 
 from llmreg.core.options import ConfigError
 
 
+def check_limit(limit: int | None) -> None:
+    """lm-eval takes --limit 0 for "no documents" and a negative one for an islice error, after the model loaded."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit: must be >= 1 documents per task, got {limit} (leave it out for all)")
+
+
 def pick_base(models: list[str], base: str | None) -> tuple[str, list[str]]:
     """(base, fine-tuned models): `base`, else the first of at least two models."""
     models = list(models)
