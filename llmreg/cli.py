@@ -4,7 +4,7 @@
     llmreg importance RECIPE [key=value ...] [--resume | --overwrite]
     llmreg validate RECIPE [key=value ...]
     llmreg list
-    llmreg eval --suite SUITE --model PATH [--model PATH ...] [--base PATH] --out DIR [--limit N]
+    llmreg eval --suite SUITE --model PATH [--model PATH ...] [--name NAME ...] [--base PATH] --out DIR [--limit N]
     llmreg export RUN_DIR OUT_DIR [--overwrite] [--no-verify]
     llmreg sweep RECIPE [key=value ...] --grid key=v1,v2 [key=v1,v2 ...] [--out DIR] [--overwrite]
     llmreg ensemble MODEL [MODEL ...] (--recipe RECIPE [--set key=value ...] | --suite SUITE) [--combine ...]
@@ -137,6 +137,13 @@ def _add_eval(sub) -> None:
         required=True,
         metavar="PATH",
         help="fine-tuned model directory (or hub name when online); repeat for several runs",
+    )
+    ev.add_argument(
+        "--name",
+        action="append",
+        metavar="NAME",
+        help="the run's name in the report, one per fine-tuned --model in order (default: the shortest part of "
+        "each path that tells the models apart)",
     )
     ev.add_argument("--base", metavar="PATH", help="the model before fine-tuning (default: the first --model)")
     ev.add_argument("--out", required=True, metavar="DIR", help="folder for the report files")
@@ -301,7 +308,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from llmreg.eval.compare import check_limit, compare_to_base, pick_base
+    from llmreg.eval.compare import check_limit, compare_to_base, pick_base, run_names
     from llmreg.eval.suite import load_suite
     from llmreg.recipe.models import check_model_path
 
@@ -310,7 +317,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     base, models = pick_base(args.model, args.base)
     for path in [base, *models]:  # before anything loads: a typo should not cost a model load
         check_model_path(path, "eval")
-    files = compare_to_base(suite, args.suite, base, models, args.out, limit=args.limit, cache_dir=args.cache_dir)
+    run_names(models, args.name)  # a wrong count of --name fails before anything loads
+    files = compare_to_base(
+        suite, args.suite, base, models, args.out, limit=args.limit, cache_dir=args.cache_dir, names=args.name
+    )
     print("done: " + ", ".join(files))
     return 0
 
