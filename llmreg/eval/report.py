@@ -127,7 +127,7 @@ def _task_panel(ax, task: str, report: dict, colors: list) -> None:
     for yy, value, label in zip(y, values, labels):
         ax.annotate(label, (value, yy), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
     if lower:
-        ax.set_xlim(right=max(values) * 30)  # room for the labels on a log axis
+        ax.set_xlim(min(values) / 4, max(values) * 30)  # the smallest bar still shows; room for the labels
     else:
         ax.set_xlim(min(0, min(values)), max(max(values), 1e-9) * 1.45)
     ax.set_title(f"{task} ({first['role']})", fontsize=10)
