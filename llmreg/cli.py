@@ -3,8 +3,9 @@
     llmreg train RECIPE [key=value ...] [--resume | --overwrite]
     llmreg importance RECIPE [key=value ...] [--resume | --overwrite]
     llmreg validate RECIPE [key=value ...]
-    llmreg list
+    llmreg list [NAME]
     llmreg eval --suite SUITE --model PATH [--model PATH ...] [--name NAME ...] [--base PATH] --out DIR [--limit N]
+    llmreg testbed {build,forget} ...   (`llmreg testbed --help`)
     llmreg export RUN_DIR OUT_DIR [--overwrite] [--no-verify]
     llmreg sweep RECIPE [key=value ...] --grid key=v1,v2 [key=v1,v2 ...] [--out DIR] [--overwrite]
     llmreg ensemble MODEL [MODEL ...] (--recipe RECIPE [--set key=value ...] | --suite SUITE) [--combine ...]
@@ -120,7 +121,7 @@ def _add_list(sub) -> None:
         "PEFT and with DeepSpeed ZeRO-3), then every option with its type, default and help.",
     )
     lst.add_argument("name", nargs="?", help="show only this regularizer's options")
-    lst.set_defaults(func=cmd_list, overrides=[])
+    lst.set_defaults(func=cmd_list)
 
 
 def _add_eval(sub) -> None:

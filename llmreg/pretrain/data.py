@@ -109,8 +109,7 @@ def _validate_synthetic(section: Any, recipe_dir: str | None, where: str) -> Syn
         if not os.path.isfile(os.path.join(full, "config.json")):
             raise ConfigError(
                 f"{where}.teachers[{i}]: no model folder (config.json) at {path} {looked_for(path, recipe_dir)}; "
-                "train the teacher "
-                "first (see recipes/pretrain/README.md)"
+                "train the teacher first (see recipes/pretrain/README.md)"
             )
         teachers.append(full)
     spec.teachers = teachers
