@@ -3,6 +3,7 @@
     python benchmarks/forgetting_pareto.py [--methods vanilla l2_sp] [--steps N]
     python benchmarks/forgetting_pareto.py --smoke --out /tmp/fp     # tiny and fast (CI): never writes benchmarks/
     python benchmarks/forgetting_pareto.py --methods lfu --merge     # add/replace methods in the existing results
+    python benchmarks/forgetting_pareto.py --replot                  # figures + RESULTS.md from the saved json only
 
 Setups (each a recipe, trained through `llmreg.recipe`, and a suite, scored through `llmreg.eval`):
 
@@ -32,9 +33,10 @@ Scores follow `llmreg.eval.run`'s sign convention: `target_gain` > 0 is better o
 (the mean retained drop) > 0 is ability lost, both in the suite metric's units (exact match 0-1; perplexity).
 
 Outputs (in --out, default benchmarks/): forgetting_pareto.json; figures/forgetting_pareto_<setup>.png (gain
-vs forgetting, one point per method, Pareto front dashed) and figures/forgetting_deltas_<setup>.png (gain per
-task), both drawn by `llmreg.eval.run.write_plots`; and the section between the markers below in RESULTS.md
-(created if missing; the rest of the file is kept). Models go to --workdir (default runs/forgetting_pareto).
+vs forgetting, one point per method, Pareto front ringed) and figures/forgetting_deltas_<setup>.png (per task the
+base and each method's score, labelled with the change), both drawn by `llmreg.eval.run.write_plots`; and the
+section between the markers below in RESULTS.md (created if missing; the rest of the file is kept). Models go to
+--workdir (default runs/forgetting_pareto).
 """
 
 from __future__ import annotations
@@ -348,6 +350,12 @@ def write_figures(results: dict[str, Any], figures: Path) -> list[Path]:
     return written
 
 
+def _in_checkout(path: str) -> str:
+    """A recipe path as it reads in any checkout (`recipes/...`): the results may come from another checkout."""
+    marker = os.sep + "recipes" + os.sep
+    return path[path.rindex(marker) + 1 :] if marker in path else os.path.relpath(path, REPO)
+
+
 def _num(x: Any) -> str:
     return "n/a" if x is None else f"{x:.4g}"  # exact match 0.855, perplexity 50.68 or 2.168e+09 alike
 
@@ -373,7 +381,7 @@ def markdown_section(results: dict[str, Any], figures_rel: str) -> str:
         lines += [
             f"### {setup}",
             "",
-            f"Recipe `{os.path.relpath(r['recipe'], REPO) if r['recipe'] else r['recipe_note']}`"
+            f"Recipe `{_in_checkout(r['recipe']) if r['recipe'] else r['recipe_note']}`"
             f" ({r['steps']} steps), suite `{r['suite']}` ({metric}"
             f"{', lower is better' if metric.endswith('perplexity') else ''};"
             f" {r['limit'] or 'all'} documents per task).",
@@ -390,7 +398,8 @@ def markdown_section(results: dict[str, Any], figures_rel: str) -> str:
         if metric.endswith("perplexity"):
             lines += [
                 "Gains and drops are differences of raw perplexities, so a very high base perplexity dominates"
-                " the target gain (and the per-task plot): compare the tuned values.",
+                " the target gain: compare the tuned values (the per-task plot shows them on a log axis, each"
+                " labelled with its ratio to the base).",
                 "",
             ]
         head = ["method", "target gain", "mean retained drop", "Pareto", *target, *retain, "prepare s", "train s"]
@@ -410,7 +419,7 @@ def markdown_section(results: dict[str, Any], figures_rel: str) -> str:
         lines += [
             "",
             f"![{setup} Pareto]({figures_rel}/forgetting_pareto_{setup}.png)"
-            f" ![{setup} per-task gains]({figures_rel}/forgetting_deltas_{setup}.png)",
+            f" ![{setup} per-task scores]({figures_rel}/forgetting_deltas_{setup}.png)",
             "",
         ]
     return "\n".join(lines + [END])
@@ -424,6 +433,15 @@ def replace_section(path: Path, section: str) -> None:
 
 
 # -- command line ----------------------------------------------------------------------------------------------------
+
+
+def replot(out: Path) -> int:
+    """Figures and the RESULTS.md section from the saved results, without training or evaluating."""
+    results = json.loads((out / "forgetting_pareto.json").read_text())
+    figures = write_figures(results, out / "figures")
+    replace_section(out / "RESULTS.md", markdown_section(results, "figures"))
+    print(f"wrote {out / 'RESULTS.md'}, {', '.join(str(f) for f in figures)}", flush=True)
+    return 0
 
 
 def select_methods(names: list[str] | None) -> dict[str, dict]:
@@ -457,7 +475,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--workdir", help="folder for the trained models (default: runs/forgetting_pareto, with --smoke <out>/work)"
     )
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="redraw the figures and the RESULTS.md section from forgetting_pareto.json in --out; train nothing",
+    )
     args = p.parse_args(argv)
+    if args.replot:
+        return replot(Path(args.out) if args.out else REPO / "benchmarks")
     if args.smoke and not args.out:
         p.error("--smoke needs --out DIR (it must not overwrite the real results in benchmarks/)")
     try:

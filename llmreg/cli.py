@@ -1,10 +1,11 @@
 """`llmreg` command line: train, validate, list.
 
     llmreg train RECIPE [key=value ...] [--resume | --overwrite]
-    llmreg importance RECIPE [key=value ...] [--overwrite]
+    llmreg importance RECIPE [key=value ...] [--resume | --overwrite]
     llmreg validate RECIPE [key=value ...]
-    llmreg list
-    llmreg eval --suite SUITE --model PATH [--model PATH ...] [--base PATH] --out DIR [--limit N]
+    llmreg list [NAME]
+    llmreg eval --suite SUITE --model PATH [--model PATH ...] [--name NAME ...] [--base PATH] --out DIR [--limit N]
+    llmreg testbed {build,forget} ...   (`llmreg testbed --help`)
     llmreg export RUN_DIR OUT_DIR [--overwrite] [--no-verify]
     llmreg merge --base MODEL --tuned RUN_OR_MODEL --alpha 0.25,0.5,0.75 --out DIR [--overwrite]
     llmreg sweep RECIPE [key=value ...] --grid key=v1,v2 [key=v1,v2 ...] [--out DIR] [--overwrite]
@@ -35,7 +36,11 @@ COMMANDS = ("train", "importance", "validate", "list", "eval", "testbed", "expor
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     from llmreg.core.options import ConfigError
+    from llmreg.integrations.deepspeed import quiet_cpu_fallback_notice
+    from llmreg.recipe.errors import show_recipe_warnings_as_one_line
 
+    show_recipe_warnings_as_one_line()
+    quiet_cpu_fallback_notice()
     try:
         return args.func(args)
     except ConfigError as err:
@@ -48,6 +53,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     key=value arguments that come after an option here."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "testbed":  # its own parser reads everything after it, `--help` included
+        args.rest = [*extra, *args.rest]
+        return args
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -97,6 +105,7 @@ def _add_importance(sub) -> None:
         "write <output_dir>/importance for forgetting_penalty's `artifact`.",
     )
     _recipe_args(imp)
+    imp.add_argument("--resume", action="store_true", help="si: continue from the last checkpoint in output_dir")
     imp.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     imp.set_defaults(func=cmd_importance)
 
@@ -108,7 +117,13 @@ def _add_validate(sub) -> None:
 
 
 def _add_list(sub) -> None:
-    lst = sub.add_parser("list", help="show the registered regularizers and their options")
+    lst = sub.add_parser(
+        "list",
+        help="the registered regularizers: a table (trainer kinds, PEFT, ZeRO-3), then their options",
+        description="A table of the registered regularizers (trainer kinds each supports, whether it works with "
+        "PEFT and with DeepSpeed ZeRO-3), then every option with its type, default and help.",
+    )
+    lst.add_argument("name", nargs="?", help="show only this regularizer's options")
     lst.set_defaults(func=cmd_list)
 
 
@@ -127,9 +142,16 @@ def _add_eval(sub) -> None:
         metavar="PATH",
         help="fine-tuned model directory (or hub name when online); repeat for several runs",
     )
+    ev.add_argument(
+        "--name",
+        action="append",
+        metavar="NAME",
+        help="the run's name in the report, one per fine-tuned --model in order (default: the shortest part of "
+        "each path that tells the models apart)",
+    )
     ev.add_argument("--base", metavar="PATH", help="the model before fine-tuning (default: the first --model)")
     ev.add_argument("--out", required=True, metavar="DIR", help="folder for the report files")
-    ev.add_argument("--limit", type=int, help="at most N documents per task (quick runs)")
+    ev.add_argument("--limit", type=int, metavar="N", help="at most N >= 1 documents per task (quick runs)")
     ev.add_argument("--cache-dir", help="base-score cache (default ~/.cache/llmreg/eval)")
     ev.set_defaults(func=cmd_eval, overrides=[])
 
@@ -138,7 +160,7 @@ def _add_testbed(sub) -> None:
     tb = sub.add_parser(
         "testbed", help="build the CPU forgetting testbed, or fine-tune it on its new skill", add_help=False
     )
-    tb.add_argument("rest", nargs=argparse.REMAINDER, help="build | forget PATH ... (see --help after it)")
+    tb.add_argument("rest", nargs=argparse.REMAINDER, help="build | forget PATH ... (`llmreg testbed --help`)")
     tb.set_defaults(func=cmd_testbed, overrides=[])
 
 
@@ -212,7 +234,7 @@ def _add_ensemble(sub) -> None:
         default="logits",
         help="average the logits (default, product of experts) or the probabilities (mixture)",
     )
-    en.add_argument("--limit", type=int, help="--suite: at most N documents per task")
+    en.add_argument("--limit", type=int, metavar="N", help="--suite: at most N >= 1 documents per task")
     en.add_argument("--out", metavar="FILE", help="also write the results as JSON")
     en.set_defaults(func=cmd_ensemble, overrides=[])
 
@@ -288,40 +310,36 @@ def cmd_importance(args: argparse.Namespace) -> int:
     from llmreg.recipe.summary import summary
 
     recipe = load_recipe(args.recipe, args.overrides)
-    check_importance_recipe(recipe, args.recipe, args.overwrite)  # fail before anything loads
-    _say(f"recording {recipe.importance.method} importance with {args.recipe}", *summary(recipe))
+    if args.resume:
+        recipe.resume = True
+    resume_from = check_importance_recipe(recipe, args.recipe, args.overwrite)  # fail before anything loads
+    resuming = f", resuming from {resume_from}" if resume_from else ""
+    _say(f"recording {recipe.importance.method} importance with {args.recipe}{resuming}", *summary(recipe))
     _say(*phase2_lines(recipe, run_importance(recipe, overwrite=args.overwrite)))
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from llmreg.core.options import options_help
-    from llmreg.core.registry import available
+    from llmreg.recipe.listing import registry_lines
 
-    for name, cls in available().items():
-        print(f"{name}: {_first_doc_line(cls)}")
-        for opt, type_name, default, help_text in options_help(cls.options_cls):
-            print(f"    {opt} ({type_name}, default {default!r}): {help_text}")
+    print("\n".join(registry_lines(args.name)))
     return 0
 
 
-def _first_doc_line(cls: type) -> str:
-    """The class docstring's first line, else its module's (a method module opens with what it is)."""
-    doc = cls.__doc__ or getattr(sys.modules.get(cls.__module__), "__doc__", None) or ""
-    lines = [line.strip() for line in doc.strip().splitlines()]
-    return lines[0] if lines else ""
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from llmreg.eval.compare import compare_to_base, pick_base
+    from llmreg.eval.compare import check_limit, compare_to_base, pick_base, run_names
     from llmreg.eval.suite import load_suite
     from llmreg.recipe.models import check_model_path
 
+    check_limit(args.limit)
     suite = load_suite(args.suite)
     base, models = pick_base(args.model, args.base)
     for path in [base, *models]:  # before anything loads: a typo should not cost a model load
         check_model_path(path, "eval")
-    files = compare_to_base(suite, args.suite, base, models, args.out, limit=args.limit, cache_dir=args.cache_dir)
+    run_names(models, args.name)  # a wrong count of --name fails before anything loads
+    files = compare_to_base(
+        suite, args.suite, base, models, args.out, limit=args.limit, cache_dir=args.cache_dir, names=args.name
+    )
     print("done: " + ", ".join(files))
     return 0
 
@@ -362,8 +380,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     import json
 
+    from llmreg.eval.compare import check_limit
     from llmreg.pretrain.ensemble_scores import member_folders
 
+    check_limit(args.limit)
     members = member_folders(args.members)  # before anything loads
     if args.recipe is not None:
         from llmreg.pretrain.ensemble_scores import ensemble_validation, validation_lines, validation_recipe

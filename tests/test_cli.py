@@ -118,13 +118,30 @@ def test_list_shows_every_regularizer_with_its_options():
     registered = available()
     assert {"l2_sp", "weight_decay"} <= set(registered)
     lines = result.stdout.splitlines()
+    # the table first: one row per regularizer with its trainer kinds, PEFT and ZeRO-3 support
+    assert lines[0].split()[:5] == ["regularizer", "trainer", "kinds", "PEFT", "ZeRO-3"]
+    rows = {line.split()[0]: line for line in lines[1 : 1 + len(registered)]}
+    assert list(rows) == list(registered)
+    for name, cls in registered.items():
+        cells = rows[name].split()
+        kinds = cells[1 : 1 + len(cls.requires.trainers)]
+        assert kinds == list(cls.requires.trainers), name
+        peft, zero3 = cells[1 + len(kinds) : 3 + len(kinds)]
+        assert (peft, zero3) == (("no", "yes")[cls.requires.supports_peft], ("no", "yes")[cls.requires.supports_zero3])
+    assert rows["half_ft"].split()[1:7] == ["hf", "sft", "dpo", "grpo", "no", "yes"]  # refuses PEFT
+    assert rows["lp_reg"].split()[1:4] == ["grpo", "yes", "yes"]
+    # then the options
     for name, cls in registered.items():
         start = next(i for i, line in enumerate(lines) if line.startswith(f"{name}: "))
-        assert len(lines[start]) > len(f"{name}: ")  # a description follows the name
+        assert start > len(registered) and len(lines[start]) > len(f"{name}: ")  # a description follows the name
         block = lines[start + 1 : start + 1 + len(options_help(cls.options_cls))]
         for (opt, type_name, default, help_text), line in zip(options_help(cls.options_cls), block):
             assert line.strip() == f"{opt} ({type_name}, default {default!r}): {help_text}"
     assert any(line.strip().startswith("lam (float, default 0.01)") for line in lines)
+    one = cli("list", "l2_sp")
+    assert one.returncode == 0 and "l2_sp: " in one.stdout and "weight_decay" not in one.stdout
+    typo = cli("list", "l2sp")
+    assert typo.returncode == 2 and "did you mean 'l2_sp'?" in typo.stderr
 
 
 def test_help_and_missing_command(capsys):
@@ -167,6 +184,10 @@ def test_train_end_to_end_then_resume(tmp_path):
     first = cli("train", recipe_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"outputs in {out}" in first.stdout and str(out / "final") in first.stdout
+    # float-typed step counts print as written; DeepSpeed's CPU-fallback notice is dropped (no GPU here, or none
+    # would be printed anyway)
+    assert "save_steps=3," in first.stdout and "logging_steps=1," in first.stdout and "=3.0" not in first.stdout
+    assert "Setting accelerator to CPU" not in first.stdout + first.stderr
 
     # the resolved recipe reloads to the same recipe
     assert load_recipe(str(out / "recipe.yaml")).to_dict() == load_recipe(recipe_path).to_dict()
@@ -244,8 +265,21 @@ def test_train_single_process_deepspeed_on_cpu(tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
 
 
+def test_testbed_help_lists_its_commands_and_options(capsys):
+    for argv, expected in (
+        (["testbed", "--help"], ["usage: llmreg testbed", "build", "forget", "pre-train the testbed model"]),
+        (["testbed", "forget", "--help"], ["fine-tuning steps (default 800)", "held-out examples per skill"]),
+        (["testbed", "build", "-h"], ["pre-training steps (default 1500)", "build cache"]),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        out = capsys.readouterr().out
+        assert info.value.code == 0, argv
+        for text in expected:
+            assert text in out, (argv, text)
+
+
 def test_testbed_subcommand_reaches_the_testbed_cli():
-    from llmreg.cli import main
 
     with pytest.raises(SystemExit) as info:
         main(["testbed", "forget", "--help"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from llmreg.core.options import ConfigError
@@ -139,6 +141,85 @@ def test_forgetting_report_signs_by_hand(tmp_path, monkeypatch):
     assert "| b | 0.1 | 1 | 0.1 | yes |" in open(tmp_path / "forgetting_report.md").read()
 
 
+@pytest.mark.parametrize(
+    "paths, names",
+    [
+        (["runs/a/final", "runs/b/final"], ["a", "b"]),  # was "final" and "final-1"
+        (["runs/a/final"], ["a"]),  # a run's final model is named after the run
+        (["/x/run1/final", "y/run1/final", "z/run2/final"], ["x/run1", "y/run1", "z/run2"]),
+        (["runs/a/checkpoint-3", "runs/a/final"], ["checkpoint-3", "final"]),
+        (["runs/a/final", "runs/a/final"], ["a", "a-2"]),
+        (["../shared/data/models/stories260K"], ["stories260K"]),
+    ],
+)
+def test_run_names_are_the_distinguishing_part_of_each_path(paths, names):
+    from llmreg.eval.compare import run_names
+
+    assert run_names(paths) == names
+    assert run_names(paths, [f"n{i}" for i in range(len(paths))]) == [f"n{i}" for i in range(len(paths))]
+
+
+def test_compare_records_run_names_and_paths(tmp_path, monkeypatch):
+    """`llmreg eval --model runs/a/final --model runs/b/final`: runs a and b, each with its absolute path."""
+    from llmreg.eval.compare import compare_to_base
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    suite = load_suite(os.path.join(SUITES, "stories260k.yaml"))
+    scores = {"runs/a/final": 10.0, "runs/b/final": 20.0}
+    for path in scores:
+        (tmp_path / path).mkdir(parents=True)
+    fake = lambda s, path, **k: ev.Scores(  # noqa: E731
+        {"gsm8k_ppl": scores.get(path, 100.0), "tinystories_ppl": 5.0},
+        {"gsm8k_ppl": "word_perplexity,none", "tinystories_ppl": "word_perplexity,none"},
+    )
+    monkeypatch.setattr(ev, "cached_evaluate", fake)
+    monkeypatch.setattr(ev, "evaluate_suite", fake)
+    compare_to_base(suite, "suite.yaml", "base_model", list(scores), str(tmp_path / "out"), limit=7)
+    report = json.load(open(tmp_path / "out" / "forgetting_report.json"))
+    assert list(report["runs"]) == ["a", "b"] and report["runs"]["b"]["tasks"]["gsm8k_ppl"]["tuned"] == 20.0
+    assert report["run_paths"] == {"a": str(tmp_path / "runs/a/final"), "b": str(tmp_path / "runs/b/final")}
+    assert report["base_path"] == "base_model" and report["limit"] == 7  # not a local path: kept as given
+    named = compare_to_base(suite, "s.yaml", "m", list(scores), str(tmp_path / "o2"), names=["lr_high", "lr_low"])
+    assert list(json.load(open(named[0]))["runs"]) == ["lr_high", "lr_low"]
+
+
+def test_plots_use_a_log_axis_for_perplexities_and_label_changes(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llmreg.eval.report import _task_panel, change_text, write_plots
+
+    assert change_text(4.0e8, 1836.0, lower_is_better=True) == "1836 (x4.59e-06)"
+    assert change_text(0.005, 0.855, lower_is_better=False) == "0.855 (+0.85)"
+    task = {"role": "target", "metric": "word_perplexity,none", "lower_is_better": True}
+    acc = {"role": "retain", "metric": "acc,none", "lower_is_better": False}
+    report = {
+        "suite": "eval/suites/s.yaml",
+        "pareto_front": ["only"],
+        "runs": {
+            "only": {
+                "target_gain": 4e8,
+                "forgetting": 0.1,
+                "tasks": {"ppl": {**task, "base": 4e8, "tuned": 1836.0}, "acc": {**acc, "base": 0.9, "tuned": 0.8}},
+            }
+        },
+    }
+    fig, (ax1, ax2) = plt.subplots(1, 2)
+    _task_panel(ax1, "ppl", report, ["C0"])
+    _task_panel(ax2, "acc", report, ["C0"])
+    assert ax1.get_xscale() == "log" and ax2.get_xscale() == "linear"
+    assert {t.get_text() for t in ax1.get_yticklabels()} == {"base", "only"}  # base and tuned, one bar each
+    assert [t.get_text() for t in ax1.texts] == ["4e+08 (base)", "1836 (x4.59e-06)"]
+    assert "lower is better" in ax1.get_xlabel() and ax1.get_title() == "ppl (target)"
+    plt.close(fig)
+    files = write_plots(report, str(tmp_path))  # one run: a single-point Pareto plot
+    assert [os.path.basename(f) for f in files] == ["deltas.png", "pareto.png"]
+    assert all(os.path.getsize(f) > 0 for f in files)
+
+
 @pytest.fixture(scope="module")
 def stories():
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -228,6 +309,13 @@ def test_cli_eval_writes_report(tmp_path):
     report = json.load(open(tmp_path / "out" / "forgetting_report.json"))
     run = report["runs"]["stories260K"]  # the base against itself: nothing gained, nothing forgotten
     assert run["target_gain"] == 0 and run["forgetting"] == 0
+    # the report says what it compared: every model's path, the suite, the limit, the versions
+    assert report["base_path"] == os.path.abspath(MODEL) == report["run_paths"]["stories260K"]
+    assert report["suite_path"] == os.path.join(SUITES, "stories260k.yaml") and report["limit"] == 3
+    assert set(report["versions"]) == {"llmreg", "lm_eval"} and report["versions"]["lm_eval"]
+    md = open(tmp_path / "out" / "forgetting_report.md").read()
+    assert f"| base | `{os.path.abspath(MODEL)}` |" in md and f"| stories260K | `{os.path.abspath(MODEL)}` |" in md
+    assert "documents per task: 3" in md
     for name in ("forgetting_report.md", "deltas.png", "pareto.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert len(os.listdir(tmp_path / "cache")) == 1
@@ -239,6 +327,10 @@ def test_cli_eval_writes_report(tmp_path):
         (["--model", "./no/such/model", "--base", MODEL], "model path not found: ./no/such/model"),
         (["--model", MODEL], "give --base, or at least two --model"),
         (["--model", REPO, "--base", MODEL], "is not a model folder"),
+        (["--model", MODEL, "--model", MODEL, "--base", MODEL, "--name", "a"], "1 --name for 2 fine-tuned models"),
+        (["--model", MODEL, "--model", MODEL, "--base", MODEL, "--name", "a", "--name", "a"], "must differ"),
+        (["--model", MODEL, "--base", MODEL, "--limit", "0"], "--limit: must be >= 1 documents per task, got 0"),
+        (["--model", MODEL, "--base", MODEL, "--limit", "-3"], "--limit: must be >= 1 documents per task, got -3"),
     ],
 )
 def test_cli_eval_errors_before_loading(args, message, tmp_path, capsys, monkeypatch):

@@ -174,6 +174,37 @@ def test_recipe_section_errors(tmp_path, no_loading, section, message):
         validate_recipe(stories_recipe(tmp_path, eval_during_training=section))
 
 
+def test_every_steps_beyond_max_steps_warns_at_validation(tmp_path, no_loading):
+    """A copied recipe with every_steps 100 and max_steps 50 would silently never evaluate."""
+    import warnings
+
+    from llmreg.recipe.errors import RecipeWarning
+
+    trainer = {**stories_recipe(tmp_path)["trainer"], "max_steps": 50}
+    with pytest.warns(RecipeWarning, match="every_steps=100 is larger than trainer.max_steps=50"):
+        validate_recipe(stories_recipe(tmp_path, trainer=trainer, eval_during_training={"suite": SUITE}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # equal, smaller, or no max_steps (epochs): no warning
+        for steps in (100, 200, -1):
+            section = {"suite": SUITE, "every_steps": 100}
+            validate_recipe(
+                stories_recipe(tmp_path, trainer={**trainer, "max_steps": steps}, eval_during_training=section)
+            )
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(stories_recipe(tmp_path, trainer=trainer, eval_during_training={"suite": SUITE})))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "llmreg.cli", "validate", str(path)], env=env, capture_output=True, text=True, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    err = done.stderr
+    assert "warning: eval_during_training.every_steps=100 is larger than trainer.max_steps=50:" in err
+    assert "RecipeWarning" not in err and "warnings.warn" not in err  # one line, not Python's file:line form
+
+
 def test_recipe_bad_suite_and_zero3(tmp_path, no_loading):
     bad = tmp_path / "eval" / "suites" / "bad.yaml"
     bad.parent.mkdir(parents=True)

@@ -74,6 +74,24 @@ def test_ewc_records_the_fisher_without_training(tmp_path):
     assert not (tmp_path / "ewc" / "final").exists()  # nothing was trained
 
 
+def test_importance_resume_flag_continues_an_interrupted_si_run(tmp_path, capsys):
+    """The "already holds checkpoint-N: add --resume" advice must work with `llmreg importance` too."""
+    path = _recipe(tmp_path, "si", importance={"method": "si"})
+    assert main(["importance", path, "--resume"]) == 2  # accepted, but there is nothing to resume yet
+    assert "no checkpoint in" in capsys.readouterr().err
+    first = ["trainer.max_steps=2", "trainer.save_strategy=steps", "trainer.save_steps=2"]
+    assert main(["importance", path, *first]) == 0
+    capsys.readouterr()
+    assert main(["importance", path, "trainer.max_steps=4", "trainer.save_strategy=steps"]) == 2
+    assert "add --resume to continue it" in capsys.readouterr().err
+    assert main(["importance", path, "--resume", "trainer.max_steps=4", "trainer.save_strategy=steps"]) == 0
+    assert f"resuming from {tmp_path / 'si' / 'checkpoint-2'}" in capsys.readouterr().out
+    assert art.read_meta(tmp_path / "si" / "importance")["steps"] == 4
+    ewc = _recipe(tmp_path, "ewc", importance={"method": "ewc", "num_samples": 4})
+    assert main(["importance", ewc, "--resume"]) == 2
+    assert "method ewc does not train" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "sections,command,message",
     [

@@ -292,6 +292,49 @@ def test_relative_paths_resolve_against_cwd_then_recipe_dir(tmp_path, monkeypatc
     assert load_recipe(path).data.train.path == str(cwd / "train.jsonl")
 
 
+def test_not_found_errors_name_every_absolute_path_tried(tmp_path, monkeypatch):
+    recipe_dir, cwd = tmp_path / "recipes", tmp_path / "work"
+    recipe_dir.mkdir()
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    raw = tiny_recipe("out", data={"train": "../data/train.jsonl"})
+    del raw["output_dir"]
+    path = write_recipe(recipe_dir / "r.yaml", raw)
+    tried = f"(looked for {tmp_path}/data/train.jsonl)"
+    with pytest.raises(ConfigError) as info:  # both candidates are the same file here: named once
+        load_recipe(path)
+    assert str(info.value) == f"data.train: data file not found: ../data/train.jsonl {tried}"
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, ["data.train=sub/train.jsonl"])
+    assert str(info.value).endswith(f"(looked for {cwd}/sub/train.jsonl, then {recipe_dir}/sub/train.jsonl)")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, ["data.train=builtin:arithmetic", "model.name_or_path=./my/model", "model.config=null"])
+    assert str(info.value) == (
+        f"model.name_or_path: path not found: ./my/model (looked for {cwd}/my/model, then {recipe_dir}/my/model)"
+    )
+    with pytest.raises(ConfigError, match=f"recipe not found: nope.yaml \\(looked for {cwd}/nope.yaml\\)"):
+        load_recipe("nope.yaml")
+    # output_dir is a place to write: the working directory, never the recipe's folder
+    ok = load_recipe(path, ["data.train=builtin:arithmetic", "output_dir=runs/x"])
+    assert ok.output_dir == str(cwd / "runs" / "x")
+
+
+def test_builtin_num_examples_zero_or_negative_is_an_error_not_the_default(tmp_path):
+    for value in (0, -5):
+        with pytest.raises(ConfigError) as info:
+            validate_recipe(tiny_recipe(tmp_path, data={"train": "builtin:arithmetic", "num_examples": value}))
+        assert str(info.value) == f"data.train.num_examples: must be >= 1 rows to generate, got {value}"
+    assert validate_recipe(tiny_recipe(tmp_path, data={"train": "builtin:arithmetic"})).data.train.num_examples == 1000
+
+
+def test_num_examples_zero_exits_2_from_the_cli(tmp_path, capsys):
+    from llmreg.cli import main
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "out"))
+    assert main(["validate", path, "data.num_examples=0"]) == 2
+    assert capsys.readouterr().err == "error: data.train.num_examples: must be >= 1 rows to generate, got 0\n"
+
+
 def test_resolved_recipe_round_trips(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))

@@ -105,3 +105,65 @@ def test_column_mapping_loads_prompt_completion():
     bad = validate_recipe(_recipe({"path": GSM8K, "prompt_field": "question", "completion_field": "solution"}))
     with pytest.raises(ConfigError, match="data.train: 'solution' is not a column"):
         load_source(bad.data.train, "sft", "train")
+
+
+# -- chat data: `messages` rows and trainer.chat_template_path ----------------------------------------------------
+
+CHAT_RECIPE = os.path.join(REPO, "recipes", "stories260k", "chat_sft.yaml")
+TEMPLATE = os.path.join(REPO, "recipes", "chat_templates", "simple.jinja")
+
+
+def test_chat_recipe_trains_on_messages_with_the_shipped_template(tmp_path, monkeypatch):
+    """The README's `messages` example: stories260K has no chat template; the shipped one is applied, and with
+    assistant_only_loss the loss covers only the assistant turns the template marks."""
+    from transformers import AutoTokenizer
+
+    from llmreg.recipe.run import train
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # the recipe's paths resolve against its own folder from anywhere
+    recipe = load_recipe(CHAT_RECIPE, ["trainer.max_steps=2", "trainer.save_steps=2", "output_dir=run"])
+    assert recipe.trainer.args["chat_template_path"] == TEMPLATE
+    assert recipe.output_dir == str(tmp_path / "run")  # output_dir: against the working directory
+    result = train(recipe)
+    assert result.global_step == 2
+    tok = AutoTokenizer.from_pretrained(result.final_dir)
+    rows = [json.loads(line) for line in open(recipe.data.train.path)]
+    text = tok.apply_chat_template(rows[1]["messages"], tokenize=False)
+    assert text.startswith("User: Tell me a story about") and "\nAssistant: Once upon a time" in text
+    assert text.endswith(f"The end.{tok.eos_token}\n")
+    masked = tok.apply_chat_template(rows[1]["messages"], return_dict=True, return_assistant_tokens_mask=True)
+    answer = [i for i, m in zip(masked["input_ids"], masked["assistant_masks"]) if m]
+    assert tok.decode(answer).strip() == rows[1]["messages"][1]["content"] + tok.eos_token
+
+
+def _chat(**trainer) -> dict:
+    return {
+        "model": {"name_or_path": MODEL},
+        "data": {"train": os.path.join(REPO, "recipes", "stories260k", "chat_example.jsonl")},
+        "trainer": {"kind": "sft", "max_steps": 1, **trainer},
+    }
+
+
+def test_chat_template_path_is_checked_before_loading(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "template.txt").write_text("{{ messages }}")
+    (tmp_path / "folder").mkdir()
+    cases = [
+        ("no/such/template.jinja", f"file not found: no/such/template.jinja (looked for {tmp_path}/no/such"),
+        ("missing.jinja", "trainer.chat_template_path: file not found: missing.jinja"),
+        ("template.txt", "is a file but not a template"),
+        ("folder", "folder without tokenizer_config.json"),
+    ]
+    for value, message in cases:
+        with pytest.raises(ConfigError) as info:
+            validate_recipe(_chat(chat_template_path=value))
+        assert message in str(info.value), value
+    assert validate_recipe(_chat(chat_template_path=TEMPLATE)).trainer.args["chat_template_path"] == TEMPLATE
+    assert validate_recipe(_chat(chat_template_path=MODEL)).trainer.args["chat_template_path"] == MODEL
+    hub = validate_recipe(_chat(chat_template_path="owner/tokenizer"))  # a hub id, cloned by TRL at build time
+    assert hub.trainer.args["chat_template_path"] == "owner/tokenizer"
+    with pytest.raises(ConfigError, match="trainer: unknown key 'chat_template_path'"):  # only SFTConfig has it
+        validate_recipe(
+            {**_chat(chat_template_path=TEMPLATE), "trainer": {"kind": "dpo", "chat_template_path": TEMPLATE}}
+        )

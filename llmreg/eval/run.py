@@ -15,9 +15,9 @@ import hashlib
 import json
 import os
 import tempfile
-from pathlib import Path
 from typing import Any
 
+from llmreg.eval.report import replace_marked_section, write_markdown, write_plots, write_report
 from llmreg.eval.suite import Suite, load_suite, write_local_tasks
 
 PRIMARY_METRICS = ("word_perplexity", "exact_match", "acc_norm", "acc")
@@ -172,11 +172,15 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     return front
 
 
-def forgetting_report(base_scores: dict[str, float], runs: dict[str, dict[str, float]], suite: Suite) -> dict:
-    """Per run and task: base, tuned, delta, gain; per run: target_gain, forgetting, gain_per_forgetting."""
+def forgetting_report(
+    base_scores: dict[str, float], runs: dict[str, dict[str, float]], suite: Suite, provenance: dict | None = None
+) -> dict:
+    """Per run and task: base, tuned, delta, gain; per run: target_gain, forgetting, gain_per_forgetting.
+    `provenance` (llmreg.eval.report.provenance: model paths, limit, versions) is recorded as given."""
     metrics = {**getattr(base_scores, "metrics", {})}
     report: dict[str, Any] = {
         "suite": suite.path,
+        **(provenance or {}),
         "sign_convention": __doc__.split("Sign convention: ")[1].strip(),
         "base": dict(base_scores),
         "metrics": metrics,
@@ -214,95 +218,14 @@ def forgetting_report(base_scores: dict[str, float], runs: dict[str, dict[str, f
     return report
 
 
-def _fmt(x: Any) -> str:
-    return "n/a" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))
-
-
-def write_markdown(report: dict, path: str) -> None:
-    lines = [
-        f"# Forgetting report: {os.path.basename(report['suite'])}",
-        "",
-        f"Sign convention: {report['sign_convention']}",
-        "",
-        "| run | target gain | forgetting | gain per point of forgetting | Pareto |",
-        "|---|---|---|---|---|",
-    ]
-    for name, run in report["runs"].items():
-        lines.append(
-            f"| {name} | {_fmt(run['target_gain'])} | {_fmt(run['forgetting'])} | "
-            f"{_fmt(run['gain_per_forgetting'])} | {'yes' if name in report['pareto_front'] else ''} |"
-        )
-    for name, run in report["runs"].items():
-        lines += [
-            "",
-            f"## {name}",
-            "",
-            "| task | role | metric | base | tuned | delta | gain |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for task, t in run["tasks"].items():
-            lines.append(
-                f"| {task} | {t['role']} | {t['metric']}{' (lower is better)' if t['lower_is_better'] else ''}"
-                f" | {_fmt(t['base'])} | {_fmt(t['tuned'])} | {_fmt(t['delta'])} | {_fmt(t['gain'])} |"
-            )
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def write_plots(report: dict, out_dir: str) -> list[str]:
-    """deltas.png (gain per task and run) and pareto.png (target gain vs forgetting, front joined)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display on clusters or CI
-    import matplotlib.pyplot as plt
-
-    runs = report["runs"]
-    tasks = list(next(iter(runs.values()))["tasks"]) if runs else []
-    fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(tasks) * max(1, len(runs))), 3.5))
-    width = 0.8 / max(1, len(runs))
-    for i, (name, run) in enumerate(runs.items()):
-        ax.bar([t + i * width for t in range(len(tasks))], [run["tasks"][t]["gain"] for t in tasks], width, label=name)
-    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks)
-    ax.axhline(0, color="black", linewidth=0.5)
-    ax.set_ylabel("gain (positive = better)")
-    ax.legend()
-    deltas = os.path.join(out_dir, "deltas.png")
-    fig.tight_layout(), fig.savefig(deltas), plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for name, run in runs.items():
-        ax.scatter(run["forgetting"] or 0.0, run["target_gain"] or 0.0)
-        ax.annotate(name, (run["forgetting"] or 0.0, run["target_gain"] or 0.0))
-    front = sorted((runs[n]["forgetting"] or 0.0, runs[n]["target_gain"] or 0.0) for n in report["pareto_front"])
-    if front:
-        ax.plot(*zip(*front), "--", color="gray", label="Pareto front")
-        ax.legend()
-    ax.set_xlabel("forgetting (retained-task drop)")
-    ax.set_ylabel("target gain")
-    pareto = os.path.join(out_dir, "pareto.png")
-    fig.tight_layout(), fig.savefig(pareto), plt.close(fig)
-    return [deltas, pareto]
-
-
-def write_report(report: dict, out_dir: str) -> list[str]:
-    """forgetting_report.json, forgetting_report.md and the two plots in `out_dir`; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    json_path = os.path.join(out_dir, "forgetting_report.json")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=2)
-    md_path = os.path.join(out_dir, "forgetting_report.md")
-    write_markdown(report, md_path)
-    return [json_path, md_path, *write_plots(report, out_dir)]
-
-
-def replace_marked_section(path: str | os.PathLike, section: str, begin: str, end: str) -> None:
-    """Put `section` (which starts with `begin` and ends with `end`) in place of the text between those markers
-    in the Markdown file `path`; appended when the markers are missing, the file created when it is."""
-    path = Path(path)
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+__all__ = [
+    "Scores",
+    "cached_evaluate",
+    "evaluate_suite",
+    "forgetting_report",
+    "pareto_front",
+    "replace_marked_section",
+    "write_markdown",
+    "write_plots",
+    "write_report",
+]

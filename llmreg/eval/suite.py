@@ -75,7 +75,7 @@ def load_suite(path: str | os.PathLike) -> Suite:
     """Parse and check a suite file; raises ConfigError with a one-line message on any problem."""
     path = str(path)
     if not os.path.isfile(path):
-        raise ConfigError(f"suite file not found: {path}")
+        raise ConfigError(f"suite file not found: {path} (looked for {os.path.abspath(path)})")
     raw_bytes = Path(path).read_bytes()
     try:
         raw = yaml.safe_load(raw_bytes) or {}

@@ -10,17 +10,37 @@ wrapper instance with: backward; at the boundary, the stack's `pre_step`
 Trap 2: a DeepSpeed config with an `optimizer` block makes transformers build
 DeepSpeed's optimizer from `model.parameters()` and drop the parameter groups
 llmreg computed; `check_deepspeed_config` refuses such a config.
+
+On a machine without CUDA, importing DeepSpeed (transformers and accelerate do) logs "Setting accelerator to
+CPU. If you have GPU ..." on every run; `quiet_cpu_fallback_notice` drops that one record (the CLI installs it).
+Nothing else changes: DeepSpeed still picks its accelerator itself, so GPU runs are untouched.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import types
 from collections.abc import Callable
 from typing import Any
 
 from llmreg.core.options import ConfigError
+
+CPU_FALLBACK_NOTICE = "Setting accelerator to CPU"
+
+
+class _DropCpuFallbackNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(CPU_FALLBACK_NOTICE)
+
+
+def quiet_cpu_fallback_notice() -> None:
+    """Drop DeepSpeed's CPU-fallback notice (see the module docstring); idempotent, and safe before DeepSpeed is
+    imported: its logger is looked up by name, and DeepSpeed reuses the same logger object."""
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropCpuFallbackNotice) for f in logger.filters):
+        logger.addFilter(_DropCpuFallbackNotice())
 
 
 def load_deepspeed_config(config: Any) -> dict | None:

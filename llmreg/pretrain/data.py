@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from llmreg.core.options import ConfigError, check_mapping
-from llmreg.recipe.paths import TEXT_EXTENSIONS, resolve_path
+from llmreg.recipe.paths import TEXT_EXTENSIONS, looked_for, resolve_path
 
 SAMPLING_MODES = ("pooled", "logit_average")
 
@@ -108,8 +108,8 @@ def _validate_synthetic(section: Any, recipe_dir: str | None, where: str) -> Syn
         full = resolve_path(path, recipe_dir)
         if not os.path.isfile(os.path.join(full, "config.json")):
             raise ConfigError(
-                f"{where}.teachers[{i}]: no model folder (config.json) at {path}; train the teacher "
-                "first (see recipes/pretrain/README.md)"
+                f"{where}.teachers[{i}]: no model folder (config.json) at {path} {looked_for(path, recipe_dir)}; "
+                "train the teacher first (see recipes/pretrain/README.md)"
             )
         teachers.append(full)
     spec.teachers = teachers

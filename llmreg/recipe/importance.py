@@ -28,14 +28,18 @@ def refuse_importance_section(recipe: Any, recipe_path: str) -> None:
         raise ConfigError(f"{recipe_path} has an `importance:` section: run it with `llmreg importance`")
 
 
-def check_importance_recipe(recipe: Any, recipe_path: str, overwrite: bool = False) -> None:
-    """A ConfigError, before anything loads, when `recipe` cannot record importance (or its output_dir forbids it)."""
+def check_importance_recipe(recipe: Any, recipe_path: str, overwrite: bool = False) -> str | None:
+    """A ConfigError, before anything loads, when `recipe` cannot record importance (or its output_dir forbids it);
+    else the checkpoint an si run resumes from (None: a fresh run)."""
     if isinstance(recipe, StagedRecipe):
         raise ConfigError(f"{recipe_path} has `stages:`; importance is recorded by a recipe without stages")
     if recipe.importance is None:
         raise ConfigError(f"{recipe_path} has no `importance:` section (method: si or ewc)")
     if recipe.importance.method == "si":
-        resume_checkpoint(recipe, overwrite)
+        return resume_checkpoint(recipe, overwrite)
+    if recipe.resume:
+        raise ConfigError("resume: method ewc does not train, so there is nothing to resume; drop --resume")
+    return None
 
 
 def run_importance(recipe: Any, overwrite: bool = False) -> str:

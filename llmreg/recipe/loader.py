@@ -17,7 +17,7 @@ from llmreg.recipe.validate import validate_recipe
 def read_recipe_file(path: str) -> dict:
     """The raw recipe dict of a YAML file (an empty file is an empty recipe)."""
     if not os.path.isfile(path):
-        raise ConfigError(f"recipe not found: {path}")
+        raise ConfigError(f"recipe not found: {path} (looked for {os.path.abspath(path)})")
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)

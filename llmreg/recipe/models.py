@@ -79,7 +79,7 @@ def check_model_path(path: str, where: str = "eval") -> None:
         refuse_unexported(path, where)
         return
     if os.environ.get("HF_HUB_OFFLINE") or looks_local(path):
-        raise ConfigError(f"{where}: model path not found: {path}")
+        raise ConfigError(f"{where}: model path not found: {path} (looked for {os.path.abspath(path)})")
 
 
 def model_config(spec: ModelSpec, tokenizer):

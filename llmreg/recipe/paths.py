@@ -1,10 +1,11 @@
 """Where a relative path in a recipe points.
 
-A relative path resolves against the current working directory first (what a
-user typing `trainer.deepspeed=ds_configs/zero2.json` means), then against the
-recipe file's directory (what a recipe author shipping `data: train.jsonl`
-next to the recipe means). The first that exists wins; when neither exists the
-cwd-based path is kept so the error names what the user wrote.
+A relative path (data, model, tokenizer, DeepSpeed config, suite) resolves against the current working
+directory first (what a user typing `trainer.deepspeed=ds_configs/zero2.json` means), then against the recipe
+file's directory (what a recipe author shipping `data: train.jsonl` next to the recipe means). The first that
+exists wins; when neither exists the cwd-based path is kept, and the error names what the user wrote and every
+absolute path tried (`looked_for`). `output_dir` is different: it is a place to write, so it resolves against the
+working directory only (llmreg.recipe.sections).
 """
 
 from __future__ import annotations
@@ -17,16 +18,24 @@ TEXT_EXTENSIONS = (".txt", ".text", ".md")  # raw text: only the pretrain data m
 
 def resolve_path(path: str, recipe_dir: str | None) -> str:
     """Absolute form of `path` (see module docstring)."""
+    tried = candidates(path, recipe_dir)
+    return next((candidate for candidate in tried if os.path.exists(candidate)), tried[0])
+
+
+def candidates(path: str, recipe_dir: str | None) -> list[str]:
+    """The absolute paths `resolve_path` tries, in order."""
     path = os.path.expanduser(path)
     if os.path.isabs(path):
-        return path
-    candidates = [os.path.abspath(path)]
-    if recipe_dir:
-        candidates.append(os.path.abspath(os.path.join(recipe_dir, path)))
-    for candidate in candidates:
-        if os.path.exists(candidate):
-            return candidate
-    return candidates[0]
+        return [path]
+    found = [os.path.abspath(path)]
+    if recipe_dir and os.path.abspath(os.path.join(recipe_dir, path)) not in found:
+        found.append(os.path.abspath(os.path.join(recipe_dir, path)))
+    return found
+
+
+def looked_for(path: str, recipe_dir: str | None) -> str:
+    """`(looked for /cwd/x, then /recipe/dir/x)`: the end of a not-found error."""
+    return f"(looked for {', then '.join(candidates(path, recipe_dir))})"
 
 
 def looks_like_path(value: str) -> bool:

@@ -24,11 +24,12 @@ from typing import Any
 
 from llmreg.core.options import ConfigError, check_mapping, closest, field_types
 from llmreg.integrations.deepspeed import check_deepspeed_config, load_deepspeed_config
+from llmreg.recipe.chat_template import validate_chat_template_path
 from llmreg.recipe.data_modes import data_mode
-from llmreg.recipe.errors import reraise_at_recipe_key
+from llmreg.recipe.errors import reraise_at_recipe_key, warn_recipe
 from llmreg.recipe.gguf import resolve_gguf_spec
 from llmreg.recipe.importance_spec import validate_importance
-from llmreg.recipe.paths import looks_local, resolve_path
+from llmreg.recipe.paths import looked_for, looks_local, resolve_path
 from llmreg.recipe.schema import (
     BUILTIN_TOKENIZERS,
     DTYPES,
@@ -196,7 +197,7 @@ def _local_or_hub(value: str, recipe_dir: str | None, where: str) -> str:
     if os.path.exists(path):
         return path
     if looks_local(value):
-        raise ConfigError(f"{where}: path not found: {value}")
+        raise ConfigError(f"{where}: path not found: {value} {looked_for(value, recipe_dir)}")
     return value
 
 
@@ -218,6 +219,8 @@ def validate_trainer(section: dict, recipe_dir: str | None, seed: int, has_eval:
     _check_enum_strings(config_cls, args)
     if args.get("deepspeed") is not None:
         args["deepspeed"] = _validate_deepspeed(args["deepspeed"], recipe_dir)
+    if args.get("chat_template_path") is not None:  # an SFTConfig field (TRL)
+        args["chat_template_path"] = validate_chat_template_path(args["chat_template_path"], recipe_dir)
     for key, value in TRAINER_DEFAULTS.items():
         args.setdefault(key, value)
     args.setdefault("seed", seed)
@@ -256,7 +259,7 @@ def _validate_deepspeed(value: Any, recipe_dir: str | None) -> Any:
     if isinstance(value, str):
         path = resolve_path(value, recipe_dir)
         if not os.path.isfile(path):
-            raise ConfigError(f"trainer.deepspeed: file not found: {value}")
+            raise ConfigError(f"trainer.deepspeed: file not found: {value} {looked_for(value, recipe_dir)}")
         value = path
     with reraise_at_recipe_key("trainer.deepspeed"):
         check_deepspeed_config(value)  # refuses an `optimizer` block: it would drop llmreg's parameter groups
@@ -328,12 +331,18 @@ def validate_eval_during_training(
             raise ConfigError(f"{where}.{key}: must be >= 1, got {value}")
     path = resolve_path(spec.suite, recipe_dir)
     if not os.path.isfile(path):
-        raise ConfigError(f"{where}.suite: suite file not found: {spec.suite}")
+        raise ConfigError(f"{where}.suite: suite file not found: {spec.suite} {looked_for(spec.suite, recipe_dir)}")
     from llmreg.eval.suite import load_suite
 
     with reraise_at_recipe_key(f"{where}.suite"):
         load_suite(path)
     spec.suite = path
+    max_steps = trainer.args.get("max_steps", -1)
+    if isinstance(max_steps, int) and 0 < max_steps < spec.every_steps:
+        warn_recipe(
+            f"{where}.every_steps={spec.every_steps} is larger than trainer.max_steps={max_steps}: "
+            "the suite would never run during training; lower every_steps"
+        )
     if _zero_stage(trainer.args.get("deepspeed")) == 3:
         raise ConfigError(
             f"{where}: not supported with DeepSpeed ZeRO-3 (rank 0 cannot evaluate partitioned "

@@ -23,7 +23,7 @@ from typing import Any
 from llmreg.core.options import ConfigError, check_mapping, closest
 from llmreg.recipe.data_modes import data_mode
 from llmreg.recipe.errors import reraise_at_recipe_key
-from llmreg.recipe.paths import DATA_EXTENSIONS, TEXT_EXTENSIONS, looks_like_path, resolve_path
+from llmreg.recipe.paths import DATA_EXTENSIONS, TEXT_EXTENSIONS, looked_for, looks_like_path, resolve_path
 from llmreg.recipe.schema import BUILTIN_FORMATS, DataSpec, SourceSpec
 
 DEFAULT_NUM_EXAMPLES = 1000
@@ -105,7 +105,10 @@ def _check_builtin(spec: SourceSpec, where: str, own_seed: bool, is_eval: bool) 
         raise ConfigError(
             f"{where}: unknown built-in task '{spec.name}'{suggestion} (built-in: {', '.join(BUILTIN_TASKS)})"
         )
-    spec.num_examples = spec.num_examples or DEFAULT_NUM_EXAMPLES
+    if spec.num_examples is None:
+        spec.num_examples = DEFAULT_NUM_EXAMPLES
+    elif spec.num_examples < 1:  # 0 used to fall back to the default silently
+        raise ConfigError(f"{where}.num_examples: must be >= 1 rows to generate, got {spec.num_examples}")
     if spec.seed is None:
         spec.seed = 0
     if is_eval and not own_seed:
@@ -124,10 +127,10 @@ def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None, text_ok: 
     path = resolve_path(spec.path, recipe_dir)
     if not os.path.exists(path):
         if looks_like_path(spec.path):
-            raise ConfigError(f"{where}: data file not found: {spec.path}")
+            raise ConfigError(f"{where}: data file not found: {spec.path} {looked_for(spec.path, recipe_dir)}")
         raise ConfigError(
-            f"{where}: '{spec.path}' is not a local file or directory; write hub:{spec.path} for a "
-            f"hub dataset or builtin:arithmetic for built-in data"
+            f"{where}: '{spec.path}' is not a local file or directory {looked_for(spec.path, recipe_dir)}; write "
+            f"hub:{spec.path} for a hub dataset or builtin:arithmetic for built-in data"
         )
     if os.path.isdir(path):
         if not any(os.path.isfile(os.path.join(path, m)) for m in SAVED_DATASET_MARKERS):

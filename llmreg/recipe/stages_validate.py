@@ -19,7 +19,7 @@ from typing import Any
 
 from llmreg.core.options import ConfigError, check_mapping, closest
 from llmreg.recipe.errors import reraise_at_recipe_key
-from llmreg.recipe.paths import resolve_path
+from llmreg.recipe.paths import looked_for, resolve_path
 from llmreg.recipe.schema import STAGE_SECTIONS, TOP_LEVEL_ONLY, Stage, StagedRecipe, StageEvalSpec
 from llmreg.recipe.sections import DEFAULT_SEED, default_output_dir, validate_run_recipe
 
@@ -171,7 +171,7 @@ def validate_stage_eval(section: dict | None, recipe_dir: str | None) -> tuple[S
             raise ConfigError(f"{where}.{key}: must be >= 1, got {value}")
     path = resolve_path(spec.suite, recipe_dir)
     if not os.path.isfile(path):
-        raise ConfigError(f"{where}.suite: suite file not found: {spec.suite}")
+        raise ConfigError(f"{where}.suite: suite file not found: {spec.suite} {looked_for(spec.suite, recipe_dir)}")
     from llmreg.eval.suite import load_suite
 
     with reraise_at_recipe_key(f"{where}.suite"):

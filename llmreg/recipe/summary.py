@@ -18,13 +18,11 @@ def summary(recipe: Any) -> list[str]:
     if tok.gguf_file:
         tokenizer = os.path.join(tokenizer, tok.gguf_file)
     data = source_text(recipe.data.train) + (f"; eval {source_text(recipe.data.eval)}" if recipe.data.eval else "")
-    # repr for strings like eos_token "\n" that would otherwise break the line
-    trainer = ", ".join(
-        f"{k}={v if not isinstance(v, str) or v.isprintable() else repr(v)}" for k, v in recipe.trainer.args.items()
-    )
+    trainer = ", ".join(f"{k}={value_text(v)}" for k, v in recipe.trainer.args.items())
     regs = (
         ", ".join(
-            f"{r['name']}({', '.join(f'{k}={v}' for k, v in r.items() if k != 'name')})" for r in recipe.regularizers
+            f"{r['name']}({', '.join(f'{k}={value_text(v)}' for k, v in r.items() if k != 'name')})"
+            for r in recipe.regularizers
         )
         or "none"
     )
@@ -42,6 +40,17 @@ def summary(recipe: Any) -> list[str]:
             else []
         ),
     ]
+
+
+def value_text(value: Any) -> str:
+    """A recipe value as the user would write it: `warmup_steps=20`, not the 20.0 of a float-typed field (several
+    TrainingArguments step counts also take fractions); repr for strings like eos_token "\\n" that would otherwise
+    break the line."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    if isinstance(value, str) and not value.isprintable():
+        return repr(value)
+    return str(value)
 
 
 def staged_summary(staged: Any) -> list[str]:

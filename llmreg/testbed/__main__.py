@@ -1,4 +1,4 @@
-"""Command line for the testbed (until `llmreg testbed` exists):
+"""Command line for the testbed: `llmreg testbed ...` or `python -m llmreg.testbed ...`
 
     python -m llmreg.testbed build [--steps N] [--size small] [--seed 0] [--cache-dir DIR]
     python -m llmreg.testbed forget PATH [--skill sub] [--steps 800] [--lr 1e-4] [--eval-every 50]
@@ -30,22 +30,33 @@ def summarize(before: dict[str, float], after: dict[str, float], new_skill: str 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llmreg.testbed")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("--steps", type=int)
-    b.add_argument("--size")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--cache-dir")
-    f = sub.add_parser("forget")
-    f.add_argument("path")
-    f.add_argument("--skill", default=S.NEW_SKILL)
-    f.add_argument("--steps", type=int, default=800)
-    f.add_argument("--lr", type=float, default=1e-4)
-    f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--eval-every", type=int, default=0)
-    f.add_argument("--eval-n", type=int, default=200)
+    from llmreg.testbed.build import DEFAULTS, SIZES, default_cache_root
+
+    p = argparse.ArgumentParser(
+        prog="llmreg testbed",
+        description="The CPU forgetting testbed: `build` pre-trains (or loads from the cache) a small model on "
+        f"the old skills {', '.join(S.OLD_SKILLS)}; `forget` fine-tunes it on the new skill {S.NEW_SKILL} with no "
+        "regularizer and prints the scores as JSON lines. Recipes: recipes/testbed/README.md.",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{build,forget}")
+    b = sub.add_parser("build", help="pre-train the testbed model (cached by its build options)")
+    b.add_argument("--steps", type=int, help=f"pre-training steps (default {DEFAULTS['steps']})")
+    b.add_argument("--size", choices=list(SIZES), help=f"model size (default {DEFAULTS['size']})")
+    b.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default 0)")
+    b.add_argument("--cache-dir", metavar="DIR", help=f"build cache (default {default_cache_root()})")
+    f = sub.add_parser("forget", help="fine-tune a built model on one skill, print scores before and after")
+    f.add_argument("path", help="the built model's folder (printed by `build`)")
+    f.add_argument(
+        "--skill", default=S.NEW_SKILL, choices=list(S.SKILLS), help="skill to fine-tune on (default %(default)s)"
+    )
+    f.add_argument("--steps", type=int, default=800, help="fine-tuning steps (default %(default)s)")
+    f.add_argument("--lr", type=float, default=1e-4, help="learning rate (default %(default)s)")
+    f.add_argument("--batch-size", type=int, default=32, help="examples per step (default %(default)s)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the data order (default %(default)s)")
+    f.add_argument("--eval-every", type=int, default=0, metavar="N", help="score every N steps too (default 0: never)")
+    f.add_argument(
+        "--eval-n", type=int, default=200, metavar="N", help="held-out examples per skill (default %(default)s)"
+    )
     return p
 
 

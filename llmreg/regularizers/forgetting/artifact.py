@@ -65,7 +65,10 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     """The artifact's metadata; a clear error when the directory is not an artifact."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
-        raise ConfigError(f"importance artifact not found: {directory} (write one with `llmreg importance RECIPE`)")
+        raise ConfigError(
+            f"importance artifact not found: {directory} (looked for {os.path.abspath(directory)}; write one with "
+            "`llmreg importance RECIPE`)"
+        )
     missing = [f for f in (TENSORS_FILE, META_FILE) if not os.path.isfile(os.path.join(directory, f))]
     if missing:
         raise ConfigError(f"{directory} is not an importance artifact: missing {', '.join(missing)}")
