@@ -124,7 +124,8 @@ def test_list_shows_every_regularizer_with_its_options():
         block = lines[start + 1 : start + 1 + len(options_help(cls.options_cls))]
         for (opt, type_name, default, help_text), line in zip(options_help(cls.options_cls), block):
             assert line.strip() == f"{opt} ({type_name}, default {default!r}): {help_text}"
-    assert any(line.strip().startswith("lam (float, default 0.01)") for line in lines)
+    # the declared range is shown with the type
+    assert any(line.strip().startswith("lam (float, >= 0, default 0.01)") for line in lines)
 
 
 def test_help_and_missing_command(capsys):

@@ -28,6 +28,7 @@ from llmreg.recipe.data_modes import data_mode
 from llmreg.recipe.errors import reraise_at_recipe_key
 from llmreg.recipe.importance_spec import validate_importance
 from llmreg.recipe.paths import looks_local, resolve_path
+from llmreg.recipe.ranges import check_trainer_ranges
 from llmreg.recipe.schema import (
     BUILTIN_TOKENIZERS,
     DTYPES,
@@ -213,6 +214,7 @@ def validate_trainer(section: dict, recipe_dir: str | None, seed: int, has_eval:
     config_cls = trainer_config_class(kind)
     args = check_mapping(config_cls, section, "trainer")
     _check_enum_strings(config_cls, args)
+    check_trainer_ranges(args)
     if args.get("deepspeed") is not None:
         args["deepspeed"] = _validate_deepspeed(args["deepspeed"], recipe_dir)
     for key, value in TRAINER_DEFAULTS.items():
