@@ -399,9 +399,9 @@ def test_build_time_errors_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="vocab_size: 50 is smaller than the tokenizer"):
         build_run(recipe)
     (tmp_path / "d.jsonl").write_text('{"question": "x"}\n')
-    recipe = validate_recipe(tiny_recipe(tmp_path, trainer={"kind": "hf"}, data={"train": str(tmp_path / "d.jsonl")}))
-    with pytest.raises(ConfigError, match="trains on a 'text' column"):
-        build_run(recipe)
+    # a missing column is now refused by validation, before anything loads (tests/test_bad_input.py)
+    with pytest.raises(ConfigError, match="data.train: trainer kind 'hf' needs a 'text' column, found"):
+        validate_recipe(tiny_recipe(tmp_path, trainer={"kind": "hf"}, data={"train": str(tmp_path / "d.jsonl")}))
 
 
 # -- resume rules and the metrics file --------------------------------------------------------------

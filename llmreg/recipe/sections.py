@@ -24,6 +24,7 @@ from typing import Any
 
 from llmreg.core.options import ConfigError, check_mapping, closest, field_types
 from llmreg.integrations.deepspeed import check_deepspeed_config, load_deepspeed_config
+from llmreg.recipe.data_checks import check_recipe_data
 from llmreg.recipe.data_modes import data_mode
 from llmreg.recipe.errors import reraise_at_recipe_key
 from llmreg.recipe.importance_spec import validate_importance
@@ -112,6 +113,7 @@ def validate_run_recipe(raw: Any, recipe_path: str | None = None) -> Recipe:
     )
     if mode is not None:
         mode.check_recipe(recipe)
+    check_recipe_data(recipe)  # opens each source's first rows; loads the tokenizer only for chat data
     return recipe
 
 
