@@ -23,7 +23,9 @@ llmreg.regularizers.multipliers.export (export) and llmreg.testbed (testbed).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 EXIT_CONFIG_ERROR = 2
@@ -34,11 +36,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     from llmreg.core.options import ConfigError
 
-    try:
-        return args.func(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+    debug = getattr(args, "debug", False) or os.environ.get("LLMREG_DEBUG", "") not in ("", "0")
+    with warnings.catch_warnings():
+        _one_line_config_warnings()
+        try:
+            return args.func(args)
+        except ConfigError as err:  # raised before anything loads, or by the boundary of building a run
+            if debug:
+                import traceback
+
+                traceback.print_exception(err)
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+
+
+def _one_line_config_warnings() -> None:
+    """ConfigWarnings (a legal but absurd value) as one line `warning: ...`, each once per run (validation and
+    the regularizer's own build see the same value)."""
+    from llmreg.core.options import ConfigWarning
+
+    shown, default = set(), warnings.showwarning
+    warnings.simplefilter("always", ConfigWarning)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, ConfigWarning):
+            return default(message, category, filename, lineno, file, line)
+        text = str(message)
+        if text.split(": ", 1)[-1] not in shown:
+            shown.add(text.split(": ", 1)[-1])
+            print(f"warning: {text}", file=sys.stderr)
+
+    warnings.showwarning = show
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -101,6 +129,8 @@ def _add_importance(sub) -> None:
 def _add_validate(sub) -> None:
     validate = sub.add_parser("validate", help="check a recipe without loading a model or data")
     _recipe_args(validate)
+    validate.add_argument("--resume", action="store_true", help="check as `train --resume` would")
+    validate.add_argument("--overwrite", action="store_true", help="check as `train --overwrite` would")
     validate.set_defaults(func=cmd_validate)
 
 
@@ -204,6 +234,9 @@ def _launcher_args(parser: argparse.ArgumentParser) -> None:
     torchrun and accelerate set LOCAL_RANK instead. Accepted in either position and ignored: the trainer reads
     the environment."""
     parser.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks (also LLMREG_DEBUG=1)"
+    )
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -225,52 +258,46 @@ def _say(*lines: str) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from llmreg.recipe import load_recipe
+    from llmreg.recipe.preflight import load_and_check
     from llmreg.recipe.summary import describe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe, _ = load_and_check(args.recipe, args.overrides, args.resume, args.overwrite)  # what train checks
     _say(f"ok: {args.recipe}", *describe(recipe))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from llmreg.recipe import load_recipe
     from llmreg.recipe.importance import refuse_importance_section
-    from llmreg.recipe.run import resume_checkpoint, train
+    from llmreg.recipe.preflight import load_and_check
+    from llmreg.recipe.run import train
     from llmreg.recipe.schema import StagedRecipe
     from llmreg.recipe.summary import run_lines, summary
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe, start = load_and_check(args.recipe, args.overrides, args.resume, args.overwrite)  # fail before loading
     if isinstance(recipe, StagedRecipe):
         return cmd_train_stages(args, recipe)
     refuse_importance_section(recipe, args.recipe)
-    if args.resume:
-        recipe.resume = True
-    resume_from = resume_checkpoint(recipe, args.overwrite)  # fail before anything loads
-    _say(f"training {args.recipe}" + (f", resuming from {resume_from}" if resume_from else ""), *summary(recipe))
+    _say(f"training {args.recipe}" + (f", resuming from {start}" if start else ""), *summary(recipe))
     _say(*run_lines(train(recipe, overwrite=args.overwrite)))
     return 0
 
 
 def cmd_train_stages(args: argparse.Namespace, staged) -> int:
-    from llmreg.recipe.stages import plan_stages, run_stages
+    from llmreg.recipe.stages import run_stages
     from llmreg.recipe.summary import staged_summary, stages_lines
 
-    if args.resume:
-        staged.resume = True
-    plan_stages(staged, args.overwrite)  # fail before anything loads
     _say(f"training {args.recipe}: {len(staged.stages)} stages", *staged_summary(staged))
     _say(*stages_lines(run_stages(staged, overwrite=args.overwrite)))
     return 0
 
 
 def cmd_importance(args: argparse.Namespace) -> int:
-    from llmreg.recipe import load_recipe
     from llmreg.recipe.importance import check_importance_recipe, phase2_lines, run_importance
+    from llmreg.recipe.preflight import load_and_check
     from llmreg.recipe.summary import summary
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    check_importance_recipe(recipe, args.recipe, args.overwrite)  # fail before anything loads
+    recipe, _ = load_and_check(args.recipe, args.overrides, overwrite=args.overwrite)
+    check_importance_recipe(recipe, args.recipe, args.overwrite)  # a recipe without `importance:` is refused
     _say(f"recording {recipe.importance.method} importance with {args.recipe}", *summary(recipe))
     _say(*phase2_lines(recipe, run_importance(recipe, overwrite=args.overwrite)))
     return 0

@@ -21,3 +21,17 @@ def reraise_at_recipe_key(where: str, catch: tuple[type[BaseException], ...] = (
         yield
     except catch as err:
         raise ConfigError(f"{where}: {one_line(err)}") from None
+
+
+@contextlib.contextmanager
+def at_recipe_key(where: str) -> Iterator[None]:
+    """The error boundary of building and starting a run: any exception of the block (a library's, e.g. the
+    optimizer refusing a value or TRL failing to prepare a dataset) becomes a one-line
+    `ConfigError("<where>: <Type>: <message>")` naming the recipe key involved; the original stays chained as
+    `__cause__`, which the CLI prints with --debug. A ConfigError already names its key and passes unchanged."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"{where}: {type(err).__name__}: {one_line(err)}") from err

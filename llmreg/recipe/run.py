@@ -28,6 +28,7 @@ from typing import Any
 
 from llmreg.core.options import ConfigError
 from llmreg.recipe.data_modes import recipe_data_mode
+from llmreg.recipe.errors import one_line
 from llmreg.recipe.loader import dump_recipe
 from llmreg.recipe.schema import Recipe
 
@@ -100,6 +101,27 @@ def clear_previous_run(output_dir: str) -> None:
             os.remove(path)
 
 
+def start_training(trainer: Any, resume_from: str | None) -> None:
+    """`trainer.train(...)` behind the error boundary of starting a run: an exception before the first step
+    (optimizer construction, loading the checkpoint, the regularizers' on_prepared) is a one-line ConfigError
+    naming `resume` or `trainer`; one raised later during training propagates unchanged."""
+    from llmreg.recipe.callbacks import TrainBeginProbe
+
+    probe = TrainBeginProbe()
+    trainer.add_callback(probe)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except ConfigError:
+        raise
+    except Exception as err:
+        if probe.begun:
+            raise
+        where = "resume" if resume_from else "trainer"
+        raise ConfigError(f"{where}: {type(err).__name__}: {one_line(err)}") from err
+    finally:
+        trainer.remove_callback(probe)
+
+
 def train(recipe: Recipe, overwrite: bool = False, extra_regularizers: list | None = None) -> RunResult:
     """Build and train; writes the layout above. Call `resume_checkpoint` first to fail early.
 
@@ -118,7 +140,7 @@ def train(recipe: Recipe, overwrite: bool = False, extra_regularizers: list | No
     if is_main_process():
         os.makedirs(recipe.output_dir, exist_ok=True)
         dump_recipe(recipe, os.path.join(recipe.output_dir, RECIPE_FILE))
-    run.trainer.train(resume_from_checkpoint=resume_from)
+    start_training(run.trainer, resume_from)
     final_dir = os.path.join(recipe.output_dir, FINAL_DIR)
     run.trainer.save_model(final_dir)  # on every rank: gathers ZeRO-3 shards; writes on the main process
     if run.trainer.is_world_process_zero():
