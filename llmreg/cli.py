@@ -35,10 +35,11 @@ COMMANDS = ("train", "importance", "validate", "list", "eval", "testbed", "expor
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     from llmreg.core.options import ConfigError
+    from llmreg.recipe.errors import one_line_config_warnings
 
     debug = getattr(args, "debug", False) or os.environ.get("LLMREG_DEBUG", "") not in ("", "0")
     with warnings.catch_warnings():
-        _one_line_config_warnings()
+        one_line_config_warnings()
         try:
             return args.func(args)
         except ConfigError as err:  # raised before anything loads, or by the boundary of building a run
@@ -48,25 +49,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exception(err)
             print(f"error: {err}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
-
-
-def _one_line_config_warnings() -> None:
-    """ConfigWarnings (a legal but absurd value) as one line `warning: ...`, each once per run (validation and
-    the regularizer's own build see the same value)."""
-    from llmreg.core.options import ConfigWarning
-
-    shown, default = set(), warnings.showwarning
-    warnings.simplefilter("always", ConfigWarning)
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if not issubclass(category, ConfigWarning):
-            return default(message, category, filename, lineno, file, line)
-        text = str(message)
-        if text.split(": ", 1)[-1] not in shown:
-            shown.add(text.split(": ", 1)[-1])
-            print(f"warning: {text}", file=sys.stderr)
-
-    warnings.showwarning = show
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -269,7 +251,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from llmreg.recipe.importance import refuse_importance_section
     from llmreg.recipe.preflight import load_and_check
-    from llmreg.recipe.run import train
+    from llmreg.recipe.run import skipped_note, train
     from llmreg.recipe.schema import StagedRecipe
     from llmreg.recipe.summary import run_lines, summary
 
@@ -277,7 +259,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if isinstance(recipe, StagedRecipe):
         return cmd_train_stages(args, recipe)
     refuse_importance_section(recipe, args.recipe)
-    _say(f"training {args.recipe}" + (f", resuming from {start}" if start else ""), *summary(recipe))
+    _say(
+        f"training {args.recipe}"
+        + (f", resuming from {start}{skipped_note(recipe.output_dir, start)}" if start else ""),
+        *summary(recipe),
+    )
     _say(*run_lines(train(recipe, overwrite=args.overwrite)))
     return 0
 
