@@ -58,7 +58,7 @@ class LfUOptions:
         "auxiliary component: reps (a steering vector per decoder layer) or lora (a zero-initialised LoRA "
         "perturbation of every decoder linear layer; under PEFT LoRA the trained adapter itself)",
     )
-    layers: list[int] = option([], "decoder layers whose outputs enter the consistency (default: all)", ge=0)
+    layers: list[int] = option([], "decoder layers whose outputs enter the consistency (default: all)")
     include_embeddings: bool = option(False, "also the embedding output (the official code does)")
     distance: Literal["mse_mean", "sq_l2_sum"] = option(
         "mse_mean",
