@@ -28,7 +28,7 @@ TRAINER_RANGES: dict[str, dict[str, Any]] = {
     "save_steps": _POSITIVE,
     "logging_steps": _POSITIVE,
     "eval_steps": _POSITIVE,
-    "save_total_limit": _AT_LEAST_ONE,
+    "save_total_limit": _NON_NEGATIVE,  # 0 or None: keep every checkpoint
     "warmup_steps": _NON_NEGATIVE,
     "warmup_ratio": _UNIT,
     "weight_decay": {"ge": 0, "warn_above": 10},
