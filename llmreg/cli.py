@@ -17,7 +17,8 @@ trainer does the distribution, and only rank 0 prints. A bad recipe exits with
 status 2 and one line `error: <message>` on stderr, before anything is loaded.
 A recipe with `stages:` trains its stages in turn (llmreg.recipe.stages); `validate` shows each stage.
 
-This module parses the arguments and dispatches: what each command does lives in llmreg.recipe (train,
+This module parses the arguments and dispatches to `llmreg.commands` (one thin function per command); what each
+command does lives in llmreg.recipe (train,
 validate, importance, the printed summaries), llmreg.eval.compare (eval), llmreg.eval.merge (merge),
 llmreg.pretrain (sweep, ensemble),
 llmreg.regularizers.multipliers.export (export) and llmreg.testbed (testbed).
@@ -26,8 +27,23 @@ llmreg.regularizers.multipliers.export (export) and llmreg.testbed (testbed).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from collections.abc import Sequence
+
+from llmreg.commands import (
+    cmd_ensemble,
+    cmd_eval,
+    cmd_export,
+    cmd_importance,
+    cmd_list,
+    cmd_merge,
+    cmd_sweep,
+    cmd_testbed,
+    cmd_train,
+    cmd_validate,
+)
 
 EXIT_CONFIG_ERROR = 2
 COMMANDS = ("train", "importance", "validate", "list", "eval", "testbed", "export", "merge", "sweep", "ensemble")
@@ -37,15 +53,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     from llmreg.core.options import ConfigError
     from llmreg.integrations.deepspeed import quiet_cpu_fallback_notice
-    from llmreg.recipe.errors import show_recipe_warnings_as_one_line
+    from llmreg.recipe.errors import one_line_config_warnings
 
-    show_recipe_warnings_as_one_line()
     quiet_cpu_fallback_notice()
-    try:
-        return args.func(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+    debug = getattr(args, "debug", False) or os.environ.get("LLMREG_DEBUG", "") not in ("", "0")
+    with warnings.catch_warnings():
+        one_line_config_warnings()
+        try:
+            return args.func(args)
+        except ConfigError as err:  # raised before anything loads, or by the boundary of building a run
+            if debug:
+                import traceback
+
+                traceback.print_exception(err)
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -113,6 +135,8 @@ def _add_importance(sub) -> None:
 def _add_validate(sub) -> None:
     validate = sub.add_parser("validate", help="check a recipe without loading a model or data")
     _recipe_args(validate)
+    validate.add_argument("--resume", action="store_true", help="check as `train --resume` would")
+    validate.add_argument("--overwrite", action="store_true", help="check as `train --overwrite` would")
     validate.set_defaults(func=cmd_validate)
 
 
@@ -244,6 +268,9 @@ def _launcher_args(parser: argparse.ArgumentParser) -> None:
     torchrun and accelerate set LOCAL_RANK instead. Accepted in either position and ignored: the trainer reads
     the environment."""
     parser.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks (also LLMREG_DEBUG=1)"
+    )
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -255,158 +282,6 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
         metavar="key=value",
         help="dotted overrides, e.g. trainer.learning_rate=1e-5 regularizers.0.lam=0.1",
     )
-
-
-def _say(*lines: str) -> None:
-    from llmreg.recipe.run import is_main_process
-
-    if is_main_process():
-        print("\n".join(lines), flush=True)
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    from llmreg.recipe import load_recipe
-    from llmreg.recipe.summary import describe
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    _say(f"ok: {args.recipe}", *describe(recipe))
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from llmreg.recipe import load_recipe
-    from llmreg.recipe.importance import refuse_importance_section
-    from llmreg.recipe.run import resume_checkpoint, train
-    from llmreg.recipe.schema import StagedRecipe
-    from llmreg.recipe.summary import run_lines, summary
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    if isinstance(recipe, StagedRecipe):
-        return cmd_train_stages(args, recipe)
-    refuse_importance_section(recipe, args.recipe)
-    if args.resume:
-        recipe.resume = True
-    resume_from = resume_checkpoint(recipe, args.overwrite)  # fail before anything loads
-    _say(f"training {args.recipe}" + (f", resuming from {resume_from}" if resume_from else ""), *summary(recipe))
-    _say(*run_lines(train(recipe, overwrite=args.overwrite)))
-    return 0
-
-
-def cmd_train_stages(args: argparse.Namespace, staged) -> int:
-    from llmreg.recipe.stages import plan_stages, run_stages
-    from llmreg.recipe.summary import staged_summary, stages_lines
-
-    if args.resume:
-        staged.resume = True
-    plan_stages(staged, args.overwrite)  # fail before anything loads
-    _say(f"training {args.recipe}: {len(staged.stages)} stages", *staged_summary(staged))
-    _say(*stages_lines(run_stages(staged, overwrite=args.overwrite)))
-    return 0
-
-
-def cmd_importance(args: argparse.Namespace) -> int:
-    from llmreg.recipe import load_recipe
-    from llmreg.recipe.importance import check_importance_recipe, phase2_lines, run_importance
-    from llmreg.recipe.summary import summary
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    if args.resume:
-        recipe.resume = True
-    resume_from = check_importance_recipe(recipe, args.recipe, args.overwrite)  # fail before anything loads
-    resuming = f", resuming from {resume_from}" if resume_from else ""
-    _say(f"recording {recipe.importance.method} importance with {args.recipe}{resuming}", *summary(recipe))
-    _say(*phase2_lines(recipe, run_importance(recipe, overwrite=args.overwrite)))
-    return 0
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    from llmreg.recipe.listing import registry_lines
-
-    print("\n".join(registry_lines(args.name)))
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from llmreg.eval.compare import check_limit, compare_to_base, pick_base, run_names
-    from llmreg.eval.suite import load_suite
-    from llmreg.recipe.models import check_model_path
-
-    check_limit(args.limit)
-    suite = load_suite(args.suite)
-    base, models = pick_base(args.model, args.base)
-    for path in [base, *models]:  # before anything loads: a typo should not cost a model load
-        check_model_path(path, "eval")
-    run_names(models, args.name)  # a wrong count of --name fails before anything loads
-    files = compare_to_base(
-        suite, args.suite, base, models, args.out, limit=args.limit, cache_dir=args.cache_dir, names=args.name
-    )
-    print("done: " + ", ".join(files))
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from llmreg.regularizers.multipliers.export import export_plain
-
-    result = export_plain(args.run_dir, args.out_dir, verify=args.verify, overwrite=args.overwrite)
-    check = (
-        f"; max |logit difference| {result.max_abs_logit_diff:.2e}"
-        if result.max_abs_logit_diff is not None
-        else "; not verified"
-    )
-    print(
-        f"done: merged the multipliers of {result.layers} layers from {result.source} into {result.out_dir}"
-        + (" (separate LM head: the embeddings are no longer tied)" if result.untied else "")
-        + check
-    )
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    from llmreg.eval.merge import merge, plan_merge
-
-    plan = plan_merge(args.base, args.tuned, args.alpha, args.out, overwrite=args.overwrite)  # before loading
-    print("done: " + ", ".join(merge(plan)))
-    return 0
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from llmreg.pretrain.sweep import plan_sweep, run_sweep
-
-    plan = plan_sweep(args.recipe, args.overrides, args.grid, out=args.out, overwrite=args.overwrite)
-    run_sweep(plan, overwrite=args.overwrite, say=_say)
-    return 0
-
-
-def cmd_ensemble(args: argparse.Namespace) -> int:
-    import json
-
-    from llmreg.eval.compare import check_limit
-    from llmreg.pretrain.ensemble_scores import member_folders
-
-    check_limit(args.limit)
-    members = member_folders(args.members)  # before anything loads
-    if args.recipe is not None:
-        from llmreg.pretrain.ensemble_scores import ensemble_validation, validation_lines, validation_recipe
-
-        recipe = validation_recipe(args.recipe, [*args.set, *args.overrides])
-        result = ensemble_validation(recipe, members, args.combine)
-        _say(*validation_lines(result))
-    else:
-        from llmreg.pretrain.ensemble_scores import ensemble_suite_scores
-
-        result = ensemble_suite_scores(args.suite, members, args.combine, args.limit)
-        _say(*(f"  {task}: {value:.4g}" for task, value in result["scores"].items()))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        _say(f"wrote {args.out}")
-    return 0
-
-
-def cmd_testbed(args: argparse.Namespace) -> int:
-    from llmreg.testbed.__main__ import main as testbed_main
-
-    return testbed_main(args.rest)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import yaml
 from llmreg.cli import main
 from llmreg.core.options import options_help
 from llmreg.core.registry import available
+from llmreg.integrations.checkpoints import COMPLETE_MARKER
 from llmreg.recipe import load_recipe
 from llmreg.recipe.callbacks import read_metrics
 
@@ -137,7 +138,8 @@ def test_list_shows_every_regularizer_with_its_options():
         block = lines[start + 1 : start + 1 + len(options_help(cls.options_cls))]
         for (opt, type_name, default, help_text), line in zip(options_help(cls.options_cls), block):
             assert line.strip() == f"{opt} ({type_name}, default {default!r}): {help_text}"
-    assert any(line.strip().startswith("lam (float, default 0.01)") for line in lines)
+    # the declared range is shown with the type
+    assert any(line.strip().startswith("lam (float, >= 0, default 0.01)") for line in lines)
     one = cli("list", "l2_sp")
     assert one.returncode == 0 and "l2_sp: " in one.stdout and "weight_decay" not in one.stdout
     typo = cli("list", "l2sp")
@@ -247,8 +249,15 @@ def test_train_under_torchrun_two_processes(tmp_path, deepspeed):
     assert result.stdout.count("done: 3 steps") == 1  # only rank 0 prints
     for rank in (0, 1):
         assert (out / "checkpoint-3" / "llmreg_regularizers" / f"rank{rank}.pt").is_file()
+    assert (out / "checkpoint-3" / COMPLETE_MARKER).is_file()  # written after both ranks' pieces
     assert (out / "final" / "model.safetensors").is_file()
     assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl")) if "loss" in r] == [1, 2, 3]
+    if deepspeed:  # both ranks pick and agree on the newest complete checkpoint, skipping a half-written one
+        (out / "checkpoint-5").mkdir()
+        again = _torchrun("train", str(tmp_path / "tiny.yaml"), "trainer.max_steps=6", "--resume", *extra)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"resuming from {out / 'checkpoint-3'} (skipping incomplete checkpoint-5" in again.stdout
+        assert (out / "checkpoint-6" / COMPLETE_MARKER).is_file() and not (out / "checkpoint-5").exists()
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from llmreg.core.options import ConfigError
+from llmreg.integrations.checkpoints import COMPLETE_MARKER
 from llmreg.recipe import apply_overrides, build_run, dump_recipe, load_recipe, validate_recipe
 from llmreg.recipe.callbacks import MetricsJsonlCallback, read_metrics
 from llmreg.recipe.run import resume_checkpoint, train
@@ -442,9 +443,9 @@ def test_build_time_errors_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="vocab_size: 50 is smaller than the tokenizer"):
         build_run(recipe)
     (tmp_path / "d.jsonl").write_text('{"question": "x"}\n')
-    recipe = validate_recipe(tiny_recipe(tmp_path, trainer={"kind": "hf"}, data={"train": str(tmp_path / "d.jsonl")}))
-    with pytest.raises(ConfigError, match="trains on a 'text' column"):
-        build_run(recipe)
+    # a missing column is now refused by validation, before anything loads (tests/test_bad_input.py)
+    with pytest.raises(ConfigError, match="data.train: trainer kind 'hf' needs a 'text' column, found"):
+        validate_recipe(tiny_recipe(tmp_path, trainer={"kind": "hf"}, data={"train": str(tmp_path / "d.jsonl")}))
 
 
 # -- resume rules and the metrics file --------------------------------------------------------------
@@ -455,6 +456,9 @@ def test_resume_rules(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint in"):
         resume_checkpoint(recipe)
     (tmp_path / "out" / "checkpoint-4").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"no complete checkpoint \(only incomplete ones: checkpoint-4\)"):
+        resume_checkpoint(recipe)  # no completion marker: a run killed while saving it
+    (tmp_path / "out" / "checkpoint-4" / COMPLETE_MARKER).write_text("{}")
     assert resume_checkpoint(recipe) == str(tmp_path / "out" / "checkpoint-4")
     with pytest.raises(ConfigError, match="resume and overwrite exclude each other"):
         resume_checkpoint(recipe, overwrite=True)

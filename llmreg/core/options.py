@@ -13,11 +13,46 @@ import difflib
 import enum
 import types
 import typing
+import warnings
 from typing import Any, Union
 
 
 class ConfigError(ValueError):
     """A bad recipe or option value. The message is one line, meant for users."""
+
+
+class ConfigWarning(UserWarning):
+    """A legal but probably mistaken value (lam=1e30); the CLI prints it as one line `warning: ...`."""
+
+
+BOUND_KEYS = ("ge", "gt", "le", "lt")
+_BOUND_OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b)}
+_BOUND_OPS.update({"le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)})
+
+
+def range_text(bounds: dict[str, Any]) -> str:
+    """'>= 0', 'in [0, 1]', 'in (0, 1)', ... for the `ge`/`gt`/`le`/`lt` entries of `bounds` ('' for none)."""
+    low = next(((k, bounds[k]) for k in ("ge", "gt") if bounds.get(k) is not None), None)
+    high = next(((k, bounds[k]) for k in ("le", "lt") if bounds.get(k) is not None), None)
+    if low and high:
+        return f"in {'[' if low[0] == 'ge' else '('}{low[1]:g}, {high[1]:g}{']' if high[0] == 'le' else ')'}"
+    one = low or high
+    return f"{_BOUND_OPS[one[0]][0]} {one[1]:g}" if one else ""
+
+
+def check_range(value: Any, bounds: dict[str, Any], key: str, where: str, warn: bool = True) -> None:
+    """Raise a ConfigError naming `key` when a number (or an item of a list) of `value` is out of `bounds`;
+    warn (ConfigWarning) when it is above `bounds["warn_above"]`. None and non-numbers pass."""
+    items = list(value.values()) if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue
+        if any(bounds.get(k) is not None and not _BOUND_OPS[k][1](item, bounds[k]) for k in BOUND_KEYS):
+            raise ConfigError(f"{where}: {key} must be {range_text(bounds)}, got {item!r}")
+        if warn and bounds.get("warn_above") is not None and item > bounds["warn_above"]:
+            warnings.warn(
+                f"{where}: {key}={item!r} is beyond {bounds['warn_above']:g}; is that meant?", ConfigWarning, 2
+            )
 
 
 def closest(name: str, valid: typing.Iterable[str]) -> str | None:
@@ -146,12 +181,33 @@ def check_mapping(cls: type, values: dict[str, Any], where: str) -> dict[str, An
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {values!r}")
     types_by_name = {name: tp for name, tp in field_types(cls).items() if not name.startswith("_")}
+    bounds = field_bounds(cls)
     checked = {}
     for key, value in values.items():
         if key not in types_by_name:
             raise unknown_key_error(key, types_by_name, where)
         checked[key] = check_value(value, types_by_name[key], f"{where}.{key}")
+        check_range(checked[key], bounds.get(key, {}), key, where)
     return checked
+
+
+def field_bounds(cls: type) -> dict[str, dict[str, Any]]:
+    """The declared range (`ge`/`gt`/`le`/`lt`/`warn_above` metadata, see llmreg.core.regularizer.option) of
+    each field of dataclass `cls` that has one."""
+    keys = (*BOUND_KEYS, "warn_above")
+    out = {}
+    for f in dataclasses.fields(cls):
+        bounds = {k: f.metadata[k] for k in keys if k in f.metadata}
+        if bounds:
+            out[f.name] = bounds
+    return out
+
+
+def check_fields_in_range(obj: Any) -> None:
+    """Check the declared ranges of a dataclass instance built directly (not through check_mapping), e.g. from
+    an options class's `__post_init__`; raises ValueError (ConfigError) naming the field."""
+    for name, bounds in field_bounds(type(obj)).items():
+        check_range(getattr(obj, name), bounds, name, type(obj).__name__, warn=False)
 
 
 def build_options(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -173,5 +229,7 @@ def options_help(cls: type) -> list[tuple[str, str, Any, str]]:
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = "(required)"
-        rows.append((f.name, _type_name(field_types(cls)[f.name]), default, f.metadata.get("help", "")))
+        type_name = _type_name(field_types(cls)[f.name])
+        rng = range_text(f.metadata)
+        rows.append((f.name, f"{type_name}, {rng}" if rng else type_name, default, f.metadata.get("help", "")))
     return rows

@@ -198,8 +198,24 @@ class Regularizer:
         return f"{type(self).__name__}({opts})"
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with help text, for regularizer options."""
+def option(
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    warn_above: float | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A dataclass field with help text, for regularizer options.
+
+    `ge` / `gt` / `le` / `lt` bound a numeric value (each item of a list), checked before anything loads
+    (llmreg.core.options.check_range) and shown by `llmreg list`; `warn_above`: a legal value beyond it is
+    probably a typo (lam=1e30) and gets a one-line warning."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("warn_above", warn_above))}
+    metadata = {"help": help, **{k: v for k, v in bounds.items() if v is not None}}
     if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)

@@ -19,7 +19,8 @@ Where each hook of `regularizer.py` is called from:
   without DeepSpeed (before the Trainer clips), from the backward shim under
   DeepSpeed (before `engine.step()` clips and steps);
 - `post_step`: the `on_optimizer_step` callback;
-- metrics: `log`; state: `_save_checkpoint`, per rank.
+- metrics: `log`; state: `_save_checkpoint`, per rank, then the checkpoint's completion marker
+  (llmreg.integrations.checkpoints), written last by every trainer, empty stack included.
 
 With an empty stack every override delegates straight to the parent, so the
 trainer behaves exactly like it (tested for all four trainers).
@@ -33,11 +34,13 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+import llmreg.core.dist as dist
 from llmreg.core.anatomy import is_peft
 from llmreg.core.options import ConfigError
 from llmreg.core.regularizer import LossContext
 from llmreg.core.shards import ShardAccess, zero_stage_of
 from llmreg.core.stack import RegularizerStack
+from llmreg.integrations.checkpoints import mark_complete
 from llmreg.integrations.deepspeed import check_deepspeed_config, install_pre_step_shim
 
 STATE_DIR = "llmreg_regularizers"
@@ -104,6 +107,8 @@ class RegularizedTrainerMixin:
 
     # -- preparation and resume ---------------------------------------------------------
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if resume_from_checkpoint is not None:  # every rank must load the same checkpoint
+            dist.check_same_on_every_rank([os.path.basename(str(resume_from_checkpoint))], "resume checkpoint")
         if len(self.reg_stack) and resume_from_checkpoint is not None:
             # fails before the parent loads optimizer state; a saved frozen set is back before the optimizer exists
             self._reg_load_state(resume_from_checkpoint, early=True)
@@ -146,12 +151,22 @@ class RegularizedTrainerMixin:
         self.reg_stack.load_state_dict(saved["state"], early=early)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if len(self.reg_stack):
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-            run_dir = self._get_output_dir(trial=trial)
-            self._reg_save_state(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
+        # old checkpoints are rotated out only once the new one is complete (a crash in between keeps one)
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if len(self.reg_stack):
+            self._reg_save_state(checkpoint_dir)
+        mark_complete(checkpoint_dir, self.state.global_step, is_writer=self.args.should_save)  # last
+        if limit is not None and self.args.should_save:
+            best = self.state.best_model_checkpoint
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=best, use_mtime=True)
 
     # -- per-step hooks -----------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

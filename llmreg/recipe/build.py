@@ -18,7 +18,7 @@ import torch
 from llmreg.core.options import ConfigError
 from llmreg.recipe.callbacks import MetricsJsonlCallback
 from llmreg.recipe.data_modes import recipe_data_mode
-from llmreg.recipe.errors import reraise_at_recipe_key
+from llmreg.recipe.errors import at_recipe_key, reraise_at_recipe_key
 from llmreg.recipe.models import build_model, build_tokenizer, convert_gguf
 from llmreg.recipe.schema import Recipe, trainer_config_class
 from llmreg.recipe.sources import load_source
@@ -38,25 +38,37 @@ def build_run(recipe: Recipe, extra_regularizers: list | None = None) -> Run:
     """Everything `trainer.train()` needs; loads the tokenizer, the data and the model.
 
     `extra_regularizers`: objects appended to the recipe's regularizers (built by the caller)."""
-    init_distributed_for_deepspeed(recipe)
-    args = build_training_args(recipe)
-    convert_gguf(recipe, args)
-    tokenizer = build_tokenizer(recipe.tokenizer)
+    with at_recipe_key("trainer.deepspeed"):
+        init_distributed_for_deepspeed(recipe)
+    with at_recipe_key("trainer"):
+        args = build_training_args(recipe)
+    with at_recipe_key("model.gguf_file"):  # de-quantised once into the cache (main process first)
+        convert_gguf(recipe, args)
+    with at_recipe_key("tokenizer"):
+        tokenizer = build_tokenizer(recipe.tokenizer)
+    train_ds, eval_ds = build_datasets(recipe, tokenizer, args)
+    with at_recipe_key("model"):
+        model = build_model(recipe, tokenizer, args)
+    with at_recipe_key("trainer"):  # the trainers prepare (tokenize) the data and run the regularizers' setup
+        trainer = build_trainer(recipe, args, model, tokenizer, train_ds, eval_ds, extra_regularizers)
+    return Run(recipe=recipe, args=args, tokenizer=tokenizer, trainer=trainer)
+
+
+def build_datasets(recipe: Recipe, tokenizer, args) -> tuple[Any, Any]:
+    """The train and eval datasets (eval None when the recipe has none), each failure named by its data key."""
     mode = recipe_data_mode(recipe)
     if mode is not None:  # e.g. packed blocks of a fixed token budget (data.pretrain, registered by llmreg.pretrain)
-        train_ds, eval_ds = mode.build_datasets(recipe, tokenizer, args)
-    else:
-        train_ds = prepare_dataset(
-            load_source(recipe.data.train, recipe.trainer.kind, "train"), recipe, tokenizer, args
-        )
-        eval_ds = None
-        if recipe.data.eval is not None:
-            eval_ds = prepare_dataset(
-                load_source(recipe.data.eval, recipe.trainer.kind, "eval"), recipe, tokenizer, args
+        with at_recipe_key("data.pretrain"):
+            return mode.build_datasets(recipe, tokenizer, args)
+    out = []
+    for role, spec in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+        with at_recipe_key(f"data.{role}"):
+            out.append(
+                None
+                if spec is None
+                else prepare_dataset(load_source(spec, recipe.trainer.kind, role), recipe, tokenizer, args)
             )
-    model = build_model(recipe, tokenizer, args)
-    trainer = build_trainer(recipe, args, model, tokenizer, train_ds, eval_ds, extra_regularizers)
-    return Run(recipe=recipe, args=args, tokenizer=tokenizer, trainer=trainer)
+    return out[0], out[1]
 
 
 def init_distributed_for_deepspeed(recipe: Recipe) -> None:

@@ -48,3 +48,14 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value if isinstance(value, (int, float, str, bool, type(None), list, dict)) else str(value)
+
+
+class TrainBeginProbe(TrainerCallback):
+    """Notes `on_train_begin`, which the Trainer calls after it built the optimizer and scheduler and loaded a
+    checkpoint: an exception before it is a failure to start the run (llmreg.recipe.run.start_training)."""
+
+    def __init__(self) -> None:
+        self.begun = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.begun = True

@@ -28,6 +28,7 @@ from typing import Any
 
 from llmreg.core.options import ConfigError
 from llmreg.recipe.data_modes import recipe_data_mode
+from llmreg.recipe.errors import one_line
 from llmreg.recipe.loader import dump_recipe
 from llmreg.recipe.schema import Recipe
 
@@ -63,28 +64,60 @@ def checkpoints_in(output_dir: str) -> list[str]:
     return sorted(found, key=lambda d: int(d.split("-")[1]))
 
 
-def resume_checkpoint(recipe: Recipe, overwrite: bool = False) -> str | None:
-    """The checkpoint to resume from (None for a fresh run); a ConfigError where neither is possible."""
-    from transformers.trainer_utils import get_last_checkpoint
+def split_checkpoints(output_dir: str) -> tuple[list[str], list[str]]:
+    """(complete, incomplete) checkpoint-N names in `output_dir`, by step; a checkpoint is complete once its
+    marker is written, after all its pieces (llmreg.integrations.checkpoints)."""
+    from llmreg.integrations.checkpoints import is_complete
 
+    found = checkpoints_in(output_dir)
+    complete = [c for c in found if is_complete(os.path.join(output_dir, c))]
+    return complete, [c for c in found if c not in complete]
+
+
+def skipped_checkpoints(output_dir: str, resume_from: str) -> list[str]:
+    """The incomplete checkpoints after `resume_from` (a run killed while saving them), which resuming skips."""
+    step = int(os.path.basename(resume_from).split("-")[1])
+    return [c for c in split_checkpoints(output_dir)[1] if int(c.split("-")[1]) > step]
+
+
+def skipped_note(output_dir: str, resume_from: str) -> str:
+    """' (skipping incomplete checkpoint-9, ...)' for the resume message, or ''."""
+    skipped = skipped_checkpoints(output_dir, resume_from)
+    return f" (skipping incomplete {', '.join(skipped)}: the run stopped while saving)" if skipped else ""
+
+
+def resume_checkpoint(recipe: Recipe, overwrite: bool = False) -> str | None:
+    """The checkpoint to resume from: the newest complete one (None for a fresh run); a ConfigError where
+    neither is possible."""
     if overwrite:
         if recipe.resume:
             raise ConfigError("resume and overwrite exclude each other: continue the earlier run or replace it")
         return None
-    last = get_last_checkpoint(recipe.output_dir) if os.path.isdir(recipe.output_dir) else None
+    complete, incomplete = split_checkpoints(recipe.output_dir)
     if recipe.resume:
-        if last is None:
-            raise ConfigError(
-                f"resume: no checkpoint in {recipe.output_dir} to resume from; train without --resume first"
+        if not complete:
+            what = (
+                f"complete checkpoint (only incomplete ones: {', '.join(incomplete)})" if incomplete else "checkpoint"
             )
-        return last
-    if last is not None:
+            raise ConfigError(f"resume: no {what} in {recipe.output_dir} to resume from; train without --resume first")
+        return os.path.join(recipe.output_dir, complete[-1])
+    if complete or incomplete:
         raise ConfigError(
-            f"output_dir {recipe.output_dir} already holds {os.path.basename(last)} from an earlier "
+            f"output_dir {recipe.output_dir} already holds {(complete or incomplete)[-1]} from an earlier "
             "run: add --resume to continue it, --overwrite to replace it, or set "
             "output_dir=<another dir>"
         )
     return None
+
+
+def drop_skipped_checkpoints(output_dir: str, resume_from: str) -> list[str]:
+    """Delete the incomplete checkpoints after `resume_from` (main process): the resumed run writes them again
+    at the same steps, and a half-written one must not outlive it or be counted by save_total_limit."""
+    skipped = skipped_checkpoints(output_dir, resume_from)
+    if is_main_process():
+        for name in skipped:
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    return skipped
 
 
 def clear_previous_run(output_dir: str) -> None:
@@ -98,6 +131,27 @@ def clear_previous_run(output_dir: str) -> None:
             shutil.rmtree(path)
         elif os.path.isfile(path):
             os.remove(path)
+
+
+def start_training(trainer: Any, resume_from: str | None) -> None:
+    """`trainer.train(...)` behind the error boundary of starting a run: an exception before the first step
+    (optimizer construction, loading the checkpoint, the regularizers' on_prepared) is a one-line ConfigError
+    naming `resume` or `trainer`; one raised later during training propagates unchanged."""
+    from llmreg.recipe.callbacks import TrainBeginProbe
+
+    probe = TrainBeginProbe()
+    trainer.add_callback(probe)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except (ConfigError, AssertionError):  # already one line / a bug that keeps its traceback
+        raise
+    except Exception as err:
+        if probe.begun:
+            raise
+        where = "resume" if resume_from else "trainer"
+        raise ConfigError(f"{where}: {type(err).__name__}: {one_line(err)}") from err
+    finally:
+        trainer.remove_callback(probe)
 
 
 def train(recipe: Recipe, overwrite: bool = False, extra_regularizers: list | None = None) -> RunResult:
@@ -114,11 +168,15 @@ def train(recipe: Recipe, overwrite: bool = False, extra_regularizers: list | No
     resume_from = resume_checkpoint(recipe, overwrite)
     if overwrite and is_main_process():  # before build_run: a DPO/GRPO run writes init/ there
         clear_previous_run(recipe.output_dir)
+    if resume_from is not None:
+        skipped = drop_skipped_checkpoints(recipe.output_dir, resume_from)
+        if skipped and is_main_process():
+            print(f"resuming from {os.path.basename(resume_from)}; removed incomplete {', '.join(skipped)}", flush=True)
     run = build_run(recipe, extra_regularizers=extra_regularizers)
     if is_main_process():
         os.makedirs(recipe.output_dir, exist_ok=True)
         dump_recipe(recipe, os.path.join(recipe.output_dir, RECIPE_FILE))
-    run.trainer.train(resume_from_checkpoint=resume_from)
+    start_training(run.trainer, resume_from)
     final_dir = os.path.join(recipe.output_dir, FINAL_DIR)
     run.trainer.save_model(final_dir)  # on every rank: gathers ZeRO-3 shards; writes on the main process
     if run.trainer.is_world_process_zero():

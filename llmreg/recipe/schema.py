@@ -71,12 +71,12 @@ class SourceSpec:
     path: str
     split: str | None = None  # for hub datasets and DatasetDict directories
     subset: str | None = None  # hub dataset configuration name
-    max_examples: int | None = None  # keep the first N rows
+    max_examples: int | None = field(default=None, metadata={"ge": 1})  # keep the first N rows
     text_field: str | None = None  # column renamed to "text" (kinds hf and sft)
     # columns renamed to "prompt" / "completion" (SFT on prompt-completion pairs, e.g. GSM8K question -> answer)
     prompt_field: str | None = None
     completion_field: str | None = None
-    num_examples: int | None = None  # builtin only (validation fills in 1000)
+    num_examples: int | None = field(default=None, metadata={"ge": 1})  # builtin only (validation fills in 1000)
     seed: int | None = None  # builtin only (validation fills in 0 for train, 1 for eval)
 
     @property

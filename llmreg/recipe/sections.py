@@ -25,11 +25,13 @@ from typing import Any
 from llmreg.core.options import ConfigError, check_mapping, closest, field_types
 from llmreg.integrations.deepspeed import check_deepspeed_config, load_deepspeed_config
 from llmreg.recipe.chat_template import validate_chat_template_path
+from llmreg.recipe.data_checks import check_recipe_data
 from llmreg.recipe.data_modes import data_mode
 from llmreg.recipe.errors import reraise_at_recipe_key, warn_recipe
 from llmreg.recipe.gguf import resolve_gguf_spec
 from llmreg.recipe.importance_spec import validate_importance
 from llmreg.recipe.paths import looked_for, looks_local, resolve_path
+from llmreg.recipe.ranges import check_trainer_ranges
 from llmreg.recipe.schema import (
     BUILTIN_TOKENIZERS,
     DTYPES,
@@ -113,6 +115,7 @@ def validate_run_recipe(raw: Any, recipe_path: str | None = None) -> Recipe:
     )
     if mode is not None:
         mode.check_recipe(recipe)
+    check_recipe_data(recipe)  # opens each source's first rows; loads the tokenizer only for chat data
     return recipe
 
 
@@ -217,6 +220,7 @@ def validate_trainer(section: dict, recipe_dir: str | None, seed: int, has_eval:
     config_cls = trainer_config_class(kind)
     args = check_mapping(config_cls, section, "trainer")
     _check_enum_strings(config_cls, args)
+    check_trainer_ranges(args)
     if args.get("deepspeed") is not None:
         args["deepspeed"] = _validate_deepspeed(args["deepspeed"], recipe_dir)
     if args.get("chat_template_path") is not None:  # an SFTConfig field (TRL)

@@ -168,8 +168,8 @@ def trainable_fraction(named_sizes: dict[str, int], frozen: set[str]) -> float:
 
 @dataclass
 class HalfFTOptions:
-    seed: int = option(0, "selection seed; the draw depends on (seed, stage) only")
-    stage: int = option(0, "stage index of a multi-stage recipe (filled in by `stages:`); each stage draws anew")
+    seed: int = option(0, "selection seed; the draw depends on (seed, stage) only", ge=0)
+    stage: int = option(0, "stage index of a multi-stage recipe (filled in by `stages:`); each stage draws anew", ge=0)
     balance: Literal["count", "params"] = option(
         "count",
         "count: freeze half of each category's matrices (paper); params: subsets closest to half the "

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llmreg.core import anatomy, dist
-from llmreg.core.options import ConfigError
+from llmreg.core.options import ConfigError, check_fields_in_range
 from llmreg.core.registry import register
 from llmreg.core.regularizer import LossContext, Order, Regularizer, Requirements, option
 from llmreg.core.running_mean import RunningMean
@@ -142,20 +142,17 @@ def partition_for_inference(model: torch.nn.Module, trainer: Any) -> torch.nn.Mo
 
 @dataclass
 class KLToBaseOptions:
-    lam: float = option(0.1, "strength of the KL term (no paper default: sweep it)")
+    lam: float = option(0.1, "strength of the KL term (no paper default: sweep it)", ge=0, warn_above=1e6)
     direction: Literal["forward", "reverse"] = option(
         "forward", "forward: KL(p_base || p_theta) (RL's Razor); reverse: KL(p_theta || p_base)"
     )
     tokens: Literal["all", "completion"] = option(
         "all", "all: every position that predicts a real token; completion: only trained ones (labels != -100)"
     )
-    chunk_size: int = option(1024, "positions whose [positions x vocab] fp32 logits are formed at a time")
+    chunk_size: int = option(1024, "positions whose [positions x vocab] fp32 logits are formed at a time", ge=1)
 
     def __post_init__(self) -> None:
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        check_fields_in_range(self)  # the declared ranges, also when the options are built directly
 
 
 @register("kl_to_base")

@@ -40,7 +40,9 @@ def l2_sp_grad(theta: torch.Tensor, anchor: torch.Tensor, lam: float) -> torch.T
 
 @dataclass
 class L2SPOptions:
-    lam: float = option(0.01, "strength of the pull toward the start: penalty lam/2 * ||theta - theta_0||^2")
+    lam: float = option(
+        0.01, "strength of the pull toward the start: penalty lam/2 * ||theta - theta_0||^2", ge=0, warn_above=1e6
+    )
     exclude: list[str] = option([], "regexes of parameter names that are not pulled (e.g. a new head)")
 
 

@@ -48,10 +48,12 @@ def split_by_decay(
 
 @dataclass
 class WeightDecayOptions:
-    weight_decay: float | None = option(None, "decay of the decayed group; None takes the trainer's weight_decay")
+    weight_decay: float | None = option(
+        None, "decay of the decayed group; None takes the trainer's weight_decay", ge=0, warn_above=10
+    )
     decay: list[str] = option([], "regexes of parameter names that always decay (checked first)")
     no_decay: list[str] = option(list(DEFAULT_NO_DECAY), "regexes of parameter names that never decay")
-    min_ndim: int = option(2, "tensors with fewer dimensions (biases, norm gains) do not decay")
+    min_ndim: int = option(2, "tensors with fewer dimensions (biases, norm gains) do not decay", ge=0)
 
 
 @register("weight_decay")

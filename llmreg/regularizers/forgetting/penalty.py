@@ -62,6 +62,8 @@ class ForgettingPenaltyOptions:
         None,
         "penalty weight lambda; default by importance: si 1e-3 (paper and code), "
         "ewc 0.5 (the code's EWC baseline), l2sp 0.005 (= l2_sp's lam 0.01 / 2)",
+        ge=0,
+        warn_above=1e6,
     )
     layer_weighting: Literal["softmax", "uniform", "none"] | None = option(
         None,
@@ -69,7 +71,7 @@ class ForgettingPenaltyOptions:
         "none for ewc and l2sp",
     )
     layer_temperature: float = option(
-        1e-8, "c inside the layer softmax (code: 1e-8); retune when a_l is one-hot or flat"
+        1e-8, "c inside the layer softmax (code: 1e-8); retune when a_l is one-hot or flat", ge=0
     )
     targets: list[str] = option(
         [], "regexes of weight names to regularise; default: the 2-D weights of the decoder layers"

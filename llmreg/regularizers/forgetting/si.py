@@ -39,7 +39,9 @@ from llmreg.regularizers.forgetting.targets import base_name, default_selector, 
 class SIImportanceOptions:
     targets: list[str] = option([], "regexes of weight names to record; default: the 2-D weights of the decoder layers")
     exclude: list[str] = option([], "regexes of weight names left out")
-    xi: float = option(1e-9, "damping in the fold Omega = omega / (Delta^2 + xi) (code 1e-9; SI papers 1e-3 or 0.1)")
+    xi: float = option(
+        1e-9, "damping in the fold Omega = omega / (Delta^2 + xi) (code 1e-9; SI papers 1e-3 or 0.1)", ge=0
+    )
     fold: Literal["end", "epoch"] = option("end", "fold once at the end | at every epoch end (code)")
     omega_clamp: Literal["fold", "step", "none"] = option(
         "fold", "clamp omega at 0 when folding | after every step (code) | never (canonical SI)"

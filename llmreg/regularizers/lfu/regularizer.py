@@ -13,7 +13,7 @@ import torch
 
 import llmreg.core.dist as dist
 from llmreg.core.anatomy import decoder, is_deepspeed_engine, label_token_count, layer_list
-from llmreg.core.options import ConfigError
+from llmreg.core.options import ConfigError, check_fields_in_range
 from llmreg.core.registry import register
 from llmreg.core.regularizer import Order, Regularizer, Requirements, option
 from llmreg.core.running_mean import RunningMean
@@ -49,8 +49,10 @@ PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 @dataclass
 class LfUOptions:
-    lam: float = option(5.0, "consistency weight lambda (paper Table 5: 5; 0.1 and 1 score below plain SFT)")
-    alpha: float = option(0.1, "ascent step size on the normalised gradient (paper: 0.1)")
+    lam: float = option(
+        5.0, "consistency weight lambda (paper Table 5: 5; 0.1 and 1 score below plain SFT)", ge=0, warn_above=1e6
+    )
+    alpha: float = option(0.1, "ascent step size on the normalised gradient (paper: 0.1)", ge=0)
     aux: Literal["reps", "lora"] = option(
         "reps",
         "auxiliary component: reps (a steering vector per decoder layer) or lora (a zero-initialised LoRA "
@@ -69,24 +71,21 @@ class LfUOptions:
         "random batch of the training set (official code)",
     )
     sync_ascent_grad: bool = option(False, "all-reduce the ascent gradient so every rank uses the same delta")
-    aux_lora_rank: int = option(8, "rank r of the full fine-tuning LoRA perturbation")
-    aux_lora_alpha: float = option(16.0, "LoRA alpha of the perturbation; scale s = alpha / r")
+    aux_lora_rank: int = option(8, "rank r of the full fine-tuning LoRA perturbation", ge=1)
+    aux_lora_alpha: float = option(16.0, "LoRA alpha of the perturbation; scale s = alpha / r", gt=0)
     aux_lora_targets: list[str] = option(
         [], "regexes of the linear modules that get a perturbation (default: every nn.Linear of the decoder layers)"
     )
-    grad_norm_eps: float = option(1e-12, "added to the ascent gradient's norm")
+    grad_norm_eps: float = option(1e-12, "added to the ascent gradient's norm", ge=0)
     exec: Literal["auto", "retain", "stacked"] = option(
         "auto",
         "auto: stacked when activation checkpointing is on and the LoRA hooks sit inside the checkpointed "
         "layers, else retain",
     )
-    seed: int = option(0, "seed of the fixed A factors (aux lora, full fine-tuning) and of the fresh batches")
+    seed: int = option(0, "seed of the fixed A factors (aux lora, full fine-tuning) and of the fresh batches", ge=0)
 
     def __post_init__(self) -> None:
-        if self.lam < 0 or self.alpha < 0:
-            raise ValueError("lam and alpha must be >= 0")
-        if self.aux_lora_rank < 1:
-            raise ValueError("aux_lora_rank must be >= 1")
+        check_fields_in_range(self)  # the declared ranges, also when the options are built directly
 
 
 @register("lfu")

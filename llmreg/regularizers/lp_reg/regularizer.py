@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-from llmreg.core.options import ConfigError
+from llmreg.core.options import ConfigError, check_fields_in_range
 from llmreg.core.registry import register
 from llmreg.core.regularizer import Order, Regularizer, Requirements, option
 from llmreg.integrations import trl as trl_internals
@@ -29,17 +29,17 @@ from llmreg.regularizers.lp_reg.formulas import (
 
 @dataclass
 class LpRegOptions:
-    minp_kappa: float = option(0.02, "min-p ratio kappa: the proxy keeps tokens with p >= kappa * p_max")
+    minp_kappa: float = option(0.02, "min-p ratio kappa: the proxy keeps tokens with p >= kappa * p_max", gt=0, lt=1)
     rho: float = option(
-        0.01, "share of the negative-advantage tokens, lowest probability first, that can be regularised"
+        0.01, "share of the negative-advantage tokens, lowest probability first, that can be regularised", ge=0, le=1
     )
-    beta: float = option(1.0, "penalty coefficient")
+    beta: float = option(1.0, "penalty coefficient", ge=0, warn_above=1e6)
     estimator: Literal["k3", "full_kl"] = option(
         "k3",
         "k3: per-token estimate at the sampled token (the code); full_kl: KL(proxy || policy) over "
         "the vocabulary at the selected positions (package option, on-policy, not ZeRO-3)",
     )
-    k3_clamp: float | None = option(10.0, "clamp of the k3 value (the code's 10); null: no clamp")
+    k3_clamp: float | None = option(10.0, "clamp of the k3 value (the code's 10); null: no clamp", gt=0)
     scope: Literal["global", "micro_batch"] = option(
         "global", "global: threshold over the whole generation batch (paper); micro_batch: the code's k-lowest rule"
     )
@@ -47,24 +47,16 @@ class LpRegOptions:
     filter_before_temperature: bool = option(False, "filter the raw logits before dividing by T (the code)")
     minp_inclusive: bool = option(True, "keep p >= kappa * p_max (the code); False: p > kappa * p_max (the paper)")
     soft_fill: bool = option(False, "minp_soft: filtered logits set to the row minimum instead of removed")
-    rho_pos: float = option(0.0, "also regularise this share of the lowest-probability positive-advantage tokens")
+    rho_pos: float = option(
+        0.0, "also regularise this share of the lowest-probability positive-advantage tokens", ge=0, le=1
+    )
     reverse_kl: bool = option(False, "k3 of KL(policy || proxy) instead (the paper's worse Fig. 10 ablation)")
     chunk_size: int = option(
-        DEFAULT_CHUNK_ROWS, "rows of [rows x vocab] fp32 logits formed at a time in the proxy pass"
+        DEFAULT_CHUNK_ROWS, "rows of [rows x vocab] fp32 logits formed at a time in the proxy pass", ge=1
     )
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.minp_kappa < 1.0:
-            raise ValueError(f"minp_kappa must be in (0, 1), got {self.minp_kappa}")
-        for name in ("rho", "rho_pos"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.beta < 0.0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.k3_clamp is not None and self.k3_clamp <= 0:
-            raise ValueError(f"k3_clamp must be positive or null, got {self.k3_clamp}")
+        check_fields_in_range(self)  # the declared ranges, also when the options are built directly
 
 
 @register("lp_reg")

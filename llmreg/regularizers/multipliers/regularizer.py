@@ -63,19 +63,19 @@ class MultipliersOptions:
         "all: row+column multipliers on every decoder-block linear and the input embedding (paper default); "
         "symmetry_aware: the paper's redundancy-free table (App. C); scalar: one scalar per matrix; none: ablation",
     )
-    weight_decay: float = option(2e-3, "decoupled weight decay of the multipliers (paper Sec. 4.1)")
-    lr_scale: float = option(1.0, "learning rate of the multipliers relative to the trainer's")
+    weight_decay: float = option(2e-3, "decoupled weight decay of the multipliers (paper Sec. 4.1)", ge=0)
+    lr_scale: float = option(1.0, "learning rate of the multipliers relative to the trainer's", ge=0, warn_above=1e3)
     init: Literal["ones", "mup"] = option(
         "ones", "ones: identity at the start; mup: start from `mup_values` (tuned muP forward multipliers)"
     )
-    mup_values: dict[str, float] = option({}, "with init=mup: {module name: value}, e.g. {q_proj: 0.5}")
+    mup_values: dict[str, float] = option({}, "with init=mup: {module name: value}, e.g. {q_proj: 0.5}", gt=0)
     dtype: Literal["float32", "bfloat16"] = option("float32", "storage dtype of the multipliers")
     clip: Literal["exclude", "separate", "include"] = option(
         "exclude",
         "exclude: global clipping skips the multipliers (paper); separate: clip them by their own norm; "
         "include: ordinary global clipping (the paper warns against it)",
     )
-    max_grad_norm: float = option(1.0, "with clip=separate: the multipliers' clip threshold")
+    max_grad_norm: float = option(1.0, "with clip=separate: the multipliers' clip threshold", gt=0)
     lm_head: bool = option(False, "per-logit row multipliers on the LM head (hurt in the paper)")
     tied_embeddings: Literal["skip", "untie"] = option(
         "skip", "tied embeddings: skip embedding multipliers, or keep them (export then writes a separate LM head)"
