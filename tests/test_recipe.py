@@ -324,7 +324,8 @@ def test_builtin_num_examples_zero_or_negative_is_an_error_not_the_default(tmp_p
     for value in (0, -5):
         with pytest.raises(ConfigError) as info:
             validate_recipe(tiny_recipe(tmp_path, data={"train": "builtin:arithmetic", "num_examples": value}))
-        assert str(info.value) == f"data.train.num_examples: must be >= 1 rows to generate, got {value}"
+        # refused by the declared range at validation, before the builder's own check would see it
+        assert str(info.value) == f"data.train: num_examples must be >= 1, got {value}"
     assert validate_recipe(tiny_recipe(tmp_path, data={"train": "builtin:arithmetic"})).data.train.num_examples == 1000
 
 
@@ -333,7 +334,7 @@ def test_num_examples_zero_exits_2_from_the_cli(tmp_path, capsys):
 
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "out"))
     assert main(["validate", path, "data.num_examples=0"]) == 2
-    assert capsys.readouterr().err == "error: data.train.num_examples: must be >= 1 rows to generate, got 0\n"
+    assert capsys.readouterr().err == "error: data.train: num_examples must be >= 1, got 0\n"
 
 
 def test_resolved_recipe_round_trips(tmp_path):

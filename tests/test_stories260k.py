@@ -102,9 +102,10 @@ def test_column_mapping_loads_prompt_completion():
     assert ds.column_names == ["prompt", "completion"] and len(ds) == 3
     assert ds[0] == {"prompt": first["question"], "completion": first["answer"]}
 
-    bad = validate_recipe(_recipe({"path": GSM8K, "prompt_field": "question", "completion_field": "solution"}))
-    with pytest.raises(ConfigError, match="data.train: 'solution' is not a column"):
-        load_source(bad.data.train, "sft", "train")
+    # a mapped column that does not exist is refused at validation (the data check reads the first rows), before
+    # anything loads
+    with pytest.raises(ConfigError, match="data.train.completion_field: 'solution' is not a column"):
+        validate_recipe(_recipe({"path": GSM8K, "prompt_field": "question", "completion_field": "solution"}))
 
 
 # -- chat data: `messages` rows and trainer.chat_template_path ----------------------------------------------------

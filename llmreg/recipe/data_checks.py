@@ -53,9 +53,12 @@ def check_recipe_data(recipe: Recipe) -> None:
     """`check_source` for each data source of a one-run recipe (pre-training data is read by its data mode)."""
     if recipe.data.pretrain is not None:
         return
+    # a template given through TRL's `trainer.chat_template_path` replaces the tokenizer's own
+    has_template_path = recipe.trainer.args.get("chat_template_path") is not None
+    tokenizer = None if has_template_path else recipe.tokenizer
     for role, spec in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         if spec is not None:
-            check_source(spec, f"data.{role}", recipe.trainer.kind, recipe.tokenizer)
+            check_source(spec, f"data.{role}", recipe.trainer.kind, tokenizer)
 
 
 def check_source(
