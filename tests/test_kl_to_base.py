@@ -65,13 +65,16 @@ def _perturb(model, scale=0.05, seed=1):
             p.add_(scale * torch.randn(p.shape, generator=g))
 
 
+@pytest.mark.parametrize("path", ["host_logits", "hidden_states"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_trainer_gradient_is_autograd_of_the_explicit_objective(tok, tmp_path, reverse):
+def test_trainer_gradient_is_autograd_of_the_explicit_objective(tok, tmp_path, reverse, path):
     lam = 0.7
     direction = "reverse" if reverse else "forward"
     trainer = make_hf_trainer(
         tok, tmp_path, [{"name": "kl_to_base", "lam": lam, "direction": direction, "chunk_size": 16}]
     )
+    if path == "hidden_states":  # as under TRL's fused head: no LM-head forward to reuse, logits from hidden states
+        trainer.reg_stack.regularizers[0]._hook_handles[1].remove()
     base = copy.deepcopy(trainer.model)
     _perturb(trainer.model)  # the policy moved away from the base it copied
     batch = _batch(tok)

@@ -71,8 +71,9 @@ def kl_positions(inputs: dict[str, Any], shape: torch.Size, tokens: str) -> torc
     return mask
 
 
-def _chunk_kl(h: torch.Tensor, h_base: torch.Tensor, head, base_head, reverse: bool) -> torch.Tensor:
-    log_q = F.log_softmax(head(h).float(), dim=-1)
+def _chunk_kl(rows: torch.Tensor, h_base: torch.Tensor, head, base_head, reverse: bool) -> torch.Tensor:
+    logits = rows if head is None else head(rows)
+    log_q = F.log_softmax(logits.float(), dim=-1)
     with torch.no_grad():
         log_p = F.log_softmax(base_head(h_base).float(), dim=-1)
     if reverse:
@@ -81,22 +82,25 @@ def _chunk_kl(h: torch.Tensor, h_base: torch.Tensor, head, base_head, reverse: b
 
 
 def kl_sum(
-    hidden: torch.Tensor,
+    policy: torch.Tensor,
     base_hidden: torch.Tensor,
     head,
     base_head,
     reverse: bool = False,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """Sum over rows of KL(p_base || p_theta) (or the reverse) from [N, H] hidden states and the two LM heads,
-    `chunk_size` rows of logits at a time; in backward each chunk's logits are recomputed, not kept."""
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, hb = hidden[start : start + chunk_size], base_hidden[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_kl, h, hb, head, base_head, reverse, use_reentrant=False)
+    """Sum over rows of KL(p_base || p_theta) (or the reverse). `policy` [N, H] holds the policy's hidden states
+    (then `head` forms its logits) or, with `head=None`, its logits [N, V] already; `base_hidden` [N, H] and
+    `base_head` give the base's. `chunk_size` rows of fp32 logits at a time; with more than one chunk each is
+    recomputed in backward instead of kept (one chunk alone is kept: that costs no more memory than one chunk)."""
+    total = policy.new_zeros((), dtype=torch.float32)
+    recompute = torch.is_grad_enabled() and policy.requires_grad and policy.shape[0] > chunk_size
+    for start in range(0, policy.shape[0], chunk_size):
+        rows, hb = policy[start : start + chunk_size], base_hidden[start : start + chunk_size]
+        if recompute:
+            total = total + checkpoint(_chunk_kl, rows, hb, head, base_head, reverse, use_reentrant=False)
         else:
-            total = total + _chunk_kl(h, hb, head, base_head, reverse)
+            total = total + _chunk_kl(rows, hb, head, base_head, reverse)
     return total
 
 
@@ -173,6 +177,7 @@ class KLToBase(Regularizer):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._captured: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None
         self._in_base = False
         self._stats = RunningMean()
         self._base: torch.nn.Module | None = None
@@ -192,11 +197,18 @@ class KLToBase(Regularizer):
             self._base = frozen_copy(model)
         body = anatomy.decoder(model, where="kl_to_base")
         self.add_hook(body.register_forward_hook(self._capture))
+        # where the host computes full logits (transformers.Trainer), reuse them instead of a second head GEMM
+        self.add_hook(self._head.register_forward_hook(self._capture_logits))
 
     def _capture(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         # the training forward only: not evaluation (no grad), not the base's own pass through this body (PEFT)
         if module.training and torch.is_grad_enabled() and not self._in_base:
             self._captured = anatomy.final_hidden(output)
+            self._logits = None  # the head (if the host calls it) runs after the body
+
+    def _capture_logits(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if module.training and torch.is_grad_enabled() and not self._in_base and torch.is_tensor(output):
+            self._logits = output
 
     def on_prepared(self, model: torch.nn.Module, shards: Any) -> None:
         if self._base is None:
@@ -227,18 +239,25 @@ class KLToBase(Regularizer):
 
     def loss_terms(self, ctx: LossContext) -> dict[str, torch.Tensor]:
         hidden, self._captured = self._captured, None
+        logits, self._logits = self._logits, None
         if hidden is None:
             raise RuntimeError("kl_to_base: the training forward did not pass through the decoder body")
         mask = kl_positions(ctx.inputs, hidden.shape[:2], self.options.tokens)
         base_hidden = self._base_hidden(ctx.inputs)
-        total = kl_sum(
-            hidden[mask],
-            base_hidden[mask].to(hidden.dtype),
-            self._head,
-            self._base_head(),
-            reverse=self.options.direction == "reverse",
-            chunk_size=self.options.chunk_size,
-        )
+        # TRL's fused head never calls the LM head module: then the logits are formed here from the hidden states
+        full_logits = logits is not None and logits.shape[:2] == hidden.shape[:2]
+        self._in_base = True  # our own head calls below are not the host's forward
+        try:
+            total = kl_sum(
+                logits[mask] if full_logits else hidden[mask],
+                base_hidden[mask].to(hidden.dtype),
+                None if full_logits else self._head,
+                self._base_head(),
+                reverse=self.options.direction == "reverse",
+                chunk_size=self.options.chunk_size,
+            )
+        finally:
+            self._in_base = False
         kl = total / self._position_count(mask)
         self._stats.add(kl_per_token=float(kl.detach()))
         return {"kl": self.options.lam * kl}
