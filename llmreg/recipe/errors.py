@@ -18,21 +18,6 @@ def warn_recipe(message: str) -> None:
     warnings.warn(message, RecipeWarning, stacklevel=2)
 
 
-def show_recipe_warnings_as_one_line() -> None:
-    """Print a RecipeWarning as `warning: <message>` on stderr, not in Python's file:line form (the CLI installs it)."""
-    default = warnings.formatwarning
-    if getattr(default, "llmreg", False):
-        return
-
-    def formatwarning(message, category, filename, lineno, line=None):
-        if issubclass(category, RecipeWarning):
-            return f"warning: {message}\n"
-        return default(message, category, filename, lineno, line)
-
-    formatwarning.llmreg = True
-    warnings.formatwarning = formatwarning
-
-
 def one_line(err: BaseException) -> str:
     """`err`'s message with newlines and runs of spaces collapsed (library errors are often multi-line)."""
     return " ".join(str(err).split())
