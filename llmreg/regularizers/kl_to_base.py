@@ -193,9 +193,13 @@ class KLToBase(Regularizer):
         self._head = anatomy.unwrap(model).get_output_embeddings()
         if self._peft_model is not None and hasattr(self._head, "lora_A"):
             raise ConfigError("kl_to_base: the LM head carries a LoRA adapter; leave lm_head out of target_modules")
+        body = anatomy.decoder(model, where="kl_to_base")
+        # PEFT: the base is this body and head with the adapter disabled; else a frozen copy (placed in on_prepared)
+        self._base_body, self._base_head = body, self._head
         if self._peft_model is None:
             self._base = frozen_copy(model)
-        body = anatomy.decoder(model, where="kl_to_base")
+            self._base_body = anatomy.decoder(self._base, where="kl_to_base")
+            self._base_head = self._base.get_output_embeddings()
         self.add_hook(body.register_forward_hook(self._capture))
         # where the host computes full logits (transformers.Trainer), reuse them instead of a second head GEMM
         self.add_hook(self._head.register_forward_hook(self._capture_logits))
@@ -225,17 +229,12 @@ class KLToBase(Regularizer):
             with torch.no_grad():
                 if self._peft_model is not None:
                     with self._peft_model.disable_adapter():
-                        out = anatomy.decoder(self._peft_model)(**kwargs, use_cache=False)
+                        out = self._base_body(**kwargs, use_cache=False)
                 else:
-                    out = anatomy.decoder(self._base)(**kwargs, use_cache=False)
+                    out = self._base_body(**kwargs, use_cache=False)
         finally:
             self._in_base = False
         return anatomy.final_hidden(out)
-
-    def _base_head(self):
-        if self._base is None:
-            return self._head  # PEFT: the head has no adapter (checked in setup)
-        return anatomy.unwrap(self._base).get_output_embeddings()
 
     def loss_terms(self, ctx: LossContext) -> dict[str, torch.Tensor]:
         hidden, self._captured = self._captured, None
@@ -252,7 +251,7 @@ class KLToBase(Regularizer):
                 logits[mask] if full_logits else hidden[mask],
                 base_hidden[mask].to(hidden.dtype),
                 None if full_logits else self._head,
-                self._base_head(),
+                self._base_head,
                 reverse=self.options.direction == "reverse",
                 chunk_size=self.options.chunk_size,
             )
