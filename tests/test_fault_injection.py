@@ -1,6 +1,6 @@
 """A killed run always resumes (issue 19): SIGKILL a tiny `llmreg train` during training and during a save,
 `--resume` twice, and the final weights equal an uninterrupted run's; every kind of incomplete checkpoint is
-skipped by `--resume`.
+skipped by `--resume`; an SI importance phase killed mid-way resumes to the same importance artifact.
 
 The killed runs are subprocesses (tests/workers/fault_worker.py kills itself with SIGKILL at a chosen point:
 no handler runs, nothing is flushed); the uninterrupted and the last resumed run train in-process, with one
@@ -63,11 +63,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def killed_run(recipe: str, point: str, *flags: str) -> None:
+def killed_run(recipe: str, point: str, *flags: str, command: str = "train") -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
     result = subprocess.run(
-        [sys.executable, WORKER, point, recipe, *flags], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, WORKER, point, command, recipe, *flags], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
 
@@ -164,12 +164,13 @@ def test_save_total_limit_keeps_the_last_complete_checkpoint_until_the_next_is_c
 
 
 # more regularizers, one kill each, chosen for state that must survive a kill: the frozen set (half_ft), the noise
-# and fresh-batch generators (noisefit, lfu). multipliers (marker:6) and forgetting_penalty with importance l2sp
-# (regstate:4) pass the same test too, at about 20 s each; they are left out to keep this file near two minutes.
+# and fresh-batch generators (noisefit, lfu), the multipliers' own parameters and their optimizer group (killed just
+# before the marker, so the resume skips a checkpoint whose every other piece is written).
 MORE = [
     ("half_ft", [{"name": "half_ft", "seed": 3}], "train:3"),
     ("noisefit", [{"name": "noisefit", "num_layers": 1, "noise_std": 1.0}], "train:5"),
     ("lfu_fresh", [{"name": "lfu", "aux": "lora", "alpha": 0.5, "ascent_batch": "fresh"}], "train:5"),
+    ("multipliers", [{"name": "multipliers"}], "marker:6"),
 ]
 
 
@@ -184,3 +185,43 @@ def test_more_regularizers_resume_to_the_same_weights_after_a_kill(tmp_path, cap
     assert main(["train", recipe, "--resume"]) == 0
     assert "resuming from" in capsys.readouterr().out
     assert max_abs_diff(final_weights(full), final_weights(cut)) < 1e-6
+
+
+def write_si_recipe(path, out_dir) -> str:
+    """`llmreg importance` with method si: a training run that records the path integral as it goes."""
+    write_recipe(path, out_dir, [])
+    raw = yaml.safe_load(path.read_text())
+    raw["importance"] = {"method": "si"}
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_si_importance_phase_and_its_penalty_resume_to_the_same_result_after_kills(tmp_path, capsys, one_thread):
+    """Phase 1 (SI importance: the path integral and anchors are regularizer state) killed mid-training and resumed
+    gives the same artifact as an uninterrupted phase 1; phase 2 (forgetting_penalty on that artifact) killed while
+    saving its state and resumed gives the same final weights."""
+    from llmreg.regularizers.forgetting.artifact import TENSORS_FILE
+
+    full = tmp_path / "si_full"
+    assert main(["importance", write_si_recipe(tmp_path / "si_full.yaml", full)]) == 0
+    cut = tmp_path / "si_cut"
+    recipe = write_si_recipe(tmp_path / "si_cut.yaml", cut)
+    killed_run(recipe, "train:5", command="importance")
+    assert not (cut / "final").exists()
+    assert main(["importance", recipe, "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    artifact_full = load_file(os.path.join(full, "importance", TENSORS_FILE))
+    artifact_cut = load_file(os.path.join(cut, "importance", TENSORS_FILE))
+    assert artifact_full and max_abs_diff(artifact_full, artifact_cut) < 1e-6 * max(
+        v.abs().max().item() for v in artifact_full.values()
+    )
+
+    penalty = [{"name": "forgetting_penalty", "importance": "si", "artifact": str(full / "importance"), "lam": 1.0}]
+    phase2_full = tmp_path / "p2_full"
+    start = ["model.config=null", f"model.name_or_path={full / 'final'}"]
+    assert main(["train", write_recipe(tmp_path / "p2_full.yaml", phase2_full, penalty), *start]) == 0
+    phase2_cut = tmp_path / "p2_cut"
+    recipe2 = write_recipe(tmp_path / "p2_cut.yaml", phase2_cut, penalty)
+    killed_run(recipe2, "regstate:4", *start)
+    assert main(["train", recipe2, "--resume", *start]) == 0
+    assert max_abs_diff(final_weights(phase2_full), final_weights(phase2_cut)) < 1e-6

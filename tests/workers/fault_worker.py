@@ -1,6 +1,8 @@
 """`llmreg train` that SIGKILLs itself at one injection point, for tests/test_fault_injection.py.
 
-    python tests/workers/fault_worker.py POINT:STEP llmreg-train-args...
+    python tests/workers/fault_worker.py POINT:STEP COMMAND llmreg-args...
+
+COMMAND is `train` or `importance` (an si importance run trains like `train`).
 
 POINT: `train` dies inside the optimizer step that would reach STEP + 1 (after the backward, mid-step);
 `optimizer` dies while saving checkpoint-STEP after the model is written, before the optimizer state;
@@ -73,4 +75,4 @@ if __name__ == "__main__":
     install(point, int(step))
     from llmreg.cli import main
 
-    sys.exit(main(["train", *sys.argv[2:]]))
+    sys.exit(main(sys.argv[2:]))
