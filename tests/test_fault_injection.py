@@ -10,6 +10,7 @@ thread like the workers, so that the same arithmetic runs on both sides.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -163,6 +164,19 @@ def test_save_total_limit_keeps_the_last_complete_checkpoint_until_the_next_is_c
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-4"]
 
 
+def kill_point(default: str, name: str) -> str:
+    """The listed kill point, or with LLMREG_FAULT_SEED set a random one (same kind, step drawn from the seed and
+    the regularizer's name), so the same test can sweep kill steps without CI becoming random."""
+    seed = os.environ.get("LLMREG_FAULT_SEED")
+    if seed is None:
+        return default
+    kind = default.split(":")[0]
+    low = 1 if kind == "train" else SAVE_STEPS  # a save kill needs a step that saves
+    step = random.Random(f"{seed}/{name}").randrange(low, STEPS, 1 if kind == "train" else SAVE_STEPS)
+    print(f"kill point {kind}:{step} (LLMREG_FAULT_SEED={seed})")
+    return f"{kind}:{step}"
+
+
 # more regularizers, one kill each, chosen for state that must survive a kill: the frozen set (half_ft), the noise
 # and fresh-batch generators (noisefit, lfu), the multipliers' own parameters and their optimizer group (killed just
 # before the marker, so the resume skips a checkpoint whose every other piece is written).
@@ -180,7 +194,7 @@ def test_more_regularizers_resume_to_the_same_weights_after_a_kill(tmp_path, cap
     assert main(["train", write_recipe(tmp_path / "full.yaml", full, regs)]) == 0
     cut = tmp_path / "cut"
     recipe = write_recipe(tmp_path / "cut.yaml", cut, regs)
-    killed_run(recipe, fault)
+    killed_run(recipe, kill_point(fault, name))
     assert not (cut / "final").exists()
     assert main(["train", recipe, "--resume"]) == 0
     assert "resuming from" in capsys.readouterr().out
