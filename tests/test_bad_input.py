@@ -315,7 +315,7 @@ def test_library_error_while_starting_is_one_line_naming_the_trainer(tmp_path, m
 
 # -- real subprocesses ------------------------------------------------------------------------------------------
 
-SUBPROCESS_CASES = ["lr_negative", "chat_no_template", "resume_incomplete"]
+SUBPROCESS_CASES = ["lr_negative", "chat_no_template", "resume_incomplete", "mix_unknown_column"]
 
 
 @pytest.mark.parametrize("name", SUBPROCESS_CASES)
