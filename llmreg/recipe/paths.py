@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
-TEXT_EXTENSIONS = (".txt", ".text", ".md")  # raw text: only the pretrain data mode reads it (llmreg.pretrain.data)
+TEXT_EXTENSIONS = (".txt", ".text", ".md")  # raw text: a `text` row per paragraph, or packed blocks (data.pretrain)
 
 
 def resolve_path(path: str, recipe_dir: str | None) -> str:
