@@ -139,7 +139,8 @@ def test_forgetting_report_signs_by_hand(tmp_path, monkeypatch):
     assert report["pareto_front"] == ["a", "b"]
     files = ev.write_report(report, str(tmp_path))
     assert all(os.path.getsize(f) > 0 for f in files)
-    assert "| b | 0.1 | 1 | 0.1 | yes |" in open(tmp_path / "forgetting_report.md").read()
+    # no per-document scores here: the report says the SE is not available rather than inventing one
+    assert "| b | +0.1 ± n/a | +1 ± n/a | 0.1 | yes |" in open(tmp_path / "forgetting_report.md").read()
 
 
 @pytest.mark.parametrize(
@@ -266,6 +267,13 @@ def test_report_numbers_equal_lm_eval(stories, tmp_path, monkeypatch):
     assert run["tasks"]["tinystories_ppl"]["tuned"] == tuned["tinystories_ppl"]
     assert run["forgetting"] == pytest.approx(tuned["tinystories_ppl"] - base["tinystories_ppl"])
     assert run["target_gain"] == pytest.approx(base["gsm8k_ppl"] - tuned["gsm8k_ppl"])
+    # the paired SE comes from the documents lm-eval scored: the bootstrap over their (loglik, words) pairs
+    from llmreg.eval.paired import bootstrap_se
+
+    pairs = [list(s.per_doc["tinystories_ppl"]["values"].values()) for s in (base, tuned)]
+    assert len(pairs[0]) == 5 and run["tasks"]["tinystories_ppl"]["n_paired"] == 5
+    assert run["tasks"]["tinystories_ppl"]["se"] == pytest.approx(bootstrap_se("word_perplexity", *pairs))
+    assert run["tasks"]["tinystories_ppl"]["se"] > 0 and run["forgetting_se"] > 0
 
 
 def test_base_scores_are_cached(tmp_path, monkeypatch):

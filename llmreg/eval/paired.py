@@ -116,3 +116,26 @@ def combined_se(pairs: Sequence[tuple[float | None, float]]) -> float | None:
     if not pairs or not total or any(se is None for se, _ in pairs):
         return None
     return math.sqrt(sum((w * se) ** 2 for se, w in pairs)) / total
+
+
+def task_errors(metric_key: str, base: dict | None, tuned: dict | None) -> dict:
+    """Paired errors of one task from the two models' per-document records (llmreg.eval.per_doc):
+    {"se": SE of tuned - base of `metric_key` (None without per-document values of that metric), "n_paired": n,
+    "gold_loglik": {base, tuned, delta, se, n_paired} for multiple-choice tasks (means over the paired documents)}."""
+    base, tuned = base or {}, tuned or {}
+    same = base.get("metric") == tuned.get("metric") == metric_key
+    se, n = delta_se(metric_key, base.get("values"), tuned.get("values")) if same else (None, 0)
+    out: dict = {"se": se, "n_paired": n}
+    if base.get("gold_loglik") and tuned.get("gold_loglik"):
+        docs = paired_docs(base["gold_loglik"], tuned["gold_loglik"])
+        b = {d: base["gold_loglik"][d] for d in docs}
+        t = {d: tuned["gold_loglik"][d] for d in docs}
+        if docs:
+            out["gold_loglik"] = {
+                "base": mean_of(b),
+                "tuned": mean_of(t),
+                "delta": mean_of(t) - mean_of(b),
+                "se": paired_se(list(b.values()), list(t.values())),
+                "n_paired": len(docs),
+            }
+    return out

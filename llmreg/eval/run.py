@@ -7,6 +7,14 @@ Sign convention: `gain` is always "better is positive": tuned - base for higher-
 base - tuned for lower-is-better ones (perplexities). `delta` is the raw tuned - base. A run's
 `target_gain` is the weighted mean gain over target tasks; its `forgetting` is the weighted mean drop
 (= -gain) over retained tasks, so forgetting > 0 means ability was lost. Units are the metrics' own.
+
+Error bars: each delta's `se` is the paired standard error of tuned - base over the documents both models
+scored (llmreg.eval.paired: sd of the per-document differences / sqrt(n), n - 1 denominator, for mean metrics;
+sd of 1000 seeded paired bootstrap deltas for perplexity-type metrics); the run's target_gain_se and
+forgetting_se combine the per-task SEs of the weighted mean assuming independent tasks. An SE is null when a
+model's scores lack per-document values (an in-memory evaluation without samples, a metric lm-eval does not
+average). Multiple-choice tasks also carry `gold_loglik` (mean log-likelihood of the gold choice, higher is
+better) with its paired SE, outside the run's means.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import os
 import tempfile
 from typing import Any
 
+from llmreg.eval.paired import combined_se, task_errors
 from llmreg.eval.per_doc import task_per_doc
 from llmreg.eval.report import replace_marked_section, write_markdown, write_plots, write_report
 from llmreg.eval.suite import Suite, load_suite, write_local_tasks
@@ -221,47 +230,64 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     return front
 
 
+def _task_row(entry, metric: str, base_scores, scores, role: str) -> dict:
+    base, tuned = base_scores[entry.task], scores[entry.task]
+    row = {
+        "role": role,
+        "metric": metric,
+        "lower_is_better": lower_is_better(metric),
+        "base": base,
+        "tuned": tuned,
+        "delta": tuned - base,
+        "gain": _gain(base, tuned, metric),
+    }
+    base_doc = getattr(base_scores, "per_doc", {}).get(entry.task)
+    row.update(task_errors(metric, base_doc, getattr(scores, "per_doc", {}).get(entry.task)))
+    if "gold_loglik" in row:  # higher is better; a row of its own, outside the run's means (other units)
+        row["gold_loglik"]["gain"] = row["gold_loglik"]["delta"]
+    return row
+
+
+def _run_report(base_scores, scores, suite: Suite, metrics: dict[str, str]) -> dict:
+    tasks, target, retain = {}, [], []
+    for entry in suite.entries:
+        role = suite.role(entry.task)
+        row = tasks[entry.task] = _task_row(
+            entry, metrics.get(entry.task, entry.metric or ""), base_scores, scores, role
+        )
+        (target if role == "target" else retain).append((row["gain"], entry.weight, row["se"]))
+    target_gain = _weighted_mean([(g, w) for g, w, _ in target])
+    forgetting = _weighted_mean([(-g, w) for g, w, _ in retain])
+    per_point = target_gain / forgetting if target_gain is not None and forgetting and forgetting > 0 else None
+    return {
+        "tasks": tasks,
+        "target_gain": target_gain,
+        "target_gain_se": combined_se([(se, w) for _, w, se in target]),
+        "forgetting": forgetting,
+        "forgetting_se": combined_se([(se, w) for _, w, se in retain]),
+        "gain_per_forgetting": per_point,
+    }
+
+
 def forgetting_report(
     base_scores: dict[str, float], runs: dict[str, dict[str, float]], suite: Suite, provenance: dict | None = None
 ) -> dict:
-    """Per run and task: base, tuned, delta, gain; per run: target_gain, forgetting, gain_per_forgetting.
+    """Per run and task: base, tuned, delta, gain, se (paired SE of delta and gain), n_paired, and for
+    multiple-choice tasks `gold_loglik`; per run: target_gain (+ _se), forgetting (+ _se), gain_per_forgetting.
     `provenance` (llmreg.eval.report.provenance: model paths, limit, versions) is recorded as given."""
     metrics = {**getattr(base_scores, "metrics", {})}
     report: dict[str, Any] = {
         "suite": suite.path,
         **(provenance or {}),
-        "sign_convention": __doc__.split("Sign convention: ")[1].strip(),
+        "sign_convention": __doc__.split("Sign convention: ")[1].split("\n\nError bars: ")[0].strip(),
+        "error_bars": " ".join(__doc__.split("Error bars: ")[1].split()),
         "base": dict(base_scores),
         "metrics": metrics,
         "runs": {},
     }
     for name, scores in runs.items():
         metrics.update({t: m for t, m in getattr(scores, "metrics", {}).items() if t not in metrics})
-        tasks, target, retain = {}, [], []
-        for entry in suite.entries:
-            metric = metrics.get(entry.task, entry.metric or "")
-            base, tuned = base_scores[entry.task], scores[entry.task]
-            gain = _gain(base, tuned, metric)
-            role = suite.role(entry.task)
-            tasks[entry.task] = {
-                "role": role,
-                "metric": metric,
-                "lower_is_better": lower_is_better(metric),
-                "base": base,
-                "tuned": tuned,
-                "delta": tuned - base,
-                "gain": gain,
-            }
-            (target if role == "target" else retain).append((gain, entry.weight))
-        target_gain = _weighted_mean(target)
-        forgetting = _weighted_mean([(-g, w) for g, w in retain])
-        per_point = target_gain / forgetting if target_gain is not None and forgetting and forgetting > 0 else None
-        report["runs"][name] = {
-            "tasks": tasks,
-            "target_gain": target_gain,
-            "forgetting": forgetting,
-            "gain_per_forgetting": per_point,
-        }
+        report["runs"][name] = _run_report(base_scores, scores, suite, metrics)
     points = {n: (r["forgetting"] or 0.0, r["target_gain"] or 0.0) for n, r in report["runs"].items()}
     report["pareto_front"] = pareto_front(points)
     return report
