@@ -94,6 +94,13 @@ def _task_lines(run: dict) -> list[str]:
     return lines
 
 
+_GOLD_NOTE = [
+    "gold_loglik rows: mean log-likelihood of the gold choice of a multiple-choice task (nats, higher is better), "
+    "a continuous score whose paired difference is far less noisy than accuracy's.",
+    "",
+]
+
+
 def write_markdown(report: dict, path: str) -> None:
     lines = [
         f"# Forgetting report: {os.path.basename(report['suite'])}",
@@ -102,9 +109,7 @@ def write_markdown(report: dict, path: str) -> None:
         f"Sign convention: {report['sign_convention']}",
         "",
         *([f"Error bars: {report['error_bars']}", ""] if report.get("error_bars") else []),
-        "gold_loglik rows: mean log-likelihood of the gold choice of a multiple-choice task (nats, higher is "
-        "better), a continuous score whose paired difference is far less noisy than accuracy's.",
-        "",
+        *(_GOLD_NOTE if any("gold_loglik" in t for r in report["runs"].values() for t in r["tasks"].values()) else []),
         "| run | target gain ± SE | forgetting ± SE | gain per point of forgetting | Pareto |",
         "|---|---|---|---|---|",
     ]
