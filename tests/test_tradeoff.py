@@ -98,6 +98,7 @@ def nothing_loads(monkeypatch):
         (["--grid", "trainer.learning_rate=1e-3", "--suite", "no/such/suite.yaml"], "suite file not found"),
         (["--grid", "trainer.learning_rate=1e-3", "--base", "./no/such/model"], "model path not found"),
         (["--grid", "trainer.learning_rate=1e-3", "--limit", "0"], "--limit: must be >= 1"),
+        (["--grid", "model.dtype=float32,bfloat16"], "the grid changes 'model.dtype'"),
     ],
 )
 def test_bad_sweep_input_exits_2_with_one_line_before_loading(extra, message, tmp_path, capsys, nothing_loads):

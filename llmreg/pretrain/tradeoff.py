@@ -84,8 +84,12 @@ def check_tradeoff(
 
 
 def check_base(plan, spec: TradeoffSpec) -> None:
-    """A sweep whose points build their model from a config has nothing to compare with but `--base`."""
+    """A sweep whose points build their model from a config, or whose grid changes the model, has nothing to
+    compare with but `--base`."""
     model = plan.points[0].recipe.model
+    moved = [key for key, _ in plan.axes if key.split(".")[0] in ("model", "tokenizer")]
+    if spec.base is None and moved:
+        raise ConfigError(f"sweep --suite: the grid changes '{moved[0]}', so the points have no one base; give --base")
     if spec.base is None and not model.name_or_path and model.testbed is None:
         raise ConfigError(
             "sweep --suite: the recipe builds its model from a config, so there is no base model to compare "
