@@ -9,6 +9,7 @@
     llmreg export RUN_DIR OUT_DIR [--overwrite] [--no-verify]
     llmreg merge --base MODEL --tuned RUN_OR_MODEL --alpha 0.25,0.5,0.75 --out DIR [--overwrite]
     llmreg sweep RECIPE [key=value ...] --grid key=v1,v2 [key=v1,v2 ...] [--out DIR] [--overwrite]
+                 [--suite SUITE [--base MODEL] [--merge-alphas 0.25,0.5] [--limit N]]
     llmreg ensemble MODEL [MODEL ...] (--recipe RECIPE [--set key=value ...] | --suite SUITE) [--combine ...]
 
 `train` also runs under `torchrun --nproc_per_node N -m llmreg.cli train ...`,
@@ -221,10 +222,12 @@ def _add_merge(sub) -> None:
 def _add_sweep(sub) -> None:
     sw = sub.add_parser(
         "sweep",
-        help="run a grid of a pretrain recipe, one run after another (resumable)",
+        help="run a grid of a recipe, one run after another (resumable); --suite: gain vs forgetting of each point",
         description="Train every point of the grid (skipping finished ones), then tabulate the "
         "final validation loss and check the best point's grid neighbours "
-        "(llmreg.pretrain.sweep). Base overrides go before --grid.",
+        "(llmreg.pretrain.sweep). With --suite, any recipe: score every point (and its WiSE-FT merges with the "
+        "base) on the suite against the base, into <out>/tradeoff/ (llmreg.pretrain.tradeoff). "
+        "Base overrides go before --grid.",
     )
     _recipe_args(sw)
     sw.add_argument(
@@ -236,6 +239,13 @@ def _add_sweep(sub) -> None:
     )
     sw.add_argument("--out", metavar="DIR", help="sweep folder (default <output_dir>/sweep)")
     sw.add_argument("--overwrite", action="store_true", help="redo every point, finished ones included")
+    sw.add_argument("--suite", metavar="SUITE", help="eval suite YAML: gain vs forgetting table and Pareto plot")
+    sw.add_argument("--base", metavar="MODEL", help="--suite: the model to compare with (default: the recipe's)")
+    sw.add_argument(
+        "--merge-alphas", metavar="A,B,...", help="--suite: also score (1 - a) * base + a * point, a in [0, 1]"
+    )
+    sw.add_argument("--limit", type=int, metavar="N", help="--suite: at most N >= 1 documents per task")
+    sw.add_argument("--cache-dir", help="--suite: score cache (default ~/.cache/llmreg/eval)")
     sw.set_defaults(func=cmd_sweep)
 
 

@@ -118,9 +118,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from llmreg.pretrain.sweep import plan_sweep, run_sweep
+    from llmreg.pretrain.tradeoff import check_base, check_tradeoff, run_tradeoff
+    from llmreg.recipe.run import is_main_process
 
-    plan = plan_sweep(args.recipe, args.overrides, args.grid, out=args.out, overwrite=args.overwrite)
+    # --suite: the points (and their WiSE-FT merges) scored against the base; checked before anything loads
+    spec = check_tradeoff(args.suite, args.base, args.merge_alphas, args.limit, args.cache_dir)
+    plan = plan_sweep(
+        args.recipe, args.overrides, args.grid, out=args.out, overwrite=args.overwrite, any_recipe=spec is not None
+    )
+    if spec is not None:
+        check_base(plan, spec)
     run_sweep(plan, overwrite=args.overwrite, say=_say)
+    if spec is not None and is_main_process():  # lm-eval runs on one process
+        _say("done: " + ", ".join(run_tradeoff(plan, spec, say=_say)))
     return 0
 
 

@@ -9,6 +9,9 @@ in the metric's own units, labelled with the value and its change from the base:
 metrics (lower is better, drawn on a log axis, where a 4e8 base and a 37 retained perplexity are both visible),
 the difference for the others. pareto.png: target gain against forgetting, one marker per run (a legend, not
 labels on the points, so close points neither overlap nor get clipped), the Pareto-optimal runs ringed and joined.
+Both draw the paired standard errors of the report (llmreg.eval.run, "Error bars") as error bars: in deltas.png
+around each run's score (the SE of its difference from the base; labelled `±SE`), in pareto.png on both
+coordinates (target_gain_se, forgetting_se). A run without an SE has no bar.
 """
 
 from __future__ import annotations
@@ -63,6 +66,41 @@ def _provenance_lines(report: dict) -> list[str]:
     return lines + [""]
 
 
+def _pm(value: Any, se: Any) -> str:
+    """`+0.0123 ± 0.0045`; `± n/a` when there is no paired SE (no per-document scores)."""
+    if value is None:
+        return "n/a"
+    return f"{value:+.4g} ± {'n/a' if se is None else f'{se:.2g}'}"
+
+
+def _task_lines(run: dict) -> list[str]:
+    lines = [
+        "| task | role | metric | base | tuned | delta ± SE | gain | documents paired |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task, t in run["tasks"].items():
+        lines.append(
+            f"| {task} | {t['role']} | {t['metric']}{' (lower is better)' if t['lower_is_better'] else ''}"
+            f" | {_fmt(t['base'])} | {_fmt(t['tuned'])} | {_pm(t['delta'], t.get('se'))} | {_fmt(t['gain'])}"
+            f" | {t.get('n_paired') or 'n/a'} |"
+        )
+        gold = t.get("gold_loglik")
+        if gold:  # issue 18: a continuous score, outside the run's means
+            lines.append(
+                f"| {task} | {t['role']} | gold_loglik (not in the means)"
+                f" | {_fmt(gold['base'])} | {_fmt(gold['tuned'])} | {_pm(gold['delta'], gold['se'])}"
+                f" | {_fmt(gold['gain'])} | {gold['n_paired']} |"
+            )
+    return lines
+
+
+_GOLD_NOTE = [
+    "gold_loglik rows: mean log-likelihood of the gold choice of a multiple-choice task (nats, higher is better), "
+    "a continuous score whose paired difference is far less noisy than accuracy's.",
+    "",
+]
+
+
 def write_markdown(report: dict, path: str) -> None:
     lines = [
         f"# Forgetting report: {os.path.basename(report['suite'])}",
@@ -70,27 +108,19 @@ def write_markdown(report: dict, path: str) -> None:
         *_provenance_lines(report),
         f"Sign convention: {report['sign_convention']}",
         "",
-        "| run | target gain | forgetting | gain per point of forgetting | Pareto |",
+        *([f"Error bars: {report['error_bars']}", ""] if report.get("error_bars") else []),
+        *(_GOLD_NOTE if any("gold_loglik" in t for r in report["runs"].values() for t in r["tasks"].values()) else []),
+        "| run | target gain ± SE | forgetting ± SE | gain per point of forgetting | Pareto |",
         "|---|---|---|---|---|",
     ]
     for name, run in report["runs"].items():
         lines.append(
-            f"| {name} | {_fmt(run['target_gain'])} | {_fmt(run['forgetting'])} | "
+            f"| {name} | {_pm(run['target_gain'], run.get('target_gain_se'))} | "
+            f"{_pm(run['forgetting'], run.get('forgetting_se'))} | "
             f"{_fmt(run['gain_per_forgetting'])} | {'yes' if name in report['pareto_front'] else ''} |"
         )
     for name, run in report["runs"].items():
-        lines += [
-            "",
-            f"## {name}",
-            "",
-            "| task | role | metric | base | tuned | delta | gain |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for task, t in run["tasks"].items():
-            lines.append(
-                f"| {task} | {t['role']} | {t['metric']}{' (lower is better)' if t['lower_is_better'] else ''}"
-                f" | {_fmt(t['base'])} | {_fmt(t['tuned'])} | {_fmt(t['delta'])} | {_fmt(t['gain'])} |"
-            )
+        lines += ["", f"## {name}", "", *_task_lines(run)]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -120,16 +150,28 @@ def _task_panel(ax, task: str, report: dict, colors: list) -> None:
     values = [first["base"], *(run["tasks"][task]["tuned"] for run in runs.values())]
     y = list(range(len(names)))[::-1]  # the base on top
     ax.barh(y, values, color=["0.6", *colors[: len(runs)]], height=0.7)
+    # the paired SE of each run's difference from the base, drawn around the run's score (none on the base);
+    # clipped at 0 on a log axis
+    ses = [run["tasks"][task].get("se") for run in runs.values()]
+    low = [min(se or 0.0, v * 0.999) if lower and v > 0 else se or 0.0 for se, v in zip(ses, values[1:])]
+    if any(se for se in ses):
+        ax.errorbar(values[1:], y[1:], xerr=[low, [se or 0.0 for se in ses]], fmt="none", ecolor="black", capsize=3)
     ax.set_yticks(y, names)
     if lower and min(values) > 0:
         ax.set_xscale("log")
-    labels = [f"{values[0]:.4g} (base)"] + [change_text(values[0], v, lower) for v in values[1:]]
-    for yy, value, label in zip(y, values, labels):
-        ax.annotate(label, (value, yy), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    labels = [f"{values[0]:.4g} (base)"] + [
+        change_text(values[0], v, lower) + ("" if se is None else f" ±{se:.2g}") for v, se in zip(values[1:], ses)
+    ]
+    for yy, value, label, se in zip(y, values, labels, [0.0, *ses]):
+        ax.annotate(
+            label, (value + (se or 0.0), yy), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8
+        )
+    reach = [v + (se or 0.0) for v, se in zip(values, [0.0, *ses])]  # bar ends with their error bars
     if lower:
-        ax.set_xlim(min(values) / 4, max(values) * 30)  # the smallest bar still shows; room for the labels
+        ax.set_xlim(min(values) / 4, max(reach) * 30)  # the smallest bar still shows; room for the labels
     else:
-        ax.set_xlim(min(0, min(values)), max(max(values), 1e-9) * 1.45)
+        lows = [v - (se or 0.0) for v, se in zip(values, [0.0, *ses])]
+        ax.set_xlim(min(0, min(lows)), max(max(reach), 1e-9) * 1.6)
     ax.set_title(f"{task} ({first['role']})", fontsize=10)
     ax.set_xlabel(f"{metric}, {'lower is better; log scale' if lower else 'higher is better'}", fontsize=9)
 
@@ -151,7 +193,7 @@ def write_plots(report: dict, out_dir: str) -> list[str]:
     suite = os.path.basename(report["suite"])
     fig.suptitle(
         f"{suite}: base vs fine-tuned score per task (labels: score, then x ratio to the base for perplexities, "
-        "+/- difference otherwise)",
+        "+/- difference otherwise; bars: paired SE of the difference)",
         fontsize=10,
     )
     fig.tight_layout()
@@ -172,7 +214,17 @@ def _pareto_plot(report: dict, out_dir: str, colors: list) -> str:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (name, run) in enumerate(runs.items()):
         point = (run["forgetting"] or 0.0, run["target_gain"] or 0.0)
-        ax.scatter(*point, color=colors[i], marker=MARKERS[i % len(MARKERS)], s=45, label=name, zorder=3)
+        ax.errorbar(  # paired SEs of both coordinates (absent ones: no bar)
+            *point,
+            xerr=run.get("forgetting_se") or None,
+            yerr=run.get("target_gain_se") or None,
+            color=colors[i],
+            marker=MARKERS[i % len(MARKERS)],
+            ms=7,
+            capsize=3,
+            label=name,
+            zorder=3,
+        )
     front = sorted((runs[n]["forgetting"] or 0.0, runs[n]["target_gain"] or 0.0) for n in report["pareto_front"])
     if front:  # rings on the front's points: a visible legend entry even for a single point
         ax.plot(*zip(*front), "--o", color="gray", mfc="none", ms=13, zorder=2, label="Pareto front")
@@ -180,7 +232,11 @@ def _pareto_plot(report: dict, out_dir: str, colors: list) -> str:
     ax.margins(0.15)
     ax.set_xlabel(f"forgetting: mean drop on retained tasks ({_units(report, 'retain')}; > 0 = lost)")
     ax.set_ylabel(f"target gain ({_units(report, 'target')}; > 0 = better)")
-    ax.set_title(f"{os.path.basename(report['suite'])}: gain on the target vs forgetting (up and left is better)")
+    ax.set_title(
+        f"{os.path.basename(report['suite'])}: gain on the target vs forgetting (up and left is better; "
+        "bars: paired SE)",
+        fontsize=10,
+    )
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     pareto = os.path.join(out_dir, "pareto.png")
     fig.savefig(pareto, dpi=110, bbox_inches="tight"), plt.close(fig)

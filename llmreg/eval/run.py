@@ -7,6 +7,14 @@ Sign convention: `gain` is always "better is positive": tuned - base for higher-
 base - tuned for lower-is-better ones (perplexities). `delta` is the raw tuned - base. A run's
 `target_gain` is the weighted mean gain over target tasks; its `forgetting` is the weighted mean drop
 (= -gain) over retained tasks, so forgetting > 0 means ability was lost. Units are the metrics' own.
+
+Error bars: each delta's `se` is the paired standard error of tuned - base over the documents both models
+scored (llmreg.eval.paired: sd of the per-document differences / sqrt(n), n - 1 denominator, for mean metrics;
+sd of 1000 seeded paired bootstrap deltas for perplexity-type metrics); the run's target_gain_se and
+forgetting_se combine the per-task SEs of the weighted mean assuming independent tasks. An SE is null when a
+model's scores lack per-document values (an in-memory evaluation without samples, a metric lm-eval does not
+average). Multiple-choice tasks also carry `gold_loglik` (mean log-likelihood of the gold choice, higher is
+better) with its paired SE, outside the run's means.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import os
 import tempfile
 from typing import Any
 
+from llmreg.eval.paired import combined_se, task_errors
+from llmreg.eval.per_doc import task_per_doc
 from llmreg.eval.report import replace_marked_section, write_markdown, write_plots, write_report
 from llmreg.eval.suite import Suite, load_suite, write_local_tasks
 
@@ -26,11 +36,18 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "llmreg", "eval"
 
 
 class Scores(dict):
-    """{task: score}, with `.metrics` {task: lm-eval metric key, e.g. 'exact_match,strict-match'}."""
+    """{task: score}, with `.metrics` {task: lm-eval metric key, e.g. 'exact_match,strict-match'} and `.per_doc`
+    {task: per-document record} (llmreg.eval.per_doc: the values behind the paired standard errors)."""
 
-    def __init__(self, scores: dict[str, float] | None = None, metrics: dict[str, str] | None = None):
+    def __init__(
+        self,
+        scores: dict[str, float] | None = None,
+        metrics: dict[str, str] | None = None,
+        per_doc: dict[str, dict] | None = None,
+    ):
         super().__init__(scores or {})
         self.metrics = dict(metrics or {})
+        self.per_doc = dict(per_doc or {})
 
 
 def primary_metric(task_result: dict[str, Any], wanted: str | None = None) -> str:
@@ -99,7 +116,7 @@ def evaluate_suite(
                 task_manager=manager,
                 limit=task_limit,
                 num_fewshot=shots,
-                log_samples=False,
+                log_samples=True,  # per-document scores: the paired standard errors (llmreg.eval.per_doc)
                 apply_chat_template=suite.apply_chat_template,
                 bootstrap_iters=0,
             )
@@ -107,43 +124,84 @@ def evaluate_suite(
                 key = primary_metric(out["results"][entry.task], entry.metric)
                 scores[entry.task] = float(out["results"][entry.task][key])
                 scores.metrics[entry.task] = key
+                samples = out.get("samples", {}).get(entry.task, [])
+                config = out.get("configs", {}).get(entry.task)
+                scores.per_doc[entry.task] = task_per_doc(samples, key, scores[entry.task], config)
     return scores
 
 
-# --- base-score cache ----------------------------------------------------------------------------------------
+# --- score cache ---------------------------------------------------------------------------------------------
+#
+# One JSON file per (model, suite file content, limit) in ~/.cache/llmreg/eval (or --cache-dir):
+#   {"format": 2, "model": path, "fingerprint": ..., "suite": suite path, "limit": N or null,
+#    "scores": {task: score}, "metrics": {task: "acc,none"},
+#    "per_doc": {task: {"metric": "acc,none", "values": {doc_id: value}, "gold_loglik": {doc_id: loglik}}}}
+# (per_doc: llmreg.eval.per_doc). An entry of an older format (no per_doc) is evaluated again and replaced.
+
+CACHE_FORMAT = 2
+
+
+def model_fingerprint(model_name: str) -> list | None:
+    """What tells two versions of a local model apart without reading it: (name, size, mtime) of the files of
+    a model folder (not its subfolders), or of a single file (a GGUF); None for a hub name. A model retrained
+    into the same folder gets a new cache entry."""
+    if os.path.isfile(model_name):
+        stat = os.stat(model_name)
+        return [[os.path.basename(model_name), stat.st_size, stat.st_mtime_ns]]
+    if os.path.isdir(model_name):
+        files = sorted((e for e in os.scandir(model_name) if e.is_file()), key=lambda e: e.name)
+        return [[e.name, e.stat().st_size, e.stat().st_mtime_ns] for e in files] if files else None
+    return None
 
 
 def cache_path(cache_dir: str | None, model_name: str, suite: Suite, limit: int | None) -> str:
-    """Base scores depend on the model, the suite file's content and the limit: all three key the file."""
-    key = json.dumps(
-        [os.path.abspath(model_name) if os.path.exists(model_name) else model_name, suite.file_hash, limit]
-    )
+    """Scores depend on the model (its path and files), the suite file's content and the limit: all key the file."""
+    where = os.path.abspath(model_name) if os.path.exists(model_name) else model_name
+    key = json.dumps([where, model_fingerprint(model_name), suite.file_hash, limit, CACHE_FORMAT], default=str)
     name = hashlib.sha256(key.encode()).hexdigest()[:20] + ".json"
     return os.path.join(cache_dir or DEFAULT_CACHE, name)
+
+
+def cache_entry(scores: dict, model_path: str, suite: Suite, limit: int | None) -> dict:
+    """The JSON record of one model's scores (the format above; a plain dict has no metrics or per_doc)."""
+    return {
+        "format": CACHE_FORMAT,
+        "model": model_path,
+        "fingerprint": model_fingerprint(model_path),
+        "suite": suite.path,
+        "limit": limit,
+        "scores": dict(scores),
+        "metrics": getattr(scores, "metrics", {}),
+        "per_doc": getattr(scores, "per_doc", {}),
+    }
+
+
+def read_cache_entry(path: str) -> Scores | None:
+    """The Scores of a cache file; None when it is missing, unreadable or of an older format (no per_doc)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if data.get("format") != CACHE_FORMAT or "per_doc" not in data:
+        return None
+    return Scores(data["scores"], data["metrics"], data["per_doc"])
 
 
 def cached_evaluate(
     suite: Suite, model_path: str, limit: int | None = None, cache_dir: str | None = None, **kw
 ) -> Scores:
-    """evaluate_suite on a model path, reusing an earlier result for the same model, suite and limit."""
+    """evaluate_suite on a model path, reusing an earlier result for the same model files, suite and limit."""
     path = cache_path(cache_dir, model_path, suite, limit)
-    if os.path.isfile(path):
-        data = json.load(open(path))
-        return Scores(data["scores"], data["metrics"])
+    cached = read_cache_entry(path)
+    if cached is not None:
+        return cached
     scores = evaluate_suite(suite, model_path, limit=limit, **kw)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(
-            {
-                "model": model_path,
-                "suite": suite.path,
-                "limit": limit,
-                "scores": dict(scores),
-                "metrics": scores.metrics,
-            },
-            f,
-            indent=2,
-        )
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:  # written whole, then renamed: a killed run leaves no half file
+        json.dump(cache_entry(scores, model_path, suite, limit), f)
+    os.replace(tmp, path)
     return scores
 
 
@@ -172,47 +230,64 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     return front
 
 
+def _task_row(entry, metric: str, base_scores, scores, role: str) -> dict:
+    base, tuned = base_scores[entry.task], scores[entry.task]
+    row = {
+        "role": role,
+        "metric": metric,
+        "lower_is_better": lower_is_better(metric),
+        "base": base,
+        "tuned": tuned,
+        "delta": tuned - base,
+        "gain": _gain(base, tuned, metric),
+    }
+    base_doc = getattr(base_scores, "per_doc", {}).get(entry.task)
+    row.update(task_errors(metric, base_doc, getattr(scores, "per_doc", {}).get(entry.task)))
+    if "gold_loglik" in row:  # higher is better; a row of its own, outside the run's means (other units)
+        row["gold_loglik"]["gain"] = row["gold_loglik"]["delta"]
+    return row
+
+
+def _run_report(base_scores, scores, suite: Suite, metrics: dict[str, str]) -> dict:
+    tasks, target, retain = {}, [], []
+    for entry in suite.entries:
+        role = suite.role(entry.task)
+        row = tasks[entry.task] = _task_row(
+            entry, metrics.get(entry.task, entry.metric or ""), base_scores, scores, role
+        )
+        (target if role == "target" else retain).append((row["gain"], entry.weight, row["se"]))
+    target_gain = _weighted_mean([(g, w) for g, w, _ in target])
+    forgetting = _weighted_mean([(-g, w) for g, w, _ in retain])
+    per_point = target_gain / forgetting if target_gain is not None and forgetting and forgetting > 0 else None
+    return {
+        "tasks": tasks,
+        "target_gain": target_gain,
+        "target_gain_se": combined_se([(se, w) for _, w, se in target]),
+        "forgetting": forgetting,
+        "forgetting_se": combined_se([(se, w) for _, w, se in retain]),
+        "gain_per_forgetting": per_point,
+    }
+
+
 def forgetting_report(
     base_scores: dict[str, float], runs: dict[str, dict[str, float]], suite: Suite, provenance: dict | None = None
 ) -> dict:
-    """Per run and task: base, tuned, delta, gain; per run: target_gain, forgetting, gain_per_forgetting.
+    """Per run and task: base, tuned, delta, gain, se (paired SE of delta and gain), n_paired, and for
+    multiple-choice tasks `gold_loglik`; per run: target_gain (+ _se), forgetting (+ _se), gain_per_forgetting.
     `provenance` (llmreg.eval.report.provenance: model paths, limit, versions) is recorded as given."""
     metrics = {**getattr(base_scores, "metrics", {})}
     report: dict[str, Any] = {
         "suite": suite.path,
         **(provenance or {}),
-        "sign_convention": __doc__.split("Sign convention: ")[1].strip(),
+        "sign_convention": __doc__.split("Sign convention: ")[1].split("\n\nError bars: ")[0].strip(),
+        "error_bars": " ".join(__doc__.split("Error bars: ")[1].split()),
         "base": dict(base_scores),
         "metrics": metrics,
         "runs": {},
     }
     for name, scores in runs.items():
         metrics.update({t: m for t, m in getattr(scores, "metrics", {}).items() if t not in metrics})
-        tasks, target, retain = {}, [], []
-        for entry in suite.entries:
-            metric = metrics.get(entry.task, entry.metric or "")
-            base, tuned = base_scores[entry.task], scores[entry.task]
-            gain = _gain(base, tuned, metric)
-            role = suite.role(entry.task)
-            tasks[entry.task] = {
-                "role": role,
-                "metric": metric,
-                "lower_is_better": lower_is_better(metric),
-                "base": base,
-                "tuned": tuned,
-                "delta": tuned - base,
-                "gain": gain,
-            }
-            (target if role == "target" else retain).append((gain, entry.weight))
-        target_gain = _weighted_mean(target)
-        forgetting = _weighted_mean([(-g, w) for g, w in retain])
-        per_point = target_gain / forgetting if target_gain is not None and forgetting and forgetting > 0 else None
-        report["runs"][name] = {
-            "tasks": tasks,
-            "target_gain": target_gain,
-            "forgetting": forgetting,
-            "gain_per_forgetting": per_point,
-        }
+        report["runs"][name] = _run_report(base_scores, scores, suite, metrics)
     points = {n: (r["forgetting"] or 0.0, r["target_gain"] or 0.0) for n, r in report["runs"].items()}
     report["pareto_front"] = pareto_front(points)
     return report

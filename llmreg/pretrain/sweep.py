@@ -16,6 +16,10 @@ a point is accepted when every +-1 grid neighbour along every axis (where one ex
 own. On a full grid the minimum always passes; the check says something when points are missing (a
 partial or running sweep) and when the best value sits at the end of an axis (`edges`: extend the grid).
 The paper moves one axis at a time from a start point (coordinate descent); this runs the whole grid.
+
+With `--suite` (llmreg.pretrain.tradeoff) any recipe can be swept: a point without data.pretrain is finished
+once `<point>/sweep_point.json` is written (after its final/ model was saved), and the points are scored on the
+eval suite against the base instead of by a validation loss (no sweep.json / sweep.md for such recipes).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import gc
 import itertools
 import json
-import math
 import os
 import re
 from collections.abc import Iterable
@@ -33,12 +36,21 @@ from typing import Any
 import yaml
 
 from llmreg.core.options import ConfigError
+from llmreg.pretrain.sweep_summary import (  # noqa: F401 (re-exported: the sweep's public names)
+    METRIC,
+    SWEEP_JSON,
+    SWEEP_MD,
+    axis_order,
+    certificate,
+    format_table,
+    markdown_report,
+    summarize,
+    write_summary,
+)
 from llmreg.recipe.overrides import parse_override
 
-SWEEP_JSON = "sweep.json"
-SWEEP_MD = "sweep.md"
-METRIC = "eval_loss"
 FORBIDDEN_AXES = ("output_dir", "resume")  # the sweep owns them
+POINT_DONE = "sweep_point.json"  # a finished point of a recipe without data.pretrain (no final_eval.json)
 
 
 # -- grid --------------------------------------------------------------------------------------------
@@ -92,7 +104,7 @@ class Point:
     name: str
     run_dir: str
     recipe: Any = None  # the validated Recipe
-    result: dict | None = None  # final_eval.json when finished
+    result: dict | None = None  # final_eval.json (pretrain) or POINT_DONE (other recipes) when finished
 
 
 @dataclass
@@ -102,12 +114,19 @@ class SweepPlan:
     axes: list[tuple[str, list[Any]]]
     out: str
     points: list[Point] = field(default_factory=list)
+    pretrain: bool = True  # ranked by the final validation loss (sweep.json / sweep.md); else only trained
 
 
 def plan_sweep(
-    recipe_path: str, base_overrides: list[str], grid: list[str], out: str | None = None, overwrite: bool = False
+    recipe_path: str,
+    base_overrides: list[str],
+    grid: list[str],
+    out: str | None = None,
+    overwrite: bool = False,
+    any_recipe: bool = False,
 ) -> SweepPlan:
-    """Validate every point (nothing is loaded); finished points carry their result."""
+    """Validate every point (nothing is loaded); finished points carry their result. `any_recipe` (a sweep
+    scored on an eval suite, llmreg.pretrain.tradeoff) takes recipes without data.pretrain too."""
     from llmreg.recipe import load_recipe
     from llmreg.recipe.schema import StagedRecipe
 
@@ -116,7 +135,9 @@ def plan_sweep(
     if isinstance(base, StagedRecipe):
         raise ConfigError(f"sweep: {recipe_path} has stages; sweep a recipe without stages")
     out = os.path.abspath(os.path.expanduser(out or os.path.join(base.output_dir, "sweep")))
-    plan = SweepPlan(recipe_path, list(base_overrides), axes, out)
+    plan = SweepPlan(recipe_path, list(base_overrides), axes, out, pretrain=base.data.pretrain is not None)
+    if not any_recipe:
+        _check_pretrain(base, recipe_path)
     shorts = _short_names([k for k, _ in axes])
     for index in itertools.product(*(range(len(vals)) for _, vals in axes)):
         values = {key: vals[i] for (key, vals), i in zip(axes, index)}
@@ -130,21 +151,27 @@ def plan_sweep(
             recipe = load_recipe(recipe_path, [*base_overrides, *point_overrides, f"output_dir={run_dir}"])
         except ConfigError as err:
             raise ConfigError(f"grid point {name}: {err}") from None
-        if recipe.data.pretrain is None:
-            raise ConfigError(
-                f"sweep: {recipe_path} has no data.pretrain section; the sweep ranks runs by their "
-                "final validation loss, which pretrain recipes write (final_eval.json)"
-            )
-        if recipe.data.pretrain.validation_fraction <= 0 and recipe.data.eval is None:
-            raise ConfigError(
-                "sweep: the recipe has no validation data (data.eval or data.pretrain.validation_fraction > 0)"
-            )
+        if plan.pretrain and not any_recipe:
+            _check_pretrain(recipe, recipe_path)
         point = Point(index=index, values=values, name=name, run_dir=run_dir, recipe=recipe)
         if not overwrite:
             _check_same_recipe(point)
-            point.result = read_final_eval(run_dir)
+            point.result = read_point_result(run_dir, plan.pretrain)
         plan.points.append(point)
     return plan
+
+
+def _check_pretrain(recipe, recipe_path: str) -> None:
+    if recipe.data.pretrain is None:
+        raise ConfigError(
+            f"sweep: {recipe_path} has no data.pretrain section; the sweep ranks runs by their "
+            "final validation loss, which pretrain recipes write (final_eval.json); or score the points on an "
+            "eval suite with --suite"
+        )
+    if recipe.data.pretrain.validation_fraction <= 0 and recipe.data.eval is None:
+        raise ConfigError(
+            "sweep: the recipe has no validation data (data.eval or data.pretrain.validation_fraction > 0)"
+        )
 
 
 def _comparable(recipe_dict: dict) -> dict:
@@ -218,9 +245,38 @@ def read_final_eval(run_dir: str) -> dict | None:
         return json.load(f)
 
 
-def run_sweep(plan: SweepPlan, overwrite: bool = False, say=print, train_fn=None) -> dict:
-    """Train every unfinished point in order; returns (and writes) the summary. `train_fn(recipe, overwrite)`
-    replaces `llmreg.recipe.run.train` (tests)."""
+def read_point_result(run_dir: str, pretrain: bool) -> dict | None:
+    """A finished point's result: final_eval.json for a pretrain recipe, else the POINT_DONE marker the sweep
+    writes after the run saved final/."""
+    if pretrain:
+        return read_final_eval(run_dir)
+    path = os.path.join(run_dir, POINT_DONE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _train_point(plan: SweepPlan, point: Point, fresh: bool, train_fn) -> None:
+    """Train one point; a non-pretrain point is marked finished (POINT_DONE, written last) only after the run
+    saved its final model, so a killed point is trained again."""
+    from llmreg.recipe.run import is_main_process
+
+    marker = os.path.join(point.run_dir, POINT_DONE)
+    if os.path.isfile(marker) and is_main_process():
+        os.remove(marker)
+    result = train_fn(point.recipe, overwrite=fresh)
+    if not plan.pretrain and is_main_process():
+        done = {"final_dir": os.path.join(point.run_dir, "final"), "global_step": getattr(result, "global_step", None)}
+        with open(marker, "w") as f:
+            json.dump(done, f)
+    point.result = read_point_result(point.run_dir, plan.pretrain)
+
+
+def run_sweep(plan: SweepPlan, overwrite: bool = False, say=print, train_fn=None) -> dict | None:
+    """Train every unfinished point in order; returns (and writes) the summary of a pretrain sweep (None for
+    other recipes, which llmreg.pretrain.tradeoff scores). `train_fn(recipe, overwrite)` replaces
+    `llmreg.recipe.run.train` (tests)."""
     from llmreg.recipe.run import checkpoints_in
 
     if train_fn is None:
@@ -231,155 +287,21 @@ def run_sweep(plan: SweepPlan, overwrite: bool = False, say=print, train_fn=None
         f"sweep {plan.recipe_path}: {len(plan.points)} points, {len(plan.points) - len(todo)} finished, "
         f"{len(todo)} to run; outputs in {plan.out}"
     )
-    write_summary(plan)
-    for n, point in enumerate(todo):
-        recipe = point.recipe
-        fresh = overwrite or not checkpoints_in(point.run_dir)
-        recipe.resume = not fresh
-        say(f"[{n + 1}/{len(todo)}] {point.name}" + ("" if fresh else " (resuming)"))
-        train_fn(recipe, overwrite=fresh)
-        point.result = read_final_eval(point.run_dir)
-        if point.result is None:
-            raise RuntimeError(f"{point.run_dir}: training finished without final_eval.json")
-        say(f"    {METRIC} {point.result[METRIC]:.4f}")
+    if plan.pretrain:
         write_summary(plan)
+    for n, point in enumerate(todo):
+        fresh = overwrite or not checkpoints_in(point.run_dir)
+        point.recipe.resume = not fresh
+        say(f"[{n + 1}/{len(todo)}] {point.name}" + ("" if fresh else " (resuming)"))
+        _train_point(plan, point, fresh, train_fn)
+        if point.result is None and plan.pretrain:
+            raise RuntimeError(f"{point.run_dir}: training finished without final_eval.json")
+        if plan.pretrain:
+            say(f"    {METRIC} {point.result[METRIC]:.4f}")
+            write_summary(plan)
         gc.collect()
+    if not plan.pretrain:
+        return None
     summary = write_summary(plan)
     say(summary["table"])
     return summary
-
-
-# -- summary and certificate -------------------------------------------------------------------------
-
-
-def axis_order(values: list[Any]) -> list[int]:
-    """Indices of `values` in grid order: numeric values sorted, others as given."""
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return sorted(range(len(values)), key=lambda i: values[i])
-    return list(range(len(values)))
-
-
-def certificate(
-    axes: list[tuple[str, list[Any]]], losses: dict[tuple[int, ...], float | None], point: tuple[int, ...]
-) -> dict:
-    """The paper's check of one point: every +-1 neighbour along each axis (in sorted value order) that
-    exists on the grid must have a loss >= the point's. Missing (unrun) neighbours make it unproven."""
-    own = losses.get(point)
-    checks, edges = [], []
-    for a, (key, values) in enumerate(axes):
-        order = axis_order(values)
-        pos = order.index(point[a])
-        for step in (-1, 1):
-            if not 0 <= pos + step < len(order):
-                edges.append({"axis": key, "side": "low" if step < 0 else "high"})
-                continue
-            nb = list(point)
-            nb[a] = order[pos + step]
-            loss = losses.get(tuple(nb))
-            status = "missing" if loss is None else ("ok" if own is not None and loss >= own else "better")
-            checks.append({"axis": key, "value": values[nb[a]], "loss": loss, "status": status})
-    return {
-        "certified": own is not None and all(c["status"] == "ok" for c in checks),
-        "neighbours": checks,
-        "edges": edges,
-    }
-
-
-def summarize(axes: list[tuple[str, list[Any]]], losses: dict[tuple[int, ...], float | None]) -> dict:
-    """Best point, its certificate, and every point that passes the check (local minima)."""
-    done = {p: v for p, v in losses.items() if v is not None and math.isfinite(v)}
-    if not done:
-        return {"best": None, "certificate": None, "local_minima": []}
-    best = min(done, key=done.get)
-    minima = [p for p in done if certificate(axes, losses, p)["certified"]]
-    return {"best": best, "certificate": certificate(axes, losses, best), "local_minima": minima}
-
-
-def _cell(loss: float | None, is_best: bool) -> str:
-    if loss is None:
-        return "–"
-    return f"**{loss:.4f}**" if is_best else f"{loss:.4f}"
-
-
-def format_table(
-    axes: list[tuple[str, list[Any]]], losses: dict[tuple[int, ...], float | None], best: tuple[int, ...] | None
-) -> str:
-    """Markdown: a matrix for two axes (rows: the first axis), else one row per point; best in bold."""
-    if len(axes) == 2:
-        (k0, v0), (k1, v1) = axes
-        o0, o1 = axis_order(v0), axis_order(v1)
-        lines = [f"| {k0} \\ {k1} | " + " | ".join(str(v1[j]) for j in o1) + " |", "|---|" + "---|" * len(o1)]
-        for i in o0:
-            lines.append(f"| {v0[i]} | " + " | ".join(_cell(losses.get((i, j)), best == (i, j)) for j in o1) + " |")
-        return "\n".join(lines)
-    lines = ["| " + " | ".join(k for k, _ in axes) + f" | {METRIC} |", "|" + "---|" * (len(axes) + 1)]
-    for index in itertools.product(*(axis_order(vals) for _, vals in axes)):
-        lines.append(
-            "| "
-            + " | ".join(str(axes[a][1][i]) for a, i in enumerate(index))
-            + " | "
-            + _cell(losses.get(index), best == index)
-            + " |"
-        )
-    return "\n".join(lines)
-
-
-def write_summary(plan: SweepPlan) -> dict:
-    """The summary dict; the files are written by the main process only (a sweep under torchrun runs on all)."""
-    from llmreg.recipe.run import is_main_process
-
-    losses = {p.index: (p.result or {}).get(METRIC) for p in plan.points}
-    info = summarize(plan.axes, losses)
-    best = info["best"]
-    table = format_table(plan.axes, losses, best)
-    by_index = {p.index: p for p in plan.points}
-    summary = {
-        "recipe": os.path.abspath(plan.recipe_path),
-        "overrides": plan.base_overrides,
-        "axes": [{"key": k, "values": v} for k, v in plan.axes],
-        "metric": METRIC,
-        "points": [
-            {"name": p.name, "values": p.values, "run_dir": p.run_dir, METRIC: (p.result or {}).get(METRIC)}
-            for p in plan.points
-        ],
-        "best": None
-        if best is None
-        else {"name": by_index[best].name, "values": by_index[best].values, METRIC: losses[best]},
-        "certificate": info["certificate"],
-        "local_minima": [by_index[p].name for p in info["local_minima"]],
-        "table": table,
-    }
-    if is_main_process():
-        with open(os.path.join(plan.out, SWEEP_JSON), "w") as f:
-            json.dump(summary, f, indent=2)
-        with open(os.path.join(plan.out, SWEEP_MD), "w") as f:
-            f.write(markdown_report(summary))
-    return summary
-
-
-def markdown_report(summary: dict) -> str:
-    lines = [
-        f"# Sweep of {os.path.basename(summary['recipe'])}",
-        "",
-        f"Final validation loss ({summary['metric']}); best in bold.",
-        "",
-        summary["table"],
-        "",
-    ]
-    best, cert = summary["best"], summary["certificate"]
-    if best is None:
-        lines.append("No finished point yet.")
-    else:
-        lines.append(
-            f"Best: {best['name']} ({best[summary['metric']]:.4f}); neighbour check: "
-            + ("passed" if cert["certified"] else "NOT passed")
-            + "".join(f"; {c['axis']}={c['value']} {c['status']}" for c in cert["neighbours"] if c["status"] != "ok")
-        )
-        if cert["edges"]:
-            lines.append(
-                "At the grid's edge on: "
-                + ", ".join(f"{e['axis']} ({e['side']})" for e in cert["edges"])
-                + " (extend the grid there to be sure it is a minimum)."
-            )
-        lines.append("Points passing the neighbour check: " + ", ".join(summary["local_minima"]))
-    return "\n".join(lines) + "\n"
