@@ -60,10 +60,15 @@ def closest(name: str, valid: typing.Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
+def did_you_mean(name: str, valid: typing.Iterable[str], prefix: str = "") -> str:
+    """`; did you mean '<prefix><closest>'?` for an error message, or "" when nothing is close."""
+    hint = closest(name, valid)
+    return f"; did you mean '{prefix}{hint}'?" if hint else ""
+
+
 def unknown_key_error(key: str, valid: typing.Iterable[str], where: str) -> ConfigError:
     valid = sorted(valid)
-    hint = closest(key, valid)
-    suggestion = f"; did you mean '{hint}'?" if hint else f"; valid keys: {', '.join(valid)}"
+    suggestion = did_you_mean(key, valid) or f"; valid keys: {', '.join(valid)}"
     return ConfigError(f"{where}: unknown key '{key}'{suggestion}")
 
 

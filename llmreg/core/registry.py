@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmreg.core.options import ConfigError, closest
+from llmreg.core.options import ConfigError, did_you_mean
 from llmreg.core.regularizer import Regularizer
 
 _REGISTRY: dict[str, type[Regularizer]] = {}
@@ -37,8 +37,7 @@ def available() -> dict[str, type[Regularizer]]:
 
 def get_regularizer_class(name: str) -> type[Regularizer]:
     if name not in _REGISTRY:
-        hint = closest(name, _REGISTRY)
-        suggestion = f"; did you mean '{hint}'?" if hint else ""
+        suggestion = did_you_mean(name, _REGISTRY)
         raise ConfigError(f"unknown regularizer '{name}'{suggestion} (registered: {', '.join(sorted(_REGISTRY))})")
     return _REGISTRY[name]
 

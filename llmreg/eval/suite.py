@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from llmreg.core.options import ConfigError, check_mapping, closest
+from llmreg.core.options import ConfigError, check_mapping, did_you_mean
 
 PACKAGE_REPO = Path(__file__).resolve().parents[2]
 
@@ -159,8 +159,7 @@ def _check_remote_task(task: str, repo: Path, where: str) -> None:
             f"not a local task in {repo / 'eval' / 'tasks'} (HF_HUB_OFFLINE is set, so lm-eval's hub tasks are "
             "not allowed)"
         )
-    hint = closest(task, known)
-    raise ConfigError(f"{where}: unknown task '{task}': {scope}" + (f"; did you mean '{hint}'?" if hint else ""))
+    raise ConfigError(f"{where}: unknown task '{task}': {scope}" + did_you_mean(task, known))
 
 
 def write_local_tasks(suite: Suite, folder: str | os.PathLike) -> str:

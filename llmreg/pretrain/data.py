@@ -90,12 +90,11 @@ def _validate_synthetic(section: Any, recipe_dir: str | None, where: str) -> Syn
     if not 0.0 < spec.fraction < 1.0:
         raise ConfigError(f"{where}.fraction: the synthetic share must be in (0, 1), got {spec.fraction}")
     if spec.sampling not in SAMPLING_MODES:
-        from llmreg.core.options import closest
+        from llmreg.core.options import did_you_mean
 
-        hint = closest(spec.sampling, SAMPLING_MODES)
         raise ConfigError(
             f"{where}.sampling: unknown value {spec.sampling!r}"
-            + (f"; did you mean '{hint}'?" if hint else "")
+            + did_you_mean(spec.sampling, SAMPLING_MODES)
             + f" (one of {', '.join(SAMPLING_MODES)})"
         )
     if spec.temperature <= 0:

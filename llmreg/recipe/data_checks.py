@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmreg.core.options import ConfigError, closest
+from llmreg.core.options import ConfigError, did_you_mean
 from llmreg.recipe.errors import one_line, reraise_at_recipe_key
 from llmreg.recipe.mixture import mixture_format, row_format
 from llmreg.recipe.paths import TEXT_EXTENSIONS
@@ -221,10 +221,9 @@ def _mapped_columns(spec: SourceSpec, columns: list[str], trainer_kind: str, whe
     mapping = (("text_field", spec.text_field), ("prompt_field", spec.prompt_field))
     for key, source in (*mapping, ("completion_field", spec.completion_field)):
         if source is not None and source not in columns:
-            hint = closest(source, columns)
             raise ConfigError(
                 f"{where}.{key}: '{source}' is not a column of {os.path.basename(spec.path)}"
-                + (f"; did you mean '{hint}'?" if hint else "")
+                + did_you_mean(source, columns)
                 + f" (columns: {', '.join(columns)})"
             )
     if spec.prompt_field is not None:  # load_source keeps only the two columns

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from llmreg.core.options import ConfigError, closest, options_help
+from llmreg.core.options import ConfigError, did_you_mean, options_help
 from llmreg.core.registry import available
 
 DESCRIPTION_WIDTH = 64  # the table's last column, cut with "..." (the options section repeats it whole)
@@ -41,10 +41,9 @@ def registry_lines(name: str | None = None) -> list[str]:
     classes = available()
     if name is not None:
         if name not in classes:
-            hint = closest(name, classes)
             raise ConfigError(
                 f"list: unknown regularizer {name!r}"
-                + (f"; did you mean {hint!r}?" if hint else "")
+                + did_you_mean(name, classes)
                 + f" (registered: {', '.join(classes)})"
             )
         classes = {name: classes[name]}

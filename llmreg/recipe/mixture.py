@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from llmreg.core.options import ConfigError, check_mapping, closest
+from llmreg.core.options import ConfigError, check_mapping, did_you_mean
 from llmreg.recipe.schema import MIX_STOPPING, MIX_STRATEGIES, MixSpec, SourceSpec
 
 # SFT row formats (TRL's dataset formats) and the columns that make each
@@ -58,11 +58,8 @@ def validate_mix(section: Any, sources: list[SourceSpec], seed: int, where: str 
     for key, valid in (("strategy", MIX_STRATEGIES), ("stopping", MIX_STOPPING)):
         value = values.get(key)
         if value is not None and value not in valid:
-            hint = closest(value, valid)
             raise ConfigError(
-                f"{where}.{key}: unknown {key} '{value}'"
-                + (f"; did you mean '{hint}'?" if hint else "")
-                + f" (one of {', '.join(valid)})"
+                f"{where}.{key}: unknown {key} '{value}'" + did_you_mean(value, valid) + f" (one of {', '.join(valid)})"
             )
     spec = MixSpec(**values)
     weighted = [i for i, s in enumerate(sources) if s.weight is not None]

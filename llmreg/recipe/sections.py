@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from llmreg.core.options import ConfigError, check_mapping, closest, field_types
+from llmreg.core.options import ConfigError, check_mapping, did_you_mean, field_types
 from llmreg.integrations.deepspeed import check_deepspeed_config, load_deepspeed_config
 from llmreg.recipe.chat_template import validate_chat_template_path
 from llmreg.recipe.data_checks import check_recipe_data
@@ -363,10 +363,7 @@ def _zero_stage(deepspeed: Any) -> int:
 
 def _choice_error(where: str, value: Any, choices: Any, show: bool = True) -> ConfigError:
     choices = list(choices)
-    hint = closest(str(value), [str(c) for c in choices])
-    msg = f"{where}: unknown value {value!r}"
-    if hint:
-        msg += f"; did you mean '{hint}'?"
+    msg = f"{where}: unknown value {value!r}" + did_you_mean(str(value), [str(c) for c in choices])
     if show:
         msg += f" (one of {', '.join(str(c) for c in choices)})"
     return ConfigError(msg)

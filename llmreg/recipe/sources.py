@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from llmreg.core.options import ConfigError, check_mapping, closest
+from llmreg.core.options import ConfigError, check_mapping, did_you_mean
 from llmreg.recipe.data_modes import data_mode
 from llmreg.recipe.errors import reraise_at_recipe_key
 from llmreg.recipe.mixture import validate_mix
@@ -130,8 +130,7 @@ def _check_builtin(spec: SourceSpec, where: str, own_seed: bool, is_eval: bool) 
     from llmreg.data.builtin import BUILTIN_TASKS
 
     if spec.name not in BUILTIN_TASKS:
-        hint = closest(spec.name, BUILTIN_TASKS)
-        suggestion = f"; did you mean 'builtin:{hint}'?" if hint else ""
+        suggestion = did_you_mean(spec.name, BUILTIN_TASKS, prefix="builtin:")
         raise ConfigError(
             f"{where}: unknown built-in task '{spec.name}'{suggestion} (built-in: {', '.join(BUILTIN_TASKS)})"
         )

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from llmreg.core.options import ConfigError, check_mapping, closest
+from llmreg.core.options import ConfigError, check_mapping, did_you_mean
 from llmreg.recipe.errors import reraise_at_recipe_key
 from llmreg.recipe.paths import looked_for, resolve_path
 from llmreg.recipe.schema import STAGE_SECTIONS, TOP_LEVEL_ONLY, Stage, StagedRecipe, StageEvalSpec
@@ -89,10 +89,9 @@ def _check_eval_task(where: str, eval_task: str | None, stage_eval: Any, suite_t
     if stage_eval is None:
         raise ConfigError(f"{where}: eval_task: needs a top-level stage_eval (the suite it names a task of)")
     if eval_task not in suite_tasks:
-        hint = closest(eval_task, suite_tasks)
         raise ConfigError(
             f"{where}: eval_task: '{eval_task}' is not a task of {stage_eval.suite}"
-            + (f"; did you mean '{hint}'?" if hint else "")
+            + did_you_mean(eval_task, suite_tasks)
             + f" (its tasks: {', '.join(suite_tasks)})"
         )
 

@@ -79,11 +79,7 @@ def check_build_options(spec: str | dict[str, Any]) -> dict[str, Any]:
     which is also a valid `spec` (a resolved recipe loads again). ValueError names the closest valid
     preset, option or size.
     """
-    from llmreg.core.options import closest
-
-    def hint(value: str, valid) -> str:
-        near = closest(value, valid)
-        return f"; did you mean '{near}'?" if near else ""
+    from llmreg.core.options import did_you_mean as hint
 
     if isinstance(spec, str):
         if spec not in PRESETS:
