@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import trl
-from conftest import make_hf_trainer, max_rel_diff
+from conftest import losses, make_hf_trainer, max_rel_diff, weights
 from families import _COMMON, FAMILIES, tiny_model
 from test_kl_to_base import _batch, _explicit_kl, _perturb
 from test_lp_reg_math import ref_proxy
@@ -22,6 +22,7 @@ from test_lp_reg_math import ref_proxy
 import llmreg
 from llmreg.core import anatomy
 from llmreg.core.output_head import LogitTransform, logit_transform, with_transform
+from llmreg.integrations import trl as trl_compat
 from llmreg.regularizers.kl_to_base import kl_positions
 from llmreg.regularizers.lp_reg import hidden_proxy_stats
 from llmreg.regularizers.noisefit.noise import adaptive_noise, branch_base, standard_normal, training_noise_key
@@ -219,3 +220,55 @@ def test_lp_reg_proxy_is_formed_from_the_model_logits_and_matches_trls_fused_hea
     with torch.no_grad():
         trl_logp = fused(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
     assert torch.allclose(trl_logp.double(), logp.double(), atol=1e-5)
+
+
+# -- training on the transformed families -----------------------------------------------------------------------------
+
+
+def _sft(out, model, regs):
+    from test_moe_router_loss import _sft as sft
+
+    return sft(out, model, regs, gradient_accumulation_steps=1, router_aux_loss_coef=None)
+
+
+@pytest.mark.parametrize("name", TRANSFORMED)
+def test_noisefit_and_kl_to_base_train_on_the_family(tmp_path, name):
+    init = weights(_model(name))
+    for reg in ({"name": "noisefit", "num_layers": 1, "noise_std": 1.0}, {"name": "kl_to_base", "lam": 1.0}):
+        trainer = _sft(tmp_path / reg["name"], _model(name), [reg])
+        trainer.train()
+        assert len(losses(trainer)) == 2 and all(torch.isfinite(torch.tensor(losses(trainer))))
+        assert max_rel_diff(init, weights(trainer.model)) > 1e-4
+    kl = [h["reg/kl_to_base/kl_per_token"] for h in trainer.state.log_history if "reg/kl_to_base/kl_per_token" in h]
+    assert kl[-1] > 0  # the policy moved off its base
+
+
+@pytest.mark.slow
+def test_lp_reg_trains_on_gemma2_with_the_proxy_of_the_model_logits(tmp_path):
+    """The GRPO run of test_lp_reg_grpo's proxy check (proxy and penalty == explicit, from the unfused model's
+    softcapped logits) on a Gemma 2 model."""
+    from test_lp_reg_grpo import Spy, digit_count_reward, grpo_args
+
+    from llmreg.data import build_char_tokenizer, make_builtin_dataset
+
+    KAPPA = 0.6  # noqa: N806 (the softcapped model is nearly uniform: a large kappa filters something)
+    spy = Spy(rho=0.9, minp_kappa=KAPPA)
+    trainer = llmreg.RegGRPOTrainer(
+        model=_model("gemma2"),
+        args=grpo_args(tmp_path, temperature=0.8, max_steps=2, bf16=False),
+        processing_class=build_char_tokenizer(),
+        reward_funcs=digit_count_reward,
+        train_dataset=make_builtin_dataset(format="prompt_only", num_examples=16),
+        regularizers=[spy],
+    )
+    trainer.train()
+    assert spy.batches and spy.terms
+    for rec in spy.batches:
+        batch, mask = rec["batch"], trl_compat.response_mask(rec["batch"]).bool()
+        logp, proxy, kept = ref_proxy(rec["logits"], batch["completion_ids"], KAPPA, rec["T"])
+        assert torch.allclose(rec["old_logp"][mask], logp[mask].float(), atol=1e-4)
+        assert torch.equal(batch["lp_reg_kept"][mask], kept[mask]) and not kept[mask].all()
+        fin = mask & kept
+        assert torch.allclose(batch["lp_reg_proxy_logp"][fin], proxy[fin].float(), atol=1e-4)
+    assert all(torch.isfinite(rec["term"]) for rec in spy.terms)
+    assert max(h.get("reg/lp_reg/selected_share", 0.0) for h in trainer.state.log_history) > 0

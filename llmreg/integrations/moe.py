@@ -1,5 +1,5 @@
 """The MoE router load-balancing loss as the host trainer adds it, for regularizers that replace the host's loss
-(NoiseFiT). Version-sensitive transformers internals, pinned by tests/test_output_head_moe.py:
+(NoiseFiT). Version-sensitive transformers internals, pinned by tests/test_moe_router_loss.py:
 
 - a MoE causal LM (Mixtral, Qwen3-MoE, ...) has `output_router_logits` in its (text) config; its forward computes
   `aux_loss = load_balancing_loss_func(outputs.router_logits, num_experts, num_experts_per_tok, attention_mask)`
