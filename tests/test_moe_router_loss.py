@@ -46,13 +46,15 @@ def _aux(model, batch):
 
 
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("share", [True, False], ids=["shared_prefix", "stacked"])
+@pytest.mark.parametrize("forward", ["shared_prefix", "stacked", "three_forwards"])
 @pytest.mark.parametrize("name", MOE_FAMILIES)
-def test_noisefit_objective_adds_the_router_loss_of_the_clean_branch(tok, name, share, peft):
+def test_noisefit_objective_adds_the_router_loss_of_the_clean_branch(tok, name, forward, peft):
     model = _moe(name)
     model = _lora(model) if peft else model
     batch = batch_with_prompt_mask(tok)
-    reg = llmreg.build_regularizer({"name": "noisefit", "num_layers": 1, "noise_std": 0.8, "prefix_sharing": share})
+    share = forward == "shared_prefix"
+    opts = {"prefix_sharing": share, "pack_branches": "never" if forward == "three_forwards" else "auto"}
+    reg = llmreg.build_regularizer({"name": "noisefit", "num_layers": 1, "noise_std": 0.8, **opts})
     reg.setup(model, None)
     reg.load_state_dict({"selected": [0]})  # layer 1 runs on 3B rows, layer 0 on B rows with sharing
     reg.on_prepared(model, None)

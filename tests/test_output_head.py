@@ -272,3 +272,24 @@ def test_lp_reg_trains_on_gemma2_with_the_proxy_of_the_model_logits(tmp_path):
         assert torch.allclose(batch["lp_reg_proxy_logp"][fin], proxy[fin].float(), atol=1e-4)
     assert all(torch.isfinite(rec["term"]) for rec in spy.terms)
     assert max(h.get("reg/lp_reg/selected_share", 0.0) for h in trainer.state.log_history) > 0
+
+
+@pytest.mark.slow
+def test_lp_reg_full_kl_on_gemma2_equals_the_kl_of_the_model_logits(tmp_path):
+    """estimator full_kl forms the policy's logits at the selected positions from its hidden states: checked per
+    micro-batch against KL(proxy || policy) of the unfused model's softcapped logits (test_lp_reg_grpo's spy)."""
+    from test_lp_reg_grpo import FullKLSpy, digit_count_reward, grpo_args
+
+    from llmreg.data import build_char_tokenizer, make_builtin_dataset
+
+    spy = FullKLSpy(rho=0.9, minp_kappa=0.6)
+    trainer = llmreg.RegGRPOTrainer(
+        model=_model("gemma2"),
+        args=grpo_args(tmp_path, max_steps=2, bf16=False),
+        processing_class=build_char_tokenizer(),
+        reward_funcs=digit_count_reward,
+        train_dataset=make_builtin_dataset(format="prompt_only", num_examples=16),
+        regularizers=[spy],
+    )
+    trainer.train()
+    assert spy.checked > 0
