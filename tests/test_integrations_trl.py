@@ -98,12 +98,12 @@ def test_old_logps_condition(tmp_path):
     assert trl_compat.old_logps_computed_by_trl(_trainer(tmp_path / "c", num_iterations=2))
 
 
-def test_refuses_scaled_heads(tmp_path):
+def test_softcapped_and_scaled_heads_are_accepted(tmp_path):
+    """The logit transform is applied after the head (core.output_head, tests/test_output_head.py)."""
     trainer = _trainer(tmp_path)
     trainer.model.config.final_logit_softcapping = 30.0
-    assert "final_logit_softcapping" in trl_compat.check_plain_lm_head(trainer.model)
-    trainer.model.config.final_logit_softcapping = None
     assert trl_compat.check_plain_lm_head(trainer.model) is None
+    trainer.model.config.final_logit_softcapping = None
 
 
 def test_lp_reg_refuses_an_unknown_loss_type(tmp_path):

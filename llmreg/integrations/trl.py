@@ -11,7 +11,9 @@ Written against trl 1.16. What is relied on:
   under `no_grad`, for the old log-probs when `_old_logps_computed_by_trl` holds (then the policy, before any
   reference pass).
 - The fused LM head (`trl.trainer.utils.add_fused_lm_head`): the model's backbone is `<model>.base_model`, its
-  output `.last_hidden_state`; `maybe_gather_lm_head_ctx` gathers a ZeRO-3 partitioned head.
+  output `.last_hidden_state`; `maybe_gather_lm_head_ctx` gathers a ZeRO-3 partitioned head. Its per-token
+  log-probs include the model's logit scaling / softcapping (read from the config as `core.output_head` does).
+- `SFTTrainer.aux_loss_enabled` / `router_aux_loss_coef`: the MoE router loss SFT adds (`sft_router_aux`).
 - `_compute_loss`'s normalisation per `loss_type` (`aggregate_like_loss`).
 
 `GRPOHooks` is mixed into `RegGRPOTrainer` ahead of the regularizer mixin; with an empty stack (or one without
@@ -55,17 +57,20 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def check_plain_lm_head(model: torch.nn.Module) -> str | None:
-    """Why the proxy cannot be formed as hidden @ lm_head.T, or None when it can (no logit scaling, softcap,
-    or vision-language text config)."""
+    """Why the logits cannot be formed from the final hidden states and the LM head (then the model's own output
+    transform, `llmreg.core.output_head`), or None when they can: vision-language text configs are refused."""
     config = causal_lm(model).config
-    text = config.get_text_config()
-    if text is not config:
+    if config.get_text_config() is not config:
         return "vision-language models are not supported"
-    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
-        value = getattr(text, key, None)
-        if value not in (None, 1.0):
-            return f"models with `{key}` are not supported"
     return None
+
+
+def sft_router_aux(trainer: Any) -> tuple[bool, float] | None:
+    """(enabled, coefficient) of the MoE router auxiliary loss TRL's SFTTrainer adds to its loss (averaged over
+    the accumulation window), or None when `trainer` is not an SFTTrainer (then the model's own rule holds)."""
+    if not hasattr(trainer, "aux_loss_enabled"):
+        return None
+    return bool(trainer.aux_loss_enabled), float(getattr(trainer, "router_aux_loss_coef", 0.0) or 0.0)
 
 
 def unsupported_loss_type(trainer: Any) -> str | None:

@@ -27,9 +27,11 @@ The base model:
 - PEFT: no copy; the same model with its adapters disabled (`PeftModel.disable_adapter()`).
 
 Hooks: `setup` (copy or PEFT check, the capture hook), `on_prepared` (device / ZeRO-3 partitioning),
-`loss_terms`, `metrics`. Departures: models that scale or softcap their logits after the LM head are refused
-(the logits are hidden @ W.T); an LM head with a LoRA adapter is refused under PEFT (the disabled-adapter base
-would not be the base there).
+`loss_terms`, `metrics`. The logits are the model's own: the LM head, then the model's logit scaling /
+softcapping (Gemma 2/3, Granite, Cohere; `llmreg.core.output_head`), for the policy and the base alike, also
+when the host's full head output is reused. Departure: an LM head with a LoRA adapter is refused under PEFT
+(the disabled-adapter base would not be the base there). MoE models: the host's loss keeps its router
+load-balancing term (the KL is added to it; the base's forward is the body only, without router loss).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llmreg.core import anatomy, dist
 from llmreg.core.options import ConfigError, check_fields_in_range
+from llmreg.core.output_head import logit_transform, with_transform
 from llmreg.core.registry import register
 from llmreg.core.regularizer import LossContext, Order, Regularizer, Requirements, option
 from llmreg.core.running_mean import RunningMean
@@ -72,6 +75,7 @@ def kl_positions(inputs: dict[str, Any], shape: torch.Size, tokens: str) -> torc
 
 
 def _chunk_kl(rows: torch.Tensor, h_base: torch.Tensor, head, base_head, reverse: bool) -> torch.Tensor:
+    # `head` turns the policy's rows into logits (the LM head, or only the output transform for host logits)
     logits = rows if head is None else head(rows)
     log_q = F.log_softmax(logits.float(), dim=-1)
     with torch.no_grad():
@@ -90,7 +94,7 @@ def kl_sum(
     chunk_size: int = 1024,
 ) -> torch.Tensor:
     """Sum over rows of KL(p_base || p_theta) (or the reverse). `policy` [N, H] holds the policy's hidden states
-    (then `head` forms its logits) or, with `head=None`, its logits [N, V] already; `base_hidden` [N, H] and
+    (then `head` forms its logits) or, with `head=None`, its final logits [N, V] already; `base_hidden` [N, H] and
     `base_head` give the base's. `chunk_size` rows of fp32 logits at a time; with more than one chunk each is
     recomputed in backward instead of kept (one chunk alone is kept: that costs no more memory than one chunk)."""
     total = policy.new_zeros((), dtype=torch.float32)
@@ -187,7 +191,7 @@ class KLToBase(Regularizer):
 
         reason = check_plain_lm_head(model)
         if reason:
-            raise ConfigError(f"kl_to_base: {reason} (the logits are formed as hidden @ lm_head.T)")
+            raise ConfigError(f"kl_to_base: {reason} (the logits are formed from the final hidden states)")
         self._trainer = trainer
         self._peft_model = model if anatomy.is_peft(model) else None
         self._head = anatomy.unwrap(model).get_output_embeddings()
@@ -200,8 +204,10 @@ class KLToBase(Regularizer):
             self._base = frozen_copy(model)
             self._base_body = anatomy.decoder(self._base, where="kl_to_base")
             self._base_head = self._base.get_output_embeddings()
+        self._transform = logit_transform(anatomy.unwrap(model).config)
         self.add_hook(body.register_forward_hook(self._capture))
         # where the host computes full logits (transformers.Trainer), reuse them instead of a second head GEMM
+        # (the head module's output: before the model's logit transform, applied in loss_terms)
         self.add_hook(self._head.register_forward_hook(self._capture_logits))
 
     def _capture(self, module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -250,8 +256,8 @@ class KLToBase(Regularizer):
             total = kl_sum(
                 logits[mask] if full_logits else hidden[mask],
                 base_hidden[mask].to(hidden.dtype),
-                None if full_logits else self._head,
-                self._base_head,
+                self._policy_logits(full_logits),
+                with_transform(self._base_head, self._transform),
                 reverse=self.options.direction == "reverse",
                 chunk_size=self.options.chunk_size,
             )
@@ -260,6 +266,13 @@ class KLToBase(Regularizer):
         kl = total / self._position_count(mask)
         self._stats.add(kl_per_token=float(kl.detach()))
         return {"kl": self.options.lam * kl}
+
+    def _policy_logits(self, from_host_logits: bool):
+        """What turns the policy's rows into its logits: the head and the transform, or the transform alone on the
+        host's head output (None: nothing, the identity)."""
+        if from_host_logits:
+            return None if self._transform.is_identity else self._transform
+        return with_transform(self._head, self._transform)
 
     def _position_count(self, mask: torch.Tensor) -> torch.Tensor:
         """This micro-batch's positions; with `average_tokens_across_devices` the mean over ranks of theirs, so

@@ -26,7 +26,9 @@ Departures and choices (see the spec's table of variants; the code's variants ar
   the extra pass runs in eval mode as the spec asks.
 - `estimator="full_kl"` (package option, untested by the authors): KL(pi_proxy || pi_theta) over the
   vocabulary at the selected positions, the proxy from the same logits detached (on-policy only; not ZeRO-3).
-- Models with logit scaling / softcapping and vision-language models are refused (the proxy is hidden @ W.T).
+- The proxy's logits are the model's own: hidden @ W.T (+ bias), then the model's logit scaling / softcapping
+  (Gemma 2/3, Granite, Cohere; `llmreg.core.output_head`), as in TRL's fused head whose log-probs they are
+  compared with. Vision-language models are refused.
 - The proxy's projection runs in fp32 outside autocast; TRL's fused head (hence the current log-prob in
   `logp < proxy_logp`) follows the trainer's autocast. Under bf16, when the filter removes nothing the two
   differ only by rounding, which can select a token with a k3 value of order 1e-4 (negligible).
@@ -41,7 +43,8 @@ Pure functions:
 - `minp_proxy_stats` / `minp_proxy_logprobs`: the min-p proxy of a next-token distribution, chunked over rows
   so that one [rows x vocab] fp32 buffer (plus its boolean filter mask) exists at a time, whatever the dtype of
   the logits. `hidden_proxy_stats` does the same from final hidden states and the LM-head weight, for trainers
-  whose fused LM head never returns logits (TRL >= 1.15, docs/architecture.md, trap 6).
+  whose fused LM head never returns logits (TRL >= 1.15, docs/architecture.md, trap 6), with the model's own
+  logit transform.
 - `lowp_threshold`: the rho-quantile of the log-probabilities of the negative-advantage tokens.
 - `lp_reg_penalty`: the per-token k3 penalty and the selection mask.
 - `full_forward_kl` (`estimator="full_kl"`): the package's full-vocabulary KL(pi_proxy || pi_theta) option.

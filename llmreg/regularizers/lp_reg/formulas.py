@@ -5,6 +5,7 @@ docstring (`llmreg/regularizers/lp_reg/__init__.py`) for the method and where it
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -140,11 +141,13 @@ def hidden_proxy_stats(
     kappa: float = 0.02,
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_ROWS,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **options,
 ) -> ProxyStats:
-    """As `minp_proxy_stats`, with logits = hidden @ weight.T + bias formed one chunk of rows at a time.
+    """As `minp_proxy_stats`, with logits = transform(hidden @ weight.T + bias) formed one chunk of rows at a time.
 
-    The projection runs in the weight's dtype (as the model's own head does) and is then cast to fp32.
+    The projection runs in the weight's dtype (as the model's own head does) and is then cast to fp32;
+    `transform` is the model's own logit scaling / softcapping (`llmreg.core.output_head`), on the fp32 logits.
     """
     _check(kappa, temperature, options.get("threshold_type", "minp"))
     width = hidden.shape[-1]
@@ -156,6 +159,8 @@ def hidden_proxy_stats(
             z = F.linear(flat[start : start + chunk_size].to(weight.dtype), weight, bias)
             if z.dtype != torch.float32:
                 z = z.float()
+            if transform is not None:
+                z = transform(z)
             parts.append(
                 _stats_of_chunk(
                     z,

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 
 from llmreg.core.options import ConfigError, check_fields_in_range
+from llmreg.core.output_head import LogitTransform, logit_transform
 from llmreg.core.registry import register
 from llmreg.core.regularizer import Order, Regularizer, Requirements, option
 from llmreg.integrations import trl as trl_internals
@@ -80,6 +81,7 @@ class LpReg(GRPOHookRegularizer, Regularizer):
         # full_kl forms the policy's logits at the selected positions from its hidden states (with grad)
         self.needs_step_hidden = self.options.estimator == "full_kl"
         self._parts: list[tuple[int, ProxyStats]] = []
+        self._transform = LogitTransform()  # the model's own logit scaling / softcapping, read in setup
         self._reset_metrics()
 
     def _reset_metrics(self) -> None:
@@ -92,6 +94,7 @@ class LpReg(GRPOHookRegularizer, Regularizer):
         reason = trl_internals.check_plain_lm_head(model)
         if reason:
             raise ConfigError(f"lp_reg: {reason} (the proxy is formed as hidden @ lm_head.T)")
+        self._transform = logit_transform(trl_internals.causal_lm(model).config)
         reason = trl_internals.unsupported_loss_type(trainer)
         if reason:
             raise ConfigError(f"lp_reg: {reason}")
@@ -125,6 +128,7 @@ class LpReg(GRPOHookRegularizer, Regularizer):
             kappa=self.options.minp_kappa,
             temperature=chunk.temperature,
             chunk_size=self.options.chunk_size,
+            transform=None if self._transform.is_identity else self._transform,
             **self._proxy_options(),
         )
         self._parts.append((chunk.rows.start, stats))
@@ -191,7 +195,7 @@ class LpReg(GRPOHookRegularizer, Regularizer):
         hidden, lm_head = extras["hidden_states"], extras["lm_head"]
         full = torch.zeros_like(penalty)
         if bool(selected.any()):
-            logits = lm_head(hidden[selected])
+            logits = self._transform(lm_head(hidden[selected]).float())
             kl = full_forward_kl(
                 logits,
                 kappa=self.options.minp_kappa,

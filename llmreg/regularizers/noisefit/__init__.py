@@ -65,8 +65,22 @@ shared prefix has dropout (the values are those of the unshared forward: the pre
 branch); with dropout it is off unless asked for, since the branches would then share one dropout mask.
 Not implemented (spec option): the embedding SNR probe of the first commit (`snr_probe="embedding"`). TRL SFT's own
 train metrics (entropy, token accuracy, num_tokens) are not recorded, since its `compute_loss` does not run;
-padding-free batches and DPO / GRPO are refused, and so are models whose logits are scaled or soft-capped after the
-LM head (Gemma 2, Cohere): the chunked head is the plain `lm_head` module.
+padding-free batches and DPO / GRPO are refused.
+The chunked logits are the model's own: `lm_head(h)` followed by the model's logit scaling / softcapping (Gemma
+2/3's `final_logit_softcapping`, Granite's `logits_scaling`, Cohere's `logit_scale`; `llmreg.core.output_head`),
+in the CE, the soft and consistency terms and v2's calibration alike.
+
+MoE models (package choice; the paper trains dense models and its objective has no router term): the host's loss
+includes the router load-balancing loss, `router_aux_loss_coef * aux` (TRL SFT: on for MoE models, averaged over
+the accumulation window; transformers' Trainer: when the config's `output_router_logits` is set, per micro-batch;
+`llmreg.integrations.moe`), so NoiseFiT's objective keeps it, computed like the parent's on the clean branch:
+loss = alpha * CE + (1 - alpha) * soft + lam * cons + coef * aux(clean rows). The clean branch is the parent's
+forward (so with zero noise and alpha = 1 the objective is the parent's loss); the noisy branches' routing is not
+part of the parent's objective, and at the layers before the first noisy one (prefix sharing) only the clean
+rows exist. The router logits are recorded by the decoder body in the packed forward and their clean rows
+(the first B * T of every layer) enter the model family's own `load_balancing_loss_func` with the batch's
+attention mask; the top model's own router loss is switched off in that forward (`output_router_logits=False`),
+since it would mix B-row and 3B-row layers with a B-row mask. Logged as `router_aux`.
 
 Modules: `noise.py` (the noise operator, SNR, keyed draws), `calibration.py` (v2's policy), `selection.py` (the
 selection forwards), `prefix.py` (prefix sharing), `loss.py` (chunked hybrid loss), `host.py` (checks on the host,

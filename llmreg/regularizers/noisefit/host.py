@@ -1,5 +1,6 @@
 """What NoiseFiT takes from the host trainer and model: the settings it refuses before training, the model
-inputs of a batch, and that batch stacked three times (clean; noisy 1; noisy 2) for the one packed forward."""
+inputs of a batch, that batch stacked three times (clean; noisy 1; noisy 2) for the one packed forward, and the
+clean branch's router logits of a MoE model."""
 
 from __future__ import annotations
 
@@ -7,11 +8,7 @@ from typing import Any
 
 import torch
 
-from llmreg.core.anatomy import unwrap
 from llmreg.core.options import ConfigError
-
-# model config fields that transform the logits after the LM head (the chunked head does not reproduce them)
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
 
 
 def check_trainer(trainer: Any) -> None:
@@ -29,18 +26,6 @@ def check_trainer(trainer: Any) -> None:
         )
 
 
-def check_plain_logits(model: torch.nn.Module) -> None:
-    """Refuse models whose logits are scaled or soft-capped after the LM head (Gemma 2, Cohere)."""
-    config = getattr(unwrap(model), "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scaled = [k for k in LOGIT_TRANSFORMS if getattr(text, k, None) not in (None, 1, 1.0)]
-    if scaled:
-        raise ConfigError(
-            f"noisefit: {type(unwrap(model)).__name__} transforms its logits after the LM "
-            f"head ({', '.join(scaled)}); the chunked LM head does not reproduce that"
-        )
-
-
 def model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     """The batch without what only the loss uses."""
     return {k: v for k, v in inputs.items() if k not in ("labels", "use_cache", "num_items_in_batch")}
@@ -55,3 +40,17 @@ def repeat3(value: Any, rows: int) -> Any:
     raise ConfigError(
         f"noisefit: cannot stack model input of shape {tuple(getattr(value, 'shape', ()))} for {rows} rows"
     )
+
+
+def clean_router_logits(router_logits: Any, tokens: int) -> tuple[torch.Tensor, ...]:
+    """The clean branch's rows of every MoE layer's router logits [rows * T, experts]: the first `tokens` =
+    rows * T (the branches are stacked along the batch, clean first; a shared-prefix layer ran on the clean rows
+    only)."""
+    if not router_logits:
+        raise RuntimeError("noisefit: the MoE model's decoder body returned no router logits for its router loss")
+    for layer in router_logits:
+        if layer.shape[0] not in (tokens, 3 * tokens):
+            raise RuntimeError(
+                f"noisefit: router logits of {layer.shape[0]} rows, expected {tokens} (clean) or 3 x {tokens}"
+            )
+    return tuple(layer[:tokens] for layer in router_logits)

@@ -14,12 +14,14 @@ import torch
 import llmreg.core.anatomy as anatomy
 import llmreg.core.dist as dist
 from llmreg.core.options import ConfigError
+from llmreg.core.output_head import logit_transform, with_transform
 from llmreg.core.registry import register
 from llmreg.core.regularizer import LossContext, Order, Regularizer, Requirements
 from llmreg.core.running_mean import RunningMean
 from llmreg.integrations.hf_access import accepts_logits_to_keep, calibration_batch
+from llmreg.integrations.moe import RouterAux, is_moe, router_aux
 from llmreg.regularizers.noisefit.calibration import v2_policy
-from llmreg.regularizers.noisefit.host import check_plain_logits, check_trainer, model_inputs, repeat3
+from llmreg.regularizers.noisefit.host import check_trainer, clean_router_logits, model_inputs, repeat3
 from llmreg.regularizers.noisefit.loss import hybrid_loss, hybrid_sums, positions
 from llmreg.regularizers.noisefit.noise import (
     adaptive_noise,
@@ -102,7 +104,10 @@ class NoiseFiT(Regularizer):
         if self._lm_head is None:
             raise ConfigError(f"noisefit: {type(model).__name__} has no output embeddings (LM head)")
         self._keep_one = accepts_logits_to_keep(model)
-        check_plain_logits(model)
+        # the model's logits: the head, then its own scaling / softcapping (Gemma 2/3, Granite, Cohere, ...)
+        self._logits = with_transform(self._lm_head, logit_transform(anatomy.unwrap(model).config))
+        self._moe = is_moe(model)
+        self._router: RouterAux | None = router_aux(model, trainer)  # the host's router loss, or None
 
     def on_prepared(self, model: torch.nn.Module, shards: Any) -> None:
         if self.selected is None:
@@ -134,7 +139,7 @@ class NoiseFiT(Regularizer):
         self._install_hooks()
 
     def _probe(self) -> LayerProbe:
-        return LayerProbe(self._layers, self._body, self._lm_head, self._forward_kwargs(), self.options)
+        return LayerProbe(self._layers, self._body, self._logits, self._forward_kwargs(), self.options)
 
     def calibrate(
         self, model: torch.nn.Module, batches: list[dict[str, Any]], indices: list[int] | None = None
@@ -216,8 +221,13 @@ class NoiseFiT(Regularizer):
         return bool(opts.prefix_sharing) or not dropout
 
     def _forward_kwargs(self) -> dict[str, Any]:
-        # only the final hidden states are used: skip the [rows, T, V] logits of the model's own head
-        return {"use_cache": False, **({"logits_to_keep": 1} if self._keep_one else {})}
+        # only the final hidden states are used: skip the [rows, T, V] logits of the model's own head, and the
+        # top model's router loss (on the stacked rows; the clean branch's is computed in training_loss)
+        return {
+            "use_cache": False,
+            **({"logits_to_keep": 1} if self._keep_one else {}),
+            **({"output_router_logits": False} if self._moe else {}),
+        }
 
     # -- training ---------------------------------------------------------------------------------------------
     def _noise_hook(self, layer: int):
@@ -260,11 +270,43 @@ class NoiseFiT(Regularizer):
         labels = ctx.inputs["labels"]
         rows = labels.shape[0]
         self._advance(ctx.trainer)
-        captured: list[torch.Tensor] = []
-        handle = self._body.register_forward_hook(lambda m, a, out: captured.append(anatomy.final_hidden(out)))
+        hidden, router_logits = self._branches(ctx, rows)
+        pos = positions(labels, opts.shift_mask)
+        sums = hybrid_sums(
+            hidden,
+            pos,
+            self._logits,
+            opts.temperature,
+            opts.detach_teacher,
+            opts.chunk_size,
+            self._recompute(pos.rows.numel()),
+        )
+        out = hybrid_loss(sums, opts.alpha, opts.lam, ctx.token_mean, ctx.ga_divisor)
+        loss = out["loss"]
+        # logged per micro-batch as plain token means (the loss's CE is in the host's accumulation units)
+        logged = {
+            "ce": sums["nll_sum"] / sums["ce_count"].clamp(min=1),
+            "soft": out["soft"],
+            "consistency": out["consistency"],
+        }
+        if self._router is not None:
+            # the host's MoE load-balancing term, on the clean branch's routing (see the package docstring)
+            clean = clean_router_logits(router_logits, rows * labels.shape[1])
+            logged["router_aux"] = self._router.loss(clean, ctx.inputs.get("attention_mask"))
+            loss = loss + self._router.weight(ctx.ga_divisor) * logged["router_aux"]
+        self._means.add(**{key: value.detach() for key, value in logged.items()})
+        return loss
+
+    def _branches(self, ctx: LossContext, rows: int) -> tuple[tuple[torch.Tensor, ...], Any]:
+        """The final hidden states of [clean; noisy 1; noisy 2] and the body's router logits (MoE with the router
+        loss on: every layer's, recorded in the packed forward or in the clean branch's own forward)."""
+        captured: list[Any] = []
+        handles = [self._body.register_forward_hook(lambda m, a, out: captured.append(out))]
+        if self._router is not None:
+            handles.append(self._body.register_forward_pre_hook(RouterAux.record_router_logits, with_kwargs=True))
         self._rows = rows  # armed until post_step: a checkpointed layer re-runs its hook during backward
         try:
-            if opts.pack_branches == "auto":
+            if self.options.pack_branches == "auto":
                 if self._prefix is not None:
                     self._prefix.reset()
                     self._prefix.in_training_forward = True
@@ -272,42 +314,25 @@ class NoiseFiT(Regularizer):
                         ctx.model(**model_inputs(ctx.inputs), **self._forward_kwargs())
                     finally:
                         self._prefix.in_training_forward = False
-                    if captured[0].shape[0] != 3 * rows:
+                    if anatomy.final_hidden(captured[0]).shape[0] != 3 * rows:
                         raise RuntimeError(
-                            f"noisefit: prefix sharing: the body returned {captured[0].shape[0]} rows, "
-                            f"expected 3 x {rows}; set prefix_sharing: false for this model"
+                            f"noisefit: prefix sharing: the body returned {anatomy.final_hidden(captured[0]).shape[0]}"
+                            f" rows, expected 3 x {rows}; set prefix_sharing: false for this model"
                         )
                 else:
                     stacked = {k: repeat3(v, rows) for k, v in model_inputs(ctx.inputs).items()}
                     ctx.model(**stacked, **self._forward_kwargs())
-                hidden = captured[0].split(rows, dim=0)
+                hidden = anatomy.final_hidden(captured[0]).split(rows, dim=0)
             else:
                 for branch in (0, 1, 2):
                     self._branch = branch
                     ctx.model(**model_inputs(ctx.inputs), **self._forward_kwargs())
-                hidden = tuple(captured)
+                hidden = tuple(anatomy.final_hidden(out) for out in captured)
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
             self._branch = None
-        pos = positions(labels, opts.shift_mask)
-        sums = hybrid_sums(
-            hidden,
-            pos,
-            self._lm_head,
-            opts.temperature,
-            opts.detach_teacher,
-            opts.chunk_size,
-            self._recompute(pos.rows.numel()),
-        )
-        out = hybrid_loss(sums, opts.alpha, opts.lam, ctx.token_mean, ctx.ga_divisor)
-        # logged per micro-batch as plain token means (the loss's CE is in the host's accumulation units)
-        logged = {
-            "ce": sums["nll_sum"] / sums["ce_count"].clamp(min=1),
-            "soft": out["soft"],
-            "consistency": out["consistency"],
-        }
-        self._means.add(**{key: value.detach() for key, value in logged.items()})
-        return out["loss"]
+        return hidden, getattr(captured[0], "router_logits", None)
 
     def _recompute(self, num_positions: int) -> bool:
         if self.options.recompute_logits != "auto":
