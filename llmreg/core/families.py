@@ -83,7 +83,7 @@ def is_expert_stack(module: torch.nn.Module) -> bool:
 
 
 def weight_layout(module: torch.nn.Module) -> str:
-    """"out_in" (nn.Linear, routers), "in_out" (Conv1D), "experts_out_in" or "experts_in_out" (expert stacks)."""
+    """ "out_in" (nn.Linear, routers), "in_out" (Conv1D), "experts_out_in" or "experts_in_out" (expert stacks)."""
     if is_expert_stack(module):
         return "experts_in_out" if getattr(module, "is_transposed", False) else "experts_out_in"
     return "in_out" if is_conv1d(module) else "out_in"
@@ -139,7 +139,8 @@ def _expert_members(module: torch.nn.Module, path: str) -> list[Member]:
     members = []
     for stack in stacks:
         mine = [stack] + [n for n in extra if n.startswith(stack)]
-        members.append(Member(f"{path}.{stack}", FFN, "experts", tuple(f"{path}.{n}" for n in mine), FUSED.get(stack, ())))
+        params = tuple(f"{path}.{n}" for n in mine)
+        members.append(Member(f"{path}.{stack}", FFN, "experts", params, FUSED.get(stack, ())))
     claimed = {n for m in members for n in m.params}
     left = [n for n in named if f"{path}.{n}" not in claimed]
     if left:
