@@ -24,6 +24,7 @@ from llmreg.core.shards import ShardAccess
 from llmreg.data import build_char_tokenizer, make_builtin_dataset
 from llmreg.regularizers.forgetting import ForgettingPenalty
 from llmreg.regularizers.forgetting import artifact as art
+from llmreg.regularizers.forgetting.record import write_ewc_artifact, write_si_artifact
 from llmreg.regularizers.forgetting.targets import adapted_tensor, default_selector, lora_delta, lora_targets
 
 _DENSE = {"attention": 4, "ffn": 3, "norms": 2}
@@ -101,6 +102,12 @@ def test_anatomy_places_every_decoder_tensor_once(family):
         assert sorted(claimed) == sorted(inside)  # every tensor of the layer, exactly once
     parts = moe_parts(model)
     assert bool(parts["experts"]) == bool(parts["router"]) == (family in MOE_FAMILIES)
+    # under PEFT (all-linear: experts and routers wrapped too) the members are the plain model's
+    peft = get_peft_model(tiny_model(family), LoraConfig(**LORA))
+    assert [[(m.path, m.category, m.kind) for m in ms] for _, ms in model_members(peft)] == [
+        [(m.path, m.category, m.kind) for m in ms] for _, ms in layers
+    ]
+    assert moe_parts(peft) == parts
 
 
 # -- half_ft ----------------------------------------------------------------------------------------------
@@ -196,6 +203,27 @@ def test_lora_penalty_is_explicit_sum_in_the_weights_own_layout(family, tok, tmp
         m = modules[key]
         diff = (m.get_delta_weight("default") - start[key]).detach()
         assert not math.isclose(float((omega[key] * diff**2).sum()), float((omega[key].T * diff**2).sum()))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_importance_phase_records_experts_and_router_and_the_lora_run_uses_them(family, tmp_path):
+    """SI (trained) and EWC (Fisher) artifacts of an MoE model cover the expert tensors and routers, and a LoRA
+    all-linear run regularises them with that importance."""
+    trainer = _sft(tiny_model(family), [{"name": "si_importance"}], tmp_path)
+    trainer.train()
+    write_si_artifact(trainer, list(trainer.reg_stack)[0], str(tmp_path / "si"))
+    write_ewc_artifact(_sft(tiny_model(family), [], tmp_path), str(tmp_path / "ewc"), num_samples=2)
+    for method in ("si", "ewc"):
+        names = art.read_meta(str(tmp_path / method))["importance_sum_sq"]
+        for layer in (0, 1):
+            mlp = f"model.layers.{layer}.mlp."
+            wanted = {mlp + "experts.gate_up_proj", mlp + "experts.down_proj", mlp + "gate.weight"}
+            assert wanted <= set(names), (method, sorted(names))
+            assert all(names[n] > 0 for n in wanted), method
+    regs = [{"name": "forgetting_penalty", "artifact": str(tmp_path / "si"), "anchor": "pretrained"}]
+    trainer = _sft(tiny_model(family), regs, tmp_path, peft=True)
+    trainer.train()
+    _check_penalty(trainer, family, "forgetting_penalty")
 
 
 # -- multipliers ------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ to `BLOCK_NAMES` or a fused name to `FUSED` (docs/architecture.md, "The model an
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -99,39 +100,42 @@ def block_category(name: str, module: torch.nn.Module) -> str | None:
 
 
 def layer_members(layer: torch.nn.Module, where: str = "llmreg") -> list[Member]:
-    """The members of one (plain, not PEFT-wrapped) decoder layer, in module order; ConfigError naming the
-    first parameter-holding module that none of the rules places."""
+    """The members of one decoder layer, in module order; ConfigError naming the first parameter-holding module
+    that none of the rules places. Under PEFT the adapters are skipped and member paths are the plain model's
+    (`.base_layer` removed); `params` are the names as the given layer spells them."""
     blocks = {name: block_category(name, child) for name, child in layer.named_children()}
-    moe_blocks = {n for n, m in layer.named_modules() if any(is_expert_stack(c) for c in m.children())}
+    moe_blocks = {_plain(n).rpartition(".")[0] for n, m in layer.named_modules() if is_expert_stack(m)}
     members: list[Member] = []
     for path, module in layer.named_modules():
-        if any(part in _PEFT_PARTS for part in path.split(".")):
-            continue
         own = [n for n, _ in module.named_parameters(recurse=False)]
-        if not own:
+        if not own or any(part in _PEFT_PARTS for part in path.split(".")):
             continue
-        block = blocks.get(path.split(".")[0])
-        prefix = f"{path}." if path else ""
+        plain = _plain(path)
+        block = blocks.get(plain.split(".")[0])
+        params = tuple(f"{path}.{n}" if path else n for n in own)
         if is_expert_stack(module):
-            members.extend(_expert_members(module, path))
+            members.extend(_expert_members(module, path, plain))
         elif is_norm(module):
-            category = QK_NORMS if block == ATTENTION and "." in path else NORMS
-            members.append(Member(path, category, "norm", tuple(prefix + n for n in own)))
-        elif path.rpartition(".")[0] in moe_blocks:
-            members.append(Member(path, ROUTER, "router", tuple(prefix + n for n in own)))
+            category = QK_NORMS if block == ATTENTION and "." in plain else NORMS
+            members.append(Member(plain, category, "norm", params))
+        elif plain.rpartition(".")[0] in moe_blocks:
+            members.append(Member(plain, ROUTER, "router", params))
         elif is_projection(module) and block in (ATTENTION, FFN):
-            leaf = path.rpartition(".")[2]
             kind = "conv1d" if is_conv1d(module) else "linear"
-            members.append(Member(path, block, kind, tuple(prefix + n for n in own), FUSED.get(leaf, ())))
+            members.append(Member(plain, block, kind, params, FUSED.get(plain.rpartition(".")[2], ())))
         else:
             raise ConfigError(
-                f"{where}: cannot tell what '{path}' ({type(module).__name__}) of a decoder layer is (attention, FFN, "
+                f"{where}: cannot tell what '{plain}' ({type(module).__name__}) of a decoder layer is (attention, FFN, "
                 "norm, router or experts); see llmreg/core/families.py"
             )
     return members
 
 
-def _expert_members(module: torch.nn.Module, path: str) -> list[Member]:
+def _plain(path: str) -> str:
+    return re.sub(r"\.base_layer(?=\.|$)", "", path)  # PEFT's wrappers (nested for MoE expert tensors)
+
+
+def _expert_members(module: torch.nn.Module, path: str, plain: str) -> list[Member]:
     """One member per 3-D tensor; a bias tensor (`gate_up_proj_bias`) joins the tensor its name starts with."""
     named = dict(module.named_parameters(recurse=False))
     stacks = [n for n, p in named.items() if len(getattr(p, "ds_shape", p.shape)) == 3]
@@ -140,7 +144,7 @@ def _expert_members(module: torch.nn.Module, path: str) -> list[Member]:
     for stack in stacks:
         mine = [stack] + [n for n in extra if n.startswith(stack)]
         params = tuple(f"{path}.{n}" for n in mine)
-        members.append(Member(f"{path}.{stack}", FFN, "experts", params, FUSED.get(stack, ())))
+        members.append(Member(f"{plain}.{stack}", FFN, "experts", params, FUSED.get(stack, ())))
     claimed = {n for m in members for n in m.params}
     left = [n for n in named if f"{path}.{n}" not in claimed]
     if left:
