@@ -6,7 +6,9 @@ Paper: Song et al., arXiv 2501.13669 (spec: shared/methods/forgetting.md). In fi
 
 with Omega from an importance artifact (`llmreg importance`: SI path integral or EWC Fisher; uniform 1
 for L2-SP, which needs none), theta* the weights the run starts from, and a_l = softmax_l(c * ||Omega_l||)
-(paper), 1/L or 1. Under PEFT LoRA theta is the dense product dW = s * B @ A of each adapted module.
+(paper), 1/L or 1. Under PEFT LoRA theta is the dense product dW = s * B @ A of each adapted tensor, formed in
+that tensor's own layout (`targets.lora_delta`: GPT-2 Conv1D [in, out], MoE expert stacks [E, out, in] and
+routers wrapped by PEFT's ParamWrapper), its gradients in A and B by autograd on fp32 copies of A and B.
 
 Hooks: `setup` checks the artifact against the model (architecture, names, shapes, and that the run
 starts from the artifact's anchor weights) and fixes a_l; `on_prepared` keeps theta* and Omega as each
