@@ -158,15 +158,23 @@ def model_members(model: torch.nn.Module, where: str = "llmreg") -> list[tuple[s
 
 
 def moe_parts(model: torch.nn.Module) -> dict[str, list[str]]:
-    """Module paths (plain model names) of the expert stacks and routers: {"experts": [...], "router": [...]}."""
+    """Module paths (plain model names) of the expert stacks and routers: {"experts": [...], "router": [...]}.
+    Needs no full classification of the layers (a module `layer_members` cannot place does not matter here)."""
     out: dict[str, list[str]] = {"experts": [], "router": []}
-    for layer_name, members in model_members(model):
-        for m in members:
-            if m.kind == "experts":
-                out["experts"].append(f"{layer_name}.{m.path.rpartition('.')[0]}")
-            elif m.kind == "router":
-                out["router"].append(f"{layer_name}.{m.path}")
-    out["experts"] = list(dict.fromkeys(out["experts"]))
+    try:
+        layers = decoder_layers(model)
+    except ConfigError:  # no (unambiguous) decoder layers: no MoE layers either
+        return out
+    for layer_name, layer in layers:
+        modules = [(_plain(n), m) for n, m in layer.named_modules() if not set(n.split(".")) & set(_PEFT_PARTS)]
+        stacks = list(dict.fromkeys(p for p, m in modules if is_expert_stack(m)))
+        blocks = {p.rpartition(".")[0] for p in stacks}
+        out["experts"] += [f"{layer_name}.{p}" for p in stacks]
+        for path, m in modules:
+            own = any(True for _ in m.parameters(recurse=False))
+            if own and path not in stacks and not is_norm(m) and path.rpartition(".")[0] in blocks:
+                out["router"].append(f"{layer_name}.{path}")
+    out["router"] = list(dict.fromkeys(out["router"]))
     return out
 
 
