@@ -12,10 +12,11 @@ A plan is {module name: LayerPlan}; `plan_for_model` builds it from a placement,
 
 Architecture families (issue 16, `llmreg.core.families`): an embedding that scales its own output (Gemma's
 `embed_scale`, sqrt(hidden)) keeps that scale, so the wrapped model equals the plain one at init. Mixture-of-
-experts models are refused unless `moe: skip`: the paper defines multipliers for matrix layers and has no answer
-for a router (a multiplier on its rows re-weights the routing logits) or for 3-D expert stacks, which no
-module-level wrapper reaches (the experts' forward indexes the tensor itself); `skip` wraps the other layers
-only, and says so. GPT-2's Conv1D layers (weight stored [in, out]) are refused with a message.
+experts models are refused unless `moe: skip`: the paper has no answer for a router (a multiplier on its rows
+re-weights the routing logits), and 3-D expert stacks are not wrapped (the experts' forward indexes the tensor
+itself, so no module-level wrapper reaches one expert's matrix; forming W_eff for every expert would hold a second
+copy of all expert weights for the backward); `skip` wraps the other layers only, and says so. GPT-2's Conv1D
+layers (weight stored [in, out]) are refused with a message.
 """
 
 from __future__ import annotations
@@ -151,9 +152,9 @@ def _moe_modules(model: nn.Module, moe: str, notes: list[str]) -> list[str]:
     found = parts["experts"] + parts["router"]
     if found and moe != "skip":
         raise ConfigError(
-            f"multipliers: this mixture-of-experts model's expert tensors and routers ({', '.join(found[:2])}, ...) "
-            "take no multipliers (the paper has no answer for routers or 3-D expert stacks); set `moe: skip` to "
-            "put multipliers on the other layers only"
+            f"multipliers: this mixture-of-experts model's routers and expert tensors ({', '.join(found[:2])}, ...) "
+            "take no multipliers (the paper has no answer for routers; 3-D expert stacks are not wrapped); set "
+            "`moe: skip` to put multipliers on the other layers only"
         )
     if found:
         notes.append(f"moe: skip: {len(parts['experts'])} expert stacks and {len(parts['router'])} routers unwrapped")
