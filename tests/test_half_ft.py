@@ -84,13 +84,15 @@ def test_params_balance_freezes_half_of_gqa_attention():
 def test_other_architecture_through_categories_and_clear_error_otherwise():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=50, n_positions=64))
     with pytest.raises(ConfigError, match="cannot classify 'transformer.h.0.ln_1.weight'.*categories"):
-        _select(gpt2, seed=0)
+        _select(gpt2, seed=0, categories={k: v for k, v in LLAMA_CATEGORIES.items()})
     categories = {
         "attention": ["attn.c_attn", "attn.c_proj"],
         "ffn": ["mlp.c_fc", "mlp.c_proj"],
         "norms": ["ln_1", "ln_2"],
     }
     reg = _select(gpt2, seed=0, categories=categories)
+    # the default categories come from the model's anatomy: the same members, so the same draw
+    assert _select(gpt2, seed=0).frozen == reg.frozen
     # 1 of 2 in each category; a frozen matrix takes its bias along
     per_layer: dict[str, set[str]] = {}
     for name in reg.frozen:

@@ -374,7 +374,7 @@ def test_clear_errors():
     with pytest.raises(ConfigError, match="unknown placement 'rows'"):
         plan_for_model(tiny_llama(vocab_size=60), "rows")
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))  # Conv1D, not nn.Linear
-    with pytest.raises(ConfigError, match="no nn.Linear layers inside decoder blocks"):
+    with pytest.raises(ConfigError, match="decoder blocks hold transformers Conv1D layers"):
         _wrapped(gpt2)
     with pytest.raises(ConfigError, match="no rule for"):
         _wrapped(tiny_llama(vocab_size=60), placement="symmetry_aware", symmetry_table={"q_proj": "row"})

@@ -55,7 +55,8 @@ def base_name(name: str) -> str:
     """The plain model's name of a parameter seen through PEFT (`base_model.model.` prefix, `.base_layer`)."""
     if name.startswith("base_model.model."):
         name = name[len("base_model.model.") :]
-    return name.replace(".base_layer.", ".")
+    # nested wrappers (PEFT's ParamWrapper around a ParamWrapper: MoE experts) repeat `.base_layer`
+    return re.sub(r"(?:\.base_layer)+(?=\.)", "", name)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -3,13 +3,25 @@
 Paper: Hui et al., "HFT: Half Fine-Tuning for Large Language Models", arXiv 2404.18466 (ACL 2025).
 No official code is public; spec: ../shared/methods/hft.md.
 
-Rule (per decoder layer, per `nn.Parameter`; biases follow their matrix):
-    attention  freeze 2 of {q, k, v, o}
-    FFN        freeze 2 of {gate, up, down} in a random floor(L/2) of the layers, 1 of 3 in the others
-    norms      freeze 1 of {input norm, post-attention norm}
-Embeddings, LM head and the final norm stay trainable. The draw is seeded by (seed, stage), so every
+Rule (per decoder layer, per `nn.Parameter`; biases follow their matrix), for every architecture family the
+model anatomy layer (`llmreg.core.families`) knows:
+    attention  freeze half of the attention projections (2 of {q, k, v, o})
+    FFN        freeze half of the FFN matrices: 2 of {gate, up, down} in a random floor(L/2) of the layers,
+               1 of 3 in the others; an MoE block's expert tensors are its FFN matrices
+    norms      freeze half of the block norms (1 of {input norm, post-attention norm}; 2 of Gemma 2/3's 4)
+    qk_norms   Qwen3 / Gemma 3 / OLMo 2 q_norm and k_norm: their own category, 1 of 2
+    router     an MoE block's router: its own category of one member, frozen in floor(L/2) of the layers
+A category of n members freezes n/2 of them; for odd n a random floor(L/2) of the layers round up (the paper's
+FFN rule). Embeddings, LM head and the final norm stay trainable. The draw is seeded by (seed, stage), so every
 rank draws the same set (checked by all-gathering a hash) and each stage of a multi-stage recipe draws
-a new one.
+a new one. On Llama / Mistral / Qwen2 the draw is the one of the paper's table, member for member.
+
+Fused projections (Phi-3 `qkv_proj` / `gate_up_proj`, GPT-NeoX / Falcon `query_key_value`, GPT-2 `c_attn`, the
+experts' `gate_up_proj`) are ONE member, not split into q/k/v or gate/up: freezing works per `nn.Parameter`
+(`requires_grad=False` before the optimizer and the engine exist, so a frozen tensor has no gradient, no
+optimizer state and no master copy, trap 5); a split would freeze rows of a tensor through a gradient mask and
+keep its whole optimizer state, losing what freezing saves. So Phi-3 freezes 1 of {qkv_proj, o_proj} and 1 of
+{gate_up_proj, down_proj}; `balance: params` then picks among the subsets closest to half the parameters.
 
 Hooks: `setup` only: `requires_grad=False` before the optimizer and the DeepSpeed engine exist, so frozen
 tensors get no gradient, no optimizer state and no fp32 master copy (docs/architecture.md, trap 5). The frozen set is
@@ -18,8 +30,9 @@ is built (`loads_state_early`), never re-drawn.
 
 Departures from / additions to the paper:
 - The general category rule is "freeze n/2 of n members"; when n is odd (the 3-matrix FFN) the layers
-  alternate between ceil and floor as the paper does for the FFN. That also covers 2-matrix MLPs (1 of 2)
-  and 4-norm blocks such as Gemma (2 of 4), fallbacks the paper does not define (experimental).
+  alternate between ceil and floor as the paper does for the FFN. That also covers 2-matrix MLPs (1 of 2),
+  4-norm blocks such as Gemma 2/3 (2 of 4), q/k norms, routers and experts, which the paper does not define
+  (experimental).
 - `balance="params"` (package option, for GQA models): draw uniformly among the subsets of a category
   whose parameter count is closest to the count rule's share of that category's parameters.
 - The final norm stays trainable (the paper does not say).
@@ -42,13 +55,14 @@ import torch
 
 import llmreg.core.dist as dist
 from llmreg.core.anatomy import LAYER_PATTERN, full_shape
+from llmreg.core.families import CATEGORIES, model_members
 from llmreg.core.options import ConfigError
 from llmreg.core.registry import register
 from llmreg.core.regularizer import Order, Regularizer, Requirements, option
 
 logger = logging.getLogger(__name__)
 
-# Llama / Mistral / Qwen2 module names per category
+# Llama / Mistral / Qwen2 module names per category (what the anatomy layer finds there; tests and users' reference)
 LLAMA_CATEGORIES: dict[str, list[str]] = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "ffn": ["gate_proj", "up_proj", "down_proj"],
@@ -103,6 +117,20 @@ def group_layers(
     return [layers[i] for i in sorted(layers)]
 
 
+def anatomy_layers(model: torch.nn.Module) -> list[dict[str, dict[str, list[str]]]]:
+    """`group_layers`'s result from the model anatomy layer: per decoder layer {category: {member: [parameter
+    names]}}, categories in `CATEGORIES` order (only those the layer has), members in module order."""
+    layers = []
+    for layer_name, members in model_members(model, "half_ft"):
+        layer: dict[str, dict[str, list[str]]] = {}
+        for category in CATEGORIES:
+            for m in members:
+                if m.category == category:
+                    layer.setdefault(category, {})[m.path] = [f"{layer_name}.{p}" for p in m.params]
+        layers.append(layer)
+    return layers
+
+
 def _describe(categories: dict[str, list[str]]) -> str:
     return "; ".join(f"{c}: {', '.join(ms)}" for c, ms in categories.items())
 
@@ -128,16 +156,22 @@ def draw_frozen(
     if balance not in ("count", "params"):
         raise ConfigError(f"half_ft: balance must be 'count' or 'params', got {balance!r}")
     rng = selection_rng(seed, stage)
-    n_layers = len(layers)
-    categories = list(layers[0])
-    # one draw of "which layers round up" per odd category, in category order, before the layer loop
-    round_up = {cat: set(rng.sample(range(n_layers), n_layers // 2)) for cat in categories if len(layers[0][cat]) % 2}
+    categories = list(dict.fromkeys(cat for layer in layers for cat in layer))
+    # one draw of "which layers round up" per odd category, in category order, before the layer loop (among
+    # the layers that have the category with an odd count: MoE models may mix dense and sparse layers)
+    round_up = {}
+    for cat in categories:
+        odd = [i for i, layer in enumerate(layers) if len(layer.get(cat, ())) % 2]
+        if odd:
+            round_up[cat] = set(rng.sample(odd, len(odd) // 2))
     frozen: list[str] = []
     for index, layer in enumerate(layers):
         for cat in categories:
-            members = list(layer[cat])
+            members = list(layer.get(cat, ()))
+            if not members:
+                continue
             k = len(members) // 2 + (1 if index in round_up.get(cat, ()) else 0)
-            if balance == "count":
+            if balance == "count" or k in (0, len(members)):  # a 1-member category (router) has no subsets
                 picked = rng.sample(members, k)
             else:
                 counts = {m: sum(sizes[n] for n in layer[cat][m]) for m in members}
@@ -176,9 +210,9 @@ class HalfFTOptions:
         "category's parameters (GQA models)",
     )
     categories: dict[str, list[str]] = option(
-        {k: list(v) for k, v in LLAMA_CATEGORIES.items()},
-        "module names (or dotted paths such as attn.c_proj) per category inside a decoder layer; default: "
-        "Llama/Mistral/Qwen2 names",
+        {},
+        "module names (or dotted paths such as attn.c_proj) per category inside a decoder layer; default ({}): "
+        "from the model's anatomy (attention, ffn, norms, qk_norms, router; see llmreg/core/families.py)",
     )
     train_embeddings: bool = option(True, "keep embeddings and LM head trainable (False: the paper's worse ablation)")
 
@@ -213,7 +247,10 @@ class HalfFineTuning(Regularizer):
             return
         named = list(model.named_parameters())
         sizes = {n: _numel(p) for n, p in named}
-        layers = group_layers([n for n, _ in named], self.options.categories)
+        if self.options.categories:
+            layers = group_layers([n for n, _ in named], self.options.categories)
+        else:
+            layers = anatomy_layers(model)
         frozen = draw_frozen(layers, sizes, self.options.seed, self.options.stage, self.options.balance)
         if not self.options.train_embeddings:
             frozen = sorted(set(frozen) | {n for n, _ in named if EMBEDDING_PATTERN.search(n)})

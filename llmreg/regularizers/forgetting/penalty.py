@@ -6,7 +6,9 @@ Paper: Song et al., arXiv 2501.13669 (spec: shared/methods/forgetting.md). In fi
 
 with Omega from an importance artifact (`llmreg importance`: SI path integral or EWC Fisher; uniform 1
 for L2-SP, which needs none), theta* the weights the run starts from, and a_l = softmax_l(c * ||Omega_l||)
-(paper), 1/L or 1. Under PEFT LoRA theta is the dense product dW = s * B @ A of each adapted module.
+(paper), 1/L or 1. Under PEFT LoRA theta is the dense product dW = s * B @ A of each adapted tensor, formed in
+that tensor's own layout (`targets.lora_delta`: GPT-2 Conv1D [in, out], MoE expert stacks [E, out, in] and
+routers wrapped by PEFT's ParamWrapper), its gradients in A and B by autograd on fp32 copies of A and B.
 
 Hooks: `setup` checks the artifact against the model (architecture, names, shapes, and that the run
 starts from the artifact's anchor weights) and fixes a_l; `on_prepared` keeps theta* and Omega as each
@@ -37,7 +39,7 @@ from llmreg.core.options import ConfigError
 from llmreg.core.registry import register
 from llmreg.core.regularizer import Order, Regularizer, option
 from llmreg.core.shards import ShardAccess, zero3_unpadded
-from llmreg.regularizers.forgetting.formulas import layer_coefficients, lora_grads_from_product_diff
+from llmreg.regularizers.forgetting.formulas import layer_coefficients
 from llmreg.regularizers.forgetting.targets import (
     LoraTarget,
     Selector,
@@ -45,6 +47,7 @@ from llmreg.regularizers.forgetting.targets import (
     default_selector,
     full_shape,
     layer_of,
+    lora_delta,
     lora_targets,
     select_parameters,
 )
@@ -170,8 +173,8 @@ class ForgettingPenalty(Regularizer):
         cfg = self.cfg
         if is_peft(model):
             self._lora = lora_targets(model, cfg.selector)
-            # dW = s * B @ A has B's rows and A's columns
-            shapes = {t.name: (full_shape(t.lora_b)[0], full_shape(t.lora_a)[1]) for t in self._lora}
+            # dW is laid out like the base tensor (Conv1D [in, out], experts [E, out, in]): so is Omega
+            shapes = {t.name: t.shape for t in self._lora}
             if not shapes:
                 raise ConfigError(
                     f"{self.name}: no LoRA-adapted module matches targets {list(cfg.selector.include or [])}"
@@ -277,14 +280,18 @@ class ForgettingPenalty(Regularizer):
         penalty = torch.zeros((), device=self._device)
         for target in self._lora:
             a, b = _lora_values(target, shards)
-            anchor_a, anchor_b = self.anchors[target.name + ":A"], self.anchors[target.name + ":B"]
+            anchor = lora_delta(target, self.anchors[target.name + ":A"], self.anchors[target.name + ":B"])
             omega = self.importance.get(target.name, 1.0)
             coef = self._coef(target.name)
-            diff = target.scale * (b @ a - anchor_b @ anchor_a)  # the one dense out x in product per module
-            penalty = penalty + coef * (omega * diff.pow(2)).sum()  # on the device: no sync per module
+            # autograd on fp32 copies of A and B (not DeepSpeed's parameters, trap 9): one code path for every
+            # layout of dW (linear, Conv1D, 3-D experts)
+            a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+            with torch.enable_grad():
+                term = coef * (omega * (lora_delta(target, a, b) - anchor).pow(2)).sum()
+            penalty = penalty + term.detach()  # on the device: no sync per module
             if coef == 0.0:
                 continue
-            grad_a, grad_b = lora_grads_from_product_diff(a, b, diff, omega, coef, target.scale)
+            grad_a, grad_b = torch.autograd.grad(term, (a, b))
             for p, full in ((target.lora_a, grad_a), (target.lora_b, grad_b)):
                 if shards.owns(p):
                     shards.add_to_grad(p, shards.local_slice(p, full))
@@ -298,9 +305,9 @@ class ForgettingPenalty(Regularizer):
         if self.is_lora:
             for target in self._lora:
                 a, b = target.lora_a.float(), target.lora_b.float()
-                anchor = target.scale * self.anchors[target.name + ":B"] @ self.anchors[target.name + ":A"]
+                anchor = lora_delta(target, self.anchors[target.name + ":A"], self.anchors[target.name + ":B"])
                 omega = self.importance.get(target.name, 1.0)
-                terms.append(self._coef(target.name) * (omega * (target.scale * b @ a - anchor).pow(2)).sum())
+                terms.append(self._coef(target.name) * (omega * (lora_delta(target, a, b) - anchor).pow(2)).sum())
         else:
             for name, p in self._params.items():
                 anchor = self.anchors[name].view(p.shape)

@@ -4,6 +4,11 @@ Full fine-tuning regularises parameters; LoRA regularises the dense product dW =
 adapted module, never A or B alone. Both are keyed by the name of the *base* weight
 (`model.layers.0.self_attn.q_proj.weight`), so an importance artifact recorded on the plain model
 applies to a PEFT-wrapped one too, whatever names PEFT gives its adapter tensors.
+
+dW is formed in the base tensor's own layout (`lora_delta`), as PEFT adds it to that tensor: [out, in] for
+nn.Linear and routers, [in, out] for GPT-2's Conv1D (PEFT's fan_in_fan_out), [experts, out, in] (or
+[experts, in, out]) for the 3-D expert tensors PEFT wraps with `ParamWrapper` (Mixtral, Qwen3-MoE), so Omega
+and the anchor line up element for element with the weight an artifact was recorded on.
 """
 
 from __future__ import annotations
@@ -52,16 +57,33 @@ def select_parameters(named_params: Iterable[tuple[str, torch.nn.Parameter]], se
 
 @dataclass
 class LoraTarget:
-    """One LoRA-adapted module: the penalty covers dW = scale * B @ A."""
+    """One LoRA-adapted tensor: the penalty covers dW = scale * B @ A, laid out like the base tensor."""
 
-    name: str  # base weight name, e.g. model.layers.0.self_attn.q_proj.weight
-    lora_a: torch.nn.Parameter  # r x in
-    lora_b: torch.nn.Parameter  # out x r
+    name: str  # base tensor name, e.g. model.layers.0.self_attn.q_proj.weight, model.layers.0.mlp.experts.down_proj
+    lora_a: torch.nn.Parameter  # (r * experts) x in
+    lora_b: torch.nn.Parameter  # out x (r * experts)
     scale: float
+    layout: str = "out_in"  # out_in | in_out (Conv1D) | experts_out_in | experts_in_out
+    num_experts: int = 1
+    shape: tuple[int, ...] = ()  # the base tensor's full shape
+
+
+def lora_delta(target: LoraTarget, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """scale * B @ A in the base tensor's layout: PEFT's `get_delta_weight` for these A, B (pinned by a test)."""
+    if target.layout == "out_in":
+        return target.scale * (b @ a)
+    if target.layout == "in_out":
+        return target.scale * (b @ a).T
+    experts = target.num_experts
+    a3 = a.reshape(experts, -1, a.shape[-1])  # experts x r x in
+    b3 = b.reshape(b.shape[0], -1, experts)  # out x r x experts
+    pattern = "ore,eri->eoi" if target.layout == "experts_out_in" else "ore,eri->eio"
+    return target.scale * torch.einsum(pattern, b3, a3)
 
 
 def lora_targets(model: torch.nn.Module, selector: Selector) -> list[LoraTarget]:
-    """The active adapter's (A, B, scale) of every LoRA layer whose base weight the selector takes."""
+    """The active adapter's (A, B, scale) of every LoRA layer whose base tensor the selector takes: linear
+    layers, Conv1D, and the tensors PEFT wraps with `ParamWrapper` (MoE expert stacks and routers)."""
     from peft.tuners.lora import LoraLayer
 
     found = []
@@ -74,9 +96,8 @@ def lora_targets(model: torch.nn.Module, selector: Selector) -> list[LoraTarget]
                 f"{module_name}: the forgetting penalty needs exactly one active LoRA adapter, found {adapters}"
             )
         adapter = adapters[0]
-        name = base_name(module_name + ".weight")
-        weight = module.get_base_layer().weight
-        if not selector(name, full_shape(weight)):
+        name, layout, tensor = adapted_tensor(module_name, module)
+        if not selector(name, full_shape(tensor)):
             continue
         found.append(
             LoraTarget(
@@ -84,9 +105,27 @@ def lora_targets(model: torch.nn.Module, selector: Selector) -> list[LoraTarget]
                 lora_a=module.lora_A[adapter].weight,
                 lora_b=module.lora_B[adapter].weight,
                 scale=float(module.scaling[adapter]),
+                layout=layout,
+                num_experts=int(getattr(module, "num_experts", 1) or 1),
+                shape=tuple(full_shape(tensor)),
             )
         )
     return found
+
+
+def adapted_tensor(module_name: str, module: Any) -> tuple[str, str, torch.Tensor]:
+    """(base name, layout, tensor) of what a LoRA layer adapts, with PEFT's own flags deciding the layout."""
+    parameter = getattr(module, "parameter_name", None)
+    if parameter is not None:  # ParamWrapper: one (possibly 3-D) parameter of the base module
+        tensor = module.get_param()
+        if len(full_shape(tensor)) == 3:
+            transposed = getattr(module.get_base_layer(), "is_transposed", False)
+            layout = "experts_in_out" if transposed else "experts_out_in"
+        else:
+            layout = "out_in"
+        return base_name(f"{module_name}.{parameter}"), layout, tensor
+    layout = "in_out" if getattr(module, "fan_in_fan_out", False) else "out_in"
+    return base_name(module_name + ".weight"), layout, module.get_base_layer().weight
 
 
 def _active_adapters(module: Any) -> list[str]:
@@ -104,6 +143,8 @@ __all__ = [
     "default_selector",
     "full_shape",
     "layer_of",
+    "adapted_tensor",
+    "lora_delta",
     "lora_targets",
     "select_parameters",
 ]

@@ -8,6 +8,14 @@
 
 Each asks the `MicroStepTracker` which tensor to add in the running forward (a zero leaf of the clean pass, the
 ascent step delta, or nothing), keyed by a hashable key of its own.
+
+Mixture-of-experts models (issue 16): a perturbation enters per row of the batch (the clean and the perturbed
+branch may share one stacked forward), so it needs a module whose output it can add to. MoE expert tensors are
+3-D parameters used inside the experts' own forward and PEFT folds their adapters (and the router's) into the
+weight (`ParamWrapper`); neither has such an output. `aux: lora` therefore refuses them with a clear message
+instead of silently perturbing the attention only: under full fine-tuning, name the perturbed modules with
+`aux_lora_targets`; under PEFT, leave experts and routers out of the LoRA `target_modules`; or use `aux: reps`.
+GPT-2's Conv1D layers are perturbed like nn.Linear (their weight is stored [in, out]).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from llmreg.core.anatomy import is_peft
+from llmreg.core.families import is_conv1d, is_projection, moe_parts
 from llmreg.core.options import ConfigError
 from llmreg.regularizers.lfu.formulas import kaiming_uniform
 from llmreg.regularizers.lfu.micro_step import MicroStepTracker
@@ -31,6 +40,7 @@ class Auxiliary:
     """Where one kind of auxiliary tensors enters the forward."""
 
     kind = ""
+    model: torch.nn.Module | None = None  # the trained model (FixedALora checks it for MoE parts)
     # hooks on modules inside the decoder layers (re-run by an activation-checkpoint recompute) rather than on
     # the layers themselves
     hooks_inside_layers = True
@@ -73,17 +83,19 @@ class FixedALora(Auxiliary):
 
     def install(self, layers: list[torch.nn.Module], add_hook: AddHook) -> None:
         patterns = [re.compile(p) for p in self.options.aux_lora_targets]
+        if not patterns:
+            _refuse_moe_without_targets(self.model)
         gen = torch.Generator().manual_seed(self.options.seed)
         count = 0
         for index, layer in enumerate(layers):
             for name, module in layer.named_modules():
-                if not isinstance(module, torch.nn.Linear):
+                if not is_projection(module):
                     continue
                 full = f"{index}.{name}"
                 if patterns and not any(p.search(full) for p in patterns):
                     continue
                 key = ("lora", full)
-                self.a_factors[key] = kaiming_uniform(self.options.aux_lora_rank, module.in_features, gen)
+                self.a_factors[key] = kaiming_uniform(self.options.aux_lora_rank, _features(module)[0], gen)
                 add_hook(module.register_forward_hook(self._hook(key)))
                 count += 1
         if not count:
@@ -99,7 +111,7 @@ class FixedALora(Auxiliary):
             b = self.tracker.aux_value(
                 key,
                 x.shape[0],
-                lambda: torch.zeros(module.out_features, self.options.aux_lora_rank, dtype=x.dtype, device=x.device),
+                lambda: torch.zeros(_features(module)[1], self.options.aux_lora_rank, dtype=x.dtype, device=x.device),
             )
             if b is None:
                 return output
@@ -130,6 +142,13 @@ class AdapterShadows(Auxiliary):
         count = 0
         for index, layer in enumerate(layers):
             for name, module in layer.named_modules():
+                if getattr(module, "parameter_name", None) is not None:  # PEFT's ParamWrapper (experts, router)
+                    raise ConfigError(
+                        f"lfu: aux lora under PEFT cannot perturb the adapter PEFT puts on '{name}' of decoder layer "
+                        f"{index} (a ParamWrapper on the MoE {module.parameter_name} tensor: folded into the weight, "
+                        "no output to add a per-row shadow to); leave MoE experts and routers out of the LoRA "
+                        "target_modules (e.g. q_proj, k_proj, v_proj, o_proj) or use aux: reps"
+                    )
                 lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
                 if not isinstance(lora_a, torch.nn.ModuleDict) or not isinstance(lora_b, torch.nn.ModuleDict):
                     continue
@@ -166,7 +185,26 @@ def make_auxiliary(options: Any, model: torch.nn.Module, tracker: MicroStepTrack
         return SteeringVectors(tracker, options)
     if is_peft(model):
         return AdapterShadows(tracker, options)
-    return FixedALora(tracker, options)
+    aux = FixedALora(tracker, options)
+    aux.model = model
+    return aux
+
+
+def _features(module: torch.nn.Module) -> tuple[int, int]:
+    """(in, out) features of a projection: nn.Linear [out, in], Conv1D [in, out]."""
+    rows, cols = tuple(getattr(module.weight, "ds_shape", module.weight.shape))
+    return (rows, cols) if is_conv1d(module) else (cols, rows)
+
+
+def _refuse_moe_without_targets(model: torch.nn.Module | None) -> None:
+    parts = moe_parts(model) if model is not None else {"experts": [], "router": []}
+    if parts["experts"] or parts["router"]:
+        found = (parts["experts"] + parts["router"])[:2]
+        raise ConfigError(
+            f"lfu: aux lora perturbs linear layers only; this mixture-of-experts model's expert tensors and routers "
+            f"({', '.join(found)}, ...) would get no perturbation: set aux_lora_targets to the modules to perturb "
+            "(e.g. ['self_attn']) or use aux: reps"
+        )
 
 
 class ZeroAuxLinear(torch.autograd.Function):

@@ -34,6 +34,8 @@ Departures from the paper / package choices (all in the spec):
 - `init="mup"` takes `mup_values`, {module name: value} (q_proj, embed_tokens, ...): the
   value goes to one factor of the layer (its scalar, else its rows), so W_eff starts at value * W.
 - LoRA and other PEFT wrappers are refused (the combination is undefined); Muon is not wired here.
+- Mixture-of-experts models are refused unless `moe: skip` (experts and routers then stay unwrapped); GPT-2's
+  Conv1D layers are refused; Gemma's embedding scale is kept (surgery.py).
 - Under DeepSpeed bf16/fp16 the engine keeps an fp32 master copy of the multipliers; the forward uses
   the engine's low-precision copy like every other parameter.
 """
@@ -79,6 +81,11 @@ class MultipliersOptions:
     lm_head: bool = option(False, "per-logit row multipliers on the LM head (hurt in the paper)")
     tied_embeddings: Literal["skip", "untie"] = option(
         "skip", "tied embeddings: skip embedding multipliers, or keep them (export then writes a separate LM head)"
+    )
+    moe: Literal["refuse", "skip"] = option(
+        "refuse",
+        "mixture-of-experts models: refuse (the paper has no answer for routers or 3-D expert tensors) | skip: "
+        "multipliers on the other layers only, experts and routers unchanged",
     )
     impl: Literal["fused", "explicit"] = option(
         "fused", "fused: one autograd.Function on W_eff, saves only x and W; explicit: scale the activations"
@@ -134,7 +141,12 @@ class LearnableMultipliers(Regularizer):
     def setup(self, model: torch.nn.Module, trainer: Any) -> None:
         o = self.options
         self.plan, notes = surgery.plan_for_model(
-            model, o.placement, lm_head=o.lm_head, tied_embeddings=o.tied_embeddings, symmetry_table=o.symmetry_table
+            model,
+            o.placement,
+            lm_head=o.lm_head,
+            tied_embeddings=o.tied_embeddings,
+            symmetry_table=o.symmetry_table,
+            moe=o.moe,
         )
         init = o.mup_values if o.init == "mup" else None
         dtype = torch.float32 if o.dtype == "float32" else torch.bfloat16

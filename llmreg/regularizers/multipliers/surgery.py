@@ -9,6 +9,14 @@ state dict alone says which layer carries which multiplier (`plan_from_state_dic
 `llmreg export` needs.
 
 A plan is {module name: LayerPlan}; `plan_for_model` builds it from a placement, `attach` applies it.
+
+Architecture families (issue 16, `llmreg.core.families`): an embedding that scales its own output (Gemma's
+`embed_scale`, sqrt(hidden)) keeps that scale, so the wrapped model equals the plain one at init. Mixture-of-
+experts models are refused unless `moe: skip`: the paper has no answer for a router (a multiplier on its rows
+re-weights the routing logits), and 3-D expert stacks are not wrapped (the experts' forward indexes the tensor
+itself, so no module-level wrapper reaches one expert's matrix; forming W_eff for every expert would hold a second
+copy of all expert weights for the backward); `skip` wraps the other layers only, and says so. GPT-2's Conv1D
+layers (weight stored [in, out]) are refused with a message.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from torch import nn
 
 import llmreg.regularizers.multipliers.functional as Fm
 from llmreg.core.anatomy import LAYER_PATTERN, full_shape
+from llmreg.core.families import embedding_scale, is_conv1d, moe_parts
 from llmreg.core.options import ConfigError, closest
 
 ROW, COL, SCALAR = "lrm_row", "lrm_col", "lrm_scalar"
@@ -74,9 +83,11 @@ def plan_for_model(
     lm_head: bool = False,
     tied_embeddings: str = "skip",
     symmetry_table: dict[str, str] | None = None,
+    moe: str = "refuse",
 ) -> tuple[dict[str, LayerPlan], list[str]]:
     """(plan, notes). Decoder-block linears (modules inside `layers.<i>.`), the input embedding, and the LM
-    head only with `lm_head=True`. Raises ConfigError for an unknown placement or a model with no target."""
+    head only with `lm_head=True`. Raises ConfigError for an unknown placement, a model with no target, or an
+    MoE model unless `moe="skip"` (experts and routers then keep no multipliers)."""
     if placement not in PLACEMENTS:
         hint = closest(placement, PLACEMENTS)
         raise ConfigError(
@@ -86,6 +97,7 @@ def plan_for_model(
     notes: list[str] = []
     if placement == "none":
         return {}, ["placement 'none': no multipliers (ablation)"]
+    moe_modules = _moe_modules(model, moe, notes)
     table = {
         k: parse_kinds(v, f"multipliers.symmetry_table.{k}") for k, v in (symmetry_table or SYMMETRY_AWARE).items()
     }
@@ -96,6 +108,8 @@ def plan_for_model(
     head = model.get_output_embeddings()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module is head or not LAYER_PATTERN.search(name + "."):
+            continue
+        if any(name == m or name.startswith(m + ".") for m in moe_modules):
             continue
         seen += 1
         if placement == "symmetry_aware":
@@ -113,13 +127,38 @@ def plan_for_model(
             f"multipliers: placement 'symmetry_aware' has no rule for {unknown[:3]}; pass "
             "symmetry_table mapping these module names to row/col/scalar (or '')"
         )
+    _check_found(model, seen)
+    _plan_embeddings(model, plan, notes, everywhere, lm_head=lm_head, tied_embeddings=tied_embeddings)
+    return plan, notes
+
+
+def _check_found(model: nn.Module, seen: int) -> None:
+    """ConfigError when the decoder blocks hold no nn.Linear (GPT-2's Conv1D named as such)."""
+    if not seen and any(is_conv1d(m) for m in model.modules()):
+        raise ConfigError(
+            "multipliers: the decoder blocks hold transformers Conv1D layers (GPT-2: weight stored [in, out]), "
+            "which multipliers do not wrap; use an architecture with nn.Linear layers"
+        )
     if not seen:
         raise ConfigError(
             "multipliers: the model has no nn.Linear layers inside decoder blocks (modules named "
             "like 'layers.<i>.'); nothing to attach multipliers to"
         )
-    _plan_embeddings(model, plan, notes, everywhere, lm_head=lm_head, tied_embeddings=tied_embeddings)
-    return plan, notes
+
+
+def _moe_modules(model: nn.Module, moe: str, notes: list[str]) -> list[str]:
+    """The expert stacks and routers of an MoE model (left without multipliers); ConfigError unless moe=skip."""
+    parts = moe_parts(model)
+    found = parts["experts"] + parts["router"]
+    if found and moe != "skip":
+        raise ConfigError(
+            f"multipliers: this mixture-of-experts model's routers and expert tensors ({', '.join(found[:2])}, ...) "
+            "take no multipliers (the paper has no answer for routers; 3-D expert stacks are not wrapped); set "
+            "`moe: skip` to put multipliers on the other layers only"
+        )
+    if found:
+        notes.append(f"moe: skip: {len(parts['experts'])} expert stacks and {len(parts['router'])} routers unwrapped")
+    return found
 
 
 def _plan_embeddings(
@@ -187,6 +226,11 @@ class MultipliedEmbedding(_Multiplied, nn.Embedding):
         if row is not None and row.numel() == 1:  # a scalar only
             col = row if col is None else row * col
             row = None
+        out = self._multiplied(ids, row, col)
+        scale = embedding_scale(self)  # Gemma's own forward multiplies by embed_scale (sqrt(hidden))
+        return out if scale is None else out * (scale.to(self.weight.dtype) if torch.is_tensor(scale) else scale)
+
+    def _multiplied(self, ids: torch.Tensor, row: torch.Tensor | None, col: torch.Tensor | None) -> torch.Tensor:
         return Fm.multiplied_embedding(
             ids,
             self.weight,
