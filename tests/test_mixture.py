@@ -198,6 +198,13 @@ def _bad_cases(tmp_path):
         ),
         ([a, str(tmp_path / "missing.jsonl")], None, "sft", "data.train[1]: data file not found"),
         ([a, {"path": b, "skip": 4}], None, "sft", "data.train[1].skip: skips 4 rows, and"),
+        ([a, {"path": "builtin:arithmetic", "num_examples": 8, "skip": 8}], None, "sft", "data.train[1].skip: skips 8"),
+        (
+            {"path": "builtin:arithmetic", "skip": 1000},
+            None,
+            "sft",
+            "data.train.skip: skips 1000 rows, and the built-in",
+        ),
         ([a, {"path": b, "separator": "\n"}], None, "sft", "data.train[1].separator: splits a text file"),
         ([pref, implicit], None, "dpo", "data.train[1]: its rows are 'chosen + rejected' but data.train[0]'s"),
         ([], None, "sft", "data.train: an empty list"),

@@ -138,6 +138,8 @@ def _check_builtin(spec: SourceSpec, where: str, own_seed: bool, is_eval: bool) 
         spec.num_examples = DEFAULT_NUM_EXAMPLES
     elif spec.num_examples < 1:  # 0 used to fall back to the default silently
         raise ConfigError(f"{where}.num_examples: must be >= 1 rows to generate, got {spec.num_examples}")
+    if spec.skip and spec.skip >= spec.num_examples:  # else an IndexError once the model has loaded
+        raise ConfigError(f"{where}.skip: skips {spec.skip} rows, and the built-in task generates {spec.num_examples}")
     if spec.seed is None:
         spec.seed = 0
     if is_eval and not own_seed:
