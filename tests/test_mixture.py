@@ -119,7 +119,7 @@ def test_any_conversational_source_makes_every_source_messages(tmp_path):
         [{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}],
     )
     train = [CHAT, {"path": qa, "prompt_field": "q", "completion_field": "a"}, texts(tmp_path, "t", 1), chat_pair]
-    ds = mixed(tmp_path, train, {"strategy": "concat"}, chat_template_path=TEMPLATE)
+    ds = mixed(tmp_path, train, {"strategy": "concat"}, chat_template_path=TEMPLATE, assistant_only_loss=True)
     assert ds.column_names == ["messages"]
     first_chat = json.loads(open(CHAT).readline())["messages"]
     rows = ds["messages"]
@@ -129,6 +129,17 @@ def test_any_conversational_source_makes_every_source_messages(tmp_path):
         [{"role": "assistant", "content": "t 0"}],
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
     ]
+
+
+def test_a_pair_made_messages_needs_assistant_only_loss(tmp_path):
+    """Alone, a prompt / completion source trains on its completion only; made `messages` next to a chat source,
+    TRL would train on its prompt too, unless assistant_only_loss masks all but the assistant turns."""
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"q": "1+1?", "a": "2"}])
+    train = [texts(tmp_path, "t", 1), CHAT, {"path": qa, "prompt_field": "q", "completion_field": "a"}]
+    with pytest.raises(ConfigError, match=r"^data.train\[2\]: its prompt / completion rows become chat messages"):
+        validate_recipe(recipe(tmp_path, train, chat_template_path=TEMPLATE))
+    for trainer in ({"assistant_only_loss": True}, {"completion_only_loss": False}):  # masked, or every token asked
+        assert validate_recipe(recipe(tmp_path, train, chat_template_path=TEMPLATE, **trainer)).data.mix is not None
 
 
 def test_grpo_mixture_keeps_the_columns_every_source_has(tmp_path):
