@@ -138,6 +138,8 @@ def test_a_pair_made_messages_needs_assistant_only_loss(tmp_path):
     train = [texts(tmp_path, "t", 1), CHAT, {"path": qa, "prompt_field": "q", "completion_field": "a"}]
     with pytest.raises(ConfigError, match=r"^data.train\[2\]: its prompt / completion rows become chat messages"):
         validate_recipe(recipe(tmp_path, train, chat_template_path=TEMPLATE))
+    with pytest.raises(ConfigError, match=r"^data.train\[1\]: its prompt / completion rows become chat"):
+        validate_recipe(recipe(tmp_path, [CHAT, "builtin:arithmetic"], chat_template_path=TEMPLATE))  # built-in pairs
     for trainer in ({"assistant_only_loss": True}, {"completion_only_loss": False}):  # masked, or every token asked
         assert validate_recipe(recipe(tmp_path, train, chat_template_path=TEMPLATE, **trainer)).data.mix is not None
 

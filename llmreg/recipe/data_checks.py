@@ -28,7 +28,7 @@ from llmreg.core.options import ConfigError, did_you_mean
 from llmreg.recipe.errors import one_line, reraise_at_recipe_key
 from llmreg.recipe.mixture import check_trained_tokens, mixture_format, row_format
 from llmreg.recipe.paths import TEXT_EXTENSIONS
-from llmreg.recipe.schema import Recipe, SourceSpec, TokenizerSpec
+from llmreg.recipe.schema import BUILTIN_FORMATS, Recipe, SourceSpec, TokenizerSpec
 
 PEEK_ROWS = 20  # rows whose structure is checked
 MAX_PARSED_LINES = 200_000  # JSON lines parsed for the first bad one; later lines are only counted
@@ -64,9 +64,12 @@ def check_recipe_data(recipe: Recipe) -> None:
     kind = recipe.trainer.kind
     if isinstance(recipe.data.train, list):
         peeks = [check_source(s, f"data.train[{i}]", kind, tokenizer) for i, s in enumerate(recipe.data.train)]
-        # built-in and hub sources (None) are checked when they load
+        # hub sources (None) are checked when they load; a built-in SFT source is prompt / completion
         formats = [
-            None if p is None else row_format(p.columns, p.first_rows[0] if p.first_rows else {}, kind) for p in peeks
+            row_format(p.columns, p.first_rows[0] if p.first_rows else {}, kind)
+            if p is not None
+            else (BUILTIN_FORMATS[kind] if kind == "sft" and s.kind == "builtin" else None)
+            for p, s in zip(peeks, recipe.data.train)
         ]
         target = mixture_format([f for f in formats if f is not None], kind)
         if kind == "sft":
