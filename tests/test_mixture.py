@@ -190,6 +190,8 @@ def _bad_cases(tmp_path):
     qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": "1+1?", "answer": "2"}])
     pref = write_jsonl(tmp_path / "pref.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}])
     implicit = write_jsonl(tmp_path / "implicit.jsonl", [{"chosen": "pc", "rejected": "pr"}])
+    txt = tmp_path / "t.txt"
+    txt.write_text("one\n\ntwo\n")
     w = lambda p, x: {"path": p, "weight": x}  # noqa: E731
     return [
         ([w(a, 0.8), w(b, 0)], None, "sft", "data.train[1]: weight must be > 0, got 0.0"),
@@ -219,6 +221,7 @@ def _bad_cases(tmp_path):
             "data.train.skip: skips 1000 rows, and the built-in",
         ),
         ([a, {"path": b, "separator": "\n"}], None, "sft", "data.train[1].separator: splits a text file"),
+        ({"path": str(txt), "split": "test"}, None, "sft", "data.train: a single file has no split 'test'"),
         ([pref, implicit], None, "dpo", "data.train[1]: its rows are 'chosen + rejected' but data.train[0]'s"),
         ([], None, "sft", "data.train: an empty list"),
         ([a, 3], None, "sft", "data.train[1]: expected a path or a mapping"),

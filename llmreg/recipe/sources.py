@@ -167,9 +167,8 @@ def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None) -> str:
         if not any(os.path.isfile(os.path.join(path, m)) for m in SAVED_DATASET_MARKERS):
             raise ConfigError(f"{where}: directory {spec.path} was not written by Dataset.save_to_disk")
         return path
-    if path.lower().endswith(TEXT_EXTENSIONS):  # raw text: one `text` row per paragraph (data.pretrain packs it)
-        return path
-    if not path.lower().endswith(DATA_EXTENSIONS):
+    # raw text (.txt): one `text` row per paragraph (data.pretrain packs it); like a data file, it has no splits
+    if not path.lower().endswith(DATA_EXTENSIONS + TEXT_EXTENSIONS):
         raise ConfigError(
             f"{where}: unsupported data file {spec.path}; use one of {', '.join(DATA_EXTENSIONS + TEXT_EXTENSIONS)}"
         )
