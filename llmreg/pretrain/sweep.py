@@ -17,9 +17,10 @@ own. On a full grid the minimum always passes; the check says something when poi
 partial or running sweep) and when the best value sits at the end of an axis (`edges`: extend the grid).
 The paper moves one axis at a time from a start point (coordinate descent); this runs the whole grid.
 
-With `--suite` (llmreg.pretrain.tradeoff) any recipe can be swept: a point without data.pretrain is finished
-once `<point>/sweep_point.json` is written (after its final/ model was saved), and the points are scored on the
-eval suite against the base instead of by a validation loss (no sweep.json / sweep.md for such recipes).
+With `--suite` (llmreg.pretrain.tradeoff) any recipe can be swept: a point without data.pretrain (or without its
+validation data, so without final_eval.json) is finished once `<point>/sweep_point.json` is written (after its
+final/ model was saved), and the points are scored on the eval suite against the base instead of by a validation
+loss (no sweep.json / sweep.md for such recipes).
 """
 
 from __future__ import annotations
