@@ -223,6 +223,12 @@ def _bad_cases(tmp_path):
         ([a, {"path": b, "separator": "\n"}], None, "sft", "data.train[1].separator: splits a text file"),
         ({"path": str(txt), "split": "test"}, None, "sft", "data.train: a single file has no split 'test'"),
         ([pref, implicit], None, "dpo", "data.train[1]: its rows are 'chosen + rejected' but data.train[0]'s"),
+        (
+            ["builtin:arithmetic", pref, implicit],
+            None,
+            "dpo",
+            "data.train[2]: its rows are 'chosen + rejected' but data.train[1]'s",
+        ),
         ([], None, "sft", "data.train: an empty list"),
         ([a, 3], None, "sft", "data.train[1]: expected a path or a mapping"),
         (w(a, 2), None, "sft", "data.train.weight: a weight belongs to a source of a list"),
@@ -236,6 +242,13 @@ def test_bad_mixtures_are_one_line_errors_naming_the_source(tmp_path):
             validate_recipe(recipe(tmp_path, train, mix, kind))
         assert str(info.value).startswith(message), (message, str(info.value))
         assert "\n" not in str(info.value)
+
+
+def test_a_mixture_of_unopened_sources_validates(tmp_path):
+    """Built-in (and hub) sources are not opened at validation: no row format is known, nothing to compare."""
+    for kind in ("dpo", "grpo", "sft"):
+        spec = validate_recipe(recipe(tmp_path, ["builtin:arithmetic", "builtin:arithmetic"], kind=kind))
+        assert len(spec.data.train) == 2 and spec.data.mix.strategy == "interleave"
 
 
 def test_eval_list_and_pretrain_mixture_are_refused(tmp_path):

@@ -71,7 +71,7 @@ def check_recipe_data(recipe: Recipe) -> None:
             else (BUILTIN_FORMATS[kind] if kind == "sft" and s.kind == "builtin" else None)
             for p, s in zip(peeks, recipe.data.train)
         ]
-        target = mixture_format([f for f in formats if f is not None], kind)
+        target = mixture_format(formats, kind)
         if kind == "sft":
             check_trained_tokens(formats, target, recipe.trainer.args)
     else:

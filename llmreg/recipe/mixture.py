@@ -110,23 +110,25 @@ def row_format(columns: list[str], first_row: dict, trainer_kind: str) -> str:
     return ("conversational " if chat else "") + " + ".join(c for c in FORMAT_COLUMNS if c in columns)
 
 
-def mixture_format(formats: list[str], trainer_kind: str) -> str:
+def mixture_format(formats: list[str | None], trainer_kind: str) -> str | None:
     """The one format the sources of a mixture are brought to (module docstring); a ConfigError naming the
-    first source that cannot be."""
-    if len(set(formats)) == 1:
-        return formats[0]
+    first source that cannot be. None entries (sources not opened yet: hub, built-in) are skipped; None when
+    no format is known."""
+    known = [(i, f) for i, f in enumerate(formats) if f is not None]
+    if len({f for _, f in known}) <= 1:
+        return known[0][1] if known else None
     if trainer_kind != "sft":
-        i = next(i for i, f in enumerate(formats) if f != formats[0])
+        (first, want), (i, got) = known[0], next((i, f) for i, f in known if f != known[0][1])
         raise ConfigError(
-            f"data.train[{i}]: its rows are '{formats[i]}' but data.train[0]'s are '{formats[0]}'; the sources of "
+            f"data.train[{i}]: its rows are '{got}' but data.train[{first}]'s are '{want}'; the sources of "
             f"a '{trainer_kind}' mixture must share one row format"
         )
-    if any(f in ("messages", "chat_prompt_completion") for f in formats):
+    if any(f in ("messages", "chat_prompt_completion") for _, f in known):
         return "messages"
     return "prompt_completion"
 
 
-def check_trained_tokens(formats: list[str | None], target: str, trainer_args: dict) -> None:
+def check_trained_tokens(formats: list[str | None], target: str | None, trainer_args: dict) -> None:
     """A prompt / completion source made `messages` loses TRL's completion mask: without `assistant_only_loss`
     its prompt (and the template's tokens) would be trained on, unlike the same source alone. A ConfigError naming
     the first such source, unless the recipe trains on every token anyway (`completion_only_loss: false`)."""
