@@ -315,6 +315,15 @@ def test_cache_key_follows_the_model_files(tmp_path):
     assert ev.cache_path(str(tmp_path), str(tmp_path / "m"), suite, None) != first
 
 
+def test_cache_key_follows_the_local_task_yamls():
+    """An edited local task (its prompt, metric or data path) is a new cache entry, for every model."""
+    suite = load_suite(os.path.join(SUITES, "stories260k.yaml"))
+    first = ev.cache_path(None, MODEL, suite, 2)
+    text, folder = suite.local_tasks["gsm8k_ppl"]
+    suite.local_tasks["gsm8k_ppl"] = (text.replace("gsm8k", "gsm8k_edited"), folder)
+    assert ev.cache_path(None, MODEL, suite, 2) != first
+
+
 # --- llmreg eval ---------------------------------------------------------------------------------------------
 
 

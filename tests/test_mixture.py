@@ -119,7 +119,7 @@ def test_any_conversational_source_makes_every_source_messages(tmp_path):
         [{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}],
     )
     train = [CHAT, {"path": qa, "prompt_field": "q", "completion_field": "a"}, texts(tmp_path, "t", 1), chat_pair]
-    ds = mixed(tmp_path, train, {"strategy": "concat"}, chat_template_path=TEMPLATE)
+    ds = mixed(tmp_path, train, {"strategy": "concat"}, chat_template_path=TEMPLATE, assistant_only_loss=True)
     assert ds.column_names == ["messages"]
     first_chat = json.loads(open(CHAT).readline())["messages"]
     rows = ds["messages"]
@@ -129,6 +129,19 @@ def test_any_conversational_source_makes_every_source_messages(tmp_path):
         [{"role": "assistant", "content": "t 0"}],
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
     ]
+
+
+def test_a_pair_made_messages_needs_assistant_only_loss(tmp_path):
+    """Alone, a prompt / completion source trains on its completion only; made `messages` next to a chat source,
+    TRL would train on its prompt too, unless assistant_only_loss masks all but the assistant turns."""
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"q": "1+1?", "a": "2"}])
+    train = [texts(tmp_path, "t", 1), CHAT, {"path": qa, "prompt_field": "q", "completion_field": "a"}]
+    with pytest.raises(ConfigError, match=r"^data.train\[2\]: its prompt / completion rows become chat messages"):
+        validate_recipe(recipe(tmp_path, train, chat_template_path=TEMPLATE))
+    with pytest.raises(ConfigError, match=r"^data.train\[1\]: its prompt / completion rows become chat"):
+        validate_recipe(recipe(tmp_path, [CHAT, "builtin:arithmetic"], chat_template_path=TEMPLATE))  # built-in pairs
+    for trainer in ({"assistant_only_loss": True}, {"completion_only_loss": False}):  # masked, or every token asked
+        assert validate_recipe(recipe(tmp_path, train, chat_template_path=TEMPLATE, **trainer)).data.mix is not None
 
 
 def test_grpo_mixture_keeps_the_columns_every_source_has(tmp_path):
@@ -177,6 +190,8 @@ def _bad_cases(tmp_path):
     qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": "1+1?", "answer": "2"}])
     pref = write_jsonl(tmp_path / "pref.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}])
     implicit = write_jsonl(tmp_path / "implicit.jsonl", [{"chosen": "pc", "rejected": "pr"}])
+    txt = tmp_path / "t.txt"
+    txt.write_text("one\n\ntwo\n")
     w = lambda p, x: {"path": p, "weight": x}  # noqa: E731
     return [
         ([w(a, 0.8), w(b, 0)], None, "sft", "data.train[1]: weight must be > 0, got 0.0"),
@@ -198,8 +213,22 @@ def _bad_cases(tmp_path):
         ),
         ([a, str(tmp_path / "missing.jsonl")], None, "sft", "data.train[1]: data file not found"),
         ([a, {"path": b, "skip": 4}], None, "sft", "data.train[1].skip: skips 4 rows, and"),
+        ([a, {"path": "builtin:arithmetic", "num_examples": 8, "skip": 8}], None, "sft", "data.train[1].skip: skips 8"),
+        (
+            {"path": "builtin:arithmetic", "skip": 1000},
+            None,
+            "sft",
+            "data.train.skip: skips 1000 rows, and the built-in",
+        ),
         ([a, {"path": b, "separator": "\n"}], None, "sft", "data.train[1].separator: splits a text file"),
+        ({"path": str(txt), "split": "test"}, None, "sft", "data.train: a single file has no split 'test'"),
         ([pref, implicit], None, "dpo", "data.train[1]: its rows are 'chosen + rejected' but data.train[0]'s"),
+        (
+            ["builtin:arithmetic", pref, implicit],
+            None,
+            "dpo",
+            "data.train[2]: its rows are 'chosen + rejected' but data.train[1]'s",
+        ),
         ([], None, "sft", "data.train: an empty list"),
         ([a, 3], None, "sft", "data.train[1]: expected a path or a mapping"),
         (w(a, 2), None, "sft", "data.train.weight: a weight belongs to a source of a list"),
@@ -213,6 +242,13 @@ def test_bad_mixtures_are_one_line_errors_naming_the_source(tmp_path):
             validate_recipe(recipe(tmp_path, train, mix, kind))
         assert str(info.value).startswith(message), (message, str(info.value))
         assert "\n" not in str(info.value)
+
+
+def test_a_mixture_of_unopened_sources_validates(tmp_path):
+    """Built-in (and hub) sources are not opened at validation: no row format is known, nothing to compare."""
+    for kind in ("dpo", "grpo", "sft"):
+        spec = validate_recipe(recipe(tmp_path, ["builtin:arithmetic", "builtin:arithmetic"], kind=kind))
+        assert len(spec.data.train) == 2 and spec.data.mix.strategy == "interleave"
 
 
 def test_eval_list_and_pretrain_mixture_are_refused(tmp_path):

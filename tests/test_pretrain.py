@@ -627,3 +627,24 @@ def test_joint_asymptote_and_data_efficiency():
     reached = float(law(5.17 * d0))  # the loss the baseline reaches with 5.17x the data
     assert data_efficiency(law, reached, d0) == pytest.approx(5.17, rel=1e-6)
     assert data_efficiency(law, 1.8, d0) == math.inf
+
+
+def test_a_suite_sweep_of_a_pretrain_recipe_without_validation_marks_its_points_finished(tmp_path):
+    """With --suite (any_recipe) a pretrain recipe without validation data writes no final_eval.json: its points
+    are finished by the sweep's own marker, not failed after the first run and retrained on every rerun."""
+    from llmreg.pretrain.sweep import plan_sweep, run_sweep
+
+    raw = tiny_pretrain(tmp_path / "unused")
+    raw["data"]["pretrain"]["validation_fraction"] = 0.0
+    recipe_path = write(tmp_path / "r.yaml", raw)
+    grid, out, calls = ["trainer.learning_rate=1e-3,3e-3"], str(tmp_path / "sweep"), []
+
+    def fake_train(recipe, overwrite):  # what such a run leaves: final/, no final_eval.json
+        calls.append(recipe.output_dir)
+        os.makedirs(os.path.join(recipe.output_dir, "final"))
+
+    assert run_sweep(plan_sweep(recipe_path, [], grid, out=out, any_recipe=True), train_fn=fake_train) is None
+    plan = plan_sweep(recipe_path, [], grid, out=out, any_recipe=True)
+    assert len(calls) == 2 and all(p.result is not None for p in plan.points)
+    with pytest.raises(ConfigError, match="no validation data"):  # a loss-ranked sweep still refuses it
+        plan_sweep(recipe_path, [], grid, out=out)

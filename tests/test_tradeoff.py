@@ -132,3 +132,26 @@ def test_a_from_config_recipe_needs_base(tmp_path, capsys, nothing_loads):
     )
     code = main(["sweep", str(recipe), "--grid", "trainer.learning_rate=1e-3", "--suite", SUITE])
     assert code == 2 and "give --base MODEL" in capsys.readouterr().err
+
+
+def test_a_merge_made_from_another_base_is_redone(tmp_path, monkeypatch):
+    """A rerun with a different --base must not reuse the merges (and so the cached scores) of the old base."""
+    import llmreg.eval.merge
+    from llmreg.eval.merge import MERGE_FILE
+    from llmreg.pretrain.tradeoff import merged_models
+
+    bases = {}
+    for name in ("base_a", "base_b", "run/final"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text("{}")
+        bases[name] = str(tmp_path / name)
+    done = tmp_path / "run" / "wise_ft" / "alpha-0.5"
+    done.mkdir(parents=True)
+    (done / MERGE_FILE).write_text(json.dumps({"base": bases["base_a"], "alpha": 0.5}))  # newer than final/
+    merged = []
+    monkeypatch.setattr(llmreg.eval.merge, "plan_merge", lambda base, tuned, alphas, out, overwrite: (base, alphas))
+    monkeypatch.setattr(llmreg.eval.merge, "merge", merged.append)
+    final, run_dir = bases["run/final"], str(tmp_path / "run")
+    assert merged_models(bases["base_a"], final, run_dir, [0.5]) == {0.5: str(done)} and merged == []
+    merged_models(bases["base_b"], final, run_dir, [0.5])
+    assert merged == [(bases["base_b"], "0.5")]

@@ -132,7 +132,7 @@ def evaluate_suite(
 
 # --- score cache ---------------------------------------------------------------------------------------------
 #
-# One JSON file per (model, suite file content, limit) in ~/.cache/llmreg/eval (or --cache-dir):
+# One JSON file per (model, suite file and local task YAML content, limit) in ~/.cache/llmreg/eval (or --cache-dir):
 #   {"format": 2, "model": path, "fingerprint": ..., "suite": suite path, "limit": N or null,
 #    "scores": {task: score}, "metrics": {task: "acc,none"},
 #    "per_doc": {task: {"metric": "acc,none", "values": {doc_id: value}, "gold_loglik": {doc_id: loglik}}}}
@@ -155,9 +155,11 @@ def model_fingerprint(model_name: str) -> list | None:
 
 
 def cache_path(cache_dir: str | None, model_name: str, suite: Suite, limit: int | None) -> str:
-    """Scores depend on the model (its path and files), the suite file's content and the limit: all key the file."""
+    """Scores depend on the model (its path and files), the suite file's content, the local task YAMLs it runs
+    (an edited prompt or metric) and the limit: all key the file."""
     where = os.path.abspath(model_name) if os.path.exists(model_name) else model_name
-    key = json.dumps([where, model_fingerprint(model_name), suite.file_hash, limit, CACHE_FORMAT], default=str)
+    tasks = sorted((task, text) for task, (text, _) in suite.local_tasks.items())
+    key = json.dumps([where, model_fingerprint(model_name), suite.file_hash, tasks, limit, CACHE_FORMAT], default=str)
     name = hashlib.sha256(key.encode()).hexdigest()[:20] + ".json"
     return os.path.join(cache_dir or DEFAULT_CACHE, name)
 

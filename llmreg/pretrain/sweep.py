@@ -17,9 +17,10 @@ own. On a full grid the minimum always passes; the check says something when poi
 partial or running sweep) and when the best value sits at the end of an axis (`edges`: extend the grid).
 The paper moves one axis at a time from a start point (coordinate descent); this runs the whole grid.
 
-With `--suite` (llmreg.pretrain.tradeoff) any recipe can be swept: a point without data.pretrain is finished
-once `<point>/sweep_point.json` is written (after its final/ model was saved), and the points are scored on the
-eval suite against the base instead of by a validation loss (no sweep.json / sweep.md for such recipes).
+With `--suite` (llmreg.pretrain.tradeoff) any recipe can be swept: a point without data.pretrain (or without its
+validation data, so without final_eval.json) is finished once `<point>/sweep_point.json` is written (after its
+final/ model was saved), and the points are scored on the eval suite against the base instead of by a validation
+loss (no sweep.json / sweep.md for such recipes).
 """
 
 from __future__ import annotations
@@ -135,7 +136,9 @@ def plan_sweep(
     if isinstance(base, StagedRecipe):
         raise ConfigError(f"sweep: {recipe_path} has stages; sweep a recipe without stages")
     out = os.path.abspath(os.path.expanduser(out or os.path.join(base.output_dir, "sweep")))
-    plan = SweepPlan(recipe_path, list(base_overrides), axes, out, pretrain=base.data.pretrain is not None)
+    # ranked by a validation loss only when the pretrain recipe holds one out (else, under --suite, the points
+    # are marked finished like any recipe's: no final_eval.json is ever written)
+    plan = SweepPlan(recipe_path, list(base_overrides), axes, out, pretrain=_validated_pretrain(base))
     if not any_recipe:
         _check_pretrain(base, recipe_path)
     shorts = _short_names([k for k, _ in axes])
@@ -161,6 +164,12 @@ def plan_sweep(
     return plan
 
 
+def _validated_pretrain(recipe) -> bool:
+    """A pretrain recipe with validation data: its runs write final_eval.json (llmreg.pretrain.recipe_mode)."""
+    spec = recipe.data.pretrain
+    return spec is not None and (spec.validation_fraction > 0 or recipe.data.eval is not None)
+
+
 def _check_pretrain(recipe, recipe_path: str) -> None:
     if recipe.data.pretrain is None:
         raise ConfigError(
@@ -168,7 +177,7 @@ def _check_pretrain(recipe, recipe_path: str) -> None:
             "final validation loss, which pretrain recipes write (final_eval.json); or score the points on an "
             "eval suite with --suite"
         )
-    if recipe.data.pretrain.validation_fraction <= 0 and recipe.data.eval is None:
+    if not _validated_pretrain(recipe):
         raise ConfigError(
             "sweep: the recipe has no validation data (data.eval or data.pretrain.validation_fraction > 0)"
         )

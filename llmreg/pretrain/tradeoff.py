@@ -14,11 +14,12 @@ and per point@alpha, target gain +- SE and mean retained drop +- SE), pareto.png
 
 The base is `--base`, else the recipe's own model (its name_or_path, GGUF file or testbed build); a recipe
 whose model is built from a config has no base to compare with and needs `--base`. A merge is redone when the
-point's final model is newer than it (a point retrained with --overwrite).
+point's final model is newer than it (a point retrained with --overwrite) or was made from another base.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -116,16 +117,20 @@ def _newest_mtime(folder: str) -> float:
 
 def merged_models(base: str, final: str, run_dir: str, alphas: list[float]) -> dict[float, str]:
     """{alpha: folder} of the point's WiSE-FT models; the missing or outdated ones are written first."""
-    from llmreg.eval.merge import MERGE_FILE, merge, plan_merge
+    from llmreg.eval.merge import MERGE_FILE, merge, model_folder, plan_merge
 
     if not alphas:
         return {}
     out = os.path.join(run_dir, MERGED_DIR)
     folder = {a: os.path.join(out, f"alpha-{a:g}") for a in alphas}  # llmreg.eval.merge.MergePlan.folder
+    base_folder = model_folder(base, "--base")  # as plan_merge records it in the marker
 
     def current(a: float) -> bool:
         marker = os.path.join(folder[a], MERGE_FILE)  # written last
-        return os.path.isfile(marker) and os.path.getmtime(marker) >= _newest_mtime(final)
+        if not os.path.isfile(marker) or os.path.getmtime(marker) < _newest_mtime(final):
+            return False
+        with open(marker) as f:  # a merge with another base (a rerun with a different --base) is redone
+            return json.load(f).get("base") == base_folder
 
     todo = [a for a in alphas if not current(a)]
     if todo:

@@ -26,9 +26,9 @@ from typing import Any
 
 from llmreg.core.options import ConfigError, did_you_mean
 from llmreg.recipe.errors import one_line, reraise_at_recipe_key
-from llmreg.recipe.mixture import mixture_format, row_format
+from llmreg.recipe.mixture import check_trained_tokens, mixture_format, row_format
 from llmreg.recipe.paths import TEXT_EXTENSIONS
-from llmreg.recipe.schema import Recipe, SourceSpec, TokenizerSpec
+from llmreg.recipe.schema import BUILTIN_FORMATS, Recipe, SourceSpec, TokenizerSpec
 
 PEEK_ROWS = 20  # rows whose structure is checked
 MAX_PARSED_LINES = 200_000  # JSON lines parsed for the first bad one; later lines are only counted
@@ -64,8 +64,16 @@ def check_recipe_data(recipe: Recipe) -> None:
     kind = recipe.trainer.kind
     if isinstance(recipe.data.train, list):
         peeks = [check_source(s, f"data.train[{i}]", kind, tokenizer) for i, s in enumerate(recipe.data.train)]
-        seen = [p for p in peeks if p is not None]  # built-in and hub sources are checked when they load
-        mixture_format([row_format(p.columns, p.first_rows[0] if p.first_rows else {}, kind) for p in seen], kind)
+        # hub sources (None) are checked when they load; a built-in SFT source is prompt / completion
+        formats = [
+            row_format(p.columns, p.first_rows[0] if p.first_rows else {}, kind)
+            if p is not None
+            else (BUILTIN_FORMATS[kind] if kind == "sft" and s.kind == "builtin" else None)
+            for p, s in zip(peeks, recipe.data.train)
+        ]
+        target = mixture_format(formats, kind)
+        if kind == "sft":
+            check_trained_tokens(formats, target, recipe.trainer.args)
     else:
         check_source(recipe.data.train, "data.train", kind, tokenizer)
     if recipe.data.eval is not None:

@@ -18,15 +18,16 @@ pre-trained on, or a chat set for an instruct model) is the cheapest defence aga
 any regularizer must beat: it is exactly a mixture with a general-data source (`recipes/replay/`). `skip` keeps the
 replayed rows disjoint from the documents a retain task evaluates.
 
-**One schema.** `interleave_datasets` needs the same columns in every source, so each source is first brought to
-one row format (`mixture_format`). For SFT the most structured format present wins: any conversational source
+**One schema.** `interleave_datasets` needs the same columns in every source, so each source is first brought to one
+row format (`mixture_format`). For SFT the most structured format present wins: any conversational source
 (`messages`, or prompt / completion as message lists) makes every source `messages` (a prompt / completion pair
-becomes a user and an assistant turn, plain text one assistant turn, so TRL's chat-template path formats all of
-them and `assistant_only_loss` trains every assistant turn); otherwise text next to prompt / completion becomes a
-pair with an empty prompt (TRL then trains on all of it, as it trains on a text row). Other trainer kinds take
-no conversion: their sources must share one format. Departure from a hand-written sampler: none; the draw is
-datasets', seeded, so a run's recipe.yaml (which records the sources, weights, strategy, stopping and seed)
-rebuilds the same mixture.
+becomes a user and an assistant turn, plain text one assistant turn, so TRL's chat-template path formats all of them
+and `assistant_only_loss` trains every assistant turn; without it a converted prompt / completion source would be
+trained on its prompt too, so that is refused unless `completion_only_loss: false` asks for every token); otherwise
+text next to prompt / completion becomes a pair with an empty prompt (TRL then trains on all of it, as it trains on
+a text row). Other trainer kinds take no conversion: their sources must share one format. Departure from a
+hand-written sampler: none; the draw is datasets', seeded, so a run's recipe.yaml (which records the sources,
+weights, strategy, stopping and seed) rebuilds the same mixture.
 """
 
 from __future__ import annotations
@@ -109,20 +110,41 @@ def row_format(columns: list[str], first_row: dict, trainer_kind: str) -> str:
     return ("conversational " if chat else "") + " + ".join(c for c in FORMAT_COLUMNS if c in columns)
 
 
-def mixture_format(formats: list[str], trainer_kind: str) -> str:
+def mixture_format(formats: list[str | None], trainer_kind: str) -> str | None:
     """The one format the sources of a mixture are brought to (module docstring); a ConfigError naming the
-    first source that cannot be."""
-    if len(set(formats)) == 1:
-        return formats[0]
+    first source that cannot be. None entries (sources not opened yet: hub, built-in) are skipped; None when
+    no format is known."""
+    known = [(i, f) for i, f in enumerate(formats) if f is not None]
+    if len({f for _, f in known}) <= 1:
+        return known[0][1] if known else None
     if trainer_kind != "sft":
-        i = next(i for i, f in enumerate(formats) if f != formats[0])
+        (first, want), (i, got) = known[0], next((i, f) for i, f in known if f != known[0][1])
         raise ConfigError(
-            f"data.train[{i}]: its rows are '{formats[i]}' but data.train[0]'s are '{formats[0]}'; the sources of "
+            f"data.train[{i}]: its rows are '{got}' but data.train[{first}]'s are '{want}'; the sources of "
             f"a '{trainer_kind}' mixture must share one row format"
         )
-    if any(f in ("messages", "chat_prompt_completion") for f in formats):
+    if any(f in ("messages", "chat_prompt_completion") for _, f in known):
         return "messages"
     return "prompt_completion"
+
+
+def check_trained_tokens(formats: list[str | None], target: str | None, trainer_args: dict) -> None:
+    """A prompt / completion source made `messages` loses TRL's completion mask: without `assistant_only_loss`
+    its prompt (and the template's tokens) would be trained on, unlike the same source alone. A ConfigError naming
+    the first such source, unless the recipe trains on every token anyway (`completion_only_loss: false`)."""
+    if (
+        target != "messages"
+        or trainer_args.get("assistant_only_loss")
+        or trainer_args.get("completion_only_loss") is False
+    ):
+        return
+    for i, fmt in enumerate(formats):
+        if fmt in ("prompt_completion", "chat_prompt_completion"):
+            raise ConfigError(
+                f"data.train[{i}]: its prompt / completion rows become chat messages in this mixture, and TRL would "
+                "then train on the prompt too; set trainer.assistant_only_loss: true (a chat template with "
+                "{% generation %}) or trainer.completion_only_loss: false"
+            )
 
 
 def _converter(source: str, target: str):

@@ -138,6 +138,8 @@ def _check_builtin(spec: SourceSpec, where: str, own_seed: bool, is_eval: bool) 
         spec.num_examples = DEFAULT_NUM_EXAMPLES
     elif spec.num_examples < 1:  # 0 used to fall back to the default silently
         raise ConfigError(f"{where}.num_examples: must be >= 1 rows to generate, got {spec.num_examples}")
+    if spec.skip and spec.skip >= spec.num_examples:  # else an IndexError once the model has loaded
+        raise ConfigError(f"{where}.skip: skips {spec.skip} rows, and the built-in task generates {spec.num_examples}")
     if spec.seed is None:
         spec.seed = 0
     if is_eval and not own_seed:
@@ -165,9 +167,8 @@ def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None) -> str:
         if not any(os.path.isfile(os.path.join(path, m)) for m in SAVED_DATASET_MARKERS):
             raise ConfigError(f"{where}: directory {spec.path} was not written by Dataset.save_to_disk")
         return path
-    if path.lower().endswith(TEXT_EXTENSIONS):  # raw text: one `text` row per paragraph (data.pretrain packs it)
-        return path
-    if not path.lower().endswith(DATA_EXTENSIONS):
+    # raw text (.txt): one `text` row per paragraph (data.pretrain packs it); like a data file, it has no splits
+    if not path.lower().endswith(DATA_EXTENSIONS + TEXT_EXTENSIONS):
         raise ConfigError(
             f"{where}: unsupported data file {spec.path}; use one of {', '.join(DATA_EXTENSIONS + TEXT_EXTENSIONS)}"
         )
