@@ -126,9 +126,30 @@ def test_any_conversational_source_makes_every_source_messages(tmp_path):
     assert rows[0] == first_chat
     assert rows[-3:] == [
         [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}],
-        [{"role": "assistant", "content": "t 0"}],
+        [{"role": "user", "content": ""}, {"role": "assistant", "content": "t 0"}],
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
     ]
+
+
+# Gemma's / Mistral's rule: after an optional system message, roles alternate, user first (they raise otherwise)
+ALTERNATING_TEMPLATE = (
+    "{% for m in messages | rejectattr('role', 'equalto', 'system') %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+)
+
+
+def test_converted_rows_render_with_a_template_that_requires_alternating_roles(tmp_path):
+    from llmreg.data import build_char_tokenizer
+
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"q": "1+1?", "a": "2"}])
+    train = [CHAT, {"path": qa, "prompt_field": "q", "completion_field": "a"}, texts(tmp_path, "t", 2)]
+    ds = mixed(tmp_path, train, {"strategy": "concat"}, chat_template_path=TEMPLATE, assistant_only_loss=True)
+    tok = build_char_tokenizer()
+    tok.chat_template = ALTERNATING_TEMPLATE
+    rendered = [tok.apply_chat_template(m, tokenize=False) for m in ds["messages"]]
+    assert rendered[-1] == "<user><assistant>t 1"
 
 
 def test_a_pair_made_messages_needs_assistant_only_loss(tmp_path):

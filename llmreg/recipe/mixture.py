@@ -21,8 +21,9 @@ replayed rows disjoint from the documents a retain task evaluates.
 **One schema.** `interleave_datasets` needs the same columns in every source, so each source is first brought to one
 row format (`mixture_format`). For SFT the most structured format present wins: any conversational source
 (`messages`, or prompt / completion as message lists) makes every source `messages` (a prompt / completion pair
-becomes a user and an assistant turn, plain text one assistant turn, so TRL's chat-template path formats all of them
-and `assistant_only_loss` trains every assistant turn; without it a converted prompt / completion source would be
+becomes a user and an assistant turn, plain text an empty user turn and an assistant turn, so TRL's chat-template
+path formats all of them, also with templates that require alternating roles, and `assistant_only_loss` trains
+every assistant turn; without it a converted prompt / completion source would be
 trained on its prompt too, so that is refused unless `completion_only_loss: false` asks for every token); otherwise
 text next to prompt / completion becomes a pair with an empty prompt (TRL then trains on all of it, as it trains on
 a text row). Other trainer kinds take no conversion: their sources must share one format. Departure from a
@@ -153,8 +154,11 @@ def _converter(source: str, target: str):
         return None
     if target == "prompt_completion":  # from text
         return lambda row: {"prompt": "", "completion": row["text"]}
-    if source == "text":
-        return lambda row: {"messages": [{"role": "assistant", "content": row["text"]}]}
+    if source == "text":  # an empty user turn first: templates that require user/assistant alternation
+        # (Gemma, Mistral, Llama 2) raise on a conversation that opens with the assistant
+        return lambda row: {
+            "messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": row["text"]}]
+        }
     if source == "prompt_completion":
         return lambda row: {
             "messages": [
