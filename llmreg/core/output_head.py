@@ -16,8 +16,9 @@ config (what each family's `forward` does in transformers 5.24):
 
 The first scale key present wins, in the order above (as TRL's fused head reads them, so the two agree). The
 explicit table is only where the config cannot say it: HyperCLOVA X's opposite reading of `logits_scaling`,
-and MPT, whose config has a `logit_scale` that transformers' MPT model never applies. OLMo / OLMo 2, Llama,
-Qwen, Phi-3, GPT-2, GPT-NeoX and Falcon apply nothing after the head.
+and MPT, whose config has a `logit_scale` that transformers' MPT model never applies (llmreg follows the model
+there; TRL's fused head multiplies by a numeric MPT `logit_scale`, so the two disagree on such a config).
+OLMo / OLMo 2, Llama, Qwen, Phi-3, GPT-2, GPT-NeoX and Falcon apply nothing after the head.
 
 The transform runs on fp32 logits here (callers cast first); Gemma 2 applies it in the head's dtype, so under
 bf16 the two differ by rounding only. torch and the standard library only: the config is read by attribute.
