@@ -112,7 +112,10 @@ def artifacts(tmp_path_factory):
 
 def _base(family: str) -> torch.nn.Module:
     if family not in _MODELS:
-        _MODELS[family] = tiny_model(family)
+        model = tiny_model(family)
+        if family in MOE_FAMILIES:  # the router load-balancing loss in the host's loss, as TRL's SFT trainer sets it
+            model.config.output_router_logits = True
+        _MODELS[family] = model
     return _MODELS[family]
 
 
@@ -203,6 +206,8 @@ def check_noisefit(trainer, reg, family, mode):
     assert _logged(trainer, "reg/noisefit/soft")[-1] > 0
     assert _logged(trainer, "reg/noisefit/consistency")[-1] > 0
     assert _logged(trainer, "reg/noisefit/num_noisy_layers")[-1] == 1
+    if family in MOE_FAMILIES:  # the router term stays in the objective NoiseFiT replaces the host's with
+        assert _logged(trainer, "reg/noisefit/router_aux")[-1] > 0
 
 
 def check_lfu(trainer, reg, family, mode, targets=()):
