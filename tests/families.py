@@ -2,6 +2,8 @@
 a vocabulary that covers the char tokenizer of `llmreg.data`. Built from config, nothing downloaded.
 
 `FAMILIES` lists the model types; `tiny_model(model_type)` returns a float32 causal LM with fixed init seed.
+`VARIANTS` are further names `tiny_model` takes: a family with some config keys changed ("llama_tied": Llama with
+its LM head tied to the input embedding, as Gemma and small Qwen checkpoints ship).
 """
 
 from __future__ import annotations
@@ -67,12 +69,14 @@ FAMILIES = (
     "granite",
 )
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
+VARIANTS = {"llama_tied": ("llama", dict(tie_word_embeddings=True))}
 
 
 def tiny_config(model_type: str):
     from transformers import AutoConfig
 
-    kwargs = dict(_SPECIFIC.get(model_type, _COMMON))
+    model_type, changed = VARIANTS.get(model_type, (model_type, {}))
+    kwargs = dict(_SPECIFIC.get(model_type, _COMMON), **changed)
     if model_type == "phi3":
         kwargs.pop("head_dim")
     kwargs.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # the char tokenizer's ids

@@ -1,8 +1,8 @@
 """Issue 16, the structural side: the model anatomy layer (`llmreg.core.families`) on 15 architecture families, and
 the regularizers that depend on it (half_ft, l2_sp, forgetting_penalty, multipliers, lfu aux lora), full and LoRA.
 
-Tiny random models from `tests/families.py` (2 layers, hidden 64); the smoke matrix's cells outside the
-representative families are `slow`.
+Tiny random models from `tests/families.py` (2 layers, hidden 64). Every family x regularizer x {full, LoRA}
+training cell is `test_family_matrix.py`'s.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ EXPECTED = {
     "falcon": {"attention": 2, "ffn": 2, "norms": 1},  # parallel attention: one block norm
     "gpt2": {"attention": 2, "ffn": 2, "norms": 2},
 }
-QUICK = ("llama", "qwen3_moe", "gemma2", "phi3", "gpt2")  # the smoke matrix's cells in the quick loop
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
 
 
@@ -256,7 +255,7 @@ def test_multipliers_refuse_conv1d():
         llmreg.build_regularizer({"name": "multipliers"}).setup(tiny_model("gpt2"), trainer=None)
 
 
-# -- the smoke matrix: every family, full and LoRA, 3 SFT steps per structural regularizer ---------------------
+# -- helpers ----------------------------------------------------------------------------------------------
 
 
 def _covered(reg) -> set[str]:
@@ -268,57 +267,3 @@ def _check_penalty(trainer, family, name):
     if family in MOE_FAMILIES:  # expert tensors and routers are regularised
         covered = _covered(list(trainer.reg_stack)[0])
         assert any(".mlp.experts." in n for n in covered) and any(".mlp.gate." in n for n in covered), covered
-
-
-def _full_runs(family, out):
-    moe, conv = family in MOE_FAMILIES, family == "gpt2"
-    trainer = _sft(tiny_model(family), [{"name": "l2_sp"}], out)
-    trainer.train()
-    _check_penalty(trainer, family, "l2_sp")
-    path = random_artifact(out / "imp", tiny_model(family))
-    trainer = _sft(tiny_model(family), [{"name": "forgetting_penalty", "artifact": path}], out)
-    trainer.train()
-    _check_penalty(trainer, family, "forgetting_penalty")
-    mult = {"name": "multipliers", **({"moe": "skip"} if moe else {})}
-    if conv:
-        with pytest.raises(ConfigError, match="Conv1D"):
-            _sft(tiny_model(family), [mult], out)
-    else:
-        trainer = _sft(tiny_model(family), [mult], out)
-        trainer.train()
-        assert any(n.endswith("lrm_row") for n, _ in trainer.model.named_parameters())
-    lfu = {"name": "lfu", "aux": "lora", "alpha": 0.5}
-    if moe:
-        with pytest.raises(ConfigError, match="mixture-of-experts.*aux_lora_targets"):
-            _sft(tiny_model(family), [lfu], out)
-        lfu["aux_lora_targets"] = ["self_attn"]
-    trainer = _sft(tiny_model(family), [lfu], out)
-    trainer.train()
-    assert _logged(trainer, "reg/lfu/consistency")[-1] > 0
-
-
-def _lora_runs(family, out):
-    trainer = _sft(tiny_model(family), [{"name": "l2_sp"}], out, peft=True)
-    trainer.train()
-    _check_penalty(trainer, family, "l2_sp")
-    path = random_artifact(out / "imp", tiny_model(family))
-    trainer = _sft(tiny_model(family), [{"name": "forgetting_penalty", "artifact": path}], out, peft=True)
-    trainer.train()
-    _check_penalty(trainer, family, "forgetting_penalty")
-    lfu = {"name": "lfu", "aux": "lora", "alpha": 0.5}
-    if family in MOE_FAMILIES:
-        with pytest.raises(ConfigError, match="ParamWrapper.*target_modules"):
-            _sft(tiny_model(family), [lfu], out, peft=True)
-    else:
-        trainer = _sft(tiny_model(family), [lfu], out, peft=True)
-        trainer.train()
-        assert _logged(trainer, "reg/lfu/consistency")[-1] > 0
-    for name in ("half_ft", "multipliers"):  # refused under PEFT, as their requirements say
-        with pytest.raises(ConfigError, match="PEFT|peft|LoRA"):
-            _sft(tiny_model(family), [{"name": name}], out, peft=True)
-
-
-@pytest.mark.parametrize("mode", ["full", "lora"])
-@pytest.mark.parametrize("family", [f if f in QUICK else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
-def test_structural_regularizers_run_on_every_family(family, mode, tmp_path):
-    (_full_runs if mode == "full" else _lora_runs)(family, tmp_path)
