@@ -340,17 +340,13 @@ def test_readme_lists_every_refusal_of_the_matrix():
 
 # -- half_ft: the frozen share over draws (the issue's "45-55 %" acceptance) ------------------------------------------
 
-# a 2-member category of unequal members (fused qkv vs o, gate_up vs down, the experts' gate_up vs down) cannot be
-# halved in parameters inside a layer: no subset rule brings every draw of a 2-layer model to 45-55 %
-UNEVEN = ("phi3", "gpt_neox", "gpt2") + MOE_FAMILIES
-
 
 @pytest.mark.parametrize("family", MATRIX)
 def test_half_ft_frozen_share_over_draws(family):
     """The paper's rule freezes 2 of 3 FFN matrices in half the layers (39 % / 61 % of a Llama layer): the decoder
     as a whole is the half. With the default `balance: count` the share of the decoder is one half on average over
-    draws on every family; with `balance: params` every draw gives 45-55 % on the families whose categories can
-    be halved in parameters (GQA's k/v are smaller than q/o)."""
+    draws on every family; with `balance: params` every draw freezes half the decoder's parameters on every family
+    (GQA's k/v are smaller than q/o; fused pairs alternate across layers)."""
     from llmreg.regularizers.half_ft import anatomy_layers, draw_frozen
 
     model = _base(family)
@@ -367,8 +363,31 @@ def test_half_ft_frozen_share_over_draws(family):
 
     counted = [share("count", seed) for seed in range(200)]
     assert abs(sum(counted) / len(counted) - 0.5) < 0.02
-    if family not in UNEVEN:
-        assert all(0.45 <= share("params", seed) <= 0.55 for seed in range(50))
+    # params: unequal pairs (fused qkv beside o, MoE gate_up beside down) alternate across layers: exactly half
+    assert all(abs(share("params", seed) - 0.5) < 0.005 for seed in range(50))
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt2", "qwen3_moe"])
+def test_half_ft_params_balance_freezes_the_larger_of_an_unequal_pair_in_half_the_layers(family):
+    """No choice inside one layer halves a pair of unequal members (Phi-3 qkv_proj / o_proj): `balance: params`
+    freezes the larger in a random half of the layers and the smaller in the others, for every seed."""
+    from llmreg.regularizers.half_ft import anatomy_layers, draw_frozen
+
+    model = _base(family)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    layers = anatomy_layers(model)
+    for seed in range(10):
+        frozen = set(draw_frozen(layers, sizes, seed, 0, "params"))
+        for cat in layers[0]:
+            members = layers[0][cat]
+            member_sizes = {m: sum(sizes[n] for n in members[m]) for m in members}
+            if len(members) != 2 or len(set(member_sizes.values())) != 2:
+                continue
+            larger = max(member_sizes, key=member_sizes.get)
+            froze_larger = [all(n in frozen for n in layer[cat][larger]) for layer in layers]
+            froze_any = [sum(all(n in frozen for n in layer[cat][m]) for m in layer[cat]) for layer in layers]
+            assert froze_any == [1] * len(layers)  # one member per layer
+            assert sum(froze_larger) == len(layers) // 2  # the larger one in half of the layers
 
 
 # -- lp_reg (GRPO only): the proxy pass on every family, a GRPO run on the quick ones -----------------------------

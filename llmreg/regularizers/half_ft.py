@@ -21,7 +21,9 @@ experts' `gate_up_proj`) are ONE member, not split into q/k/v or gate/up: freezi
 (`requires_grad=False` before the optimizer and the engine exist, so a frozen tensor has no gradient, no
 optimizer state and no master copy, trap 5); a split would freeze rows of a tensor through a gradient mask and
 keep its whole optimizer state, losing what freezing saves. So Phi-3 freezes 1 of {qkv_proj, o_proj} and 1 of
-{gate_up_proj, down_proj}; `balance: params` then picks among the subsets closest to half the parameters.
+{gate_up_proj, down_proj}; `balance: params` then picks among the subsets closest to half the parameters, and
+for such an unequal pair freezes the larger member in a random half of the layers and the smaller in the others
+(the paper's cross-layer FFN rule, applied to a pair no single layer can halve), so the decoder is half frozen.
 
 Hooks: `setup` only: `requires_grad=False` before the optimizer and the DeepSpeed engine exist, so frozen
 tensors get no gradient, no optimizer state and no fp32 master copy (docs/architecture.md, trap 5). The frozen set is
@@ -164,6 +166,7 @@ def draw_frozen(
         odd = [i for i, layer in enumerate(layers) if len(layer.get(cat, ())) % 2]
         if odd:
             round_up[cat] = set(rng.sample(odd, len(odd) // 2))
+    larger_half = _larger_member_layers(layers, sizes, categories, rng) if balance == "params" else {}
     frozen: list[str] = []
     for index, layer in enumerate(layers):
         for cat in categories:
@@ -171,7 +174,11 @@ def draw_frozen(
             if not members:
                 continue
             k = len(members) // 2 + (1 if index in round_up.get(cat, ()) else 0)
-            if balance == "count" or k in (0, len(members)):  # a 1-member category (router) has no subsets
+            if cat in larger_half and index in larger_half[cat][0]:
+                picked = [max(members, key=lambda m: _member_size(layer, cat, m, sizes))]
+            elif cat in larger_half and index in larger_half[cat][1]:
+                picked = [min(members, key=lambda m: _member_size(layer, cat, m, sizes))]
+            elif balance == "count" or k in (0, len(members)):  # a 1-member category (router) has no subsets
                 picked = rng.sample(members, k)
             else:
                 counts = {m: sum(sizes[n] for n in layer[cat][m]) for m in members}
@@ -179,6 +186,30 @@ def draw_frozen(
             for m in picked:
                 frozen.extend(layer[cat][m])
     return sorted(frozen)
+
+
+def _member_size(layer: dict, cat: str, member: str, sizes: dict[str, int]) -> int:
+    return sum(sizes[n] for n in layer[cat][member])
+
+
+def _larger_member_layers(layers: list[dict], sizes: dict[str, int], categories: list[str], rng: random.Random):
+    """`balance: params` for a category of two members of unequal size (a fused projection beside a plain one:
+    Phi-3's qkv_proj / o_proj, GPT-2's c_attn / c_proj): no choice inside a layer halves it, so, as the paper's
+    FFN rule does across layers, the larger member is frozen in a random half of those layers and the smaller in
+    the others: the category is then half of its parameters over the decoder (exactly, for an even count of
+    layers). {category: (layers freezing the larger, layers freezing the smaller)}; equal-size pairs (norms) and
+    other categories are not drawn here, so their draws are unchanged."""
+    chosen = {}
+    for cat in categories:
+        pairs = [
+            i
+            for i, layer in enumerate(layers)
+            if len(layer.get(cat, ())) == 2 and len({_member_size(layer, cat, m, sizes) for m in layer[cat]}) == 2
+        ]
+        if pairs:
+            larger = set(rng.sample(pairs, len(pairs) // 2))
+            chosen[cat] = (larger, set(pairs) - larger)
+    return chosen
 
 
 def closest_share_subsets(counts: dict[str, int], share: float) -> list[tuple[str, ...]]:
