@@ -360,6 +360,38 @@ def test_messages_mixture_trains_on_exactly_the_assistant_turns(tmp_path, monkey
     assert run.trainer.state.global_step == 2
 
 
+def test_conversational_pair_mixture_trains_on_the_completions_only_without_assistant_only_loss(tmp_path, monkeypatch):
+    """No `messages` source, one conversational prompt / completion source: every source becomes a conversational
+    pair (GSM8K [user] -> [assistant], TinyStories text [empty user] -> [assistant]) and TRL's completion-only loss
+    trains exactly the completions (with a template that has no {% generation %} markers)."""
+    from llmreg.recipe.build import build_run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pair = write_jsonl(
+        tmp_path / "pair.jsonl",
+        [{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}],
+    )
+    sources = [
+        pair,
+        {"path": GSM8K, "prompt_field": "question", "completion_field": "answer", "max_examples": 2},
+        {"path": TINYSTORIES, "max_examples": 2},
+    ]
+    raw = recipe(tmp_path, sources, {"strategy": "concat"}, chat_template_path=TEMPLATE, max_length=512)
+    raw["model"] = {"name_or_path": STORIES_MODEL, "dtype": "float32"}
+    raw.pop("tokenizer")
+    run = build_run(validate_recipe(raw))
+    tok, ds = run.tokenizer, run.trainer.train_dataset
+    qa = [json.loads(line) for line in open(GSM8K)][:2]
+    stories = [r["text"] for r in load_sources(validate_recipe(recipe(tmp_path, TINYSTORIES)), "train")][:2]
+    expected = ["yo"] + [r["answer"] for r in qa] + stories
+    assert len(ds) == len(expected)
+    for i, want in enumerate(expected):
+        batch = run.trainer.data_collator([ds[i]])
+        ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+        trained = _runs(ids, labels)
+        assert len(trained) == 1 and tok.decode(trained[0]).strip() == want + tok.eos_token
+
+
 def _runs(ids: list[int], labels: list[int]) -> list[list[int]]:
     """The maximal runs of consecutive trained positions (label == id; every other label is -100)."""
     out, current = [], []

@@ -19,16 +19,18 @@ any regularizer must beat: it is exactly a mixture with a general-data source (`
 replayed rows disjoint from the documents a retain task evaluates.
 
 **One schema.** `interleave_datasets` needs the same columns in every source, so each source is first brought to one
-row format (`mixture_format`). For SFT the most structured format present wins: any conversational source
-(`messages`, or prompt / completion as message lists) makes every source `messages` (a prompt / completion pair
-becomes a user and an assistant turn, plain text an empty user turn and an assistant turn, so TRL's chat-template
-path formats all of them, also with templates that require alternating roles, and `assistant_only_loss` trains
-every assistant turn; without it a converted prompt / completion source would be
-trained on its prompt too, so that is refused unless `completion_only_loss: false` asks for every token); otherwise
-text next to prompt / completion becomes a pair with an empty prompt (TRL then trains on all of it, as it trains on
-a text row). Other trainer kinds take no conversion: their sources must share one format. Departure from a
-hand-written sampler: none; the draw is datasets', seeded, so a run's recipe.yaml (which records the sources,
-weights, strategy, stopping and seed) rebuilds the same mixture.
+row format (`mixture_format`). For SFT the most structured format present wins. A `messages` source makes every
+source `messages` (a prompt / completion pair becomes a user and an assistant turn, plain text an empty user turn
+and an assistant turn, so TRL's chat-template path formats all of them, also with templates that require
+alternating roles, and `assistant_only_loss` trains every assistant turn; without it a converted prompt /
+completion source would be trained on its prompt too, so that is refused unless `completion_only_loss: false`
+asks for every token). Otherwise a conversational prompt / completion source (message lists) makes every source a
+conversational pair (a plain pair becomes [user] -> [assistant], text [empty user] -> [assistant]): TRL keeps its
+completion-only loss there, with any chat template. Otherwise text next to prompt / completion becomes a pair with
+an empty prompt (TRL then trains on all of it, as it trains on a text row). Other trainer kinds take no
+conversion: their sources must share one format. Departure from a hand-written sampler: none; the draw is
+datasets', seeded, so a run's recipe.yaml (which records the sources, weights, strategy, stopping and seed)
+rebuilds the same mixture.
 """
 
 from __future__ import annotations
@@ -124,8 +126,10 @@ def mixture_format(formats: list[str | None], trainer_kind: str) -> str | None:
             f"data.train[{i}]: its rows are '{got}' but data.train[{first}]'s are '{want}'; the sources of "
             f"a '{trainer_kind}' mixture must share one row format"
         )
-    if any(f in ("messages", "chat_prompt_completion") for _, f in known):
+    if any(f == "messages" for _, f in known):
         return "messages"
+    if any(f == "chat_prompt_completion" for _, f in known):  # keeps TRL's completion-only loss
+        return "chat_prompt_completion"
     return "prompt_completion"
 
 
@@ -154,6 +158,13 @@ def _converter(source: str, target: str):
         return None
     if target == "prompt_completion":  # from text
         return lambda row: {"prompt": "", "completion": row["text"]}
+    if target == "chat_prompt_completion":  # a conversational pair: TRL trains on the completion only
+        if source == "text":  # an empty user turn (see below)
+            return lambda row: {"prompt": [_turn("user", "")], "completion": [_turn("assistant", row["text"])]}
+        return lambda row: {
+            "prompt": [_turn("user", row["prompt"])],
+            "completion": [_turn("assistant", row["completion"])],
+        }
     if source == "text":  # an empty user turn first: templates that require user/assistant alternation
         # (Gemma, Mistral, Llama 2) raise on a conversation that opens with the assistant
         return lambda row: {
@@ -167,6 +178,10 @@ def _converter(source: str, target: str):
             ]
         }
     return lambda row: {"messages": list(row["prompt"]) + list(row["completion"])}  # conversational pair
+
+
+def _turn(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
 
 
 def _kept_columns(parts: list, target: str, trainer_kind: str) -> list[str]:
