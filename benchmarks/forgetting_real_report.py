@@ -1,0 +1,150 @@
+"""Outputs of benchmarks/forgetting_real.py: the json, the Pareto figure with error bars, the RESULTS.md section.
+
+Per run (llmreg.eval.run.forgetting_report's sign convention): `target_gain` > 0 is better on the target (for
+smollm2: base - tuned bits per byte of the GSM8K reference answers), `forgetting` > 0 is the weighted mean
+retained drop (smollm2: accuracy points of ARC-Easy and PIQA; TinyStories perplexity has weight 0 and is shown
+per task). Error bars: the paired SE of each difference from the per-document scores that `llmreg eval` keeps
+(llmreg.eval.paired; none when the evaluation has no per-document scores). Wall times are those of the run,
+on whatever load the machine had (the load average is recorded with each run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+BEGIN, END = "<!-- forgetting_real:begin -->", "<!-- forgetting_real:end -->"
+
+
+def paired_summary(state: dict[str, Any]) -> dict[str, Any]:
+    """llmreg.eval.run.forgetting_report over the evaluated runs, with paired SEs when llmreg.eval has them."""
+    from forgetting_real_matrix import REPO
+
+    from llmreg.eval.run import Scores, forgetting_report
+    from llmreg.eval.suite import load_suite
+
+    base = state["base_eval"]
+    evaluated = {n: r for n, r in state["runs"].items() if r.get("eval")}
+    if base is None or not evaluated:
+        return {}
+    suite = load_suite(str(REPO / state["suite"]))
+
+    def scores(record: dict) -> Scores:
+        s = Scores(record["scores"], record["metrics"])
+        if record.get("per_doc") is not None:
+            s.per_doc = record["per_doc"]
+        return s
+
+    return forgetting_report(scores(base), {n: scores(r["eval"]) for n, r in evaluated.items()}, suite)
+
+
+def _num(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def _pm(value: Any, se: Any) -> str:
+    return _num(value) if se is None else f"{_num(value)} ± {_num(se, 2)}"
+
+
+def table(state: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    lines = [
+        "| run | method | seed | target gain | mean retained drop | per-task delta (tuned - base) | train s | "
+        "eval s | load |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rec in state["runs"].items():
+        run = report.get("runs", {}).get(name, {})
+        tasks = run.get("tasks", {})
+        deltas = ", ".join(f"{t}: {_num(v.get('delta'), 3)}" for t, v in tasks.items())
+        cfg = rec["train"]["config"]
+        lines.append(
+            f"| {name} | {cfg['method']} | {cfg['seed']} | {_pm(run.get('target_gain'), run.get('target_gain_se'))} "
+            f"| {_pm(run.get('forgetting'), run.get('forgetting_se'))} | {deltas or 'not evaluated'} "
+            f"| {rec['train']['train_seconds'] + rec['train'].get('prepare_seconds', 0):.0f} "
+            f"| {_num((rec.get('eval') or {}).get('eval_seconds'))} | {rec['train'].get('load_1min', 0):.1f} |"
+        )
+    return lines
+
+
+def figure(state: dict[str, Any], report: dict[str, Any], path: Path) -> Path | None:
+    """Target gain against mean retained drop, one colour per method, paired-SE error bars."""
+    runs = report.get("runs", {})
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    methods = sorted({state["runs"][n]["train"]["config"]["method"] for n in runs})
+    colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
+    for name, run in runs.items():
+        method = state["runs"][name]["train"]["config"]["method"]
+        ax.errorbar(
+            run["forgetting"], run["target_gain"], xerr=run.get("forgetting_se"), yerr=run.get("target_gain_se"),
+            fmt="o", color=colours[method], capsize=3, label=method,
+        )  # fmt: skip
+        point = (run["forgetting"], run["target_gain"])
+        ax.annotate(name, point, fontsize=7, xytext=(3, 3), textcoords="offset points")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    ax.set_xlabel("mean retained drop (lower is better)")
+    ax.set_ylabel("target gain (higher is better)")
+    ax.set_title(f"forgetting_real: {state['setting']}")
+    ax.axvline(0, color="grey", lw=0.5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def section(state: dict[str, Any], report: dict[str, Any], figure_rel: str | None) -> str:
+    base = state["base_eval"] or {}
+    lines = [
+        BEGIN,
+        f"### forgetting_real: {state['setting']} ({state['recipe']}, suite {state['suite']})",
+        "",
+        "Written by `python benchmarks/forgetting_real.py --report`; one run is reproduced (from nothing, or from its",
+        'cache) by `python benchmarks/forgetting_real.py --only "<run>"`. Base scores: '
+        + ", ".join(f"{t} {_num(v)}" for t, v in (base.get("scores") or {}).items()),
+        "",
+        *table(state, report),
+        "",
+    ]
+    if figure_rel:
+        lines += [f"![forgetting_real {state['setting']}]({figure_rel})", ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def replace_section(path: Path, text: str) -> None:
+    old = path.read_text() if path.is_file() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        new = head + text + rest.split(END, 1)[1]
+    else:
+        new = old.rstrip("\n") + ("\n\n" if old else "") + text + "\n"
+    path.write_text(new)
+
+
+def _without_per_doc(record: dict | None) -> dict | None:
+    return None if record is None else {k: v for k, v in record.items() if k != "per_doc"}
+
+
+def write_outputs(state: dict[str, Any], out: Path) -> None:
+    report = paired_summary(state)
+    out.mkdir(parents=True, exist_ok=True)
+    fig = figure(state, report, out / "figures" / f"forgetting_real_{state['setting']}.png")
+    kept = {**state, "report": report}  # per-document scores stay in the workdir's caches (too big to commit)
+    kept["base_eval"] = _without_per_doc(state["base_eval"])
+    kept["runs"] = {n: {**r, "eval": _without_per_doc(r.get("eval"))} for n, r in state["runs"].items()}
+    (out / f"forgetting_real_{state['setting']}.json").write_text(
+        json.dumps(kept, indent=1, sort_keys=True, default=str)
+    )
+    replace_section(out / "RESULTS.md", section(state, report, os.path.relpath(fig, out) if fig else None))
