@@ -34,6 +34,7 @@ FILES = {
     "text.jsonl": '{"text": "hello"}\n',
     "header_only.csv": "text\n",
     "notes.txt": "plain text\n",
+    "notes.bin": "not a data file\n",
     "ds_optimizer.json": json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}),
     "ds_broken.json": '{"zero_optimization": {"stage": 2',
     "suite_broken.yaml": "target: [\n",
@@ -109,7 +110,8 @@ CASES = [
     ("stage_eval_no_stages", lambda r: r.update(stage_eval={"suite": "x.yaml"}), [], "stage_eval: only a recipe"),
     # files
     ("missing_data", ["data.train=data/missing.jsonl"], [], "data.train: data file not found: data/missing.jsonl"),
-    ("text_file", ["data.train={tmp}/notes.txt"], [], "data.train: unsupported data file"),
+    ("unsupported_file", ["data.train={tmp}/notes.bin"], [], "data.train: unsupported data file"),
+    ("text_file_dpo", ["data.train={tmp}/notes.txt", "trainer.kind=dpo"], [], "data.train: trainer kind 'dpo' needs"),
     ("missing_model", lambda r: r.update(model={"name_or_path": "./no/such/model"}), [], "model.name_or_path: path"),
     ("missing_recipe", "MISSING", [], "recipe not found"),
     ("invalid_yaml", "BAD_YAML", [], "{tmp}/bad_yaml.yaml: invalid YAML"),
@@ -128,6 +130,32 @@ CASES = [
         "data.train.text_field: 'body'",
     ),
     ("csv_no_rows", ["data.eval={tmp}/header_only.csv"], [], "data.eval: {tmp}/header_only.csv has no rows"),
+    # data mixtures (a list of sources)
+    (
+        "mix_weight_zero",
+        ["data.train=[{path: {tmp}/text.jsonl, weight: 0.8}, {path: {tmp}/notes.txt, weight: 0}]"],
+        [],
+        "data.train[1]: weight must be > 0, got 0.0",
+    ),
+    (
+        "mix_weight_negative",
+        ["data.train=[{path: {tmp}/text.jsonl, weight: -0.2}, {path: {tmp}/notes.txt, weight: 0.2}]"],
+        [],
+        "data.train[0]: weight must be > 0, got -0.2",
+    ),
+    (
+        "mix_unknown_column",
+        ["data.train=[{tmp}/text.jsonl, {path: {tmp}/question.jsonl, prompt_field: qestion, completion_field: a}]"],
+        [],
+        "data.train[1].prompt_field: 'qestion' is not a column of question.jsonl; did you mean 'question'? (columns: q",
+    ),
+    ("mix_missing_file", ["data.train=[{tmp}/text.jsonl, {tmp}/txet.jsonl]"], [], "data.train[1]: data file not found"),
+    (
+        "mix_strategy",
+        ["data.train=[{tmp}/text.jsonl, {tmp}/notes.txt]", "data.mix.strategy=interleaf"],
+        [],
+        "data.mix.strategy: unknown strategy 'interleaf'; did you mean 'interleave'?",
+    ),
     # DeepSpeed configs
     ("ds_optimizer", ["trainer.deepspeed={tmp}/ds_optimizer.json"], [], "trainer.deepspeed: DeepSpeed config has an"),
     ("ds_missing", ["trainer.deepspeed=no_such_ds.json"], [], "trainer.deepspeed: file not found: no_such_ds.json"),

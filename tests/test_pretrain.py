@@ -164,11 +164,13 @@ def test_bad_pretrain_input_fails_before_anything_loads(nothing_loads, override,
     assert message in str(err.value)
 
 
-def test_raw_text_without_pretrain_mode_says_how(nothing_loads, tmp_path):
+def test_raw_text_without_pretrain_mode_is_a_plain_text_source(nothing_loads, tmp_path):
+    """Without data.pretrain a text file is an ordinary source (one `text` row per paragraph, tokenized row by row,
+    not packed into blocks: llmreg.recipe.sources); data.pretrain is what packs it."""
     raw = tiny_pretrain(tmp_path)
     raw["data"] = {"train": TEXT}
-    with pytest.raises(ConfigError, match="raw text is read by the pretrain data mode: set data.pretrain"):
-        validate_recipe(raw)
+    recipe = validate_recipe(raw)
+    assert recipe.data.pretrain is None and recipe.data.train.path == os.path.abspath(TEXT)
 
 
 def test_cluster_recipes_and_every_row_of_the_paper_table_validate():

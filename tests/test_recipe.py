@@ -369,11 +369,11 @@ def test_local_data_sources(tmp_path):
 
 def test_unusable_local_sources(tmp_path):
     (tmp_path / "plain_dir").mkdir()
-    (tmp_path / "d.txt").write_text("x")
+    (tmp_path / "d.bin").write_text("x")
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
     cases = [
         ({"train": str(tmp_path / "plain_dir")}, "not written by Dataset.save_to_disk"),
-        ({"train": str(tmp_path / "d.txt")}, "unsupported data file"),
+        ({"train": str(tmp_path / "d.bin")}, "unsupported data file"),
         ({"train": {"path": str(tmp_path / "d.jsonl"), "split": "test"}}, "a single file has no split 'test'"),
         ({"train": {"file": "x.jsonl"}}, "data.train: missing key 'path'"),
     ]

@@ -191,7 +191,7 @@ def read_documents(path: str, separator: str, role: str) -> list[str]:
 
 def _source_documents(source, separator: str, role: str) -> list[str]:
     if source.kind == "local" and source.path.lower().endswith(TEXT_EXTENSIONS):
-        docs = read_documents(source.path, separator, role)
+        docs = read_documents(source.path, source.separator or separator, role)[source.skip or 0 :]
         return docs[: source.max_examples] if source.max_examples is not None else docs
     from llmreg.recipe.sources import load_source
 

@@ -37,7 +37,6 @@ PRETRAIN_MODE = register_data_mode(
         build_datasets=pretrain_datasets,
         collator=collate_blocks,
         after_train=_after_train,
-        reads_text_files=True,
         holds_out_eval=_holds_out_eval,
     )
 )

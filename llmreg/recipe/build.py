@@ -19,6 +19,7 @@ from llmreg.core.options import ConfigError
 from llmreg.recipe.callbacks import MetricsJsonlCallback
 from llmreg.recipe.data_modes import recipe_data_mode
 from llmreg.recipe.errors import at_recipe_key, reraise_at_recipe_key
+from llmreg.recipe.mixture import build_mixture
 from llmreg.recipe.models import build_model, build_tokenizer, convert_gguf
 from llmreg.recipe.schema import Recipe, trainer_config_class
 from llmreg.recipe.sources import load_source
@@ -63,12 +64,18 @@ def build_datasets(recipe: Recipe, tokenizer, args) -> tuple[Any, Any]:
     out = []
     for role, spec in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         with at_recipe_key(f"data.{role}"):
-            out.append(
-                None
-                if spec is None
-                else prepare_dataset(load_source(spec, recipe.trainer.kind, role), recipe, tokenizer, args)
-            )
+            ds = None if spec is None else load_sources(recipe, role)
+            out.append(None if ds is None else prepare_dataset(ds, recipe, tokenizer, args))
     return out[0], out[1]
+
+
+def load_sources(recipe: Recipe, role: str):
+    """The dataset of `data.<role>`: its one source, or the mixture of a list of sources (llmreg.recipe.mixture)."""
+    spec, kind = getattr(recipe.data, role), recipe.trainer.kind
+    if not isinstance(spec, list):
+        return load_source(spec, kind, role)
+    parts = [load_source(s, kind, role, where=f"data.{role}[{i}]") for i, s in enumerate(spec)]
+    return build_mixture(parts, spec, recipe.data.mix, kind)
 
 
 def init_distributed_for_deepspeed(recipe: Recipe) -> None:

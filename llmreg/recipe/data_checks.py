@@ -1,11 +1,13 @@
 """Data checks before the model loads: open each data source cheaply and refuse what training would choke on.
 
-For one source (`check_source`): the row count and the first rows of a local file or `save_to_disk` directory;
-refused with one line naming the recipe key: an empty source, a file that does not parse (the line number of the
-first bad JSON line), a column mapping (`text_field`, `prompt_field` / `completion_field`) naming a missing
-column, a source without the columns its trainer kind needs after that mapping, a `messages` (or conversational
-prompt / completion / chosen / rejected) value that is not a list of {role, content} with known roles, and chat
-data with a tokenizer that has no chat template (the tokenizer loads here, only when the data is chat data).
+For one source (`check_source`): the row count and the first rows of a local file, text file or `save_to_disk`
+directory; refused with one line naming the recipe key: an empty source, a file that does not parse (the line
+number of the first bad JSON line), a column mapping (`text_field`, `prompt_field` / `completion_field`) naming a
+missing column (with the closest column name), a `skip` past the last row, a source without the columns its
+trainer kind needs after that mapping, a `messages` (or conversational prompt / completion / chosen / rejected)
+value that is not a list of {role, content} with known roles, and chat data with a tokenizer that has no chat
+template (the tokenizer loads here, only when the data is chat data). For a mixture (`data.train` as a list),
+each source as `data.train[i]`, then that their row formats can be brought to one (llmreg.recipe.mixture).
 Built-in data is generated in the right format and hub data is not opened (it would need a download).
 
 Without these, each of them failed after the model loaded, with a library traceback (StopIteration,
@@ -22,8 +24,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmreg.core.options import ConfigError
+from llmreg.core.options import ConfigError, closest
 from llmreg.recipe.errors import one_line, reraise_at_recipe_key
+from llmreg.recipe.mixture import mixture_format, row_format
+from llmreg.recipe.paths import TEXT_EXTENSIONS
 from llmreg.recipe.schema import Recipe, SourceSpec, TokenizerSpec, as_chat_turns
 
 PEEK_ROWS = 20  # rows whose structure is checked
@@ -50,15 +54,22 @@ class SourcePeek:
 
 
 def check_recipe_data(recipe: Recipe) -> None:
-    """`check_source` for each data source of a one-run recipe (pre-training data is read by its data mode)."""
+    """`check_source` for each data source of a one-run recipe (pre-training data is read by its data mode);
+    for a mixture, also that its sources can be brought to one row format (llmreg.recipe.mixture)."""
     if recipe.data.pretrain is not None:
         return
     # a template given through TRL's `trainer.chat_template_path` replaces the tokenizer's own
     has_template_path = recipe.trainer.args.get("chat_template_path") is not None
     tokenizer = None if has_template_path else recipe.tokenizer
-    for role, spec in (("train", recipe.data.train), ("eval", recipe.data.eval)):
-        if spec is not None:
-            check_source(spec, f"data.{role}", recipe.trainer.kind, tokenizer)
+    kind = recipe.trainer.kind
+    if isinstance(recipe.data.train, list):
+        peeks = [check_source(s, f"data.train[{i}]", kind, tokenizer) for i, s in enumerate(recipe.data.train)]
+        seen = [p for p in peeks if p is not None]  # built-in and hub sources are checked when they load
+        mixture_format([row_format(p.columns, p.first_rows[0] if p.first_rows else {}, kind) for p in seen], kind)
+    else:
+        check_source(recipe.data.train, "data.train", kind, tokenizer)
+    if recipe.data.eval is not None:
+        check_source(recipe.data.eval, "data.eval", kind, tokenizer)
 
 
 def check_source(
@@ -68,13 +79,15 @@ def check_source(
     Returns what was seen, or None for built-in and hub sources (not opened)."""
     if spec.kind != "local":
         return None
-    peek = peek_local(spec.path, where, spec.split)
+    peek = peek_local(spec.path, where, spec.split, spec.separator)
     if peek.rows == 0 or (peek.rows is None and not peek.first_rows):
         raise ConfigError(f"{where}: {spec.path} has no rows")
+    if spec.skip and peek.rows is not None and spec.skip >= peek.rows:
+        raise ConfigError(f"{where}.skip: skips {spec.skip} rows, and {spec.path} has only {peek.rows}")
     peek.columns = _mapped_columns(spec, peek.columns, trainer_kind, where)
-    rows = [_mapped_row(spec, row, trainer_kind) for row in peek.first_rows]
+    peek.first_rows = [_mapped_row(spec, row, trainer_kind) for row in peek.first_rows]
     _check_needed_columns(peek.columns, trainer_kind, where)
-    peek.chat = _check_rows(rows, where)
+    peek.chat = _check_rows(peek.first_rows, where)
     if peek.chat and tokenizer is not None:
         check_chat_template(tokenizer, where)
     return peek
@@ -83,11 +96,17 @@ def check_source(
 # -- reading ---------------------------------------------------------------------------------------
 
 
-def peek_local(path: str, where: str, split: str | None = None) -> SourcePeek:
-    """Row count, columns and first rows of a local data file or save_to_disk directory."""
+def peek_local(path: str, where: str, split: str | None = None, separator: str | None = None) -> SourcePeek:
+    """Row count, columns and first rows of a local data file, text file or save_to_disk directory."""
     if os.path.isdir(path):
         return _peek_saved(path, where, split)
     ext = os.path.splitext(path)[1].lower()
+    if ext in TEXT_EXTENSIONS:
+        from llmreg.recipe.sources import read_text_rows
+
+        with reraise_at_recipe_key(where, (OSError, UnicodeDecodeError)):
+            rows = read_text_rows(path, separator)
+        return SourcePeek(rows=len(rows), columns=["text"], first_rows=[{"text": r} for r in rows[:PEEK_ROWS]])
     if ext == ".csv":
         return _peek_csv(path, where)
     if ext == ".parquet":
@@ -199,11 +218,15 @@ def _renames(spec: SourceSpec, trainer_kind: str) -> dict[str, str]:
 
 def _mapped_columns(spec: SourceSpec, columns: list[str], trainer_kind: str, where: str) -> list[str]:
     renames = _renames(spec, trainer_kind)
-    for source, key in ((spec.text_field, "text_field"), (spec.prompt_field, "prompt_field")):
+    mapping = (("text_field", spec.text_field), ("prompt_field", spec.prompt_field))
+    for key, source in (*mapping, ("completion_field", spec.completion_field)):
         if source is not None and source not in columns:
-            raise ConfigError(f"{where}.{key}: '{source}' is not a column (columns: {columns})")
-    if spec.completion_field is not None and spec.completion_field not in columns:
-        raise ConfigError(f"{where}.completion_field: '{spec.completion_field}' is not a column (columns: {columns})")
+            hint = closest(source, columns)
+            raise ConfigError(
+                f"{where}.{key}: '{source}' is not a column of {os.path.basename(spec.path)}"
+                + (f"; did you mean '{hint}'?" if hint else "")
+                + f" (columns: {', '.join(columns)})"
+            )
     if spec.prompt_field is not None:  # load_source keeps only the two columns
         return list(renames.values())
     return [renames.get(c, c) for c in columns]

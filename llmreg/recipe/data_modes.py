@@ -30,7 +30,6 @@ class DataMode:
     build_datasets: Callable[[Any, Any, Any], tuple[Any, Any]]  # (recipe, tokenizer, args) -> (train, eval|None)
     collator: Callable[[list[dict]], dict] | None = None  # replaces the collator of trainer kind hf
     after_train: Callable[[Any, Any], Any] | None = None  # (trainer, recipe), once final/ is saved
-    reads_text_files: bool = False  # data.train / data.eval may be raw text files (.txt)
     holds_out_eval: Callable[[Any], bool] = _no_held_out  # (spec) -> the mode splits off eval data itself
 
 

@@ -48,7 +48,7 @@ def run_importance(recipe: Any, overwrite: bool = False) -> str:
     if spec is None:
         raise ConfigError("llmreg importance needs an `importance:` section in the recipe (method: si or ewc)")
     directory = spec.output or os.path.join(recipe.output_dir, IMPORTANCE_DIR)
-    meta = {"model": recipe.model.describe(), "data": recipe.data.train.path}
+    meta = {"model": recipe.model.describe(), "data": ", ".join(s.path for s in recipe.data.train_sources)}
     if spec.method == "ewc":
         run = build_run(recipe)
         write_ewc_artifact(

@@ -81,6 +81,10 @@ class SourceSpec:
     chat: bool = False
     num_examples: int | None = field(default=None, metadata={"ge": 1})  # builtin only (validation fills in 1000)
     seed: int | None = None  # builtin only (validation fills in 0 for train, 1 for eval)
+    # rows dropped before max_examples is applied (replay rows disjoint from documents evaluated later)
+    skip: int | None = field(default=None, metadata={"ge": 0})
+    weight: float | None = field(default=None, metadata={"gt": 0})  # a source of a mixture (llmreg.recipe.mixture)
+    separator: str | None = None  # a text file (.txt): what splits it into rows (default: a blank line)
 
     @property
     def kind(self) -> str:
@@ -107,11 +111,30 @@ def as_chat_turns(row: dict) -> dict:
     return out
 
 
+MIX_STRATEGIES = ("interleave", "concat")
+MIX_STOPPING = ("first_exhausted", "all_exhausted")
+
+
+@dataclass
+class MixSpec:
+    """`data.mix:` how a list of training sources becomes one dataset (llmreg.recipe.mixture)."""
+
+    strategy: str = "interleave"  # one of MIX_STRATEGIES
+    stopping: str = "first_exhausted"  # one of MIX_STOPPING (interleave only)
+    seed: int | None = None  # draws the source of each row; validation fills in the recipe's seed
+
+
 @dataclass
 class DataSpec:
-    train: SourceSpec
+    train: SourceSpec | list[SourceSpec]  # a list is a mixture, built as `mix` says
     eval: SourceSpec | None = None
     pretrain: Any = None  # llmreg.pretrain.data.PretrainSpec: packed fixed-budget pre-training blocks
+    mix: MixSpec | None = None  # set exactly when train is a list
+
+    @property
+    def train_sources(self) -> list[SourceSpec]:
+        """The training sources: the one source, or each source of a mixture."""
+        return list(self.train) if isinstance(self.train, list) else [self.train]
 
 
 @dataclass
@@ -154,14 +177,7 @@ class Recipe:
         return {
             "model": _compact(self.model),
             "tokenizer": _compact(self.tokenizer),
-            "data": {
-                **{
-                    role: _compact(src)
-                    for role, src in (("train", self.data.train), ("eval", self.data.eval))
-                    if src is not None
-                },
-                **({"pretrain": _pretrain_dict(self.data.pretrain)} if self.data.pretrain else {}),
-            },
+            "data": _data_dict(self.data),
             "trainer": {
                 "kind": self.trainer.kind,
                 **self.trainer.args,
@@ -249,6 +265,17 @@ class StagedRecipe:
 # the sections a stage may set (merged over the top-level ones) and those only the top level may set
 STAGE_SECTIONS = ("data", "trainer", "peft", "regularizers", "eval_during_training")
 TOP_LEVEL_ONLY = ("model", "tokenizer", "output_dir", "seed")
+
+
+def _data_dict(data: DataSpec) -> dict[str, Any]:
+    """`data:` of a resolved recipe: a mixture keeps its list of sources (weights included) and its `mix`."""
+    train = [_compact(s) for s in data.train] if isinstance(data.train, list) else _compact(data.train)
+    return {
+        "train": train,
+        **({"mix": _compact(data.mix)} if data.mix is not None else {}),
+        **({"eval": _compact(data.eval)} if data.eval is not None else {}),
+        **({"pretrain": _pretrain_dict(data.pretrain)} if data.pretrain else {}),
+    }
 
 
 def _pretrain_dict(spec: Any) -> dict[str, Any]:

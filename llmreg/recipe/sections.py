@@ -94,7 +94,7 @@ def validate_run_recipe(raw: Any, recipe_path: str | None = None) -> Recipe:
     recipe_dir = os.path.dirname(os.path.abspath(recipe_path)) if recipe_path else None
     seed = top.get("seed", DEFAULT_SEED)
     model = validate_model(top["model"], recipe_dir, seed)
-    data = validate_data(top["data"], recipe_dir)
+    data = validate_data(top["data"], recipe_dir, seed)
     mode = data_mode("pretrain") if data.pretrain is not None else None  # llmreg.recipe.data_modes
     held_out = mode is not None and mode.holds_out_eval(data.pretrain)
     trainer = validate_trainer(top["trainer"], recipe_dir, seed, has_eval=data.eval is not None or held_out)

@@ -7,11 +7,16 @@ A source is a string or a mapping with `path`:
       eval: {path: data/dev.jsonl, max_examples: 200}
       num_examples: 2000                     # keys beside train/eval are defaults for both
 
-`path` is a `.jsonl/.json/.parquet/.csv` file, a directory written by
+`path` is a `.jsonl/.json/.parquet/.csv` file, a text file (`.txt/.text/.md`: one `text` row per
+blank-line-separated paragraph, or per `separator`), a directory written by
 `Dataset.save_to_disk`, `hub:<name>` (needs the hub: refused when
 HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set) or `builtin:<task>`. Hub datasets
 take an explicit prefix so that a mistyped local path (`data/trian.jsonl`) is a
 "file not found" at validation time instead of a failed download later.
+`skip: N` drops the first N rows before `max_examples` keeps the next ones.
+
+`data.train` may be a list of sources, each with a `weight`, mixed as `data.mix` says: a data mixture, e.g.
+replay of general text beside the task data (llmreg.recipe.mixture).
 """
 
 from __future__ import annotations
@@ -23,18 +28,20 @@ from typing import Any
 from llmreg.core.options import ConfigError, check_mapping, closest
 from llmreg.recipe.data_modes import data_mode
 from llmreg.recipe.errors import reraise_at_recipe_key
+from llmreg.recipe.mixture import validate_mix
 from llmreg.recipe.paths import DATA_EXTENSIONS, TEXT_EXTENSIONS, looked_for, looks_like_path, resolve_path
 from llmreg.recipe.schema import BUILTIN_FORMATS, DataSpec, SourceSpec, as_chat_turns
 
 DEFAULT_NUM_EXAMPLES = 1000
+DEFAULT_SEPARATOR = "\n\n"  # a text file's rows: its blank-line-separated paragraphs (as data.pretrain reads it)
 # files `Dataset.save_to_disk` / `DatasetDict.save_to_disk` always write
 SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 @dataclass
 class _DataKeys:
-    train: str | dict | None = None
-    eval: str | dict | None = None
+    train: str | dict | list | None = None  # a list: a mixture of sources (llmreg.recipe.mixture)
+    eval: str | dict | list | None = None  # a list is refused with a clear message (mixtures are for train)
     split: str | None = None
     subset: str | None = None
     max_examples: int | None = None
@@ -45,42 +52,65 @@ class _DataKeys:
     num_examples: int | None = None
     seed: int | None = None
     pretrain: dict | None = None  # the data mode llmreg.pretrain registers: packed pre-training blocks (raw .txt)
+    mix: dict | None = None  # how a list of train sources is mixed (llmreg.recipe.mixture)
 
 
-def validate_data(section: dict, recipe_dir: str | None) -> DataSpec:
+def validate_data(section: dict, recipe_dir: str | None, seed: int = 0) -> DataSpec:
+    """The `data:` section; `seed` (the recipe's) is the default seed of a mixture's draw."""
     values = check_mapping(_DataKeys, section, "data")
     if values.get("train") is None:
         raise ConfigError("data: missing key 'train' (a file, a save_to_disk directory, hub:<name> or builtin:<task>)")
-    shared = {k: v for k, v in values.items() if k not in ("train", "eval", "pretrain") and v is not None}
+    shared = {k: v for k, v in values.items() if k not in ("train", "eval", "pretrain", "mix") and v is not None}
     pretrain = None
-    text_ok = False
     if "pretrain" in values:  # a data mode registered by llmreg.pretrain (llmreg.recipe.data_modes)
-        mode = data_mode("pretrain")
-        pretrain = mode.validate(values["pretrain"], recipe_dir)
-        text_ok = mode.reads_text_files
-    train = _validate_source(values["train"], shared, "data.train", recipe_dir, is_eval=False, text_ok=text_ok)
+        pretrain = data_mode("pretrain").validate(values["pretrain"], recipe_dir)
+    mix = None
+    if isinstance(values["train"], list):
+        if pretrain is not None:
+            raise ConfigError("data.train: a list of sources (a mixture) is not supported with data.pretrain")
+        if not values["train"]:
+            raise ConfigError("data.train: an empty list; give one source or a list of sources to mix")
+        train = [
+            _validate_source(item, shared, f"data.train[{i}]", recipe_dir, is_eval=False, in_list=True)
+            for i, item in enumerate(values["train"])
+        ]
+        mix = validate_mix(values.get("mix"), train, seed)
+    else:
+        if values.get("mix") is not None:
+            raise ConfigError("data.mix: mixes a list of sources; data.train is one source")
+        train = _validate_source(values["train"], shared, "data.train", recipe_dir, is_eval=False)
     eval_ = None
+    if isinstance(values.get("eval"), list):
+        raise ConfigError("data.eval: one source (a list of sources is a training mixture, for data.train)")
     if values.get("eval") is not None:
-        eval_ = _validate_source(values["eval"], shared, "data.eval", recipe_dir, is_eval=True, text_ok=text_ok)
-    return DataSpec(train=train, eval=eval_, pretrain=pretrain)
+        eval_ = _validate_source(values["eval"], shared, "data.eval", recipe_dir, is_eval=True)
+    return DataSpec(train=train, eval=eval_, pretrain=pretrain, mix=mix)
 
 
 def _validate_source(
-    value: Any, shared: dict, where: str, recipe_dir: str | None, is_eval: bool, text_ok: bool = False
+    value: Any, shared: dict, where: str, recipe_dir: str | None, is_eval: bool, in_list: bool = False
 ) -> SourceSpec:
+    if not isinstance(value, (str, dict)):
+        raise ConfigError(f"{where}: expected a path or a mapping with 'path', got {value!r}")
     own = {"path": value} if isinstance(value, str) else dict(value)
     if "path" not in own:
         raise ConfigError(
             f"{where}: missing key 'path' (a file, a save_to_disk directory, hub:<name> or builtin:<task>)"
         )
     spec = SourceSpec(**check_mapping(SourceSpec, {**shared, **own}, where))
+    if spec.weight is not None and not in_list:
+        raise ConfigError(f"{where}.weight: a weight belongs to a source of a list (a mixture: data.train: [...])")
     _check_fields(spec, where)
     if spec.kind == "builtin":
         _check_builtin(spec, where, own_seed="seed" in own, is_eval=is_eval)
     elif spec.kind == "hub":
         _check_hub(spec, where)
     else:
-        spec.path = _check_local(spec, where, recipe_dir, text_ok)
+        spec.path = _check_local(spec, where, recipe_dir)
+    if spec.separator is not None and not (spec.kind == "local" and spec.path.lower().endswith(TEXT_EXTENSIONS)):
+        raise ConfigError(f"{where}.separator: splits a text file ({', '.join(TEXT_EXTENSIONS)}) into rows only")
+    if spec.separator == "":
+        raise ConfigError(f"{where}.separator: must not be empty")
     return spec
 
 
@@ -126,7 +156,7 @@ def _check_hub(spec: SourceSpec, where: str) -> None:
             raise ConfigError(f"{where}: hub dataset '{spec.name}' needs the hub, but {var} is set")
 
 
-def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None, text_ok: bool = False) -> str:
+def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None) -> str:
     path = resolve_path(spec.path, recipe_dir)
     if not os.path.exists(path):
         if looks_like_path(spec.path):
@@ -139,15 +169,12 @@ def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None, text_ok: 
         if not any(os.path.isfile(os.path.join(path, m)) for m in SAVED_DATASET_MARKERS):
             raise ConfigError(f"{where}: directory {spec.path} was not written by Dataset.save_to_disk")
         return path
-    if text_ok and path.lower().endswith(TEXT_EXTENSIONS):  # raw text: data.pretrain reads it itself
+    if path.lower().endswith(TEXT_EXTENSIONS):  # raw text: one `text` row per paragraph (data.pretrain packs it)
         return path
     if not path.lower().endswith(DATA_EXTENSIONS):
-        hint = (
-            " (raw text is read by the pretrain data mode: set data.pretrain)"
-            if path.lower().endswith(TEXT_EXTENSIONS)
-            else ""
+        raise ConfigError(
+            f"{where}: unsupported data file {spec.path}; use one of {', '.join(DATA_EXTENSIONS + TEXT_EXTENSIONS)}"
         )
-        raise ConfigError(f"{where}: unsupported data file {spec.path}; use one of {', '.join(DATA_EXTENSIONS)}{hint}")
     if spec.split not in (None, "train"):
         raise ConfigError(f"{where}: a single file has no split '{spec.split}'; drop split or use a directory")
     return path
@@ -156,12 +183,15 @@ def _check_local(spec: SourceSpec, where: str, recipe_dir: str | None, text_ok: 
 # -- loading (build time) ------------------------------------------------------------------------
 
 
-def load_source(spec: SourceSpec, trainer_kind: str, role: str):
-    """The `datasets.Dataset` for `spec`, with `max_examples` and the column mapping applied."""
-    with reraise_at_recipe_key(f"data.{role}", (ValueError, FileNotFoundError)):
+def load_source(spec: SourceSpec, trainer_kind: str, role: str, where: str | None = None):
+    """The `datasets.Dataset` for `spec`, with `skip`, `max_examples` and the column mapping applied; errors
+    name `where` (default `data.<role>`)."""
+    with reraise_at_recipe_key(where or f"data.{role}", (ValueError, FileNotFoundError)):
         ds = _load_raw(spec, trainer_kind, role)
-        if spec.max_examples is not None:
-            ds = ds.select(range(min(spec.max_examples, len(ds))))
+        if spec.skip or spec.max_examples is not None:
+            start = min(spec.skip or 0, len(ds))
+            stop = len(ds) if spec.max_examples is None else min(start + spec.max_examples, len(ds))
+            ds = ds.select(range(start, stop))
         if spec.text_field and spec.text_field != "text":
             if spec.text_field not in ds.column_names:
                 raise ConfigError(f"text_field '{spec.text_field}' is not a column (columns: {ds.column_names})")
@@ -199,6 +229,8 @@ def _load_raw(spec: SourceSpec, trainer_kind: str, role: str):
         return _pick_split(datasets.load_dataset(spec.name, spec.subset, split=spec.split), spec, role)
     if os.path.isdir(spec.path):
         return _pick_split(datasets.load_from_disk(spec.path), spec, role)
+    if spec.path.lower().endswith(TEXT_EXTENSIONS):
+        return datasets.Dataset.from_dict({"text": read_text_rows(spec.path, spec.separator)})
     loaders = {
         ".jsonl": datasets.Dataset.from_json,
         ".json": datasets.Dataset.from_json,
@@ -217,3 +249,11 @@ def _pick_split(ds, spec: SourceSpec, role: str):
         if name in ds:
             return ds[name]
     raise ConfigError(f"{spec.path} has splits {list(ds.keys())}, none of {wanted}; set split")
+
+
+def read_text_rows(path: str, separator: str | None = None) -> list[str]:
+    """The rows of a text file: its pieces between `separator`s (a blank line by default), stripped, empty ones
+    dropped (llmreg.pretrain.data.split_documents does the same for pre-training)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    return [row.strip() for row in text.split(separator or DEFAULT_SEPARATOR) if row.strip()]

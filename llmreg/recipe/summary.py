@@ -17,7 +17,8 @@ def summary(recipe: Any) -> list[str]:
     tokenizer = tok.name_or_path or f"builtin {tok.builtin}"
     if tok.gguf_file:
         tokenizer = os.path.join(tokenizer, tok.gguf_file)
-    data = source_text(recipe.data.train) + (f"; eval {source_text(recipe.data.eval)}" if recipe.data.eval else "")
+    data = source_text(recipe.data.train, recipe.data.mix)
+    data += f"; eval {source_text(recipe.data.eval)}" if recipe.data.eval else ""
     trainer = ", ".join(f"{k}={value_text(v)}" for k, v in recipe.trainer.args.items())
     regs = (
         ", ".join(
@@ -86,8 +87,14 @@ def describe(recipe: Any) -> list[str]:
     return staged_summary(recipe) if isinstance(recipe, StagedRecipe) else summary(recipe)
 
 
-def source_text(src: Any) -> str:
-    return src.path + (f" ({src.num_examples} examples, seed {src.seed})" if src.kind == "builtin" else "")
+def source_text(src: Any, mix: Any = None) -> str:
+    """One source, or a mixture: `mixture interleave (first_exhausted, seed 0) of a (weight 0.8) + b (weight 0.2)`."""
+    if isinstance(src, list):
+        how = mix.strategy + (f" ({mix.stopping}, seed {mix.seed})" if mix.strategy == "interleave" else "")
+        return f"mixture {how} of " + " + ".join(source_text(s) for s in src)
+    rows = [f"{src.num_examples} examples, seed {src.seed}"] if src.kind == "builtin" else []
+    rows += [f"{k} {value_text(v)}" for k, v in (("weight", src.weight), ("skip", src.skip)) if v is not None]
+    return src.path + (f" ({', '.join(rows)})" if rows else "")
 
 
 def run_lines(result: Any) -> list[str]:
