@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -273,8 +274,37 @@ def test_base_scores_are_cached(tmp_path, monkeypatch):
     first = ev.cached_evaluate(suite, MODEL, limit=2, cache_dir=str(tmp_path))
     monkeypatch.setattr(ev, "evaluate_suite", lambda *a, **k: pytest.fail("evaluated again"))
     again = ev.cached_evaluate(suite, MODEL, limit=2, cache_dir=str(tmp_path))
-    assert again == first and again.metrics == first.metrics
+    assert again == first and again.metrics == first.metrics and again.per_doc == first.per_doc
     assert ev.cache_path(str(tmp_path), MODEL, suite, 3) != ev.cache_path(str(tmp_path), MODEL, suite, 2)
+    # the cache keeps each document's (loglik, words): their ratio of sums is the cached word perplexity
+    record = again.per_doc["tinystories_ppl"]
+    assert record["metric"] == "word_perplexity,none" and set(record["values"]) == {"0", "1"}
+    lls, words = zip(*record["values"].values())
+    assert again["tinystories_ppl"] == pytest.approx(math.exp(-sum(lls) / sum(words)), rel=1e-9)
+
+
+def test_cache_entry_without_per_doc_scores_is_evaluated_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    suite = load_suite(os.path.join(SUITES, "stories260k.yaml"))
+    path = ev.cache_path(str(tmp_path), MODEL, suite, 2)
+    old = {"model": MODEL, "suite": suite.path, "limit": 2, "scores": {"gsm8k_ppl": 1.0}, "metrics": {}}
+    os.makedirs(tmp_path, exist_ok=True)
+    json.dump(old, open(path, "w"))  # the format before per-document scores
+    fresh = ev.Scores({"gsm8k_ppl": 2.0}, {"gsm8k_ppl": "word_perplexity,none"}, {"gsm8k_ppl": {"metric": "x"}})
+    monkeypatch.setattr(ev, "evaluate_suite", lambda *a, **k: fresh)
+    assert ev.cached_evaluate(suite, MODEL, limit=2, cache_dir=str(tmp_path)) == {"gsm8k_ppl": 2.0}
+    saved = json.load(open(path))
+    assert saved["format"] == ev.CACHE_FORMAT and saved["per_doc"] == {"gsm8k_ppl": {"metric": "x"}}
+
+
+def test_cache_key_follows_the_model_files(tmp_path):
+    """A model retrained into the same folder is a new cache entry (its files' sizes / times changed)."""
+    suite = load_suite(os.path.join(SUITES, "testbed.yaml"))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"1")
+    first = ev.cache_path(str(tmp_path), str(tmp_path / "m"), suite, None)
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"22")
+    assert ev.cache_path(str(tmp_path), str(tmp_path / "m"), suite, None) != first
 
 
 # --- llmreg eval ---------------------------------------------------------------------------------------------
@@ -319,6 +349,9 @@ def test_cli_eval_writes_report(tmp_path):
     for name in ("forgetting_report.md", "deltas.png", "pareto.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert len(os.listdir(tmp_path / "cache")) == 1
+    per_doc = json.load(open(tmp_path / "out" / "per_doc_scores.json"))
+    assert per_doc["base"]["per_doc"] == per_doc["runs"]["stories260K"]["per_doc"]
+    assert len(per_doc["base"]["per_doc"]["gsm8k_ppl"]["values"]) == 3
 
 
 @pytest.mark.parametrize(

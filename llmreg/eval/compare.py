@@ -1,7 +1,9 @@
 """`llmreg eval`: fine-tuned models against their base on a suite (gain vs forgetting).
 
-The base is scored through the base-score cache (llmreg.eval.run.cached_evaluate), each fine-tuned model
-afresh; the report (forgetting_report.{json,md}, deltas.png, pareto.png) goes to the output folder.
+Every model is scored through the score cache (llmreg.eval.run.cached_evaluate, keyed by the model's files, so a
+model retrained into the same folder is scored again); the report (forgetting_report.{json,md}, deltas.png,
+pareto.png) and every model's per-document scores (per_doc_scores.json: {"base": entry, "runs": {name: entry}},
+entries in the cache's format) go to the output folder.
 """
 
 from __future__ import annotations
@@ -79,6 +81,21 @@ def compare_to_base(
     runs = {}
     for name, path in paths.items():
         print(f"evaluating {name}: {path}", flush=True)
-        runs[name] = eval_run.evaluate_suite(suite, path, limit=limit)
+        runs[name] = eval_run.cached_evaluate(suite, path, limit=limit, cache_dir=cache_dir)
     report = eval_run.forgetting_report(base_scores, runs, suite, provenance(suite_path, base, paths, limit))
-    return eval_run.write_report(report, out)
+    files = eval_run.write_report(report, out)
+    return [*files, write_per_doc(out, suite, limit, (base, base_scores), {n: (paths[n], s) for n, s in runs.items()})]
+
+
+def write_per_doc(out: str, suite, limit: int | None, base: tuple, runs: dict[str, tuple]) -> str:
+    """<out>/per_doc_scores.json: each model's scores in the cache's format (per-document values included)."""
+    import json
+
+    data = {
+        "base": eval_run.cache_entry(base[1], base[0], suite, limit),
+        "runs": {name: eval_run.cache_entry(scores, path, suite, limit) for name, (path, scores) in runs.items()},
+    }
+    path = os.path.join(out, "per_doc_scores.json")
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return path

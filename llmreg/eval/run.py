@@ -17,6 +17,7 @@ import os
 import tempfile
 from typing import Any
 
+from llmreg.eval.per_doc import task_per_doc
 from llmreg.eval.report import replace_marked_section, write_markdown, write_plots, write_report
 from llmreg.eval.suite import Suite, load_suite, write_local_tasks
 
@@ -26,11 +27,18 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "llmreg", "eval"
 
 
 class Scores(dict):
-    """{task: score}, with `.metrics` {task: lm-eval metric key, e.g. 'exact_match,strict-match'}."""
+    """{task: score}, with `.metrics` {task: lm-eval metric key, e.g. 'exact_match,strict-match'} and `.per_doc`
+    {task: per-document record} (llmreg.eval.per_doc: the values behind the paired standard errors)."""
 
-    def __init__(self, scores: dict[str, float] | None = None, metrics: dict[str, str] | None = None):
+    def __init__(
+        self,
+        scores: dict[str, float] | None = None,
+        metrics: dict[str, str] | None = None,
+        per_doc: dict[str, dict] | None = None,
+    ):
         super().__init__(scores or {})
         self.metrics = dict(metrics or {})
+        self.per_doc = dict(per_doc or {})
 
 
 def primary_metric(task_result: dict[str, Any], wanted: str | None = None) -> str:
@@ -99,7 +107,7 @@ def evaluate_suite(
                 task_manager=manager,
                 limit=task_limit,
                 num_fewshot=shots,
-                log_samples=False,
+                log_samples=True,  # per-document scores: the paired standard errors (llmreg.eval.per_doc)
                 apply_chat_template=suite.apply_chat_template,
                 bootstrap_iters=0,
             )
@@ -107,43 +115,84 @@ def evaluate_suite(
                 key = primary_metric(out["results"][entry.task], entry.metric)
                 scores[entry.task] = float(out["results"][entry.task][key])
                 scores.metrics[entry.task] = key
+                samples = out.get("samples", {}).get(entry.task, [])
+                config = out.get("configs", {}).get(entry.task)
+                scores.per_doc[entry.task] = task_per_doc(samples, key, scores[entry.task], config)
     return scores
 
 
-# --- base-score cache ----------------------------------------------------------------------------------------
+# --- score cache ---------------------------------------------------------------------------------------------
+#
+# One JSON file per (model, suite file content, limit) in ~/.cache/llmreg/eval (or --cache-dir):
+#   {"format": 2, "model": path, "fingerprint": ..., "suite": suite path, "limit": N or null,
+#    "scores": {task: score}, "metrics": {task: "acc,none"},
+#    "per_doc": {task: {"metric": "acc,none", "values": {doc_id: value}, "gold_loglik": {doc_id: loglik}}}}
+# (per_doc: llmreg.eval.per_doc). An entry of an older format (no per_doc) is evaluated again and replaced.
+
+CACHE_FORMAT = 2
+
+
+def model_fingerprint(model_name: str) -> list | None:
+    """What tells two versions of a local model apart without reading it: (name, size, mtime) of the files of
+    a model folder (not its subfolders), or of a single file (a GGUF); None for a hub name. A model retrained
+    into the same folder gets a new cache entry."""
+    if os.path.isfile(model_name):
+        stat = os.stat(model_name)
+        return [[os.path.basename(model_name), stat.st_size, stat.st_mtime_ns]]
+    if os.path.isdir(model_name):
+        files = sorted((e for e in os.scandir(model_name) if e.is_file()), key=lambda e: e.name)
+        return [[e.name, e.stat().st_size, e.stat().st_mtime_ns] for e in files] if files else None
+    return None
 
 
 def cache_path(cache_dir: str | None, model_name: str, suite: Suite, limit: int | None) -> str:
-    """Base scores depend on the model, the suite file's content and the limit: all three key the file."""
-    key = json.dumps(
-        [os.path.abspath(model_name) if os.path.exists(model_name) else model_name, suite.file_hash, limit]
-    )
+    """Scores depend on the model (its path and files), the suite file's content and the limit: all key the file."""
+    where = os.path.abspath(model_name) if os.path.exists(model_name) else model_name
+    key = json.dumps([where, model_fingerprint(model_name), suite.file_hash, limit, CACHE_FORMAT], default=str)
     name = hashlib.sha256(key.encode()).hexdigest()[:20] + ".json"
     return os.path.join(cache_dir or DEFAULT_CACHE, name)
+
+
+def cache_entry(scores: dict, model_path: str, suite: Suite, limit: int | None) -> dict:
+    """The JSON record of one model's scores (the format above; a plain dict has no metrics or per_doc)."""
+    return {
+        "format": CACHE_FORMAT,
+        "model": model_path,
+        "fingerprint": model_fingerprint(model_path),
+        "suite": suite.path,
+        "limit": limit,
+        "scores": dict(scores),
+        "metrics": getattr(scores, "metrics", {}),
+        "per_doc": getattr(scores, "per_doc", {}),
+    }
+
+
+def read_cache_entry(path: str) -> Scores | None:
+    """The Scores of a cache file; None when it is missing, unreadable or of an older format (no per_doc)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if data.get("format") != CACHE_FORMAT or "per_doc" not in data:
+        return None
+    return Scores(data["scores"], data["metrics"], data["per_doc"])
 
 
 def cached_evaluate(
     suite: Suite, model_path: str, limit: int | None = None, cache_dir: str | None = None, **kw
 ) -> Scores:
-    """evaluate_suite on a model path, reusing an earlier result for the same model, suite and limit."""
+    """evaluate_suite on a model path, reusing an earlier result for the same model files, suite and limit."""
     path = cache_path(cache_dir, model_path, suite, limit)
-    if os.path.isfile(path):
-        data = json.load(open(path))
-        return Scores(data["scores"], data["metrics"])
+    cached = read_cache_entry(path)
+    if cached is not None:
+        return cached
     scores = evaluate_suite(suite, model_path, limit=limit, **kw)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(
-            {
-                "model": model_path,
-                "suite": suite.path,
-                "limit": limit,
-                "scores": dict(scores),
-                "metrics": scores.metrics,
-            },
-            f,
-            indent=2,
-        )
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:  # written whole, then renamed: a killed run leaves no half file
+        json.dump(cache_entry(scores, model_path, suite, limit), f)
+    os.replace(tmp, path)
     return scores
 
 
