@@ -38,7 +38,7 @@ from forgetting_real_matrix import MATRICES, SETTINGS, importance_recipe  # noqa
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = Path(os.environ.get("LLMREG_BENCH_RUNS", "/work/bench_runs")) / "forgetting_real"
-EVAL_FORMAT = 1  # bump when the eval cache's content changes (e.g. per-document scores added)
+EVAL_FORMAT = 2  # bump when the eval cache's content changes (2: per-document scores, llmreg.eval.per_doc)
 
 
 def sha(data: Any, n: int = 12) -> str:

@@ -19,7 +19,9 @@ BEGIN, END = "<!-- forgetting_real:begin -->", "<!-- forgetting_real:end -->"
 
 
 def paired_summary(state: dict[str, Any]) -> dict[str, Any]:
-    """llmreg.eval.run.forgetting_report over the evaluated runs, with paired SEs when llmreg.eval has them."""
+    """llmreg.eval.run.forgetting_report over the evaluated runs, plus paired SEs (llmreg.eval.paired) of every
+    task's difference, of the target gain and of the mean retained drop, and, for multiple-choice tasks, the
+    change in mean gold-choice log-likelihood with its SE (a continuous score, far less noisy than accuracy)."""
     from forgetting_real_matrix import REPO
 
     from llmreg.eval.run import Scores, forgetting_report
@@ -30,14 +32,33 @@ def paired_summary(state: dict[str, Any]) -> dict[str, Any]:
     if base is None or not evaluated:
         return {}
     suite = load_suite(str(REPO / state["suite"]))
+    report = forgetting_report(
+        Scores(base["scores"], base["metrics"]),
+        {n: Scores(r["eval"]["scores"], r["eval"]["metrics"]) for n, r in evaluated.items()},
+        suite,
+    )
+    for name, run in report["runs"].items():
+        add_paired_se(run, suite, base.get("per_doc") or {}, evaluated[name]["eval"].get("per_doc") or {})
+    return report
 
-    def scores(record: dict) -> Scores:
-        s = Scores(record["scores"], record["metrics"])
-        if record.get("per_doc") is not None:
-            s.per_doc = record["per_doc"]
-        return s
 
-    return forgetting_report(scores(base), {n: scores(r["eval"]) for n, r in evaluated.items()}, suite)
+def add_paired_se(run: dict[str, Any], suite: Any, base_docs: dict, tuned_docs: dict) -> None:
+    from llmreg.eval.paired import combined_se, delta_se, mean_of, paired_docs, paired_se
+
+    target, retain = [], []
+    for entry in suite.entries:
+        task = run["tasks"][entry.task]
+        b, t = base_docs.get(entry.task) or {}, tuned_docs.get(entry.task) or {}
+        task["se"], task["n_paired"] = delta_se(task["metric"], b.get("values"), t.get("values"))
+        if b.get("gold_loglik") and t.get("gold_loglik"):
+            docs = paired_docs(b["gold_loglik"], t["gold_loglik"])
+            bl, tl = [b["gold_loglik"][d] for d in docs], [t["gold_loglik"][d] for d in docs]
+            task["gold_loglik_delta"] = mean_of(dict(enumerate(tl))) - mean_of(dict(enumerate(bl)))
+            task["gold_loglik_se"] = paired_se(bl, tl)
+        if entry.weight > 0:
+            (target if task["role"] == "target" else retain).append((task["se"], entry.weight))
+    run["target_gain_se"] = combined_se(target)
+    run["forgetting_se"] = combined_se(retain)
 
 
 def _num(x: Any, digits: int = 4) -> str:
@@ -52,18 +73,23 @@ def _pm(value: Any, se: Any) -> str:
 
 def table(state: dict[str, Any], report: dict[str, Any]) -> list[str]:
     lines = [
-        "| run | method | seed | target gain | mean retained drop | per-task delta (tuned - base) | train s | "
-        "eval s | load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | method | seed | target gain | mean retained drop | per-task delta (tuned - base) | "
+        "gold-choice loglik delta | train s | eval s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rec in state["runs"].items():
         run = report.get("runs", {}).get(name, {})
         tasks = run.get("tasks", {})
-        deltas = ", ".join(f"{t}: {_num(v.get('delta'), 3)}" for t, v in tasks.items())
+        deltas = ", ".join(f"{t}: {_pm(v.get('delta'), v.get('se'))}" for t, v in tasks.items())
+        gold = ", ".join(
+            f"{t}: {_pm(v['gold_loglik_delta'], v.get('gold_loglik_se'))}"
+            for t, v in tasks.items()
+            if "gold_loglik_delta" in v
+        )
         cfg = rec["train"]["config"]
         lines.append(
             f"| {name} | {cfg['method']} | {cfg['seed']} | {_pm(run.get('target_gain'), run.get('target_gain_se'))} "
-            f"| {_pm(run.get('forgetting'), run.get('forgetting_se'))} | {deltas or 'not evaluated'} "
+            f"| {_pm(run.get('forgetting'), run.get('forgetting_se'))} | {deltas or 'not evaluated'} | {gold or 'n/a'} "
             f"| {rec['train']['train_seconds'] + rec['train'].get('prepare_seconds', 0):.0f} "
             f"| {_num((rec.get('eval') or {}).get('eval_seconds'))} | {rec['train'].get('load_1min', 0):.1f} |"
         )
