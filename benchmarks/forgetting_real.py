@@ -51,14 +51,14 @@ def slug(name: str) -> str:
 
 
 def run_key(setting: str, run: dict[str, Any], runs_by_name: dict[str, dict]) -> str:
-    """The hash of what decides a run's model: recipe bytes, setting overrides, the run's config (not its name);
-    a merge's key includes the key of the run it merges."""
-    conf = SETTINGS[setting]
-    what = {k: v for k, v in run.items() if k not in ("name", "method", "strength")}
+    """The hash of what decides a run's model: the effective recipe (the parsed recipe with the setting's and the
+    run's overrides applied, output_dir left out), a phase before training, a merge (with the key of the run it
+    merges); not the run's name. So moving a calibrated value into the recipe keeps the run that used it."""
     if "merge" in run:
-        what["of"] = run_key(setting, runs_by_name[run["merge"]["of"]], runs_by_name)
-    setting_keys = {"trainer": conf["trainer"], "data": conf["data"]}
-    return sha({"recipe": recipe_content(setting), "setting": setting_keys, "run": what})
+        return sha({"merge": run["merge"], "of": run_key(setting, runs_by_name[run["merge"]["of"]], runs_by_name)})
+    raw = recipe_raw(setting, run, Path("."))
+    raw.pop("output_dir")
+    return sha({"recipe": raw, "prepare": run.get("prepare"), "penalty": run.get("penalty")})
 
 
 def recipe_content(setting: str) -> dict[str, Any]:
