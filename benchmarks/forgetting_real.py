@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from forgetting_real_matrix import MATRICES, SETTINGS, importance_recipe  # noqa: E402
+from forgetting_real_matrix import MATRICES, SETTINGS, importance_recipe, replay_source  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = Path(os.environ.get("LLMREG_BENCH_RUNS", "/work/bench_runs")) / "forgetting_real"
@@ -113,6 +113,9 @@ def recipe_raw(setting: str, run: dict[str, Any], out: Path) -> dict[str, Any]:
     raw = recipe_content(setting)
     raw["trainer"].update(conf["trainer"])
     raw["data"]["train"].update(conf["data"])
+    if run.get("replay"):  # a mixture: the recipe's source and general text (forgetting_real_matrix.replay_source)
+        raw["data"]["train"] = [{**raw["data"]["train"], "weight": 1 - run["replay"]}, replay_source(run["replay"])]
+        raw["data"]["mix"] = {"strategy": "interleave", "stopping": "first_exhausted", "seed": run["seed"]}
     raw["trainer"].update(run.get("trainer", {}))
     raw["trainer"].update(disable_tqdm=True, save_strategy="no")
     if "eval_during_training" in conf:

@@ -74,6 +74,11 @@ def smollm2_matrix() -> list[dict[str, Any]]:
             trainer={"learning_rate": 1.0e-3},
         ),  # LoRA's own (10x) learning rate  # fmt: skip
     ]
+    # replay: 20 % of the rows from the first GENERAL_LINES TinyStories paragraphs. The mixture turns the chat
+    # GSM8K rows and the text rows into `messages` (llmreg.recipe.mixture), on which TRL puts the loss on every
+    # token unless trainer.assistant_only_loss (SmolLM2's template has no generation markers): a departure from
+    # vanilla's assistant-only loss, to settle before this run is read (see RESULTS.md)
+    runs += [_run("replay 20%", "replay", 0.2, replay=0.2)]
     runs += [_run(f"wise-ft {a:g}", "wise-ft", a, merge={"of": "vanilla", "alpha": a}) for a in (0.25, 0.5, 0.75)]
     runs += _reg_curve("l2_sp", {"name": "l2_sp"}, "lam", [0.1, 1.0, 10.0], 0.01)
     runs += _reg_curve("kl_to_base", {"name": "kl_to_base"}, "lam", [0.03, 0.3, 1.0], 0.1)
@@ -101,6 +106,12 @@ def tiny_matrix() -> list[dict[str, Any]]:
 
 
 MATRICES = {"smollm2": smollm2_matrix, "tiny": tiny_matrix}
+
+
+def replay_source(weight: float) -> dict[str, Any]:
+    """General text for the replay mixture: the first GENERAL_LINES paragraphs (one row per blank-line-separated
+    paragraph, the same rows as general_text), disjoint from the suite's held-out last 200."""
+    return {"path": str(TINYSTORIES), "max_examples": GENERAL_LINES, "weight": weight}
 
 
 def general_text(workdir: Path) -> Path:
