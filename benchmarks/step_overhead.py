@@ -2,6 +2,14 @@
 
     python benchmarks/step_overhead.py [--only NAME ...] [--steps N] [--size tiny|default] [--json PATH]
     python benchmarks/step_overhead.py --trainer grpo [--only lp_reg] ...     # GRPO-only regularizers
+    python benchmarks/step_overhead.py --only half_ft l2_sp --steps 5 --warmup 2 \
+        --model ../shared/data/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf   # a real checkpoint
+
+`--model PATH` (a model folder, or DIR/NAME.gguf, de-quantised once into the GGUF cache, llmreg.recipe.gguf):
+every variant starts from that checkpoint's weights (fp32) instead of a seeded `tiny_llama`, with random tokens
+of its vocabulary, sequence length 128 (issue 18: SmolLM2-135M at 4 x 128). All variants are held in memory at
+once (each a model + gradients + Adam state, ~2.2 GB for 135M parameters in fp32, plus activations): bound the
+number with --only on a small machine.
 
 What is compared. "vanilla" is `RegTrainer(regularizers=[])`, which delegates
 every override straight to `transformers.Trainer`. Every other variant is
@@ -89,7 +97,8 @@ import torch
 
 VANILLA = "vanilla"
 TRAINER_KIND = "hf"
-SEQ_LEN = {"tiny": 64, "default": 256}
+SEQ_LEN = {"tiny": 64, "default": 256, "model": 128}  # "model": --model PATH
+MODEL_PATH: str | None = None  # --model: a checkpoint instead of tiny_llama
 BATCH_SIZE = 4
 SEED = 0
 BATON_TIMEOUT_S = 1800.0
@@ -126,11 +135,11 @@ def build_grpo_trainer(name: str, size: str, max_steps: int, output_dir: str, ca
     from transformers import PrinterCallback
 
     from llmreg import RegGRPOTrainer
-    from llmreg.data import build_char_tokenizer, make_builtin_dataset, tiny_llama
+    from llmreg.data import build_char_tokenizer, make_builtin_dataset
 
     cuda = torch.cuda.is_available()
     tok = build_char_tokenizer()
-    model = tiny_llama(size=size, seed=SEED)  # its vocabulary (8000 for default) is what the proxy pays for
+    model = make_model(size)  # its vocabulary (8000 for default) is what the proxy pays for
     length = SEQ_LEN[size] // 4
     args = trl.GRPOConfig(
         output_dir=output_dir,
@@ -178,10 +187,9 @@ def build_trainer(name: str, size: str, max_steps: int, rows: list[dict], output
         return build_grpo_trainer(name, size, max_steps, output_dir, callbacks)
 
     from llmreg import RegTrainer
-    from llmreg.data import tiny_llama
 
     cuda = torch.cuda.is_available()
-    model = tiny_llama(size=size, seed=SEED)
+    model = make_model(size)
     args = TrainingArguments(
         output_dir=output_dir,
         max_steps=max_steps,
@@ -439,7 +447,26 @@ def run_timing(names: list[str], size: str, steps: int, warmup: int, workdir: st
     return variants
 
 
+def make_model(size: str) -> Any:
+    """A fresh model of the benchmark: the --model checkpoint (fp32), else tiny_llama of `size` (seeded)."""
+    if MODEL_PATH is not None:
+        from transformers import AutoModelForCausalLM
+
+        from llmreg.recipe.gguf import gguf_model_folder
+
+        return AutoModelForCausalLM.from_pretrained(gguf_model_folder(MODEL_PATH), dtype=torch.float32)
+    from llmreg.data import tiny_llama
+
+    return tiny_llama(size=size, seed=SEED)
+
+
 def tiny_llama_vocab(size: str) -> int:
+    if MODEL_PATH is not None:
+        from transformers import AutoConfig
+
+        from llmreg.recipe.gguf import gguf_model_folder
+
+        return AutoConfig.from_pretrained(gguf_model_folder(MODEL_PATH)).vocab_size
     from llmreg.data import tiny_llama_config
 
     return tiny_llama_config(size).vocab_size
@@ -535,6 +562,7 @@ def summarise(variants: list[Variant], warmup: int, steps: int, size: str) -> tu
                 "steps": len(times),
                 "warmup": warmup,
                 "size": size,
+                "model": MODEL_PATH,
                 "device": device_description(),
                 "loadavg_1min": _loadavg(),
             }
@@ -578,6 +606,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="default",
         help="tiny: 2-layer toy, seq 64; default: ~20M-parameter Llama, seq 256",
     )
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        default=None,
+        help="a model folder or DIR/NAME.gguf to time instead of tiny_llama (sequence length 128; overrides --size)",
+    )
     parser.add_argument("--json", metavar="PATH", default=None, help="write the per-variant ratios here")
     parser.add_argument(
         "--trainer",
@@ -588,13 +622,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.model is not None:
+        path = os.path.expanduser(args.model)
+        if not (os.path.isdir(path) or (os.path.isfile(path) and path.lower().endswith(".gguf"))):
+            parser.error(f"--model: not a model folder or a .gguf file: {args.model}")
+        args.size = "model"
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    global TRAINER_KIND
+    global TRAINER_KIND, MODEL_PATH
     args = parse_args(argv)
     TRAINER_KIND = args.trainer
+    MODEL_PATH = args.model
     import llmreg
     from llmreg.core.options import ConfigError
 

@@ -28,7 +28,7 @@ from llmreg.core.options import ConfigError, did_you_mean
 from llmreg.recipe.errors import one_line, reraise_at_recipe_key
 from llmreg.recipe.mixture import check_trained_tokens, mixture_format, row_format
 from llmreg.recipe.paths import TEXT_EXTENSIONS
-from llmreg.recipe.schema import BUILTIN_FORMATS, Recipe, SourceSpec, TokenizerSpec
+from llmreg.recipe.schema import BUILTIN_FORMATS, Recipe, SourceSpec, TokenizerSpec, as_chat_turns
 
 PEEK_ROWS = 20  # rows whose structure is checked
 MAX_PARSED_LINES = 200_000  # JSON lines parsed for the first bad one; later lines are only counted
@@ -242,7 +242,10 @@ def _mapped_columns(spec: SourceSpec, columns: list[str], trainer_kind: str, whe
 def _mapped_row(spec: SourceSpec, row: dict, trainer_kind: str) -> dict:
     renames = _renames(spec, trainer_kind)
     if spec.prompt_field is not None:
-        return {renames[k]: row.get(k) for k in (spec.prompt_field, spec.completion_field)}
+        mapped = {renames[k]: row.get(k) for k in (spec.prompt_field, spec.completion_field)}
+        if spec.chat:  # as load_source wraps them
+            mapped.update(as_chat_turns(mapped))
+        return mapped
     return {renames.get(k, k): v for k, v in row.items()}
 
 
@@ -283,7 +286,7 @@ def _check_messages(messages: list, where: str) -> None:
 
 def check_chat_template(spec: TokenizerSpec, where: str) -> None:
     """Chat data is formatted with the tokenizer's chat template: refuse a tokenizer without one."""
-    if not _has_chat_template(spec.builtin, spec.name_or_path):
+    if not _has_chat_template(spec.builtin, spec.name_or_path, spec.gguf_file):
         name = f"builtin:{spec.builtin}" if spec.builtin else spec.name_or_path
         raise ConfigError(
             f"{where}: chat-format data needs a tokenizer with a chat template, and tokenizer {name} has none; "
@@ -292,8 +295,10 @@ def check_chat_template(spec: TokenizerSpec, where: str) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _has_chat_template(builtin: str | None, name_or_path: str | None) -> bool:
+def _has_chat_template(builtin: str | None, name_or_path: str | None, gguf_file: str | None = None) -> bool:
     from llmreg.recipe.models import build_tokenizer
 
-    tok = build_tokenizer(TokenizerSpec(name_or_path=name_or_path, builtin=builtin))
+    # gguf_file: a GGUF model's tokenizer (its cache folder); without it the folder holding the .gguf file was
+    # opened as a tokenizer folder and failed
+    tok = build_tokenizer(TokenizerSpec(name_or_path=name_or_path, builtin=builtin, gguf_file=gguf_file))
     return bool(getattr(tok, "chat_template", None))

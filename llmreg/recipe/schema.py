@@ -76,6 +76,9 @@ class SourceSpec:
     # columns renamed to "prompt" / "completion" (SFT on prompt-completion pairs, e.g. GSM8K question -> answer)
     prompt_field: str | None = None
     completion_field: str | None = None
+    # with prompt_field/completion_field: the prompt as one user turn and the completion as one assistant turn,
+    # TRL's conversational prompt-completion format (the tokenizer's chat template; loss on the assistant turn)
+    chat: bool = False
     num_examples: int | None = field(default=None, metadata={"ge": 1})  # builtin only (validation fills in 1000)
     seed: int | None = None  # builtin only (validation fills in 0 for train, 1 for eval)
     # rows dropped before max_examples is applied (replay rows disjoint from documents evaluated later)
@@ -96,6 +99,16 @@ class SourceSpec:
     def name(self) -> str:
         """The task of a builtin source, the dataset of a hub source, else the path."""
         return self.path.split(":", 1)[1] if self.kind != "local" else self.path
+
+
+def as_chat_turns(row: dict) -> dict:
+    """`data.<role>.chat`: prompt -> one user message, completion -> one assistant message (TRL's conversational
+    prompt-completion rows; TRL applies the tokenizer's chat template and masks the prompt). GRPO's `answer`
+    column is the reward's reference, left as it is."""
+    out = {"prompt": [{"role": "user", "content": row["prompt"]}]}
+    if "completion" in row:
+        out["completion"] = [{"role": "assistant", "content": row["completion"]}]
+    return out
 
 
 MIX_STRATEGIES = ("interleave", "concat")

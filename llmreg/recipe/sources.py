@@ -30,7 +30,7 @@ from llmreg.recipe.data_modes import data_mode
 from llmreg.recipe.errors import reraise_at_recipe_key
 from llmreg.recipe.mixture import validate_mix
 from llmreg.recipe.paths import DATA_EXTENSIONS, TEXT_EXTENSIONS, looked_for, looks_like_path, resolve_path
-from llmreg.recipe.schema import BUILTIN_FORMATS, DataSpec, SourceSpec
+from llmreg.recipe.schema import BUILTIN_FORMATS, DataSpec, SourceSpec, as_chat_turns
 
 DEFAULT_NUM_EXAMPLES = 1000
 DEFAULT_SEPARATOR = "\n\n"  # a text file's rows: its blank-line-separated paragraphs (as data.pretrain reads it)
@@ -48,6 +48,7 @@ class _DataKeys:
     text_field: str | None = None
     prompt_field: str | None = None
     completion_field: str | None = None
+    chat: bool | None = None
     num_examples: int | None = None
     seed: int | None = None
     pretrain: dict | None = None  # the data mode llmreg.pretrain registers: packed pre-training blocks (raw .txt)
@@ -122,6 +123,8 @@ def _check_fields(spec: SourceSpec, where: str) -> None:
         raise ConfigError(f"{where}: set text_field or prompt_field/completion_field, not both")
     if spec.prompt_field is not None and spec.prompt_field == spec.completion_field:
         raise ConfigError(f"{where}: prompt_field and completion_field name the same column '{spec.prompt_field}'")
+    if spec.chat and spec.prompt_field is None:
+        raise ConfigError(f"{where}.chat: needs prompt_field and completion_field (the user and assistant turns)")
     if spec.prompt_field is not None and spec.kind == "builtin":
         raise ConfigError(f"{where}: built-in data already has its columns; drop prompt_field/completion_field")
 
@@ -198,6 +201,8 @@ def load_source(spec: SourceSpec, trainer_kind: str, role: str, where: str | Non
             ds = _as_prompt_completion(
                 ds, spec.prompt_field, spec.completion_field, "answer" if trainer_kind == "grpo" else "completion"
             )
+            if spec.chat:
+                ds = ds.map(as_chat_turns, desc="chat turns")
     return ds
 
 

@@ -1,0 +1,176 @@
+"""Outputs of benchmarks/forgetting_real.py: the json, the Pareto figure with error bars, the RESULTS.md section.
+
+Per run (llmreg.eval.run.forgetting_report's sign convention): `target_gain` > 0 is better on the target (for
+smollm2: base - tuned bits per byte of the GSM8K reference answers), `forgetting` > 0 is the weighted mean
+retained drop (smollm2: accuracy points of ARC-Easy and PIQA; TinyStories perplexity has weight 0 and is shown
+per task). Error bars: the paired SE of each difference from the per-document scores that `llmreg eval` keeps
+(llmreg.eval.paired; none when the evaluation has no per-document scores). Wall times are those of the run,
+on whatever load the machine had (the load average is recorded with each run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+BEGIN, END = "<!-- forgetting_real:begin -->", "<!-- forgetting_real:end -->"
+
+
+def paired_summary(state: dict[str, Any]) -> dict[str, Any]:
+    """llmreg.eval.run.forgetting_report over the evaluated runs, plus paired SEs (llmreg.eval.paired) of every
+    task's difference, of the target gain and of the mean retained drop, and, for multiple-choice tasks, the
+    change in mean gold-choice log-likelihood with its SE (a continuous score, far less noisy than accuracy)."""
+    from forgetting_real_matrix import REPO
+
+    from llmreg.eval.run import Scores, forgetting_report
+    from llmreg.eval.suite import load_suite
+
+    base = state["base_eval"]
+    evaluated = {n: r for n, r in state["runs"].items() if r.get("eval")}
+    if base is None or not evaluated:
+        return {}
+    suite = load_suite(str(REPO / state["suite"]))
+    report = forgetting_report(
+        Scores(base["scores"], base["metrics"]),
+        {n: Scores(r["eval"]["scores"], r["eval"]["metrics"]) for n, r in evaluated.items()},
+        suite,
+    )
+    for name, run in report["runs"].items():
+        add_paired_se(run, suite, base.get("per_doc") or {}, evaluated[name]["eval"].get("per_doc") or {})
+    return report
+
+
+def add_paired_se(run: dict[str, Any], suite: Any, base_docs: dict, tuned_docs: dict) -> None:
+    from llmreg.eval.paired import combined_se, delta_se, mean_of, paired_docs, paired_se
+
+    target, retain = [], []
+    for entry in suite.entries:
+        task = run["tasks"][entry.task]
+        b, t = base_docs.get(entry.task) or {}, tuned_docs.get(entry.task) or {}
+        task["se"], task["n_paired"] = delta_se(task["metric"], b.get("values"), t.get("values"))
+        if b.get("gold_loglik") and t.get("gold_loglik"):
+            docs = paired_docs(b["gold_loglik"], t["gold_loglik"])
+            bl, tl = [b["gold_loglik"][d] for d in docs], [t["gold_loglik"][d] for d in docs]
+            task["gold_loglik_delta"] = mean_of(dict(enumerate(tl))) - mean_of(dict(enumerate(bl)))
+            task["gold_loglik_se"] = paired_se(bl, tl)
+        if entry.weight > 0:
+            (target if task["role"] == "target" else retain).append((task["se"], entry.weight))
+    run["target_gain_se"] = combined_se(target)
+    run["forgetting_se"] = combined_se(retain)
+
+
+def _num(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def _pm(value: Any, se: Any) -> str:
+    return _num(value) if se is None else f"{_num(value)} ± {_num(se, 2)}"
+
+
+def table(state: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    lines = [
+        "| run | method | seed | target gain | mean retained drop | per-task delta (tuned - base) | "
+        "gold-choice loglik delta | train s | eval s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rec in state["runs"].items():
+        run = report.get("runs", {}).get(name, {})
+        tasks = run.get("tasks", {})
+        deltas = ", ".join(f"{t}: {_pm(v.get('delta'), v.get('se'))}" for t, v in tasks.items())
+        gold = ", ".join(
+            f"{t}: {_pm(v['gold_loglik_delta'], v.get('gold_loglik_se'))}"
+            for t, v in tasks.items()
+            if "gold_loglik_delta" in v
+        )
+        cfg = rec["train"]["config"]
+        lines.append(
+            f"| {name} | {cfg['method']} | {cfg['seed']} | {_pm(run.get('target_gain'), run.get('target_gain_se'))} "
+            f"| {_pm(run.get('forgetting'), run.get('forgetting_se'))} | {deltas or 'not evaluated'} | {gold or 'n/a'} "
+            f"| {rec['train']['train_seconds'] + rec['train'].get('prepare_seconds', 0):.0f} "
+            f"| {_num((rec.get('eval') or {}).get('eval_seconds'))} | {rec['train'].get('load_1min', 0):.1f} |"
+        )
+    return lines
+
+
+def figure(state: dict[str, Any], report: dict[str, Any], path: Path) -> Path | None:
+    """Target gain against mean retained drop, one colour per method, paired-SE error bars."""
+    runs = report.get("runs", {})
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    methods = sorted({state["runs"][n]["train"]["config"]["method"] for n in runs})
+    colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
+    for name, run in runs.items():
+        method = state["runs"][name]["train"]["config"]["method"]
+        ax.errorbar(
+            run["forgetting"], run["target_gain"], xerr=run.get("forgetting_se"), yerr=run.get("target_gain_se"),
+            fmt="o", color=colours[method], capsize=3, label=method,
+        )  # fmt: skip
+        point = (run["forgetting"], run["target_gain"])
+        ax.annotate(name, point, fontsize=7, xytext=(3, 3), textcoords="offset points")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    ax.set_xlabel("mean retained drop (lower is better)")
+    ax.set_ylabel("target gain (higher is better)")
+    ax.set_title(f"forgetting_real: {state['setting']}")
+    ax.axvline(0, color="grey", lw=0.5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def section(state: dict[str, Any], report: dict[str, Any], figure_rel: str | None) -> str:
+    base = state["base_eval"] or {}
+    lines = [
+        BEGIN,
+        f"### forgetting_real: {state['setting']} ({state['recipe']}, suite {state['suite']})",
+        "",
+        "Written by `python benchmarks/forgetting_real.py --report`; one run is reproduced (from nothing, or from its",
+        'cache) by `python benchmarks/forgetting_real.py --only "<run>"`. Base scores: '
+        + ", ".join(f"{t} {_num(v)}" for t, v in (base.get("scores") or {}).items()),
+        "",
+        *table(state, report),
+        "",
+    ]
+    if figure_rel:
+        lines += [f"![forgetting_real {state['setting']}]({figure_rel})", ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def replace_section(path: Path, text: str) -> None:
+    old = path.read_text() if path.is_file() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        new = head + text + rest.split(END, 1)[1]
+    else:
+        new = old.rstrip("\n") + ("\n\n" if old else "") + text + "\n"
+    path.write_text(new)
+
+
+def _without_per_doc(record: dict | None) -> dict | None:
+    return None if record is None else {k: v for k, v in record.items() if k != "per_doc"}
+
+
+def write_outputs(state: dict[str, Any], out: Path) -> None:
+    report = paired_summary(state)
+    out.mkdir(parents=True, exist_ok=True)
+    fig = figure(state, report, out / "figures" / f"forgetting_real_{state['setting']}.png")
+    kept = {**state, "report": report}  # per-document scores stay in the workdir's caches (too big to commit)
+    kept["base_eval"] = _without_per_doc(state["base_eval"])
+    kept["runs"] = {n: {**r, "eval": _without_per_doc(r.get("eval"))} for n, r in state["runs"].items()}
+    (out / f"forgetting_real_{state['setting']}.json").write_text(
+        json.dumps(kept, indent=1, sort_keys=True, default=str)
+    )
+    replace_section(out / "RESULTS.md", section(state, report, os.path.relpath(fig, out) if fig else None))

@@ -1,0 +1,128 @@
+"""benchmarks/forgetting_real.py (issue 18): the CI version of the benchmark (setting `tiny`: stories260K, a few
+steps, vanilla + l2_sp + WiSE-FT) end to end with its caches; the run keys; the chat-format pieces the smollm2
+setting relies on (data.train.chat, the SmolLM2 chat rendering of the GSM8K eval tasks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "forgetting_real.py"
+GGUF = REPO.parent / "shared" / "data" / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TQDM_DISABLE="1")
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--setting", "tiny", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+
+
+def bench_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import forgetting_real
+
+    return forgetting_real
+
+
+def test_tiny_pipeline_runs_caches_and_reports(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    out.mkdir()
+    (out / "RESULTS.md").write_text("# Results\n\nkept above\n")
+    proc = run_script("--workdir", str(work), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "forgetting_real_tiny.json").read_text())
+    assert set(data["runs"]) == {"vanilla", "l2_sp", "wise-ft 0.5"}
+    report = data["report"]
+    for name, run in report["runs"].items():
+        tasks = run["tasks"]
+        assert set(tasks) == {"gsm8k_ppl", "tinystories_ppl"}, name
+        assert run["target_gain"] == pytest.approx(tasks["gsm8k_ppl"]["base"] - tasks["gsm8k_ppl"]["tuned"])
+    # WiSE-FT at 0.5 is a different model from both ends
+    assert report["runs"]["wise-ft 0.5"]["tasks"]["tinystories_ppl"]["tuned"] != pytest.approx(
+        report["runs"]["vanilla"]["tasks"]["tinystories_ppl"]["tuned"]
+    )
+    results = (out / "RESULTS.md").read_text()
+    assert results.startswith("# Results\n\nkept above") and "| wise-ft 0.5 | wise-ft |" in results
+    assert (out / "figures" / "forgetting_real_tiny.png").stat().st_size > 1000
+
+    # a rerun trains and evaluates nothing: the records are read back unchanged
+    records = sorted(work.rglob("run.json")) + sorted(work.rglob("*eval-*.json"))
+    before = {p: p.stat().st_mtime_ns for p in records}
+    again = run_script("--only", "vanilla,wise-ft 0.5", "--workdir", str(work), "--out", str(out), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "training" not in again.stdout and "evaluating" not in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in records} == before
+
+    listing = run_script("--list", "--workdir", str(work), cwd=tmp_path)
+    assert "base: evaluated" in listing.stdout and listing.stdout.count("trained+evaluated") == 3
+
+
+def test_unknown_run_is_refused(tmp_path):
+    proc = run_script("--only", "vanila", "--workdir", str(tmp_path), "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown run(s) ['vanila']" in proc.stderr
+
+
+def test_run_keys_follow_the_config_not_the_name():
+    fr = bench_module()
+    runs = fr.MATRICES["smollm2"]()
+    by_name = {r["name"]: r for r in runs}
+    keys = {r["name"]: fr.run_key("smollm2", r, by_name) for r in runs}
+    assert len(set(keys.values())) == len(runs)  # every run its own model
+    renamed = {**by_name["vanilla"], "name": "plain"}
+    assert fr.run_key("smollm2", renamed, by_name) == keys["vanilla"]
+    # a merge's key changes with the run it merges
+    seed1 = {**by_name, "vanilla": by_name["vanilla seed1"]}
+    assert fr.run_key("smollm2", by_name["wise-ft 0.5"], seed1) != keys["wise-ft 0.5"]
+
+
+def test_chat_source_wraps_prompt_and_completion(tmp_path):
+    from llmreg.core.options import ConfigError
+    from llmreg.recipe.schema import SourceSpec
+    from llmreg.recipe.sources import load_source, validate_data
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "1+1?", "answer": "2", "other": 0}) + "\n")
+    spec = SourceSpec(path=str(path), prompt_field="question", completion_field="answer", chat=True)
+    row = load_source(spec, "sft", "train")[0]
+    assert row == {
+        "prompt": [{"role": "user", "content": "1+1?"}],
+        "completion": [{"role": "assistant", "content": "2"}],
+    }
+    with pytest.raises(ConfigError, match=r"data.train.chat: needs prompt_field and completion_field"):
+        validate_data({"train": {"path": str(path), "chat": True}}, None)
+
+
+def test_smollm2_chat_context_is_the_tokenizers_own_template():
+    """eval/tasks/llmreg_tasks.smollm2_chat_context + chat_answer render what TRL trains on: the GGUF
+    tokenizer's chat template over (user question, assistant answer)."""
+    from llmreg.recipe.models import build_tokenizer
+    from llmreg.recipe.schema import TokenizerSpec
+
+    sys.path.insert(0, str(REPO / "eval" / "tasks"))
+    import llmreg_tasks
+
+    tok = build_tokenizer(TokenizerSpec(name_or_path=str(GGUF.parent), gguf_file=GGUF.name))
+    doc = {"question": "What is 2 + 3?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"}
+    user = [{"role": "user", "content": doc["question"]}]
+    whole = user + [{"role": "assistant", "content": doc["answer"]}]
+    prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    assert llmreg_tasks.smollm2_chat_context(doc) == prompt
+    rendered = tok.apply_chat_template(whole, tokenize=False)
+    assert rendered.rstrip("\n") == prompt + llmreg_tasks.chat_answer(doc)
+
+
+def test_chat_data_check_opens_a_gguf_tokenizer():
+    """Chat-format data is checked against the tokenizer's chat template; a GGUF tokenizer (the file's folder +
+    gguf_file) used to be opened as a plain tokenizer folder and failed validation."""
+    from llmreg.recipe.data_checks import check_chat_template
+    from llmreg.recipe.schema import TokenizerSpec
+
+    check_chat_template(TokenizerSpec(name_or_path=str(GGUF.parent), gguf_file=GGUF.name), "data.train")
