@@ -74,10 +74,9 @@ def smollm2_matrix() -> list[dict[str, Any]]:
             trainer={"learning_rate": 1.0e-3},
         ),  # LoRA's own (10x) learning rate  # fmt: skip
     ]
-    # replay: 20 % of the rows from the first GENERAL_LINES TinyStories paragraphs. The mixture turns the chat
-    # GSM8K rows and the text rows into `messages` (llmreg.recipe.mixture), on which TRL puts the loss on every
-    # token unless trainer.assistant_only_loss (SmolLM2's template has no generation markers): a departure from
-    # vanilla's assistant-only loss, to settle before this run is read (see RESULTS.md)
+    # replay: 20 % of the rows from the first GENERAL_LINES TinyStories paragraphs. The mixture makes the text rows
+    # conversational pairs beside the chat GSM8K rows ([empty user] -> [assistant: paragraph], llmreg.recipe.mixture),
+    # so TRL's completion-only loss trains GSM8K's assistant turn as in vanilla, and the paragraph
     runs += [_run("replay 20%", "replay", 0.2, replay=0.2)]
     runs += [_run(f"wise-ft {a:g}", "wise-ft", a, merge={"of": "vanilla", "alpha": a}) for a in (0.25, 0.5, 0.75)]
     runs += _reg_curve("l2_sp", {"name": "l2_sp"}, "lam", [0.1, 1.0, 10.0], 0.01)
