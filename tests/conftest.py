@@ -57,6 +57,28 @@ def hf_args(out, **kw):
     return TrainingArguments(**base)
 
 
+def sft_args(out, **kw):
+    """TRL's SFTConfig for the tests' tiny SFT runs (the SFT counterpart of `hf_args`); keywords override."""
+    import trl
+
+    base = dict(
+        output_dir=str(out),
+        max_length=48,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        activation_checkpointing=False,
+        save_strategy="no",
+    )
+    base.update(kw)
+    return trl.SFTConfig(**base)
+
+
 def make_hf_trainer(tok, out, regularizers=(), model=None, trainer_cls=None, dataset=None, **kw):
     from transformers import DataCollatorForLanguageModeling
 

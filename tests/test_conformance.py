@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import trl
-from conftest import hf_args, lm_dataset, random_artifact
+from conftest import hf_args, lm_dataset, random_artifact, sft_args
 from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForLanguageModeling
 
@@ -96,18 +96,7 @@ def _trainer(kind, peft, name, out, max_steps):
             data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
             regularizers=regs,
         )
-    args = trl.SFTConfig(
-        output_dir=str(out),
-        max_length=48,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        activation_checkpointing=False,
-        **common,
-    )
+    args = sft_args(out, **common)
     return llmreg.RegSFTTrainer(
         model=model,
         args=args,

@@ -11,8 +11,7 @@ import math
 
 import pytest
 import torch
-import trl
-from conftest import edited_and_autograd_grads, random_artifact, weights
+from conftest import edited_and_autograd_grads, random_artifact, sft_args, weights
 from families import FAMILIES, MOE_FAMILIES, tiny_model
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -54,20 +53,7 @@ class _NoDS:
 
 
 def _sft(model, regs, out, peft=False, steps=3):
-    args = trl.SFTConfig(
-        output_dir=str(out),
-        max_length=32,
-        max_steps=steps,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        activation_checkpointing=False,
-        save_strategy="no",
-    )
+    args = sft_args(out, max_length=32, max_steps=steps, per_device_train_batch_size=2)
     return llmreg.RegSFTTrainer(
         model=model,
         args=args,

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 import trl
-from conftest import hf_args, lm_dataset, weights
+from conftest import hf_args, lm_dataset, sft_args, weights
 from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel
 
@@ -135,20 +135,7 @@ def _hf_trainer(out, regs, max_steps=3, model=None, **kw):
 
 def _sft_trainer(out, regs):
     tok = build_char_tokenizer()
-    args = trl.SFTConfig(
-        output_dir=str(out),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        max_length=48,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        save_strategy="no",
-        disable_tqdm=True,
-        activation_checkpointing=False,
-    )
+    args = sft_args(out, max_steps=3)
     return llmreg.RegSFTTrainer(
         model=tiny_llama(vocab_size=len(tok), num_hidden_layers=4),
         args=args,

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import losses, make_hf_trainer, max_rel_diff, weights
+from conftest import losses, make_hf_trainer, max_rel_diff, sft_args, weights
 from peft import LoraConfig, get_peft_model
 
 import llmreg
@@ -316,23 +316,9 @@ def test_gradient_checkpointing_gives_the_same_training(tok, tmp_path, aux):
 
 
 def test_sft_trainer_fused_head_and_fresh_ascent_batch(tok, tmp_path):
-    import trl
 
     def run(**opts):
-        args = trl.SFTConfig(
-            output_dir=str(tmp_path / str(len(opts))),
-            max_length=48,
-            learning_rate=1e-2,
-            logging_steps=1,
-            report_to=[],
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
-            max_steps=2,
-            per_device_train_batch_size=4,
-            save_strategy="no",
-            activation_checkpointing=False,
-        )
+        args = sft_args(tmp_path / str(len(opts)))
         t = llmreg.RegSFTTrainer(
             model=tiny_llama(vocab_size=len(tok)),
             args=args,

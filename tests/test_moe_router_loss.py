@@ -9,8 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-import trl
-from conftest import hf_args, lm_dataset, losses, max_rel_diff, weights
+from conftest import hf_args, lm_dataset, losses, max_rel_diff, sft_args, weights
 from families import MOE_FAMILIES, tiny_model
 from test_kl_to_base import _explicit_kl, _perturb
 from test_noisefit import batch_with_prompt_mask, fake_trainer
@@ -93,28 +92,19 @@ def test_router_loss_follows_the_host(tmp_path):
 
 def _sft(out, model, regs, **kw):
     base = dict(
-        output_dir=str(out),
-        max_length=48,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        max_steps=2,
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
-        save_strategy="no",
         lr_scheduler_type="constant",
         optim="sgd",
         max_grad_norm=0.0,
         router_aux_loss_coef=COEF,
         bf16=False,  # TRL turns bf16 autocast on, also on CPU
+        activation_checkpointing=True,  # SFTConfig's default, as these tests were written
     )
     base.update(kw)
     return llmreg.RegSFTTrainer(
         model=model,
-        args=trl.SFTConfig(**base),
+        args=sft_args(out, **base),
         processing_class=_tok(),
         regularizers=regs,
         train_dataset=make_builtin_dataset(format="prompt_completion", num_examples=16),

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import trl
-from conftest import hf_args, lm_dataset, losses, max_rel_diff, weights
+from conftest import hf_args, lm_dataset, losses, max_rel_diff, sft_args, weights
 
 import llmreg
 from llmreg.core import ConfigError, anatomy
@@ -445,22 +445,14 @@ def test_sft_trains_on_completion_tokens_and_differs_from_plain_sft(tok, tmp_pat
         [{"name": "noisefit", "num_layers": 1, "noise_std": 1.0, "alpha": 1.0, "lam": 0.0}],
         [{"name": "noisefit", "num_layers": 1, "noise_std": 1.0}],
     ):
-        args = trl.SFTConfig(
-            output_dir=str(tmp_path),
-            max_length=48,
-            learning_rate=1e-2,
-            logging_steps=1,
-            report_to=[],
-            max_steps=2,
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
+        args = sft_args(
+            tmp_path,
             per_device_train_batch_size=batch,
             gradient_accumulation_steps=ga,
-            save_strategy="no",
             lr_scheduler_type="constant",
             optim="sgd",
             max_grad_norm=0.0,
+            activation_checkpointing=True,  # SFTConfig's default, as this test was written
         )
         trainer = llmreg.RegSFTTrainer(
             model=tiny_llama(vocab_size=len(tok), seed=0),
