@@ -73,6 +73,12 @@ def test_trainer_gradient_is_autograd_of_the_explicit_objective(tok, tmp_path, r
     trainer = make_hf_trainer(
         tok, tmp_path, [{"name": "kl_to_base", "lam": lam, "direction": direction, "chunk_size": 16}]
     )
+    check_gradient_is_autograd_of_the_explicit_objective(trainer, tok, lam, path, reverse)
+
+
+def check_gradient_is_autograd_of_the_explicit_objective(trainer, tok, lam: float, path: str, reverse: bool = False):
+    """The trainer's loss and gradient == those of `CE + lam * KL` computed explicitly from the model's own logits
+    and a deep copy of the model taken before the policy moved (shared with tests/test_output_head.py)."""
     if path == "hidden_states":  # as under TRL's fused head: no LM-head forward to reuse, logits from hidden states
         trainer.reg_stack.regularizers[0]._hook_handles[1].remove()
     base = copy.deepcopy(trainer.model)

@@ -16,14 +16,13 @@ import torch.nn.functional as F
 import trl
 from conftest import losses, make_hf_trainer, max_rel_diff, weights
 from families import _COMMON, FAMILIES, tiny_model
-from test_kl_to_base import _batch, _explicit_kl, _perturb
+from test_kl_to_base import check_gradient_is_autograd_of_the_explicit_objective
 from test_lp_reg_math import ref_proxy
 
 import llmreg
 from llmreg.core import anatomy
 from llmreg.core.output_head import LogitTransform, logit_transform, with_transform
 from llmreg.integrations import trl as trl_compat
-from llmreg.regularizers.kl_to_base import kl_positions
 from llmreg.regularizers.lp_reg import hidden_proxy_stats
 from llmreg.regularizers.noisefit.noise import adaptive_noise, branch_base, standard_normal, training_noise_key
 
@@ -172,25 +171,7 @@ def test_noisefit_loss_and_gradient_equal_the_formula_on_the_model_logits(tok, n
 def test_kl_to_base_equals_the_explicit_objective_on_the_model_logits(tok, tmp_path, name, path):
     lam = 0.7
     trainer = make_hf_trainer(tok, tmp_path, [{"name": "kl_to_base", "lam": lam, "chunk_size": 16}], model=_model(name))
-    if path == "hidden_states":  # as under TRL's fused head: the logits are formed from the hidden states
-        trainer.reg_stack.regularizers[0]._hook_handles[1].remove()
-    base = copy.deepcopy(trainer.model)
-    _perturb(trainer.model)
-    batch = _batch(tok)
-    model = trainer.model.train()
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    out = model(**batch)
-    with torch.no_grad():
-        base_logits = base(**batch).logits
-    mask = kl_positions(batch, batch["input_ids"].shape, "all")
-    explicit = out.loss + lam * _explicit_kl(out.logits, base_logits, mask).float()
-    explicit.backward()
-    assert loss.item() == pytest.approx(explicit.item(), rel=1e-5)
-    assert max_rel_diff({n: p.grad for n, p in model.named_parameters()}, got) < 1e-4
-    assert explicit.item() - out.loss.item() > 1e-4
+    check_gradient_is_autograd_of_the_explicit_objective(trainer, tok, lam, path)
 
 
 # -- Lp-Reg -----------------------------------------------------------------------------------------------------------
