@@ -398,32 +398,12 @@ def test_half_ft_params_balance_freezes_the_larger_of_an_unequal_pair_in_half_th
 def test_lp_reg_proxy_from_hidden_states_is_the_models_on_every_family(family, mode):
     """The min-p proxy Lp-Reg forms from the final hidden states and the LM head (then the model's own logit
     transform) equals the one of the model's own logits, on every architecture, plain and under LoRA."""
-    from types import SimpleNamespace
-
-    from test_lp_reg_math import ref_proxy
-
-    from llmreg.core import anatomy
-    from llmreg.regularizers.lp_reg import hidden_proxy_stats
+    from test_output_head import check_lp_reg_proxy_is_the_model_logits_proxy
 
     model = copy.deepcopy(_base(family))
     if mode == "lora":  # adapters that change the output: the proxy must be the adapted model's
         model = get_peft_model(model, LoraConfig(**LORA, init_lora_weights=False))
-    model.eval()
-    reg = llmreg.build_regularizer({"name": "lp_reg"})
-    reg.setup(model, SimpleNamespace(loss_type="dapo"))
-    ids = torch.randint(3, 100, (3, 10), generator=torch.Generator().manual_seed(1))
-    kappa, temperature = 0.9, 0.8  # a nearly uniform model: only a large kappa filters
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[:, :-1]
-        hidden = anatomy.final_hidden(anatomy.decoder(model)(input_ids=ids, use_cache=False))[:, :-1]
-        head = model.get_output_embeddings()
-        stats = hidden_proxy_stats(
-            hidden, head.weight, head.bias, ids[:, 1:], kappa, temperature, chunk_size=7, transform=reg._transform
-        )
-    logp, proxy, kept = ref_proxy(logits, ids[:, 1:], kappa, temperature)
-    assert torch.allclose(stats.logp.double(), logp.double(), atol=1e-5)
-    assert torch.equal(stats.kept, kept) and not kept.all()
-    assert torch.allclose(stats.proxy_logp[kept].double(), proxy[kept].double(), atol=1e-5)
+    check_lp_reg_proxy_is_the_model_logits_proxy(model.eval())
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

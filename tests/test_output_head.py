@@ -177,13 +177,14 @@ def test_kl_to_base_equals_the_explicit_objective_on_the_model_logits(tok, tmp_p
 # -- Lp-Reg -----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", TRANSFORMED)
-def test_lp_reg_proxy_is_formed_from_the_model_logits_and_matches_trls_fused_head(name):
-    model = _model(name).eval()
+def check_lp_reg_proxy_is_the_model_logits_proxy(model, temperature: float = 0.8):
+    """Lp-Reg's min-p proxy formed from the final hidden states and the LM head (then the model's logit transform)
+    equals `ref_proxy` of the model's own logits; returns (ids, the reference log-probs). Shared with
+    tests/test_family_matrix.py."""
     reg = llmreg.build_regularizer({"name": "lp_reg"})
     reg.setup(model, SimpleNamespace(loss_type="dapo"))
     ids = torch.randint(3, 100, (3, 10), generator=torch.Generator().manual_seed(1))
-    kappa, temperature = 0.9, 0.8  # a nearly uniform model: only a large kappa filters
+    kappa = 0.9  # a nearly uniform model: only a large kappa filters
     with torch.no_grad():
         logits = model(input_ids=ids).logits[:, :-1]
         hidden = _final_hidden(model, input_ids=ids)[:, :-1]
@@ -195,6 +196,14 @@ def test_lp_reg_proxy_is_formed_from_the_model_logits_and_matches_trls_fused_hea
     assert torch.allclose(stats.logp.double(), logp.double(), atol=1e-5)
     assert torch.equal(stats.kept, kept) and not kept.all()
     assert torch.allclose(stats.proxy_logp[kept].double(), proxy[kept].double(), atol=1e-5)
+    return ids, logp
+
+
+@pytest.mark.parametrize("name", TRANSFORMED)
+def test_lp_reg_proxy_is_formed_from_the_model_logits_and_matches_trls_fused_head(name):
+    model = _model(name).eval()
+    temperature = 0.8
+    ids, logp = check_lp_reg_proxy_is_the_model_logits_proxy(model, temperature)
     # the policy's log-probs in the penalty come from TRL's fused head: the same transform
     fused = copy.deepcopy(model)
     trl.trainer.utils.add_fused_lm_head(fused, temperature=temperature)
