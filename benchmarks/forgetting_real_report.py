@@ -19,8 +19,8 @@ BEGIN, END = "<!-- forgetting_real:begin -->", "<!-- forgetting_real:end -->"
 
 
 def paired_summary(state: dict[str, Any]) -> dict[str, Any]:
-    """llmreg.eval.run.forgetting_report over the evaluated runs, plus paired SEs (llmreg.eval.paired) of every
-    task's difference, of the target gain and of the mean retained drop, and, for multiple-choice tasks, the
+    """llmreg.eval.run.forgetting_report over the evaluated runs, with their per-document scores: paired SEs of
+    every task's difference, of the target gain and of the mean retained drop, and, for multiple-choice tasks, the
     change in mean gold-choice log-likelihood with its SE (a continuous score, far less noisy than accuracy)."""
     from forgetting_real_matrix import REPO
 
@@ -32,33 +32,11 @@ def paired_summary(state: dict[str, Any]) -> dict[str, Any]:
     if base is None or not evaluated:
         return {}
     suite = load_suite(str(REPO / state["suite"]))
-    report = forgetting_report(
-        Scores(base["scores"], base["metrics"]),
-        {n: Scores(r["eval"]["scores"], r["eval"]["metrics"]) for n, r in evaluated.items()},
-        suite,
-    )
-    for name, run in report["runs"].items():
-        add_paired_se(run, suite, base.get("per_doc") or {}, evaluated[name]["eval"].get("per_doc") or {})
-    return report
 
+    def scores(ev: dict) -> Scores:
+        return Scores(ev["scores"], ev["metrics"], ev.get("per_doc"))
 
-def add_paired_se(run: dict[str, Any], suite: Any, base_docs: dict, tuned_docs: dict) -> None:
-    from llmreg.eval.paired import combined_se, delta_se, mean_of, paired_docs, paired_se
-
-    target, retain = [], []
-    for entry in suite.entries:
-        task = run["tasks"][entry.task]
-        b, t = base_docs.get(entry.task) or {}, tuned_docs.get(entry.task) or {}
-        task["se"], task["n_paired"] = delta_se(task["metric"], b.get("values"), t.get("values"))
-        if b.get("gold_loglik") and t.get("gold_loglik"):
-            docs = paired_docs(b["gold_loglik"], t["gold_loglik"])
-            bl, tl = [b["gold_loglik"][d] for d in docs], [t["gold_loglik"][d] for d in docs]
-            task["gold_loglik_delta"] = mean_of(dict(enumerate(tl))) - mean_of(dict(enumerate(bl)))
-            task["gold_loglik_se"] = paired_se(bl, tl)
-        if entry.weight > 0:
-            (target if task["role"] == "target" else retain).append((task["se"], entry.weight))
-    run["target_gain_se"] = combined_se(target)
-    run["forgetting_se"] = combined_se(retain)
+    return forgetting_report(scores(base), {n: scores(r["eval"]) for n, r in evaluated.items()}, suite)
 
 
 def _num(x: Any, digits: int = 4) -> str:
@@ -82,9 +60,9 @@ def table(state: dict[str, Any], report: dict[str, Any]) -> list[str]:
         tasks = run.get("tasks", {})
         deltas = ", ".join(f"{t}: {_pm(v.get('delta'), v.get('se'))}" for t, v in tasks.items())
         gold = ", ".join(
-            f"{t}: {_pm(v['gold_loglik_delta'], v.get('gold_loglik_se'))}"
+            f"{t}: {_pm(v['gold_loglik']['delta'], v['gold_loglik']['se'])}"
             for t, v in tasks.items()
-            if "gold_loglik_delta" in v
+            if "gold_loglik" in v
         )
         cfg = rec["train"]["config"]
         lines.append(
