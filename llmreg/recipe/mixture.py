@@ -39,7 +39,7 @@ import math
 from typing import Any
 
 from llmreg.core.options import ConfigError, check_mapping, did_you_mean
-from llmreg.recipe.schema import MIX_STOPPING, MIX_STRATEGIES, MixSpec, SourceSpec
+from llmreg.recipe.schema import MIX_STOPPING, MIX_STRATEGIES, MixSpec, SourceSpec, as_chat_turns
 
 # SFT row formats (TRL's dataset formats) and the columns that make each
 SFT_COLUMNS = {
@@ -158,30 +158,25 @@ def _converter(source: str, target: str):
         return None
     if target == "prompt_completion":  # from text
         return lambda row: {"prompt": "", "completion": row["text"]}
+
+    def chat_pair(row: dict) -> dict:
+        """[user] -> [assistant] turns, as `data.<role>.chat` makes them (schema.as_chat_turns); text gets an empty
+        user turn: templates that require user/assistant alternation (Gemma, Mistral, Llama 2) raise on a
+        conversation that opens with the assistant."""
+        if source == "chat_prompt_completion":
+            return {"prompt": row["prompt"], "completion": row["completion"]}
+        if source == "text":
+            return as_chat_turns({"prompt": "", "completion": row["text"]})
+        return as_chat_turns({"prompt": row["prompt"], "completion": row["completion"]})
+
     if target == "chat_prompt_completion":  # a conversational pair: TRL trains on the completion only
-        if source == "text":  # an empty user turn (see below)
-            return lambda row: {"prompt": [_turn("user", "")], "completion": [_turn("assistant", row["text"])]}
-        return lambda row: {
-            "prompt": [_turn("user", row["prompt"])],
-            "completion": [_turn("assistant", row["completion"])],
-        }
-    if source == "text":  # an empty user turn first: templates that require user/assistant alternation
-        # (Gemma, Mistral, Llama 2) raise on a conversation that opens with the assistant
-        return lambda row: {
-            "messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": row["text"]}]
-        }
-    if source == "prompt_completion":
-        return lambda row: {
-            "messages": [
-                {"role": "user", "content": row["prompt"]},
-                {"role": "assistant", "content": row["completion"]},
-            ]
-        }
-    return lambda row: {"messages": list(row["prompt"]) + list(row["completion"])}  # conversational pair
+        return chat_pair
 
+    def messages(row: dict) -> dict:
+        pair = chat_pair(row)
+        return {"messages": list(pair["prompt"]) + list(pair["completion"])}
 
-def _turn(role: str, content: str) -> dict[str, str]:
-    return {"role": role, "content": content}
+    return messages
 
 
 def _kept_columns(parts: list, target: str, trainer_kind: str) -> list[str]:
