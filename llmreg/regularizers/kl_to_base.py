@@ -205,6 +205,9 @@ class KLToBase(Regularizer):
             self._base_body = anatomy.decoder(self._base, where="kl_to_base")
             self._base_head = self._base.get_output_embeddings()
         self._transform = logit_transform(anatomy.unwrap(model).config)
+        # hidden states -> the model's logits (head, then its softcap / scaling), built once, not per micro-batch
+        self._base_logits = with_transform(self._base_head, self._transform)
+        self._head_logits = with_transform(self._head, self._transform)
         self.add_hook(body.register_forward_hook(self._capture))
         # where the host computes full logits (transformers.Trainer), reuse them instead of a second head GEMM
         # (the head module's output: before the model's logit transform, applied in loss_terms)
@@ -257,7 +260,7 @@ class KLToBase(Regularizer):
                 logits[mask] if full_logits else hidden[mask],
                 base_hidden[mask].to(hidden.dtype),
                 self._policy_logits(full_logits),
-                with_transform(self._base_head, self._transform),
+                self._base_logits,
                 reverse=self.options.direction == "reverse",
                 chunk_size=self.options.chunk_size,
             )
@@ -272,7 +275,7 @@ class KLToBase(Regularizer):
         host's head output (None: nothing, the identity)."""
         if from_host_logits:
             return None if self._transform.is_identity else self._transform
-        return with_transform(self._head, self._transform)
+        return self._head_logits
 
     def _position_count(self, mask: torch.Tensor) -> torch.Tensor:
         """This micro-batch's positions; with `average_tokens_across_devices` the mean over ranks of theirs, so
