@@ -38,7 +38,8 @@ from forgetting_real_matrix import MATRICES, SETTINGS, importance_recipe, replay
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = Path(os.environ.get("LLMREG_BENCH_RUNS", "/work/bench_runs")) / "forgetting_real"
-EVAL_FORMAT = 2  # bump when the eval cache's content changes (2: per-document scores, llmreg.eval.per_doc)
+# bump when the eval cache's content changes (2: per-document scores, llmreg.eval.per_doc; 3: gold_prob)
+EVAL_FORMAT = 3
 
 
 def sha(data: Any, n: int = 12) -> str:

@@ -2,8 +2,9 @@
 
 Per run (llmreg.eval.run.forgetting_report's sign convention): `target_gain` > 0 is better on the target (for
 smollm2: base - tuned bits per byte of the GSM8K reference answers), `forgetting` > 0 is the weighted mean
-retained drop (smollm2: accuracy points of ARC-Easy and PIQA; TinyStories perplexity has weight 0 and is shown
-per task). Error bars: the paired SE of each difference from the per-document scores that `llmreg eval` keeps
+retained drop (smollm2: the gold_prob drop, probability points, of ARC-Easy, PIQA, HellaSwag and LAMBADA;
+TinyStories perplexity has weight 0 and is shown per task; each benchmark's accuracy is shown beside it).
+Error bars: the paired SE of each difference from the per-document scores that `llmreg eval` keeps
 (llmreg.eval.paired; none when the evaluation has no per-document scores). Wall times are those of the run,
 on whatever load the machine had (the load average is recorded with each run).
 """
@@ -49,25 +50,30 @@ def _pm(value: Any, se: Any) -> str:
     return _num(value) if se is None else f"{_num(value)} ± {_num(se, 2)}"
 
 
+def _short(task: str) -> str:
+    return task.removesuffix("_local")
+
+
 def table(state: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    """One row per run: target gain and mean retained drop with paired SEs, each task's delta (its suite metric),
+    and, beside a gold_prob task, the accuracy delta lm-eval reports (`also`: outside the means)."""
     lines = [
         "| run | method | seed | target gain | mean retained drop | per-task delta (tuned - base) | "
-        "gold-choice loglik delta | train s | eval s | load |",
+        "accuracy delta (not in the means) | train s | eval s | load |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rec in state["runs"].items():
         run = report.get("runs", {}).get(name, {})
         tasks = run.get("tasks", {})
-        deltas = ", ".join(f"{t}: {_pm(v.get('delta'), v.get('se'))}" for t, v in tasks.items())
-        gold = ", ".join(
-            f"{t}: {_pm(v['gold_loglik']['delta'], v['gold_loglik']['se'])}"
-            for t, v in tasks.items()
-            if "gold_loglik" in v
+        deltas = ", ".join(f"{_short(t)}: {_pm(v.get('delta'), v.get('se'))}" for t, v in tasks.items())
+        accuracy = ", ".join(
+            f"{_short(t)}: {_pm(a['delta'], a['se'])}" for t, v in tasks.items() for a in v.get("also", {}).values()
         )
         cfg = rec["train"]["config"]
         lines.append(
             f"| {name} | {cfg['method']} | {cfg['seed']} | {_pm(run.get('target_gain'), run.get('target_gain_se'))} "
-            f"| {_pm(run.get('forgetting'), run.get('forgetting_se'))} | {deltas or 'not evaluated'} | {gold or 'n/a'} "
+            f"| {_pm(run.get('forgetting'), run.get('forgetting_se'))} | {deltas or 'not evaluated'} "
+            f"| {accuracy or 'n/a'} "
             f"| {rec['train']['train_seconds'] + rec['train'].get('prepare_seconds', 0):.0f} "
             f"| {_num((rec.get('eval') or {}).get('eval_seconds'))} | {rec['train'].get('load_1min', 0):.1f} |"
         )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llmreg.eval import paired
-from llmreg.eval.per_doc import aggregate, gold_logliks, metric_values, task_per_doc
+from llmreg.eval.per_doc import aggregate, gold_logliks, gold_prob_record, gold_probs, metric_values, task_per_doc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,6 +120,78 @@ def test_task_per_doc_keeps_values_only_when_they_reproduce_the_score():
     assert values == {"0": [-10.0, 4.0], "1": [-20.0, 6.0]}
     assert aggregate("word_perplexity,none", values) == pytest.approx(math.exp(30 / 10))
     assert "gold_loglik" not in task_per_doc(rolling, "word_perplexity,none", math.exp(3.0))
+
+
+def test_gold_prob_is_the_gold_share_of_the_choice_probabilities():
+    # doc 0: softmax([-1, -2])[0] = 1 / (1 + e^-1); doc 1: gold 1 of [-3, -0.5, -0.5] = e^-.5 / (e^-3 + 2 e^-.5)
+    samples = [_mc_sample(0, [-1.0, -2.0], 0), _mc_sample(1, [-3.0, -0.5, -0.5], 1)]
+    probs = gold_probs(samples, "multiple_choice")
+    assert probs["0"] == pytest.approx(1 / (1 + math.exp(-1)), rel=1e-12)
+    assert probs["1"] == pytest.approx(math.exp(-0.5) / (math.exp(-3) + 2 * math.exp(-0.5)), rel=1e-12)
+    # several golds add up; every choice 10 nats likelier (a change of style) leaves it unchanged, unlike gold_loglik
+    assert gold_probs([_mc_sample(0, [-1.0, -1.0, -1.0, -1.0], [0, 2], acc=1.0)], "multiple_choice")["0"] == 0.5
+    shifted = [_mc_sample(0, [9.0, 8.0], 0), _mc_sample(1, [7.0, 9.5, 9.5], 1)]
+    assert gold_probs(shifted, "multiple_choice") == pytest.approx(probs, rel=1e-12)
+    assert gold_logliks(shifted) != gold_logliks(samples)
+    # loglikelihood tasks (LAMBADA): the target continuation's probability
+    lambada = [{"doc_id": 3, "filter": "none", "filtered_resps": [(-2.5, False)], "acc": 0.0}]
+    assert gold_probs(lambada, "loglikelihood") == {"3": pytest.approx(math.exp(-2.5), rel=1e-12)}
+    assert gold_probs(samples, "loglikelihood_rolling") is None
+
+
+def test_gold_prob_record_keeps_lm_evals_accuracy_beside_it():
+    samples = [_mc_sample(0, [-1.0, -2.0], 0), _mc_sample(1, [-3.0, -0.5], 0)]
+    record = gold_prob_record(samples, "acc,none", 0.5, {"output_type": "multiple_choice"})
+    assert record["metric"] == "gold_prob" and record["also"] == {"acc,none": {"0": 1.0, "1": 0.0}}
+    assert record["values"]["1"] == pytest.approx(1 / (1 + math.exp(2.5)))
+    assert record["gold_loglik"] == {"0": -1.0, "1": -3.0}
+    assert gold_prob_record(samples, "acc,none", 0.5, {"output_type": "generate_until"}) is None
+
+
+def test_evaluate_suite_scores_a_gold_prob_entry_from_the_samples():
+    from llmreg.eval.run import Scores, _score_task
+    from llmreg.eval.suite import TaskEntry
+
+    samples = [{**_mc_sample(0, [-1.0, -2.0], 0), "acc_norm": 1.0}, {**_mc_sample(1, [-3.0, -0.5], 0), "acc_norm": 0.0}]
+    out = {
+        "results": {"arc": {"acc,none": 0.5, "acc_norm,none": 0.5}},
+        "samples": {"arc": samples},
+        "configs": {"arc": {"output_type": "multiple_choice"}},
+    }
+    scores = Scores()
+    _score_task(scores, TaskEntry("arc", metric="gold_prob"), out)
+    want = (1 / (1 + math.exp(-1)) + 1 / (1 + math.exp(2.5))) / 2
+    assert scores["arc"] == pytest.approx(want) and scores.metrics["arc"] == "gold_prob"
+    assert scores.per_doc["arc"]["also"] == {"acc,none": {"0": 1.0, "1": 0.0}}  # acc beside it, not acc_norm
+    del out["results"]["arc"]["acc,none"]  # no acc: lm-eval's primary metric
+    scores = Scores()
+    _score_task(scores, TaskEntry("arc", metric="gold_prob"), out)
+    assert scores.per_doc["arc"]["also"] == {"acc_norm,none": {"0": 1.0, "1": 0.0}}
+    out["configs"]["arc"]["output_type"] = "generate_until"
+    with pytest.raises(ValueError, match="gold_prob needs a multiple_choice or loglikelihood task"):
+        _score_task(Scores(), TaskEntry("arc", metric="gold_prob"), out)
+
+
+def test_report_of_gold_prob_tasks_pairs_the_accuracy_beside_it():
+    from llmreg.eval.run import Scores, forgetting_report
+    from llmreg.eval.suite import Suite, TaskEntry
+
+    def scores(probs, acc):
+        per_doc = {"metric": "gold_prob", "values": dict(enumerate(probs)), "also": {"acc,none": dict(enumerate(acc))}}
+        target = {"metric": "acc,none", "values": {0: 1.0, 1: 0.0}}
+        return Scores({"arc": float(np.mean(probs)), "t": 0.5}, {"arc": "gold_prob", "t": "acc,none"},
+                      {"arc": per_doc, "t": target})  # fmt: skip
+
+    suite = Suite(path="/x/s.yaml", target=[TaskEntry("t")], retain=[TaskEntry("arc", metric="gold_prob")])
+    base, tuned = scores([0.6, 0.5, 0.9], [1.0, 0.0, 1.0]), scores([0.4, 0.5, 0.6], [0.0, 1.0, 1.0])
+    run = forgetting_report(base, {"r": tuned}, suite)["runs"]["r"]
+    arc = run["tasks"]["arc"]
+    # gold_prob: d = [-0.2, 0, -0.3], mean -1/6; forgetting is its drop, with its paired SE
+    d = np.array([-0.2, 0.0, -0.3])
+    assert run["forgetting"] == pytest.approx(1 / 6) and arc["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(3))
+    acc = arc["also"]["acc,none"]
+    assert acc["delta"] == pytest.approx(0.0) and acc["gain"] == pytest.approx(0.0) and acc["n_paired"] == 3
+    assert acc["se"] == pytest.approx(np.array([-1.0, 1.0, 0.0]).std(ddof=1) / math.sqrt(3))
 
 
 # --- the report ---------------------------------------------------------------------------------------------

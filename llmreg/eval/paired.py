@@ -105,10 +105,6 @@ def delta_se(metric_key: str, base: Mapping[str, object] | None, tuned: Mapping[
     return se, len(docs)
 
 
-def mean_of(values: Mapping[str, float]) -> float:
-    return float(np.mean(list(values.values())))
-
-
 def combined_se(pairs: Sequence[tuple[float | None, float]]) -> float | None:
     """SE of a weighted mean of independent per-task differences: sqrt(sum w^2 se^2) / sum w, from
     (se, weight) pairs; None when a task has no SE or the weights sum to 0."""
@@ -121,21 +117,31 @@ def combined_se(pairs: Sequence[tuple[float | None, float]]) -> float | None:
 def task_errors(metric_key: str, base: dict | None, tuned: dict | None) -> dict:
     """Paired errors of one task from the two models' per-document records (llmreg.eval.per_doc):
     {"se": SE of tuned - base of `metric_key` (None without per-document values of that metric), "n_paired": n,
-    "gold_loglik": {base, tuned, delta, se, n_paired} for multiple-choice tasks (means over the paired documents)}."""
+    "gold_loglik": {base, tuned, delta, se, n_paired} for multiple-choice tasks (means over the paired documents),
+    "also": {metric key: the same} for the mean-type metrics kept beside a `gold_prob` score (its accuracy)}."""
     base, tuned = base or {}, tuned or {}
     same = base.get("metric") == tuned.get("metric") == metric_key
     se, n = delta_se(metric_key, base.get("values"), tuned.get("values")) if same else (None, 0)
     out: dict = {"se": se, "n_paired": n}
-    if base.get("gold_loglik") and tuned.get("gold_loglik"):
-        docs = paired_docs(base["gold_loglik"], tuned["gold_loglik"])
-        b = {d: base["gold_loglik"][d] for d in docs}
-        t = {d: tuned["gold_loglik"][d] for d in docs}
-        if docs:
-            out["gold_loglik"] = {
-                "base": mean_of(b),
-                "tuned": mean_of(t),
-                "delta": mean_of(t) - mean_of(b),
-                "se": paired_se(list(b.values()), list(t.values())),
-                "n_paired": len(docs),
-            }
+    gold = _mean_delta(base.get("gold_loglik"), tuned.get("gold_loglik"))
+    if gold:
+        out["gold_loglik"] = gold
+    also = {k: _mean_delta(v, (tuned.get("also") or {}).get(k)) for k, v in (base.get("also") or {}).items()}
+    if any(also.values()):
+        out["also"] = {k: v for k, v in also.items() if v}
     return out
+
+
+def _mean_delta(base: Mapping[str, float] | None, tuned: Mapping[str, float] | None) -> dict | None:
+    """{base, tuned, delta, se, n_paired} of a mean-type per-document score over the documents both scored."""
+    docs = paired_docs(base, tuned) if base and tuned else []
+    if not docs:
+        return None
+    b, t = [base[d] for d in docs], [tuned[d] for d in docs]
+    return {
+        "base": float(np.mean(b)),
+        "tuned": float(np.mean(t)),
+        "delta": float(np.mean(t) - np.mean(b)),
+        "se": paired_se(b, t),
+        "n_paired": len(docs),
+    }

@@ -14,6 +14,17 @@ gold choice's entry of lm-eval's per-choice loglikelihoods; with several gold ch
 log of their total probability (logsumexp). A continuous score whose paired difference has far less variance
 than accuracy's 0/1. truthfulqa_mc2-style tasks (target 0 = the first true answer) get that answer's loglik.
 
+`gold_prob` (issue 18) is a score of its own, chosen in a suite entry with `metric: gold_prob`: the probability the
+model gives the gold answer, a continuous accuracy in [0, 1] (accuracy is 1 when that answer is the argmax).
+multiple_choice: the gold choice's share of the choices' probabilities, softmax over the raw (unnormalised)
+per-choice loglikelihoods, summed over several golds: exactly the rule `acc` takes the argmax of, so the two agree
+on what is being chosen; loglikelihood tasks (LAMBADA): exp(loglik) of the target continuation. Unlike
+`gold_loglik` it does not rise when every choice gets likelier (a change of style, not of knowledge), and its paired
+difference has far less variance than accuracy's 0/1. Its record (`gold_prob_record`):
+
+    {"metric": "gold_prob", "values": {"0": 0.41, ...}, "gold_loglik": {...},
+     "also": {"acc,none": {"0": 1.0, ...}}}      # lm-eval's own primary metric, reported beside it
+
 `values` is kept only when it reproduces lm-eval's aggregate (the mean, or the ratio of sums) to 1e-6 relative;
 a metric lm-eval aggregates otherwise (f1, mcc, ...) has no per-document values, and the report shows no SE.
 """
@@ -24,6 +35,8 @@ import math
 from typing import Any
 
 from llmreg.eval.paired import is_ratio_metric, ratio_score
+
+GOLD_PROB = "gold_prob"  # a suite metric computed here, not by lm-eval (module docstring)
 
 
 def _number(value: Any) -> float | None:
@@ -89,6 +102,48 @@ def gold_logliks(samples: list[dict], delimiter: str = " ") -> dict[str, float] 
         top = max(lls)
         out[str(sample["doc_id"])] = top + math.log(sum(math.exp(x - top) for x in lls))
     return out or None
+
+
+def gold_probs(samples: list[dict], output_type: str, delimiter: str = " ") -> dict[str, float] | None:
+    """{doc_id: probability of the gold answer} (module docstring), first filter only; None for other output
+    types or when a document's gold cannot be located."""
+    out: dict[str, float] = {}
+    first_filter = samples[0].get("filter") if samples else None
+    for sample in samples:
+        if sample.get("filter") != first_filter:
+            continue
+        if output_type == "loglikelihood":
+            resps = sample.get("filtered_resps") or []
+            if len(resps) != 1:
+                return None
+            out[str(sample["doc_id"])] = math.exp(float(resps[0][0]))
+            continue
+        if output_type != "multiple_choice":
+            return None
+        golds = _gold_index_lls(sample, delimiter)
+        if golds is None:
+            return None
+        lls = [float(r[0]) for r in sample["filtered_resps"]]
+        top = max(lls)
+        total = sum(math.exp(x - top) for x in lls)
+        out[str(sample["doc_id"])] = sum(math.exp(g - top) for g in golds) / total
+    return out or None
+
+
+def gold_prob_record(samples: list[dict], lm_metric_key: str, lm_score: float, config: dict | None) -> dict | None:
+    """The per-document record of a task scored by `gold_prob` (module docstring), with lm-eval's primary metric
+    `lm_metric_key` kept under `also`; None when the task is not multiple_choice / loglikelihood."""
+    config = config or {}
+    probs = gold_probs(samples, config.get("output_type", ""), config.get("target_delimiter", " "))
+    if probs is None:
+        return None
+    lm_record = task_per_doc(samples, lm_metric_key, lm_score, config)
+    record: dict[str, Any] = {"metric": GOLD_PROB, "values": probs}
+    if "gold_loglik" in lm_record:
+        record["gold_loglik"] = lm_record["gold_loglik"]
+    if "values" in lm_record and not is_ratio_metric(lm_metric_key):
+        record["also"] = {lm_metric_key: lm_record["values"]}
+    return record
 
 
 def task_per_doc(samples: list[dict], metric_key: str, score: float, config: dict | None = None) -> dict:

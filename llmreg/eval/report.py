@@ -91,12 +91,19 @@ def _task_lines(run: dict) -> list[str]:
                 f" | {_fmt(gold['base'])} | {_fmt(gold['tuned'])} | {_pm(gold['delta'], gold['se'])}"
                 f" | {_fmt(gold['gain'])} | {gold['n_paired']} |"
             )
+        for key, also in t.get("also", {}).items():  # lm-eval's accuracy beside a gold_prob score
+            lines.append(
+                f"| {task} | {t['role']} | {key} (not in the means)"
+                f" | {_fmt(also['base'])} | {_fmt(also['tuned'])} | {_pm(also['delta'], also['se'])}"
+                f" | {_fmt(also['gain'])} | {also['n_paired']} |"
+            )
     return lines
 
 
 _GOLD_NOTE = [
     "gold_loglik rows: mean log-likelihood of the gold choice of a multiple-choice task (nats, higher is better), "
-    "a continuous score whose paired difference is far less noisy than accuracy's.",
+    "a continuous score whose paired difference is far less noisy than accuracy's. gold_prob: the probability the "
+    "model gives the gold answer (its share of the choices' probabilities; higher is better), a continuous accuracy.",
     "",
 ]
 

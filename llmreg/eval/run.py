@@ -2,6 +2,9 @@
 
 Scores: one primary metric per task (the suite entry's `metric`, else the first of PRIMARY_METRICS that
 lm-eval reports). Perplexity tasks (loglikelihood_rolling) use `word_perplexity`, where LOWER is better.
+`metric: gold_prob` (multiple_choice / loglikelihood tasks) scores the probability given to the gold answer,
+computed by llmreg.eval.per_doc from lm-eval's per-document loglikelihoods; the task's accuracy (`acc`, the
+same argmax rule) is reported beside it (`also`), outside the run's means.
 
 Sign convention: `gain` is always "better is positive": tuned - base for higher-is-better metrics,
 base - tuned for lower-is-better ones (perplexities). `delta` is the raw tuned - base. A run's
@@ -25,8 +28,10 @@ import os
 import tempfile
 from typing import Any
 
+import numpy as np
+
 from llmreg.eval.paired import combined_se, task_errors
-from llmreg.eval.per_doc import task_per_doc
+from llmreg.eval.per_doc import GOLD_PROB, gold_prob_record, task_per_doc
 from llmreg.eval.report import replace_marked_section, write_markdown, write_plots, write_report
 from llmreg.eval.suite import Suite, load_suite, write_local_tasks
 
@@ -121,13 +126,29 @@ def evaluate_suite(
                 bootstrap_iters=0,
             )
             for entry in entries:
-                key = primary_metric(out["results"][entry.task], entry.metric)
-                scores[entry.task] = float(out["results"][entry.task][key])
-                scores.metrics[entry.task] = key
-                samples = out.get("samples", {}).get(entry.task, [])
-                config = out.get("configs", {}).get(entry.task)
-                scores.per_doc[entry.task] = task_per_doc(samples, key, scores[entry.task], config)
+                _score_task(scores, entry, out)
     return scores
+
+
+def _score_task(scores: Scores, entry, out: dict) -> None:
+    """One task's primary score, metric key and per-document record from a simple_evaluate output."""
+    result = out["results"][entry.task]
+    samples = out.get("samples", {}).get(entry.task, [])
+    config = out.get("configs", {}).get(entry.task)
+    if entry.metric == GOLD_PROB:  # computed from the per-document loglikelihoods (llmreg.eval.per_doc)
+        # accuracy beside it: gold_prob is its smooth version (the same argmax rule); else lm-eval's primary
+        lm_key = primary_metric(result, "acc") if any(k.startswith("acc,") for k in result) else primary_metric(result)
+        record = gold_prob_record(samples, lm_key, float(result[lm_key]), config)
+        if record is None:
+            raise ValueError(f"{entry.task}: metric gold_prob needs a multiple_choice or loglikelihood task")
+        scores[entry.task] = float(np.mean(list(record["values"].values())))
+        scores.metrics[entry.task] = GOLD_PROB
+        scores.per_doc[entry.task] = record
+        return
+    key = primary_metric(result, entry.metric)
+    scores[entry.task] = float(result[key])
+    scores.metrics[entry.task] = key
+    scores.per_doc[entry.task] = task_per_doc(samples, key, scores[entry.task], config)
 
 
 # --- score cache ---------------------------------------------------------------------------------------------
@@ -136,6 +157,7 @@ def evaluate_suite(
 #   {"format": 2, "model": path, "fingerprint": ..., "suite": suite path, "limit": N or null,
 #    "scores": {task: score}, "metrics": {task: "acc,none"},
 #    "per_doc": {task: {"metric": "acc,none", "values": {doc_id: value}, "gold_loglik": {doc_id: loglik}}}}
+#    (a `gold_prob` task: {"metric": "gold_prob", "values": ..., "gold_loglik": ..., "also": {"acc,none": ...}})
 # (per_doc: llmreg.eval.per_doc). An entry of an older format (no per_doc) is evaluated again and replaced.
 
 CACHE_FORMAT = 2
@@ -247,6 +269,8 @@ def _task_row(entry, metric: str, base_scores, scores, role: str) -> dict:
     row.update(task_errors(metric, base_doc, getattr(scores, "per_doc", {}).get(entry.task)))
     if "gold_loglik" in row:  # higher is better; a row of its own, outside the run's means (other units)
         row["gold_loglik"]["gain"] = row["gold_loglik"]["delta"]
+    for key, also in row.get("also", {}).items():  # lm-eval's accuracy beside a gold_prob score, outside the means
+        also["gain"] = _gain(also["base"], also["tuned"], key)
     return row
 
 
