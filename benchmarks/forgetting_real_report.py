@@ -19,25 +19,83 @@ from typing import Any
 BEGIN, END = "<!-- forgetting_real:begin -->", "<!-- forgetting_real:end -->"
 
 
-def paired_summary(state: dict[str, Any]) -> dict[str, Any]:
-    """llmreg.eval.run.forgetting_report over the evaluated runs, with their per-document scores: paired SEs of
-    every task's difference, of the target gain and of the mean retained drop, and, for multiple-choice tasks, the
-    change in mean gold-choice log-likelihood with its SE (a continuous score, far less noisy than accuracy)."""
+def _suite_and_scores(state: dict[str, Any]):
     from forgetting_real_matrix import REPO
 
-    from llmreg.eval.run import Scores, forgetting_report
+    from llmreg.eval.run import Scores
     from llmreg.eval.suite import load_suite
-
-    base = state["base_eval"]
-    evaluated = {n: r for n, r in state["runs"].items() if r.get("eval")}
-    if base is None or not evaluated:
-        return {}
-    suite = load_suite(str(REPO / state["suite"]))
 
     def scores(ev: dict) -> Scores:
         return Scores(ev["scores"], ev["metrics"], ev.get("per_doc"))
 
-    return forgetting_report(scores(base), {n: scores(r["eval"]) for n, r in evaluated.items()}, suite)
+    evaluated = {n: scores(r["eval"]) for n, r in state["runs"].items() if r.get("eval")}
+    return load_suite(str(REPO / state["suite"])), evaluated
+
+
+def paired_summary(state: dict[str, Any]) -> dict[str, Any]:
+    """llmreg.eval.run.forgetting_report over the evaluated runs, with their per-document scores: paired SEs of
+    every task's difference, of the target gain and of the mean retained drop, and, for multiple-choice tasks, the
+    change in mean gold-choice log-likelihood with its SE (a continuous score, far less noisy than accuracy)."""
+    from llmreg.eval.run import Scores, forgetting_report
+
+    base = state["base_eval"]
+    suite, evaluated = _suite_and_scores(state)
+    if base is None or not evaluated:
+        return {}
+    return forgetting_report(Scores(base["scores"], base["metrics"], base.get("per_doc")), evaluated, suite)
+
+
+NOISE_SE = 2.0  # a difference between two runs counts as beyond noise above 2 paired SE
+
+
+def head_to_head(suite, evaluated: dict, a: str, b: str) -> dict[str, Any]:
+    """Run `a` against run `b` as its base: target_gain > 0 when a learned the target better than b,
+    forgetting > 0 when a kept less than b; paired over the same documents (the two runs' per-document scores),
+    so the shared document difficulty cancels and the SEs are those of the difference between the runs."""
+    from llmreg.eval.run import forgetting_report
+
+    return forgetting_report(evaluated[b], {a: evaluated[a]}, suite)["runs"][a]
+
+
+def _beyond(value: float | None, se: float | None) -> bool:
+    return value is not None and se is not None and value > NOISE_SE * se
+
+
+def dominates(h: dict[str, Any]) -> bool:
+    """From head_to_head(a, b): a is better than b beyond noise on one axis (target gain or retention) and no
+    worse on the other (point estimate)."""
+    target, retain = h["target_gain"], -h["forgetting"]
+    return (_beyond(target, h["target_gain_se"]) and retain >= 0) or (
+        _beyond(retain, h["forgetting_se"]) and target >= 0
+    )
+
+
+def verdicts(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per evaluated run: its difference from vanilla (paired SEs) and the runs that dominate it beyond noise
+    (`dominates`); a run no other dominates is on the front beyond noise."""
+    suite, evaluated = _suite_and_scores(state)
+    out = {}
+    for a in evaluated:
+        vs_vanilla = head_to_head(suite, evaluated, a, "vanilla") if a != "vanilla" and "vanilla" in evaluated else None
+        by = [b for b in evaluated if b != a and dominates(head_to_head(suite, evaluated, b, a))]
+        out[a] = {"vs_vanilla": vs_vanilla, "dominated_by": by}
+    return out
+
+
+def verdict_table(state: dict[str, Any], found: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [
+        "| run | target gain vs vanilla | retained drop vs vanilla | beyond noise (2 SE) |",
+        "|---|---|---|---|",
+    ]
+    for name, v in found.items():
+        h = v["vs_vanilla"]
+        if h is None:
+            gain, drop = "(reference)", "(reference)"
+        else:
+            gain, drop = _pm(h["target_gain"], h["target_gain_se"]), _pm(h["forgetting"], h["forgetting_se"])
+        front = "on the front" if not v["dominated_by"] else "dominated by " + ", ".join(v["dominated_by"])
+        lines.append(f"| {name} | {gain} | {drop} | {front} |")
+    return lines
 
 
 def _num(x: Any, digits: int = 4) -> str:
@@ -127,6 +185,15 @@ def section(state: dict[str, Any], report: dict[str, Any], figure_rel: str | Non
         *table(state, report),
         "",
     ]
+    found = verdicts(state) if report else {}
+    if found:
+        lines += [
+            "Each run against vanilla, paired over the same documents (the two runs' per-document scores), and the "
+            "runs that dominate it: better beyond 2 paired SE on the target or on retention, no worse on the other.",
+            "",
+            *verdict_table(state, found),
+            "",
+        ]
     if figure_rel:
         lines += [f"![forgetting_real {state['setting']}]({figure_rel})", ""]
     lines.append(END)

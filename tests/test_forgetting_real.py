@@ -52,6 +52,10 @@ def test_tiny_pipeline_runs_caches_and_reports(tmp_path):
     results = (out / "RESULTS.md").read_text()
     assert results.startswith("# Results\n\nkept above") and "| wise-ft 0.5 | wise-ft |" in results
     assert (out / "figures" / "forgetting_real_tiny.png").stat().st_size > 1000
+    # the head-to-head table: each run against vanilla (paired over the documents), with a verdict
+    verdict_rows = [ln for ln in results.splitlines() if ln.startswith("| l2_sp |") and "vs vanilla" not in ln]
+    assert any("on the front" in ln or "dominated by" in ln for ln in verdict_rows)
+    assert "| vanilla | (reference) | (reference) |" in results
 
     # a rerun trains and evaluates nothing: the records are read back unchanged
     records = sorted(work.rglob("run.json")) + sorted(work.rglob("*eval-*.json"))
@@ -63,6 +67,35 @@ def test_tiny_pipeline_runs_caches_and_reports(tmp_path):
 
     listing = run_script("--list", "--workdir", str(work), cwd=tmp_path)
     assert "base: evaluated" in listing.stdout and listing.stdout.count("trained+evaluated") == 3
+
+
+def test_head_to_head_differences_and_dominance():
+    """head_to_head(a, b) is the report of a with b as its base: its target gain is b's target score minus a's
+    (bits per byte, lower is better), and dominance needs one axis beyond 2 SE with the other no worse."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from forgetting_real_report import dominates, head_to_head
+
+    from llmreg.eval.run import Scores
+    from llmreg.eval.suite import Suite, TaskEntry
+
+    def scores(target, keep):
+        per_doc = {
+            "t": {"metric": "bits_per_byte,none", "values": {str(i): [-x, 1.0] for i, x in enumerate(target)}},
+            "r": {"metric": "gold_prob", "values": {str(i): x for i, x in enumerate(keep)}},
+        }
+        bpb = sum(target) / len(target) / 0.6931471805599453
+        return Scores({"t": bpb, "r": sum(keep) / len(keep)}, {"t": "bits_per_byte,none", "r": "gold_prob"}, per_doc)
+
+    suite = Suite(path="/x.yaml", target=[TaskEntry("t")], retain=[TaskEntry("r", metric="gold_prob")])
+    runs = {
+        "a": scores([1.0, 2.0, 1.5, 1.2], [0.6, 0.7, 0.5, 0.8]),
+        "b": scores([1.1, 2.1, 1.6, 1.3], [0.6, 0.7, 0.5, 0.8]),  # a learned better by 0.1 nats/byte everywhere
+    }
+    h = head_to_head(suite, runs, "a", "b")
+    assert h["target_gain"] == pytest.approx(0.1 / 0.6931471805599453) and h["forgetting"] == pytest.approx(0.0)
+    assert dominates(h) and not dominates(head_to_head(suite, runs, "b", "a"))
+    runs["a"] = scores([1.0, 2.0, 1.5, 1.2], [0.5, 0.7, 0.5, 0.8])  # ... but kept less: no dominance
+    assert not dominates(head_to_head(suite, runs, "a", "b"))
 
 
 def test_unknown_run_is_refused(tmp_path):
