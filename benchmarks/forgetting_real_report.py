@@ -61,13 +61,21 @@ def _beyond(value: float | None, se: float | None) -> bool:
     return value is not None and se is not None and value > NOISE_SE * se
 
 
-def dominates(h: dict[str, Any]) -> bool:
-    """From head_to_head(a, b): a is better than b beyond noise on one axis (target gain or retention) and no
-    worse on the other (point estimate)."""
-    target, retain = h["target_gain"], -h["forgetting"]
-    return (_beyond(target, h["target_gain_se"]) and retain >= 0) or (
-        _beyond(retain, h["forgetting_se"]) and target >= 0
-    )
+def axes(h: dict[str, Any], suite) -> list[tuple[float, float | None]]:
+    """(gain, SE) of a run against another on each axis: the target gain, the retention (minus the mean retained
+    drop) and each weight-0 retained task (smollm2: held-out text perplexity, kept out of the mean: other units)."""
+    out = [(h["target_gain"], h["target_gain_se"]), (-h["forgetting"], h["forgetting_se"])]
+    for entry in suite.retain:
+        if entry.weight == 0 and entry.task in h["tasks"]:
+            out.append((h["tasks"][entry.task]["gain"], h["tasks"][entry.task].get("se")))
+    return out
+
+
+def dominates(h: dict[str, Any], suite) -> bool:
+    """From head_to_head(a, b): a is better than b beyond noise on one axis (`axes`) and no worse on the others
+    (point estimates)."""
+    gains = axes(h, suite)
+    return any(_beyond(g, se) for g, se in gains) and all(g >= 0 for g, _ in gains)
 
 
 def verdicts(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -77,24 +85,29 @@ def verdicts(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for a in evaluated:
         vs_vanilla = head_to_head(suite, evaluated, a, "vanilla") if a != "vanilla" and "vanilla" in evaluated else None
-        by = [b for b in evaluated if b != a and dominates(head_to_head(suite, evaluated, b, a))]
+        by = [b for b in evaluated if b != a and dominates(head_to_head(suite, evaluated, b, a), suite)]
         out[a] = {"vs_vanilla": vs_vanilla, "dominated_by": by}
     return out
 
 
 def verdict_table(state: dict[str, Any], found: dict[str, dict[str, Any]]) -> list[str]:
+    suite, _ = _suite_and_scores(state)
+    extra = [e.task for e in suite.retain if e.weight == 0]
     lines = [
-        "| run | target gain vs vanilla | retained drop vs vanilla | beyond noise (2 SE) |",
-        "|---|---|---|---|",
+        "| run | target gain vs vanilla | retained drop vs vanilla | "
+        + "".join(f"{_short(t)} gain vs vanilla | " for t in extra)
+        + "beyond noise (2 SE) |",
+        "|---|---|---|" + "---|" * len(extra) + "---|",
     ]
     for name, v in found.items():
         h = v["vs_vanilla"]
         if h is None:
-            gain, drop = "(reference)", "(reference)"
+            cells = ["(reference)"] * (2 + len(extra))
         else:
-            gain, drop = _pm(h["target_gain"], h["target_gain_se"]), _pm(h["forgetting"], h["forgetting_se"])
+            cells = [_pm(h["target_gain"], h["target_gain_se"]), _pm(h["forgetting"], h["forgetting_se"])]
+            cells += [_pm(h["tasks"][t]["gain"], h["tasks"][t].get("se")) for t in extra]
         front = "on the front" if not v["dominated_by"] else "dominated by " + ", ".join(v["dominated_by"])
-        lines.append(f"| {name} | {gain} | {drop} | {front} |")
+        lines.append(f"| {name} | {' | '.join(cells)} | {front} |")
     return lines
 
 
@@ -139,7 +152,8 @@ def table(state: dict[str, Any], report: dict[str, Any]) -> list[str]:
 
 
 def figure(state: dict[str, Any], report: dict[str, Any], path: Path) -> Path | None:
-    """Target gain against mean retained drop, one colour per method, paired-SE error bars."""
+    """Target gain against mean retained drop, one colour per method, paired-SE error bars; one more panel per
+    weight-0 retained task (smollm2: held-out text perplexity) with its drop on the x axis."""
     runs = report.get("runs", {})
     if not runs:
         return None
@@ -148,24 +162,29 @@ def figure(state: dict[str, Any], report: dict[str, Any], path: Path) -> Path | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    suite, _ = _suite_and_scores(state)
+    extra = [e.task for e in suite.retain if e.weight == 0]
+    fig, panels = plt.subplots(1, 1 + len(extra), figsize=(7 * (1 + len(extra)), 5), squeeze=False)
     methods = sorted({state["runs"][n]["train"]["config"]["method"] for n in runs})
     colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
-    for name, run in runs.items():
-        method = state["runs"][name]["train"]["config"]["method"]
-        ax.errorbar(
-            run["forgetting"], run["target_gain"], xerr=run.get("forgetting_se"), yerr=run.get("target_gain_se"),
-            fmt="o", color=colours[method], capsize=3, label=method,
-        )  # fmt: skip
-        point = (run["forgetting"], run["target_gain"])
-        ax.annotate(name, point, fontsize=7, xytext=(3, 3), textcoords="offset points")
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=7)
-    ax.set_xlabel("mean retained drop (lower is better)")
-    ax.set_ylabel("target gain (higher is better)")
-    ax.set_title(f"forgetting_real: {state['setting']}")
-    ax.axvline(0, color="grey", lw=0.5)
+    xs = [("mean retained drop", lambda r: (r["forgetting"], r.get("forgetting_se")))]
+    xs += [(f"{_short(t)} drop", lambda r, t=t: (-r["tasks"][t]["gain"], r["tasks"][t].get("se"))) for t in extra]
+    for ax, (label, x_of) in zip(panels[0], xs):
+        for name, run in runs.items():
+            method = state["runs"][name]["train"]["config"]["method"]
+            x, xerr = x_of(run)
+            ax.errorbar(
+                x, run["target_gain"], xerr=xerr, yerr=run.get("target_gain_se"),
+                fmt="o", color=colours[method], capsize=3, label=method,
+            )  # fmt: skip
+            ax.annotate(name, (x, run["target_gain"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
+        ax.set_xlabel(f"{label} (lower is better)")
+        ax.set_ylabel("target gain (higher is better)")
+        ax.axvline(0, color="grey", lw=0.5)
+    fig.suptitle(f"forgetting_real: {state['setting']}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -188,8 +207,9 @@ def section(state: dict[str, Any], report: dict[str, Any], figure_rel: str | Non
     found = verdicts(state) if report else {}
     if found:
         lines += [
-            "Each run against vanilla, paired over the same documents (the two runs' per-document scores), and the "
-            "runs that dominate it: better beyond 2 paired SE on the target or on retention, no worse on the other.",
+            "Each run against vanilla, paired over the same documents (the two runs' per-document scores; gains: "
+            "positive = better than vanilla), and the runs that dominate it: better beyond 2 paired SE on one axis "
+            "(target, mean retained drop, each weight-0 retained task), no worse on the others.",
             "",
             *verdict_table(state, found),
             "",

@@ -78,24 +78,30 @@ def test_head_to_head_differences_and_dominance():
     from llmreg.eval.run import Scores
     from llmreg.eval.suite import Suite, TaskEntry
 
-    def scores(target, keep):
+    def scores(target, keep, side=(0.5, 0.5, 0.5, 0.5)):
         per_doc = {
             "t": {"metric": "bits_per_byte,none", "values": {str(i): [-x, 1.0] for i, x in enumerate(target)}},
             "r": {"metric": "gold_prob", "values": {str(i): x for i, x in enumerate(keep)}},
+            "q": {"metric": "gold_prob", "values": {str(i): x for i, x in enumerate(side)}},
         }
         bpb = sum(target) / len(target) / 0.6931471805599453
-        return Scores({"t": bpb, "r": sum(keep) / len(keep)}, {"t": "bits_per_byte,none", "r": "gold_prob"}, per_doc)
+        values = {"t": bpb, "r": sum(keep) / len(keep), "q": sum(side) / len(side)}
+        return Scores(values, {"t": "bits_per_byte,none", "r": "gold_prob", "q": "gold_prob"}, per_doc)
 
-    suite = Suite(path="/x.yaml", target=[TaskEntry("t")], retain=[TaskEntry("r", metric="gold_prob")])
+    retain = [TaskEntry("r", metric="gold_prob"), TaskEntry("q", metric="gold_prob", weight=0)]
+    suite = Suite(path="/x.yaml", target=[TaskEntry("t")], retain=retain)
     runs = {
         "a": scores([1.0, 2.0, 1.5, 1.2], [0.6, 0.7, 0.5, 0.8]),
         "b": scores([1.1, 2.1, 1.6, 1.3], [0.6, 0.7, 0.5, 0.8]),  # a learned better by 0.1 nats/byte everywhere
     }
     h = head_to_head(suite, runs, "a", "b")
     assert h["target_gain"] == pytest.approx(0.1 / 0.6931471805599453) and h["forgetting"] == pytest.approx(0.0)
-    assert dominates(h) and not dominates(head_to_head(suite, runs, "b", "a"))
+    assert dominates(h, suite) and not dominates(head_to_head(suite, runs, "b", "a"), suite)
     runs["a"] = scores([1.0, 2.0, 1.5, 1.2], [0.5, 0.7, 0.5, 0.8])  # ... but kept less: no dominance
-    assert not dominates(head_to_head(suite, runs, "a", "b"))
+    assert not dominates(head_to_head(suite, runs, "a", "b"), suite)
+    # a weight-0 retained task is an axis of its own: worse there (point estimate) is no dominance either
+    runs["a"] = scores([1.0, 2.0, 1.5, 1.2], [0.6, 0.7, 0.5, 0.8], side=(0.5, 0.5, 0.5, 0.4))
+    assert not dominates(head_to_head(suite, runs, "a", "b"), suite)
 
 
 def test_unknown_run_is_refused(tmp_path):
