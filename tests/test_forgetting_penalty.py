@@ -66,6 +66,52 @@ def test_full_edit_equals_autograd_of_explicit_penalty(tok, tmp_path):
     assert reg.metrics()["layer_coef/0"] == pytest.approx(a["0"])
 
 
+@pytest.mark.parametrize("importance", ["si", "ewc"])
+def test_rms_importance_scale_is_the_explicit_penalty_with_omega_over_its_rms(tok, tmp_path, importance):
+    """importance_scale=rms: the edit is the gradient of lam * sum_l a_l * sum (Omega / rms) (theta - theta*)^2,
+    rms = sqrt(sum Omega^2 / count) over the covered weights and a_l = softmax(c * ||Omega_l / rms||); the same
+    edit for an artifact 1e6 times larger (the strength transfers across importance magnitudes)."""
+    model = tiny_llama(vocab_size=len(tok), seed=0)
+    small = random_artifact(tmp_path / "a", model, scale=1.0, layer_scale={"1": 3.0}, method=importance)
+    large = random_artifact(tmp_path / "b", model, scale=1e6, layer_scale={"1": 3.0}, method=importance)
+    regs = []
+    for path in (small, large):
+        reg = ForgettingPenalty(importance=importance, artifact=path, lam=0.7, importance_scale="rms",
+                                layer_weighting="softmax", layer_temperature=0.008)  # fmt: skip
+        reg.setup(model, _NoDS())
+        shards = ShardAccess.from_model(model)
+        reg.on_prepared(model, shards)
+        regs.append((reg, shards))
+    omega = art.load_importance(small, regs[0][0].importance.keys())
+    rms = (sum(o.pow(2).sum() for o in omega.values()) / sum(o.numel() for o in omega.values())) ** 0.5
+    scaled = {n: o / rms for n, o in omega.items()}
+    norms = torch.tensor([sum(scaled[n].pow(2).sum() for n in scaled if layer_of(n) == l) ** 0.5 for l in "01"])
+    a = torch.softmax(0.008 * norms.double(), 0).float()
+    assert 0.05 < float(a.min()) < 0.45  # neither flat nor one-hot at this temperature
+    for reg, _ in regs:
+        assert torch.allclose(torch.stack([reg.coefficients["0"], reg.coefficients["1"]]), a, rtol=1e-5)
+    start = weights(model)
+    _perturb(model)
+    grads = []
+    for reg, shards in regs:
+        edited, reference, _ = edited_and_autograd_grads(
+            model,
+            tok,
+            reg,
+            shards,
+            lambda m: sum(
+                0.7 * a[int(layer_of(n))] * (scaled[n] * (p - start[n]).pow(2)).sum()
+                for n, p in m.named_parameters()
+                if n in scaled
+            ),
+        )
+        for n in reference:
+            assert torch.allclose(edited[n], reference[n], atol=1e-5, rtol=1e-4), n
+        grads.append(edited)
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4), n
+
+
 def _lora_model(tok, seed=0):
     model = tiny_llama(vocab_size=len(tok), seed=seed)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)

@@ -76,6 +76,11 @@ class ForgettingPenaltyOptions:
     layer_temperature: float = option(
         1e-8, "c inside the layer softmax (code: 1e-8); retune when a_l is one-hot or flat", ge=0
     )
+    importance_scale: Literal["raw", "rms"] = option(
+        "raw",
+        "raw: Omega as the artifact holds it (paper) | rms: Omega divided by its root mean square over the "
+        "covered weights, so lam (and c) mean the same on every model and for si and ewc",
+    )
     targets: list[str] = option(
         [], "regexes of weight names to regularise; default: the 2-D weights of the decoder layers"
     )
@@ -102,6 +107,7 @@ class PenaltyConfig:
     anchor: str | None
     apply: str
     artifact: str | None
+    importance_scale: str = "raw"
 
 
 @register("forgetting_penalty")
@@ -129,6 +135,7 @@ class ForgettingPenalty(Regularizer):
         self._lora: list[LoraTarget] = []
         self._penalty: torch.Tensor | float = 0.0
         self._device = torch.device("cpu")
+        self._omega_divisor = 1.0  # importance_scale=rms: the RMS of Omega over the covered weights
 
     def config(self) -> PenaltyConfig:
         o = self.options
@@ -143,6 +150,7 @@ class ForgettingPenalty(Regularizer):
             anchor=o.anchor,
             apply=o.apply,
             artifact=o.artifact,
+            importance_scale=o.importance_scale,
         )
 
     def _read_artifact_meta(self) -> dict | None:
@@ -207,7 +215,17 @@ class ForgettingPenalty(Regularizer):
             else:
                 raise errors[0]
         self._shapes = shapes
+        self._omega_divisor = self._rms(shapes) if cfg.importance_scale == "rms" and self.meta else 1.0
         self.coefficients = self._layer_coefficients(shapes)
+
+    def _rms(self, shapes: dict[str, tuple[int, ...]]) -> float:
+        """sqrt(sum Omega^2 / count) over the covered weights, from the artifact's per-tensor sums of squares
+        (no tensor is read; the same number on every rank and under any sharding)."""
+        sums = self.meta.get("importance_sum_sq", {})
+        total = sum(sums[n] for n in shapes)
+        if total <= 0:
+            raise ConfigError(f"{self.name}: importance_scale=rms: the artifact's importance is 0 on every target")
+        return math.sqrt(total / sum(math.prod(shapes[n]) for n in shapes))
 
     def _layer_coefficients(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
         layers = sorted({layer_of(n) for n in shapes}, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
@@ -217,6 +235,7 @@ class ForgettingPenalty(Regularizer):
             members = [n for n in shapes if layer_of(n) == layer]
             # uniform importance 1: ||Omega_l||^2 is the element count
             norms.append(math.sqrt(sum(sums[n] if self.meta else math.prod(shapes[n]) for n in members)))
+        norms = [x / self._omega_divisor for x in norms]  # ||Omega_l / rms|| under importance_scale=rms
         coefs = layer_coefficients(torch.tensor(norms, dtype=torch.float64), self.cfg.weighting, self.cfg.temperature)
         return {layer: coefs[i].float() for i, layer in enumerate(layers)}
 
@@ -238,7 +257,7 @@ class ForgettingPenalty(Regularizer):
             self.anchors[key] = shards.local_param(p).detach().clone().float()
             if self.meta:  # one whole tensor in memory at a time; only the local slice is kept
                 full = art.load_importance(self.cfg.artifact, [key])[key]
-                self.importance[key] = shards.local_slice(p, full).clone().float()
+                self.importance[key] = shards.local_slice(p, full).float() / self._omega_divisor
 
     @torch.no_grad()
     def _prepare_lora(self, shards: ShardAccess) -> None:
@@ -248,7 +267,7 @@ class ForgettingPenalty(Regularizer):
             self.anchors[target.name + ":A"] = a.clone()
             self.anchors[target.name + ":B"] = b.clone()
             if self.meta:
-                self.importance[target.name] = full[target.name]
+                self.importance[target.name] = full[target.name] / self._omega_divisor
 
     # -- the edit ------------------------------------------------------------------------------
     def _coef(self, name: str) -> float:
