@@ -34,8 +34,8 @@ def _suite_and_scores(state: dict[str, Any]):
 
 def paired_summary(state: dict[str, Any]) -> dict[str, Any]:
     """llmreg.eval.run.forgetting_report over the evaluated runs, with their per-document scores: paired SEs of
-    every task's difference, of the target gain and of the mean retained drop, and, for multiple-choice tasks, the
-    change in mean gold-choice log-likelihood with its SE (a continuous score, far less noisy than accuracy)."""
+    every task's difference, of the target gain and of the mean retained drop, and of the accuracy beside each
+    gold_prob task (and, for multiple-choice tasks, of the gold-choice log-likelihood, kept in the json)."""
     from llmreg.eval.run import Scores, forgetting_report
 
     base = state["base_eval"]
@@ -64,7 +64,8 @@ def _beyond(value: float | None, se: float | None) -> bool:
 def axes(h: dict[str, Any], suite) -> list[tuple[float, float | None]]:
     """(gain, SE) of a run against another on each axis: the target gain, the retention (minus the mean retained
     drop) and each weight-0 retained task (smollm2: held-out text perplexity, kept out of the mean: other units)."""
-    out = [(h["target_gain"], h["target_gain_se"]), (-h["forgetting"], h["forgetting_se"])]
+    retention = None if h["forgetting"] is None else -h["forgetting"]
+    out = [(h["target_gain"], h["target_gain_se"]), (retention, h["forgetting_se"])]
     for entry in suite.retain:
         if entry.weight == 0 and entry.task in h["tasks"]:
             out.append((h["tasks"][entry.task]["gain"], h["tasks"][entry.task].get("se")))
@@ -75,6 +76,8 @@ def dominates(h: dict[str, Any], suite) -> bool:
     """From head_to_head(a, b): a is better than b beyond noise on one axis (`axes`) and no worse on the others
     (point estimates)."""
     gains = axes(h, suite)
+    if any(g is None for g, _ in gains):  # an axis without a score (no weighted retained task): undecided
+        return False
     return any(_beyond(g, se) for g, se in gains) and all(g >= 0 for g, _ in gains)
 
 

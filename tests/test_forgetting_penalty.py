@@ -112,6 +112,23 @@ def test_rms_importance_scale_is_the_explicit_penalty_with_omega_over_its_rms(to
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4), n
 
 
+def test_checkpoint_of_another_importance_scale_is_refused(tok, tmp_path):
+    model = tiny_llama(vocab_size=len(tok), seed=0)
+    path = random_artifact(tmp_path / "imp", model, scale=1e3)
+    regs = {}
+    for scale in ("raw", "rms"):
+        regs[scale] = ForgettingPenalty(artifact=path, importance_scale=scale)
+        regs[scale].setup(model, _NoDS())
+        regs[scale].on_prepared(model, ShardAccess.from_model(model))
+    saved = regs["rms"].state_dict()
+    assert saved["omega_divisor"] == pytest.approx(regs["rms"]._omega_divisor) and saved["omega_divisor"] > 1.0
+    regs["rms"].load_state_dict(saved)  # same scale: restored
+    with pytest.raises(ValueError, match="resume with the importance_scale"):
+        regs["rms"].load_state_dict(regs["raw"].state_dict())
+    with pytest.raises(ValueError, match="resume with the importance_scale"):
+        regs["raw"].load_state_dict(saved)
+
+
 def _lora_model(tok, seed=0):
     model = tiny_llama(vocab_size=len(tok), seed=seed)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)

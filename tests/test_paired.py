@@ -137,6 +137,13 @@ def test_gold_prob_is_the_gold_share_of_the_choice_probabilities():
     lambada = [{"doc_id": 3, "filter": "none", "filtered_resps": [(-2.5, False)], "acc": 0.0}]
     assert gold_probs(lambada, "loglikelihood") == {"3": pytest.approx(math.exp(-2.5), rel=1e-12)}
     assert gold_probs(samples, "loglikelihood_rolling") is None
+    # a repeated gold index counts once; acc_mutual_info's unconditional requests (second half) are left out;
+    # multiple_input (a context per choice, winogrande-style) has no gold among the continuations: no record
+    assert gold_probs([_mc_sample(0, [-1.0, -1.0], [0, 0], acc=1.0)], "multiple_choice")["0"] == 0.5
+    mutual = {**_mc_sample(0, [-1.0, -2.0, -9.0, -9.0], 0), "acc_mutual_info": 1.0}
+    assert gold_probs([mutual], "multiple_choice")["0"] == pytest.approx(1 / (1 + math.exp(-1)), rel=1e-12)
+    winogrande = {**_mc_sample(0, [-1.0, -2.0], 0), "arguments": [("A went", " home"), ("B went", " home")]}
+    assert gold_probs([winogrande], "multiple_choice") is None
 
 
 def test_gold_prob_record_keeps_lm_evals_accuracy_beside_it():

@@ -18,9 +18,11 @@ than accuracy's 0/1. truthfulqa_mc2-style tasks (target 0 = the first true answe
 model gives the gold answer, a continuous accuracy in [0, 1] (accuracy is 1 when that answer is the argmax).
 multiple_choice: the gold choice's share of the choices' probabilities, softmax over the raw (unnormalised)
 per-choice loglikelihoods, summed over several golds: exactly the rule `acc` takes the argmax of, so the two agree
-on what is being chosen; loglikelihood tasks (LAMBADA): exp(loglik) of the target continuation. Unlike
-`gold_loglik` it does not rise when every choice gets likelier (a change of style, not of knowledge), and its paired
-difference has far less variance than accuracy's 0/1. Its record (`gold_prob_record`):
+on what is being chosen (an acc_mutual_info task's unconditional requests are left out; a multiple_input task,
+whose gold is not a continuation, gets no record); loglikelihood tasks (LAMBADA): exp(loglik) of the target
+continuation (lm-eval's acc there is a greedy match of every target token). Unlike `gold_loglik` it does not rise
+when every choice gets likelier (a change of style, not of knowledge); its paired difference has less variance
+than accuracy's 0/1 (on SmolLM2's suite ~1.7x smaller SE, benchmarks/RESULTS.md). Its record (`gold_prob_record`):
 
     {"metric": "gold_prob", "values": {"0": 0.41, ...}, "gold_loglik": {...},
      "also": {"acc,none": {"0": 1.0, ...}}}      # lm-eval's own primary metric, reported beside it
@@ -75,17 +77,23 @@ def aggregate(metric_key: str, values: dict[str, Any]) -> float:
     return sum(values.values()) / len(values)
 
 
-def _gold_index_lls(sample: dict, delimiter: str) -> list[float] | None:
-    """The gold choice(s)' loglikelihoods of one multiple_choice sample, or None when the gold is unknown."""
-    lls = [float(r[0]) for r in sample.get("filtered_resps") or []]
+def _gold_indices(sample: dict, delimiter: str, n_choices: int) -> list[int] | None:
+    """The gold choice index(es) of one multiple_choice sample (each once), or None when the gold is unknown."""
     gold = sample.get("target")
     if isinstance(gold, str):  # a choice's text (lm-eval: choices.index(gold)); continuations are delimiter + choice
         conts = [args[1] if isinstance(args, (list, tuple)) and len(args) > 1 else None for args in sample["arguments"]]
         gold = conts.index(delimiter + gold) if delimiter + gold in conts else None
     golds = gold if isinstance(gold, list) else [gold]
-    if not lls or not all(isinstance(g, int) and 0 <= g < len(lls) for g in golds):
+    if not n_choices or not all(isinstance(g, int) and 0 <= g < n_choices for g in golds):
         return None
-    return [lls[g] for g in golds]
+    return sorted(set(golds))
+
+
+def _gold_index_lls(sample: dict, delimiter: str) -> list[float] | None:
+    """The gold choice(s)' loglikelihoods of one multiple_choice sample, or None when the gold is unknown."""
+    lls = [float(r[0]) for r in sample.get("filtered_resps") or []]
+    golds = _gold_indices(sample, delimiter, len(lls))
+    return None if golds is None else [lls[g] for g in golds]
 
 
 def gold_logliks(samples: list[dict], delimiter: str = " ") -> dict[str, float] | None:
@@ -120,13 +128,18 @@ def gold_probs(samples: list[dict], output_type: str, delimiter: str = " ") -> d
             continue
         if output_type != "multiple_choice":
             return None
-        golds = _gold_index_lls(sample, delimiter)
+        lls = [float(r[0]) for r in sample["filtered_resps"]]
+        if "acc_mutual_info" in sample:  # lm-eval appended one unconditional request per choice: drop them
+            lls = lls[: len(lls) // 2]
+        contexts = {str(a[0]) for a in sample.get("arguments", []) if isinstance(a, (list, tuple)) and a}
+        if len(contexts) > 1:  # multiple_input (winogrande-style): one context per choice, the gold is not a choice
+            return None
+        golds = _gold_indices(sample, delimiter, len(lls))
         if golds is None:
             return None
-        lls = [float(r[0]) for r in sample["filtered_resps"]]
         top = max(lls)
         total = sum(math.exp(x - top) for x in lls)
-        out[str(sample["doc_id"])] = sum(math.exp(g - top) for g in golds) / total
+        out[str(sample["doc_id"])] = sum(math.exp(lls[g] - top) for g in golds) / total
     return out or None
 
 

@@ -102,8 +102,13 @@ def _task_lines(run: dict) -> list[str]:
 
 _GOLD_NOTE = [
     "gold_loglik rows: mean log-likelihood of the gold choice of a multiple-choice task (nats, higher is better), "
-    "a continuous score whose paired difference is far less noisy than accuracy's. gold_prob: the probability the "
-    "model gives the gold answer (its share of the choices' probabilities; higher is better), a continuous accuracy.",
+    "a continuous score whose paired difference is far less noisy than accuracy's.",
+    "",
+]
+_GOLD_PROB_NOTE = [
+    "gold_prob: the probability the model gives the gold answer (multiple choice: its share of the choices' "
+    "probabilities; loglikelihood tasks: the target's probability), higher is better, a continuous accuracy; "
+    "the task's accuracy follows it on a row of its own, outside the means.",
     "",
 ]
 
@@ -117,6 +122,7 @@ def write_markdown(report: dict, path: str) -> None:
         "",
         *([f"Error bars: {report['error_bars']}", ""] if report.get("error_bars") else []),
         *(_GOLD_NOTE if any("gold_loglik" in t for r in report["runs"].values() for t in r["tasks"].values()) else []),
+        *(_GOLD_PROB_NOTE if "gold_prob" in report.get("metrics", {}).values() else []),
         "| run | target gain ± SE | forgetting ± SE | gain per point of forgetting | Pareto |",
         "|---|---|---|---|---|",
     ]

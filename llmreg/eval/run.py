@@ -3,8 +3,9 @@
 Scores: one primary metric per task (the suite entry's `metric`, else the first of PRIMARY_METRICS that
 lm-eval reports). Perplexity tasks (loglikelihood_rolling) use `word_perplexity`, where LOWER is better.
 `metric: gold_prob` (multiple_choice / loglikelihood tasks) scores the probability given to the gold answer,
-computed by llmreg.eval.per_doc from lm-eval's per-document loglikelihoods; the task's accuracy (`acc`, the
-same argmax rule) is reported beside it (`also`), outside the run's means.
+computed by llmreg.eval.per_doc from lm-eval's per-document loglikelihoods; the task's accuracy (`acc`: for
+multiple choice the argmax of the same loglikelihoods, for LAMBADA-style tasks a greedy match) is reported beside
+it (`also`), outside the run's means.
 
 Sign convention: `gain` is always "better is positive": tuned - base for higher-is-better metrics,
 base - tuned for lower-is-better ones (perplexities). `delta` is the raw tuned - base. A run's
@@ -136,7 +137,7 @@ def _score_task(scores: Scores, entry, out: dict) -> None:
     samples = out.get("samples", {}).get(entry.task, [])
     config = out.get("configs", {}).get(entry.task)
     if entry.metric == GOLD_PROB:  # computed from the per-document loglikelihoods (llmreg.eval.per_doc)
-        # accuracy beside it: gold_prob is its smooth version (the same argmax rule); else lm-eval's primary
+        # accuracy beside it (for multiple choice gold_prob is its smooth version); else lm-eval's primary
         lm_key = primary_metric(result, "acc") if any(k.startswith("acc,") for k in result) else primary_metric(result)
         record = gold_prob_record(samples, lm_key, float(result[lm_key]), config)
         if record is None:

@@ -19,7 +19,9 @@ adds R to the loss instead when `apply="loss"` (no DeepSpeed; for checking the e
 Departures from the paper: the penalty is a gradient edit rather than a loss term (the same gradient,
 without gathering weights under ZeRO-3); full fine-tuning is offered beside LoRA (the paper works on
 LoRA); theta* is always the weights the run starts from, and `anchor` states which weights of the
-importance run those must be (its end, the paper, or its start, the "pretrained" variant). Under
+importance run those must be (its end, the paper, or its start, the "pretrained" variant);
+`importance_scale: rms` (not in the paper) divides Omega by its RMS over the covered weights, so that lam
+transfers across models whose importance magnitudes differ by orders of magnitude. Under
 ZeRO-3 with LoRA, A and B are gathered read-only per module and Omega is kept whole on every rank
 (the spec's row sharding of Omega is not done).
 """
@@ -79,7 +81,8 @@ class ForgettingPenaltyOptions:
     importance_scale: Literal["raw", "rms"] = option(
         "raw",
         "raw: Omega as the artifact holds it (paper) | rms: Omega divided by its root mean square over the "
-        "covered weights, so lam (and c) mean the same on every model and for si and ewc",
+        "covered weights, so lam (and c) mean the same on every model and for si and ewc; the lam and c "
+        "defaults are the paper's for raw Omega: set both with rms (||Omega_l|| becomes ~sqrt(weights in l))",
     )
     targets: list[str] = option(
         [], "regexes of weight names to regularise; default: the 2-D weights of the decoder layers"
@@ -349,9 +352,16 @@ class ForgettingPenalty(Regularizer):
             "anchors": {k: v.cpu() for k, v in self.anchors.items()},
             "importance": {k: v.cpu() for k, v in self.importance.items()},
             "coefficients": {k: v.cpu() for k, v in self.coefficients.items()},
+            "omega_divisor": self._omega_divisor,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        saved_divisor = float(state.get("omega_divisor", 1.0))
+        if not math.isclose(saved_divisor, self._omega_divisor, rel_tol=1e-9):
+            raise ValueError(
+                f"{self.name}: the checkpoint's importance was divided by {saved_divisor:g}, this run's by "
+                f"{self._omega_divisor:g}: resume with the importance_scale (and artifact) it was saved with"
+            )
         for key in ("anchors", "importance", "coefficients"):
             mine, saved = getattr(self, key), state[key]
             if mine and set(mine) != set(saved):
