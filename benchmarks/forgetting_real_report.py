@@ -73,12 +73,13 @@ def axes(h: dict[str, Any], suite) -> list[tuple[float, float | None]]:
 
 
 def dominates(h: dict[str, Any], suite) -> bool:
-    """From head_to_head(a, b): a is better than b beyond noise on one axis (`axes`) and no worse on the others
-    (point estimates)."""
+    """From head_to_head(a, b): a is better than b beyond noise on one axis (`axes`) and not worse beyond noise
+    on any (an axis without an SE counts as no difference)."""
     gains = axes(h, suite)
     if any(g is None for g, _ in gains):  # an axis without a score (no weighted retained task): undecided
         return False
-    return any(_beyond(g, se) for g, se in gains) and all(g >= 0 for g, _ in gains)
+    # "no worse" within noise: a difference under 2 SE is no difference (and two runs cannot dominate each other)
+    return any(_beyond(g, se) for g, se in gains) and not any(_beyond(-g, se) for g, se in gains)
 
 
 def verdicts(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -212,7 +213,7 @@ def section(state: dict[str, Any], report: dict[str, Any], figure_rel: str | Non
         lines += [
             "Each run against vanilla, paired over the same documents (the two runs' per-document scores; gains: "
             "positive = better than vanilla), and the runs that dominate it: better beyond 2 paired SE on one axis "
-            "(target, mean retained drop, each weight-0 retained task), no worse on the others.",
+            "(target, mean retained drop, each weight-0 retained task), not worse beyond 2 SE on any.",
             "",
             *verdict_table(state, found),
             "",

@@ -97,10 +97,15 @@ def test_head_to_head_differences_and_dominance():
     h = head_to_head(suite, runs, "a", "b")
     assert h["target_gain"] == pytest.approx(0.1 / 0.6931471805599453) and h["forgetting"] == pytest.approx(0.0)
     assert dominates(h, suite) and not dominates(head_to_head(suite, runs, "b", "a"), suite)
-    runs["a"] = scores([1.0, 2.0, 1.5, 1.2], [0.5, 0.7, 0.5, 0.8])  # ... but kept less: no dominance
+    # kept less, within noise (d = [-0.1, 0, 0, 0]: mean -0.025, SE 0.025): still dominates
+    runs["a"] = scores([1.0, 2.0, 1.5, 1.2], [0.5, 0.7, 0.5, 0.8])
+    assert dominates(head_to_head(suite, runs, "a", "b"), suite)
+    # kept less beyond noise (d = [-0.1, -0.11, -0.09, -0.1]): no dominance either way
+    runs["a"] = scores([1.0, 2.0, 1.5, 1.2], [0.5, 0.59, 0.41, 0.7])
     assert not dominates(head_to_head(suite, runs, "a", "b"), suite)
-    # a weight-0 retained task is an axis of its own: worse there (point estimate) is no dominance either
-    runs["a"] = scores([1.0, 2.0, 1.5, 1.2], [0.6, 0.7, 0.5, 0.8], side=(0.5, 0.5, 0.5, 0.4))
+    assert not dominates(head_to_head(suite, runs, "b", "a"), suite)
+    # a weight-0 retained task is an axis of its own: worse there beyond noise is no dominance
+    runs["a"] = scores([1.0, 2.0, 1.5, 1.2], [0.6, 0.7, 0.5, 0.8], side=(0.4, 0.41, 0.39, 0.4))
     assert not dominates(head_to_head(suite, runs, "a", "b"), suite)
 
 
