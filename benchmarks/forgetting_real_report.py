@@ -172,7 +172,7 @@ def figure(state: dict[str, Any], report: dict[str, Any], path: Path) -> Path | 
     methods = sorted({state["runs"][n]["train"]["config"]["method"] for n in runs})
     colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
     xs = [("mean retained drop", lambda r: (r["forgetting"], r.get("forgetting_se")))]
-    xs += [(f"{_short(t)} drop", lambda r, t=t: (-r["tasks"][t]["gain"], r["tasks"][t].get("se"))) for t in extra]
+    xs += [(f"{_short(t)}: loss against the base (+ = worse)", lambda r, t=t: (-r["tasks"][t]["gain"], r["tasks"][t].get("se"))) for t in extra]  # fmt: skip
     for ax, (label, x_of) in zip(panels[0], xs):
         for name, run in runs.items():
             method = state["runs"][name]["train"]["config"]["method"]
@@ -185,7 +185,7 @@ def figure(state: dict[str, Any], report: dict[str, Any], path: Path) -> Path | 
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=7)
-        ax.set_xlabel(f"{label} (lower is better)")
+        ax.set_xlabel(f"{label}; lower is better")
         ax.set_ylabel("target gain (higher is better)")
         ax.axvline(0, color="grey", lw=0.5)
     fig.suptitle(f"forgetting_real: {state['setting']}")
