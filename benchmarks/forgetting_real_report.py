@@ -172,7 +172,13 @@ def figure(state: dict[str, Any], report: dict[str, Any], path: Path) -> Path | 
     methods = sorted({state["runs"][n]["train"]["config"]["method"] for n in runs})
     colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
     xs = [("mean retained drop", lambda r: (r["forgetting"], r.get("forgetting_se")))]
-    xs += [(f"{_short(t)}: loss against the base (+ = worse)", lambda r, t=t: (-r["tasks"][t]["gain"], r["tasks"][t].get("se"))) for t in extra]  # fmt: skip
+    for t in extra:
+        xs.append(
+            (
+                f"{_short(t)}: loss against the base (+ = worse)",
+                lambda r, t=t: (-r["tasks"][t]["gain"], r["tasks"][t].get("se")),
+            )
+        )
     for ax, (label, x_of) in zip(panels[0], xs):
         for name, run in runs.items():
             method = state["runs"][name]["train"]["config"]["method"]
