@@ -16,6 +16,8 @@ away from the anchor; the official code clamps at every step instead (`si_accumu
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -41,6 +43,12 @@ def layer_coefficients(norms: torch.Tensor, weighting: str = "softmax", temperat
     if weighting == "none":
         return torch.ones_like(norms)
     raise ValueError(f"layer weighting must be softmax, uniform or none, got {weighting!r}")
+
+
+def importance_rms(sum_sq: dict[str, float], shapes: dict[str, tuple[int, ...]]) -> float:
+    """sqrt(sum Omega^2 / count) over the tensors in `shapes`, from per-tensor sums of squares (an artifact's
+    metadata): importance_scale=rms divides Omega by it, so lam means the same across importance magnitudes."""
+    return math.sqrt(sum(sum_sq[n] for n in shapes) / sum(math.prod(shapes[n]) for n in shapes))
 
 
 def quadratic_penalty(

@@ -19,9 +19,8 @@ adds R to the loss instead when `apply="loss"` (no DeepSpeed; for checking the e
 Departures from the paper: the penalty is a gradient edit rather than a loss term (the same gradient,
 without gathering weights under ZeRO-3); full fine-tuning is offered beside LoRA (the paper works on
 LoRA); theta* is always the weights the run starts from, and `anchor` states which weights of the
-importance run those must be (its end, the paper, or its start, the "pretrained" variant);
-`importance_scale: rms` (not in the paper) divides Omega by its RMS over the covered weights, so that lam
-transfers across models whose importance magnitudes differ by orders of magnitude. Under
+importance run those must be (its end, the paper, or its start, the "pretrained" variant); `importance_scale:
+rms` (not in the paper) divides Omega by its RMS over the covered weights, so lam transfers across models. Under
 ZeRO-3 with LoRA, A and B are gathered read-only per module and Omega is kept whole on every rank
 (the spec's row sharding of Omega is not done).
 """
@@ -41,7 +40,7 @@ from llmreg.core.options import ConfigError
 from llmreg.core.registry import register
 from llmreg.core.regularizer import Order, Regularizer, option
 from llmreg.core.shards import ShardAccess, zero3_unpadded
-from llmreg.regularizers.forgetting.formulas import layer_coefficients
+from llmreg.regularizers.forgetting.formulas import importance_rms, layer_coefficients
 from llmreg.regularizers.forgetting.targets import (
     LoraTarget,
     Selector,
@@ -218,17 +217,11 @@ class ForgettingPenalty(Regularizer):
             else:
                 raise errors[0]
         self._shapes = shapes
-        self._omega_divisor = self._rms(shapes) if cfg.importance_scale == "rms" and self.meta else 1.0
+        if cfg.importance_scale == "rms" and self.meta:  # from the artifact's metadata: the same on every rank
+            self._omega_divisor = importance_rms(self.meta.get("importance_sum_sq", {}), shapes)
+            if self._omega_divisor <= 0:
+                raise ConfigError(f"{self.name}: importance_scale=rms: the importance is 0 on every target")
         self.coefficients = self._layer_coefficients(shapes)
-
-    def _rms(self, shapes: dict[str, tuple[int, ...]]) -> float:
-        """sqrt(sum Omega^2 / count) over the covered weights, from the artifact's per-tensor sums of squares
-        (no tensor is read; the same number on every rank and under any sharding)."""
-        sums = self.meta.get("importance_sum_sq", {})
-        total = sum(sums[n] for n in shapes)
-        if total <= 0:
-            raise ConfigError(f"{self.name}: importance_scale=rms: the artifact's importance is 0 on every target")
-        return math.sqrt(total / sum(math.prod(shapes[n]) for n in shapes))
 
     def _layer_coefficients(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
         layers = sorted({layer_of(n) for n in shapes}, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
