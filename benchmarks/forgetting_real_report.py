@@ -66,10 +66,13 @@ def axes(h: dict[str, Any], suite) -> list[tuple[float, float | None]]:
     drop) and each weight-0 retained task (smollm2: held-out text perplexity, kept out of the mean: other units)."""
     retention = None if h["forgetting"] is None else -h["forgetting"]
     out = [(h["target_gain"], h["target_gain_se"]), (retention, h["forgetting_se"])]
-    for entry in suite.retain:
-        if entry.weight == 0 and entry.task in h["tasks"]:
-            out.append((h["tasks"][entry.task]["gain"], h["tasks"][entry.task].get("se")))
+    out += [(h["tasks"][t]["gain"], h["tasks"][t].get("se")) for t in side_tasks(suite) if t in h["tasks"]]
     return out
+
+
+def side_tasks(suite) -> list[str]:
+    """The weight-0 retained tasks: reported and judged as axes of their own, outside the mean retained drop."""
+    return [e.task for e in suite.retain if e.weight == 0]
 
 
 def dominates(h: dict[str, Any], suite) -> bool:
@@ -82,10 +85,9 @@ def dominates(h: dict[str, Any], suite) -> bool:
     return any(_beyond(g, se) for g, se in gains) and not any(_beyond(-g, se) for g, se in gains)
 
 
-def verdicts(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def verdicts(suite, evaluated: dict) -> dict[str, dict[str, Any]]:
     """Per evaluated run: its difference from vanilla (paired SEs) and the runs that dominate it beyond noise
     (`dominates`); a run no other dominates is on the front beyond noise."""
-    suite, evaluated = _suite_and_scores(state)
     out = {}
     for a in evaluated:
         vs_vanilla = head_to_head(suite, evaluated, a, "vanilla") if a != "vanilla" and "vanilla" in evaluated else None
@@ -94,9 +96,8 @@ def verdicts(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def verdict_table(state: dict[str, Any], found: dict[str, dict[str, Any]]) -> list[str]:
-    suite, _ = _suite_and_scores(state)
-    extra = [e.task for e in suite.retain if e.weight == 0]
+def verdict_table(suite, found: dict[str, dict[str, Any]]) -> list[str]:
+    extra = side_tasks(suite)
     lines = [
         "| run | target gain vs vanilla | retained drop vs vanilla | "
         + "".join(f"{_short(t)} gain vs vanilla | " for t in extra)
@@ -167,7 +168,7 @@ def figure(state: dict[str, Any], report: dict[str, Any], path: Path) -> Path | 
     import matplotlib.pyplot as plt
 
     suite, _ = _suite_and_scores(state)
-    extra = [e.task for e in suite.retain if e.weight == 0]
+    extra = side_tasks(suite)
     fig, panels = plt.subplots(1, 1 + len(extra), figsize=(7 * (1 + len(extra)), 5), squeeze=False)
     methods = sorted({state["runs"][n]["train"]["config"]["method"] for n in runs})
     colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
@@ -214,14 +215,15 @@ def section(state: dict[str, Any], report: dict[str, Any], figure_rel: str | Non
         *table(state, report),
         "",
     ]
-    found = verdicts(state) if report else {}
+    suite, evaluated = _suite_and_scores(state)
+    found = verdicts(suite, evaluated) if report else {}
     if found:
         lines += [
             "Each run against vanilla, paired over the same documents (the two runs' per-document scores; gains: "
             "positive = better than vanilla), and the runs that dominate it: better beyond 2 paired SE on one axis "
             "(target, mean retained drop, each weight-0 retained task), not worse beyond 2 SE on any.",
             "",
-            *verdict_table(state, found),
+            *verdict_table(suite, found),
             "",
         ]
     if figure_rel:

@@ -96,14 +96,17 @@ def _gold_index_lls(sample: dict, delimiter: str) -> list[float] | None:
     return None if golds is None else [lls[g] for g in golds]
 
 
+def _first_filter(samples: list[dict]):
+    """The samples of the first filter: the raw loglikelihoods are the same under every filter."""
+    first = samples[0].get("filter") if samples else None
+    return (sample for sample in samples if sample.get("filter") == first)
+
+
 def gold_logliks(samples: list[dict], delimiter: str = " ") -> dict[str, float] | None:
     """{doc_id: log-likelihood of the gold choice} for a multiple_choice task (first filter only: the raw
     loglikelihoods are the same under every filter); None when a document's gold cannot be located."""
     out: dict[str, float] = {}
-    first_filter = samples[0].get("filter") if samples else None
-    for sample in samples:
-        if sample.get("filter") != first_filter:
-            continue
+    for sample in _first_filter(samples):
         lls = _gold_index_lls(sample, delimiter)
         if lls is None:
             return None
@@ -116,10 +119,7 @@ def gold_probs(samples: list[dict], output_type: str, delimiter: str = " ") -> d
     """{doc_id: probability of the gold answer} (module docstring), first filter only; None for other output
     types or when a document's gold cannot be located."""
     out: dict[str, float] = {}
-    first_filter = samples[0].get("filter") if samples else None
-    for sample in samples:
-        if sample.get("filter") != first_filter:
-            continue
+    for sample in _first_filter(samples):
         if output_type == "loglikelihood":
             resps = sample.get("filtered_resps") or []
             if len(resps) != 1:

@@ -29,10 +29,8 @@ import os
 import tempfile
 from typing import Any
 
-import numpy as np
-
 from llmreg.eval.paired import combined_se, task_errors
-from llmreg.eval.per_doc import GOLD_PROB, gold_prob_record, task_per_doc
+from llmreg.eval.per_doc import GOLD_PROB, aggregate, gold_prob_record, task_per_doc
 from llmreg.eval.report import replace_marked_section, write_markdown, write_plots, write_report
 from llmreg.eval.suite import Suite, load_suite, write_local_tasks
 
@@ -142,7 +140,7 @@ def _score_task(scores: Scores, entry, out: dict) -> None:
         record = gold_prob_record(samples, lm_key, float(result[lm_key]), config)
         if record is None:
             raise ValueError(f"{entry.task}: metric gold_prob needs a multiple_choice or loglikelihood task")
-        scores[entry.task] = float(np.mean(list(record["values"].values())))
+        scores[entry.task] = aggregate(GOLD_PROB, record["values"])  # the mean of the per-document probabilities
         scores.metrics[entry.task] = GOLD_PROB
         scores.per_doc[entry.task] = record
         return
