@@ -236,6 +236,9 @@ def collect(setting: str, runs: list[dict], workdir: Path) -> dict[str, Any]:
         out = run_dir(workdir, setting, run, by_name)
         train = read_json(out / "run.json")
         if train is not None:
+            # the matrix's name, method and strength of the run, not those its record was written with: the hash
+            # says the training is the same; a renamed or re-labelled run keeps its cache
+            train = {**train, "name": run["name"], "config": run}
             done[run["name"]] = {"train": train, "eval": read_json(out / f"eval-{key}.json"), "hash": out.name}
     return {
         "setting": setting,

@@ -87,7 +87,12 @@ def smollm2_matrix() -> list[dict[str, Any]]:
     runs += _reg_curve("noisefit", {"name": "noisefit"}, "noise_std", [0.03, 0.3], 0.1)
     for method in ("si", "ewc"):
         runs += [
-            _run(f"forgetting_penalty ({method})", f"forgetting_penalty ({method})", prepare=f"importance:{method}")
+            _run(
+                f"forgetting_penalty ({method})",
+                f"forgetting_penalty ({method})",
+                {"si": 1e-3, "ewc": 0.5}[method],  # the penalty's default lam (its strength on the curve)
+                prepare=f"importance:{method}",
+            )
         ]
     # SI's control: the same phase 1 (15 steps on TinyStories) and the same start, penalty off (lam 0), so what
     # the SI run gains over vanilla can be split into "trained on general text first" and "the penalty"

@@ -116,6 +116,48 @@ def verdict_table(suite, found: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def seed_groups(state: dict[str, Any], evaluated: dict) -> dict[tuple, list[str]]:
+    """(method, strength) -> its evaluated runs, seed order, where there are two seeds or more (merges left out:
+    a merge's seed is the seed of the run it merges)."""
+    groups: dict[tuple, list[str]] = {}
+    for name in evaluated:
+        cfg = state["runs"][name]["train"]["config"]
+        if "merge" not in cfg:
+            groups.setdefault((cfg["method"], cfg["strength"]), []).append(name)
+    seed = lambda n: state["runs"][n]["train"]["config"]["seed"]  # noqa: E731
+    return {k: sorted(v, key=seed) for k, v in groups.items() if len(v) > 1}
+
+
+def seed_table(state: dict[str, Any], suite, evaluated: dict, report: dict[str, Any]) -> list[str]:
+    """Seed spread beside the paired SE: each seed's gains against the base, and the second seed against the
+    first paired over the same documents (a difference beyond its SE is run-to-run variation the paired SE of a
+    single run does not show)."""
+    groups = seed_groups(state, evaluated)
+    if not groups:
+        return []
+    extra = side_tasks(suite)
+    lines = [
+        "| method (strength) | runs | target gain per seed | mean retained drop per seed | "
+        + "".join(f"{_short(t)} gain per seed | " for t in extra)
+        + "second seed - first (target / retention / "
+        + " / ".join(_short(t) for t in extra)
+        + ") |",
+        "|---|---|---|---|" + "---|" * len(extra) + "---|",
+    ]
+    for (method, strength), names in groups.items():
+        per = [report["runs"][n] for n in names]
+        cells = [
+            ", ".join(_pm(r["target_gain"], r.get("target_gain_se")) for r in per),
+            ", ".join(_pm(r["forgetting"], r.get("forgetting_se")) for r in per),
+        ]
+        cells += [", ".join(_pm(r["tasks"][t]["gain"], r["tasks"][t].get("se")) for r in per) for t in extra]
+        h = head_to_head(suite, evaluated, names[1], names[0])
+        cells.append(" / ".join(_pm(g, se) for g, se in axes(h, suite)))
+        label = method if strength is None else f"{method} ({strength:g})"
+        lines.append(f"| {label} | {', '.join(names)} | {' | '.join(cells)} |")
+    return lines
+
+
 def _num(x: Any, digits: int = 4) -> str:
     if x is None:
         return "n/a"
@@ -189,6 +231,8 @@ def figure(state: dict[str, Any], report: dict[str, Any], path: Path) -> Path | 
                 fmt="o", color=colours[method], capsize=3, label=method,
             )  # fmt: skip
             ax.annotate(name, (x, run["target_gain"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for method, points in curves(state, runs, x_of).items():  # each method's strength sweep as a line
+            ax.plot([x for x, _ in points], [y for _, y in points], "-", color=colours[method], lw=0.8, alpha=0.6)
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=7)
@@ -200,6 +244,16 @@ def figure(state: dict[str, Any], report: dict[str, Any], path: Path) -> Path | 
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def curves(state: dict[str, Any], runs: dict, x_of) -> dict[str, list[tuple[float, float]]]:
+    """method -> its seed-0 points (x, target gain) in the order of their strength, for methods with two or more."""
+    found: dict[str, list[tuple[float, float, float]]] = {}
+    for name, run in runs.items():
+        cfg = state["runs"][name]["train"]["config"]
+        if cfg["seed"] == 0 and cfg["strength"] is not None:
+            found.setdefault(cfg["method"], []).append((cfg["strength"], x_of(run)[0], run["target_gain"]))
+    return {m: [(x, y) for _, x, y in sorted(p)] for m, p in found.items() if len(p) > 1}
 
 
 def section(state: dict[str, Any], report: dict[str, Any], figure_rel: str | None) -> str:
@@ -224,6 +278,15 @@ def section(state: dict[str, Any], report: dict[str, Any], figure_rel: str | Non
             "(target, mean retained drop, each weight-0 retained task), not worse beyond 2 SE on any.",
             "",
             *verdict_table(suite, found),
+            "",
+        ]
+    seeds = seed_table(state, suite, evaluated, report) if report else []
+    if seeds:
+        lines += [
+            "Seeds: each seed's paired SE against the base, and the second seed against the first, paired over "
+            "the same documents (gains: positive = the second seed better).",
+            "",
+            *seeds,
             "",
         ]
     if figure_rel:

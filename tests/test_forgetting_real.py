@@ -69,27 +69,74 @@ def test_tiny_pipeline_runs_caches_and_reports(tmp_path):
     assert "base: evaluated" in listing.stdout and listing.stdout.count("trained+evaluated") == 3
 
 
+def _scores(target, keep, side=(0.5, 0.5, 0.5, 0.5)):
+    """Scores of a run on a toy suite: target t (per-document nats and 1 byte each), retained r (gold_prob) and the
+    weight-0 retained q."""
+    from llmreg.eval.run import Scores
+
+    per_doc = {
+        "t": {"metric": "bits_per_byte,none", "values": {str(i): [-x, 1.0] for i, x in enumerate(target)}},
+        "r": {"metric": "gold_prob", "values": {str(i): x for i, x in enumerate(keep)}},
+        "q": {"metric": "gold_prob", "values": {str(i): x for i, x in enumerate(side)}},
+    }
+    bpb = sum(target) / len(target) / 0.6931471805599453
+    values = {"t": bpb, "r": sum(keep) / len(keep), "q": sum(side) / len(side)}
+    return Scores(values, {"t": "bits_per_byte,none", "r": "gold_prob", "q": "gold_prob"}, per_doc)
+
+
+def _toy_suite():
+    from llmreg.eval.suite import Suite, TaskEntry
+
+    retain = [TaskEntry("r", metric="gold_prob"), TaskEntry("q", metric="gold_prob", weight=0)]
+    return Suite(path="/x.yaml", target=[TaskEntry("t")], retain=retain)
+
+
+def test_seed_table_pairs_the_seeds_and_curves_follow_strength():
+    """Two seeds of one (method, strength) get a row whose last cell is the second seed against the first, paired
+    (by hand: target 0.05 nats/byte better, retention 0.02 worse); a method's points are drawn in strength order."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from forgetting_real_report import curves, seed_groups, seed_table
+
+    from llmreg.eval.run import forgetting_report
+
+    suite = _toy_suite()
+    evaluated = {
+        "vanilla": _scores([1.0, 2.0, 1.5, 1.2], [0.6, 0.7, 0.5, 0.8]),
+        "vanilla seed1": _scores([0.95, 1.95, 1.45, 1.15], [0.58, 0.68, 0.48, 0.78]),
+        "l2_sp lam=1": _scores([1.2, 2.2, 1.7, 1.4], [0.7, 0.8, 0.6, 0.9]),
+        "l2_sp": _scores([1.1, 2.1, 1.6, 1.3], [0.65, 0.75, 0.55, 0.85]),
+        "wise-ft 0.5": _scores([1.1, 2.1, 1.6, 1.3], [0.65, 0.75, 0.55, 0.85]),
+    }
+    configs = {
+        "vanilla": {"method": "vanilla", "strength": None, "seed": 0},
+        "vanilla seed1": {"method": "vanilla", "strength": None, "seed": 1},
+        "l2_sp lam=1": {"method": "l2_sp", "strength": 1.0, "seed": 0},
+        "l2_sp": {"method": "l2_sp", "strength": 0.01, "seed": 0},
+        "wise-ft 0.5": {"method": "wise-ft", "strength": 0.5, "seed": 0, "merge": {"of": "vanilla", "alpha": 0.5}},
+    }
+    state = {"runs": {n: {"train": {"config": c}} for n, c in configs.items()}}
+    assert seed_groups(state, evaluated) == {("vanilla", None): ["vanilla", "vanilla seed1"]}
+    base = _scores([2.0, 3.0, 2.5, 2.2], [0.6, 0.7, 0.5, 0.8])
+    report = forgetting_report(base, evaluated, suite)
+    rows = seed_table(state, suite, evaluated, report)
+    assert len(rows) == 3 and rows[2].startswith("| vanilla | vanilla, vanilla seed1 |")
+    diff = rows[2].rstrip(" |").rsplit("| ", 1)[1]  # target / retention / q
+    target, retention, side = (float(c.split(" ± ")[0]) for c in diff.split(" / "))
+    assert target == pytest.approx(0.05 / 0.6931471805599453, rel=1e-3)
+    assert retention == pytest.approx(-0.02) and side == pytest.approx(0.0)
+    points = curves(state, report["runs"], lambda r: (r["forgetting"], None))
+    assert set(points) == {"l2_sp"}  # vanilla has no strength; wise-ft has one point
+    gains = [report["runs"][n]["target_gain"] for n in ("l2_sp", "l2_sp lam=1")]
+    assert [y for _, y in points["l2_sp"]] == pytest.approx(gains)
+
+
 def test_head_to_head_differences_and_dominance():
     """head_to_head(a, b) is the report of a with b as its base: its target gain is b's target score minus a's
     (bits per byte, lower is better), and dominance needs one axis beyond 2 SE with the other no worse."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from forgetting_real_report import dominates, head_to_head
 
-    from llmreg.eval.run import Scores
-    from llmreg.eval.suite import Suite, TaskEntry
-
-    def scores(target, keep, side=(0.5, 0.5, 0.5, 0.5)):
-        per_doc = {
-            "t": {"metric": "bits_per_byte,none", "values": {str(i): [-x, 1.0] for i, x in enumerate(target)}},
-            "r": {"metric": "gold_prob", "values": {str(i): x for i, x in enumerate(keep)}},
-            "q": {"metric": "gold_prob", "values": {str(i): x for i, x in enumerate(side)}},
-        }
-        bpb = sum(target) / len(target) / 0.6931471805599453
-        values = {"t": bpb, "r": sum(keep) / len(keep), "q": sum(side) / len(side)}
-        return Scores(values, {"t": "bits_per_byte,none", "r": "gold_prob", "q": "gold_prob"}, per_doc)
-
-    retain = [TaskEntry("r", metric="gold_prob"), TaskEntry("q", metric="gold_prob", weight=0)]
-    suite = Suite(path="/x.yaml", target=[TaskEntry("t")], retain=retain)
+    scores, suite = _scores, _toy_suite()
     runs = {
         "a": scores([1.0, 2.0, 1.5, 1.2], [0.6, 0.7, 0.5, 0.8]),
         "b": scores([1.1, 2.1, 1.6, 1.3], [0.6, 0.7, 0.5, 0.8]),  # a learned better by 0.1 nats/byte everywhere
