@@ -75,24 +75,49 @@ def side_tasks(suite) -> list[str]:
     return [e.task for e in suite.retain if e.weight == 0]
 
 
-def dominates(h: dict[str, Any], suite) -> bool:
+def dominates(h: dict[str, Any], suite, seed_var: list[float] | None = None) -> bool:
     """From head_to_head(a, b): a is better than b beyond noise on one axis (`axes`) and not worse beyond noise
-    on any (an axis without an SE counts as no difference)."""
+    on any (an axis without an SE counts as no difference). With `seed_var` (per axis, `seed_variance`) the noise
+    is the paired SE and the training noise of two single-seed runs together."""
     gains = axes(h, suite)
     if any(g is None for g, _ in gains):  # an axis without a score (no weighted retained task): undecided
         return False
+    if seed_var is not None:
+        gains = [(g, None if se is None else (se * se + v) ** 0.5) for (g, se), v in zip(gains, seed_var)]
     # "no worse" within noise: a difference under 2 SE is no difference (and two runs cannot dominate each other)
     return any(_beyond(g, se) for g, se in gains) and not any(_beyond(-g, se) for g, se in gains)
 
 
-def verdicts(suite, evaluated: dict) -> dict[str, dict[str, Any]]:
+def seed_variance(suite, evaluated: dict, groups: dict[tuple, list[str]]) -> list[float] | None:
+    """Per axis, the variance training noise adds to the difference between two single-seed runs, from the seed
+    pairs (`seed_groups`): the second seed minus the first has E[d^2] = 2 sigma_train^2 + paired SE^2, so
+    d^2 - SE^2 (pooled over the pairs, floored at 0) estimates it; None without a seed pair. One pair is one
+    degree of freedom: a rough figure, and it assumes every method has vanilla's training noise."""
+    pairs = [axes(head_to_head(suite, evaluated, names[1], names[0]), suite) for names in groups.values()]
+    if not pairs:
+        return None
+    out = []
+    for axis in zip(*pairs):
+        known = [(g, se or 0.0) for g, se in axis if g is not None]
+        out.append(max(0.0, sum(g * g - se * se for g, se in known) / len(known)) if known else 0.0)
+    return out
+
+
+def verdicts(suite, evaluated: dict, seed_var: list[float] | None = None) -> dict[str, dict[str, Any]]:
     """Per evaluated run: its difference from vanilla (paired SEs) and the runs that dominate it beyond noise
-    (`dominates`); a run no other dominates is on the front beyond noise."""
+    (`dominates`), by the paired SE alone and, with `seed_var`, by the paired SE and the seed spread; a run no
+    other dominates is on the front beyond noise."""
     out = {}
     for a in evaluated:
         vs_vanilla = head_to_head(suite, evaluated, a, "vanilla") if a != "vanilla" and "vanilla" in evaluated else None
-        by = [b for b in evaluated if b != a and dominates(head_to_head(suite, evaluated, b, a), suite)]
-        out[a] = {"vs_vanilla": vs_vanilla, "dominated_by": by}
+        against = {b: head_to_head(suite, evaluated, b, a) for b in evaluated if b != a}
+        out[a] = {
+            "vs_vanilla": vs_vanilla,
+            "dominated_by": [b for b, h in against.items() if dominates(h, suite)],
+            "dominated_by_with_seeds": None
+            if seed_var is None
+            else [b for b, h in against.items() if dominates(h, suite, seed_var)],
+        }
     return out
 
 
@@ -101,8 +126,8 @@ def verdict_table(suite, found: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
         "| run | target gain vs vanilla | retained drop vs vanilla | "
         + "".join(f"{_short(t)} gain vs vanilla | " for t in extra)
-        + "beyond noise (2 SE) |",
-        "|---|---|---|" + "---|" * len(extra) + "---|",
+        + "beyond noise (2 paired SE) | beyond noise (2 x paired SE with seed spread) |",
+        "|---|---|---|" + "---|" * len(extra) + "---|---|",
     ]
     for name, v in found.items():
         h = v["vs_vanilla"]
@@ -111,9 +136,15 @@ def verdict_table(suite, found: dict[str, dict[str, Any]]) -> list[str]:
         else:
             cells = [_pm(h["target_gain"], h["target_gain_se"]), _pm(h["forgetting"], h["forgetting_se"])]
             cells += [_pm(h["tasks"][t]["gain"], h["tasks"][t].get("se")) for t in extra]
-        front = "on the front" if not v["dominated_by"] else "dominated by " + ", ".join(v["dominated_by"])
-        lines.append(f"| {name} | {' | '.join(cells)} | {front} |")
+        fronts = [_front(v["dominated_by"]), _front(v["dominated_by_with_seeds"])]
+        lines.append(f"| {name} | {' | '.join(cells + fronts)} |")
     return lines
+
+
+def _front(by: list[str] | None) -> str:
+    if by is None:
+        return "n/a (no seed pair)"
+    return "on the front" if not by else "dominated by " + ", ".join(by)
 
 
 def seed_groups(state: dict[str, Any], evaluated: dict) -> dict[tuple, list[str]]:
@@ -270,12 +301,16 @@ def section(state: dict[str, Any], report: dict[str, Any], figure_rel: str | Non
         "",
     ]
     suite, evaluated = _suite_and_scores(state)
-    found = verdicts(suite, evaluated) if report else {}
+    seed_var = seed_variance(suite, evaluated, seed_groups(state, evaluated)) if report else None
+    found = verdicts(suite, evaluated, seed_var) if report else {}
     if found:
+        spread = "n/a" if seed_var is None else " / ".join(_num(v**0.5, 2) for v in seed_var)
         lines += [
             "Each run against vanilla, paired over the same documents (the two runs' per-document scores; gains: "
             "positive = better than vanilla), and the runs that dominate it: better beyond 2 paired SE on one axis "
-            "(target, mean retained drop, each weight-0 retained task), not worse beyond 2 SE on any.",
+            "(target, mean retained drop, each weight-0 retained task), not worse beyond 2 SE on any. The last "
+            "column adds the training noise the seed pairs show to each SE (`seed_variance`: the standard deviation "
+            f"of a two-run difference from seeds alone, per axis: {spread}; from one or two pairs, so rough).",
             "",
             *verdict_table(suite, found),
             "",

@@ -95,7 +95,7 @@ def test_seed_table_pairs_the_seeds_and_curves_follow_strength():
     """Two seeds of one (method, strength) get a row whose last cell is the second seed against the first, paired
     (by hand: target 0.05 nats/byte better, retention 0.02 worse); a method's points are drawn in strength order."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from forgetting_real_report import curves, seed_groups, seed_table
+    from forgetting_real_report import curves, dominates, seed_groups, seed_table, seed_variance
 
     from llmreg.eval.run import forgetting_report
 
@@ -124,6 +124,15 @@ def test_seed_table_pairs_the_seeds_and_curves_follow_strength():
     target, retention, side = (float(c.split(" ± ")[0]) for c in diff.split(" / "))
     assert target == pytest.approx(0.05 / 0.6931471805599453, rel=1e-3)
     assert retention == pytest.approx(-0.02) and side == pytest.approx(0.0)
+    # the seed pair's differences are the same on every document (paired SE 0): all of d^2 is training noise
+    ln2 = 0.6931471805599453
+    seed_var = seed_variance(suite, evaluated, seed_groups(state, evaluated))
+    assert seed_var == pytest.approx([(0.05 / ln2) ** 2, 0.02**2, 0.0])
+    # a target gain of 0.1 (SE 0.01) is beyond 2 paired SE, and within 2 x sqrt(SE^2 + 0.1^2)
+    h = {"target_gain": 0.1, "target_gain_se": 0.01, "forgetting": 0.0, "forgetting_se": 0.01}
+    h["tasks"] = {"q": {"gain": 0.0, "se": 0.01}}
+    assert dominates(h, suite) and not dominates(h, suite, [0.1**2, 0.0, 0.0])
+    assert dominates(h, suite, [0.01**2, 0.0, 0.0])  # sqrt(2) x 0.01 of noise: still beyond
     points = curves(state, report["runs"], lambda r: (r["forgetting"], None))
     assert set(points) == {"l2_sp"}  # vanilla has no strength; wise-ft has one point
     gains = [report["runs"][n]["target_gain"] for n in ("l2_sp", "l2_sp lam=1")]
