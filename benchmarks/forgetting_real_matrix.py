@@ -119,6 +119,18 @@ def smollm2_matrix() -> list[dict[str, Any]]:
         )
         for lam in (0.15,)
     ]
+    # EWC at the code's lam 0.5 is a no-op on SmolLM2 (its Fisher's RMS is 1.3e-4: the pull is ~80x weaker than
+    # l2_sp's default); with rms, lam 0.005 matches l2_sp's default per unit of Omega (a_l = 1 for ewc)
+    runs += [
+        _run(
+            f"forgetting_penalty (ewc) rms lam={lam:g}",
+            "forgetting_penalty (ewc, rms)",
+            lam,
+            prepare="importance:ewc",
+            penalty={"importance_scale": "rms", "lam": lam},
+        )
+        for lam in (0.005,)
+    ]
     # the stack the issue asks for: replay + the best regularizer (l2_sp, the only one not dominated by vanilla 1e-4
     # at its default)
     runs += [
