@@ -98,7 +98,7 @@ def smollm2_matrix() -> list[dict[str, Any]]:
     # the SI run gains over vanilla can be split into "trained on general text first" and "the penalty"
     runs += [
         _run(
-            "si control (phase 1, lam=0)",
+            "si control lam=0",
             "forgetting_penalty (si)",
             0.0,
             prepare="importance:si",
