@@ -266,7 +266,8 @@ def figure(state: dict[str, Any], report: dict[str, Any], path: Path) -> Path | 
             ax.plot([x for x, _ in points], [y for _, y in points], "-", color=colours[method], lw=0.8, alpha=0.6)
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=7)
+        if ax is panels[0][-1]:  # one legend, outside the last panel: inside, it hid points
+            ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.set_xlabel(f"{label}; lower is better")
         ax.set_ylabel("target gain (higher is better)")
         ax.axvline(0, color="grey", lw=0.5)
