@@ -65,6 +65,8 @@ def _reg_curve(method: str, reg: dict[str, Any], knob: str, values: list[float],
 
 def smollm2_matrix() -> list[dict[str, Any]]:
     """The issue's matrix: baselines, then each method at its paper default and 2-3 strengths, then seeds."""
+    from llmreg.regularizers.forgetting.penalty import DEFAULT_LAMBDA
+
     runs = [
         _run("vanilla", "vanilla"),
         _run(
@@ -90,7 +92,7 @@ def smollm2_matrix() -> list[dict[str, Any]]:
             _run(
                 f"forgetting_penalty ({method})",
                 f"forgetting_penalty ({method})",
-                {"si": 1e-3, "ewc": 0.5}[method],  # the penalty's default lam (its strength on the curve)
+                DEFAULT_LAMBDA[method],  # the penalty's default lam: its strength on the curve
                 prepare=f"importance:{method}",
             )
         ]
