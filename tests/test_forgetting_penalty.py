@@ -66,25 +66,33 @@ def test_full_edit_equals_autograd_of_explicit_penalty(tok, tmp_path):
     assert reg.metrics()["layer_coef/0"] == pytest.approx(a["0"])
 
 
+@pytest.mark.parametrize("scale", ["rms", "mean"])
 @pytest.mark.parametrize("importance", ["si", "ewc"])
-def test_rms_importance_scale_is_the_explicit_penalty_with_omega_over_its_rms(tok, tmp_path, importance):
-    """importance_scale=rms: the edit is the gradient of lam * sum_l a_l * sum (Omega / rms) (theta - theta*)^2,
-    rms = sqrt(sum Omega^2 / count) over the covered weights and a_l = softmax(c * ||Omega_l / rms||); the same
-    edit for an artifact 1e6 times larger (the strength transfers across importance magnitudes)."""
+def test_normalised_importance_scale_is_the_explicit_penalty_with_omega_over_its_divisor(
+    tok, tmp_path, importance, scale
+):
+    """importance_scale rms / mean: the edit is the gradient of lam * sum_l a_l * sum (Omega / d) (theta -
+    theta*)^2, d = sqrt(sum Omega^2 / count) (rms) or sum |Omega| / count (mean) over the covered weights and
+    a_l = softmax(c * ||Omega_l / d||); the same edit for an artifact 1e6 times larger (the strength transfers
+    across importance magnitudes)."""
     model = tiny_llama(vocab_size=len(tok), seed=0)
     small = random_artifact(tmp_path / "a", model, scale=1.0, layer_scale={"1": 3.0}, method=importance)
     large = random_artifact(tmp_path / "b", model, scale=1e6, layer_scale={"1": 3.0}, method=importance)
     regs = []
     for path in (small, large):
-        reg = ForgettingPenalty(importance=importance, artifact=path, lam=0.7, importance_scale="rms",
+        reg = ForgettingPenalty(importance=importance, artifact=path, lam=0.7, importance_scale=scale,
                                 layer_weighting="softmax", layer_temperature=0.008)  # fmt: skip
         reg.setup(model, _NoDS())
         shards = ShardAccess.from_model(model)
         reg.on_prepared(model, shards)
         regs.append((reg, shards))
     omega = art.load_importance(small, regs[0][0].importance.keys())
-    rms = (sum(o.pow(2).sum() for o in omega.values()) / sum(o.numel() for o in omega.values())) ** 0.5
-    scaled = {n: o / rms for n, o in omega.items()}
+    count = sum(o.numel() for o in omega.values())
+    if scale == "rms":
+        divisor = (sum(o.pow(2).sum() for o in omega.values()) / count) ** 0.5
+    else:
+        divisor = sum(o.abs().sum() for o in omega.values()) / count
+    scaled = {n: o / divisor for n, o in omega.items()}
     norms = torch.tensor([sum(scaled[n].pow(2).sum() for n in scaled if layer_of(n) == l) ** 0.5 for l in "01"])
     a = torch.softmax(0.008 * norms.double(), 0).float()
     assert 0.05 < float(a.min()) < 0.45  # neither flat nor one-hot at this temperature
@@ -110,6 +118,20 @@ def test_rms_importance_scale_is_the_explicit_penalty_with_omega_over_its_rms(to
         grads.append(edited)
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4), n
+
+
+def test_mean_importance_scale_refuses_an_artifact_without_its_sums(tok, tmp_path):
+    """An artifact written before importance_scale=mean has no importance_sum_abs: a clear error at setup, not a
+    divisor of 0 or a silent fallback; rms still works on it."""
+    model = tiny_llama(vocab_size=len(tok), seed=0)
+    path = random_artifact(tmp_path / "imp", model, scale=1e3)
+    meta_file = next(p for p in (tmp_path / "imp").iterdir() if p.suffix == ".json")
+    meta = json.loads(meta_file.read_text())
+    del meta["importance_sum_abs"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(llmreg.ConfigError, match="importance_sum_abs"):
+        ForgettingPenalty(artifact=path, importance_scale="mean").setup(model, _NoDS())
+    ForgettingPenalty(artifact=path, importance_scale="rms").setup(model, _NoDS())
 
 
 def test_checkpoint_of_another_importance_scale_is_refused(tok, tmp_path):
@@ -238,6 +260,10 @@ def test_si_importance_equals_hand_computed_path_integral(tok, tmp_path):
     meta = art.read_meta(str(tmp_path / "imp"))
     assert meta["method"] == "si" and meta["steps"] == 3 and sorted(meta["parameters"]) == sorted(names)
     assert meta["anchor_sum_sq"]["end"][names[0]] == pytest.approx(float(end[names[0]].double().pow(2).sum()))
+    # the sums importance_scale rms / mean divide by, from the tensors the artifact holds
+    for n in names:
+        assert meta["importance_sum_sq"][n] == pytest.approx(float(got[n].double().pow(2).sum()), rel=1e-6)
+        assert meta["importance_sum_abs"][n] == pytest.approx(float(got[n].double().abs().sum()), rel=1e-6)
 
 
 def test_ewc_fisher_is_mean_of_per_example_squared_gradients(tok, tmp_path):

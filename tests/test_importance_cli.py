@@ -71,6 +71,9 @@ def test_ewc_records_the_fisher_without_training(tmp_path):
     meta = art.read_meta(tmp_path / "ewc" / "importance")
     assert meta["method"] == "ewc" and meta["examples"] == 4 and meta["steps"] == 0
     assert meta["anchor_sum_sq"]["start"] == meta["anchor_sum_sq"]["end"]
+    fisher = art.load_importance(str(tmp_path / "ewc" / "importance"), meta["parameters"])
+    for n, t in fisher.items():  # the sums importance_scale mean divides by (a Fisher is >= 0: |F| = F)
+        assert meta["importance_sum_abs"][n] == pytest.approx(float(t.double().sum()), rel=1e-6)
     assert not (tmp_path / "ewc" / "final").exists()  # nothing was trained
 
 

@@ -141,6 +141,15 @@ def load_importance(directory: str, names: Iterable[str]) -> dict[str, torch.Ten
         return {name: fh.get_tensor(name).float() for name in names}
 
 
+def importance_stats(omega: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per-tensor sums of Omega^2 and of |Omega|, for the artifact's metadata: they give a_l's layer norms and
+    the divisors of importance_scale rms / mean on every rank without reading the tensors."""
+    return {
+        "importance_sum_sq": {n: float(t.double().pow(2).sum()) for n, t in omega.items()},
+        "importance_sum_abs": {n: float(t.double().abs().sum()) for n, t in omega.items()},
+    }
+
+
 def random_artifact(
     directory: str | os.PathLike,
     model: torch.nn.Module,
@@ -168,6 +177,6 @@ def random_artifact(
             "steps": 0,
             "model": "random (test/benchmark)",
             "anchor_sum_sq": {"start": sum_sq, "end": sum_sq},
-            "importance_sum_sq": {n: float(t.double().pow(2).sum()) for n, t in omega.items()},
+            **importance_stats(omega),
         },
     )

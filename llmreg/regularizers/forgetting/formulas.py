@@ -51,6 +51,13 @@ def importance_rms(sum_sq: dict[str, float], shapes: dict[str, tuple[int, ...]])
     return math.sqrt(sum(sum_sq[n] for n in shapes) / sum(math.prod(shapes[n]) for n in shapes))
 
 
+def importance_mean_abs(sum_abs: dict[str, float], shapes: dict[str, tuple[int, ...]]) -> float:
+    """sum |Omega| / count over the tensors in `shapes`: importance_scale=mean divides Omega by it, so the mean
+    Omega is 1 and lam pulls the average weight as l2_sp's lam / 2 does. Unlike the RMS, it is not dominated by
+    the few largest entries of a heavy-tailed importance (a diagonal Fisher's mean is ~1 % of its RMS)."""
+    return sum(sum_abs[n] for n in shapes) / sum(math.prod(shapes[n]) for n in shapes)
+
+
 def quadratic_penalty(
     theta: torch.Tensor, anchor: torch.Tensor, omega: torch.Tensor | float, coef: float
 ) -> torch.Tensor:

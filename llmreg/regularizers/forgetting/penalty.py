@@ -20,7 +20,8 @@ Departures from the paper: the penalty is a gradient edit rather than a loss ter
 without gathering weights under ZeRO-3); full fine-tuning is offered beside LoRA (the paper works on
 LoRA); theta* is always the weights the run starts from, and `anchor` states which weights of the
 importance run those must be (its end, the paper, or its start, the "pretrained" variant); `importance_scale:
-rms` (not in the paper) divides Omega by its RMS over the covered weights, so lam transfers across models. Under
+mean` or `rms` (not in the paper) divides Omega by its mean |Omega| or its RMS over the covered weights, so lam
+transfers across models (mean: lam pulls the average weight as l2_sp's lam / 2; see benchmarks/RESULTS.md). Under
 ZeRO-3 with LoRA, A and B are gathered read-only per module and Omega is kept whole on every rank
 (the spec's row sharding of Omega is not done).
 """
@@ -40,7 +41,7 @@ from llmreg.core.options import ConfigError
 from llmreg.core.registry import register
 from llmreg.core.regularizer import Order, Regularizer, option
 from llmreg.core.shards import ShardAccess, zero3_unpadded
-from llmreg.regularizers.forgetting.formulas import importance_rms, layer_coefficients
+from llmreg.regularizers.forgetting.formulas import importance_mean_abs, importance_rms, layer_coefficients
 from llmreg.regularizers.forgetting.targets import (
     LoraTarget,
     Selector,
@@ -77,11 +78,12 @@ class ForgettingPenaltyOptions:
     layer_temperature: float = option(
         1e-8, "c inside the layer softmax (code: 1e-8); retune when a_l is one-hot or flat", ge=0
     )
-    importance_scale: Literal["raw", "rms"] = option(
+    importance_scale: Literal["raw", "rms", "mean"] = option(
         "raw",
-        "raw: Omega as the artifact holds it (paper) | rms: Omega divided by its root mean square over the "
-        "covered weights, so lam (and c) mean the same on every model and for si and ewc; the lam and c "
-        "defaults are the paper's for raw Omega: set both with rms (||Omega_l|| becomes ~sqrt(weights in l))",
+        "raw: Omega as the artifact holds it (paper) | mean: Omega divided by its mean |Omega| over the covered "
+        "weights, so lam pulls the average weight as l2_sp's lam / 2 on every model and for si and ewc | rms: "
+        "divided by its root mean square (dominated by the largest entries when Omega is heavy-tailed, as a "
+        "Fisher is); the lam and c defaults are the paper's for raw Omega: set both with mean or rms",
     )
     targets: list[str] = option(
         [], "regexes of weight names to regularise; default: the 2-D weights of the decoder layers"
@@ -137,7 +139,7 @@ class ForgettingPenalty(Regularizer):
         self._lora: list[LoraTarget] = []
         self._penalty: torch.Tensor | float = 0.0
         self._device = torch.device("cpu")
-        self._omega_divisor = 1.0  # importance_scale=rms: the RMS of Omega over the covered weights
+        self._omega_divisor = 1.0  # importance_scale rms / mean: the RMS or mean |Omega| over the covered weights
 
     def config(self) -> PenaltyConfig:
         o = self.options
@@ -217,11 +219,23 @@ class ForgettingPenalty(Regularizer):
             else:
                 raise errors[0]
         self._shapes = shapes
-        if cfg.importance_scale == "rms" and self.meta:  # from the artifact's metadata: the same on every rank
-            self._omega_divisor = importance_rms(self.meta.get("importance_sum_sq", {}), shapes)
-            if self._omega_divisor <= 0:
-                raise ConfigError(f"{self.name}: importance_scale=rms: the importance is 0 on every target")
+        if cfg.importance_scale != "raw" and self.meta:  # from the artifact's metadata: the same on every rank
+            self._omega_divisor = self._importance_divisor(cfg.importance_scale, shapes)
         self.coefficients = self._layer_coefficients(shapes)
+
+    def _importance_divisor(self, scale: str, shapes: dict[str, tuple[int, ...]]) -> float:
+        if scale == "rms":
+            divisor = importance_rms(self.meta.get("importance_sum_sq", {}), shapes)
+        else:
+            if "importance_sum_abs" not in self.meta:  # artifacts written before importance_scale=mean existed
+                raise ConfigError(
+                    f"{self.name}: importance_scale=mean needs the artifact's importance_sum_abs, which "
+                    f"{self.cfg.artifact} predates: recompute it (llmreg importance) or use importance_scale=rms"
+                )
+            divisor = importance_mean_abs(self.meta["importance_sum_abs"], shapes)
+        if divisor <= 0:
+            raise ConfigError(f"{self.name}: importance_scale={scale}: the importance is 0 on every target")
+        return divisor
 
     def _layer_coefficients(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
         layers = sorted({layer_of(n) for n in shapes}, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
@@ -231,7 +245,7 @@ class ForgettingPenalty(Regularizer):
             members = [n for n in shapes if layer_of(n) == layer]
             # uniform importance 1: ||Omega_l||^2 is the element count
             norms.append(math.sqrt(sum(sums[n] if self.meta else math.prod(shapes[n]) for n in members)))
-        norms = [x / self._omega_divisor for x in norms]  # ||Omega_l / rms|| under importance_scale=rms
+        norms = [x / self._omega_divisor for x in norms]  # ||Omega_l / divisor|| under importance_scale rms / mean
         coefs = layer_coefficients(torch.tensor(norms, dtype=torch.float64), self.cfg.weighting, self.cfg.temperature)
         return {layer: coefs[i].float() for i, layer in enumerate(layers)}
 

@@ -67,7 +67,7 @@ def write_ewc_artifact(
         "examples": count,
         "options": {"num_samples": num_samples, "targets": targets or [], "exclude": exclude or []},
         "anchor_sum_sq": {"start": sum_sq, "end": sum_sq},  # no training: the anchor is the model as it is
-        "importance_sum_sq": {n: float(t.double().pow(2).sum()) for n, t in fisher.items()},
+        **art.importance_stats(fisher),
         **meta,
     }
     if trainer.is_world_process_zero():

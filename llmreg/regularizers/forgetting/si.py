@@ -174,7 +174,7 @@ class SIImportance(Regularizer):
             "steps": self.steps,
             "options": {k: getattr(self.options, k) for k in ("xi", "fold", "omega_clamp", "targets", "exclude")},
             "anchor_sum_sq": {"start": self.start_sum_sq, "end": end_sum_sq},
-            "importance_sum_sq": {n: float(t.double().pow(2).sum()) for n, t in full.items()},
+            **art.importance_stats(full),
             **(meta or {}),
         }
         if is_main:
