@@ -133,29 +133,19 @@ def smollm2_matrix() -> list[dict[str, Any]]:
         for lam in (0.15,)
     ]
     # EWC at the code's lam 0.5 is a no-op on SmolLM2 (its Fisher's RMS is 1.3e-4: the pull is ~80x weaker than
-    # l2_sp's default); with rms, lam 0.005 matches l2_sp's default per unit of Omega (a_l = 1 for ewc)
-    runs += [
-        _run(
-            f"forgetting_penalty (ewc) rms lam={lam:g}",
-            "forgetting_penalty (ewc, rms)",
-            lam,
-            prepare="importance:ewc",
-            penalty={"importance_scale": "rms", "lam": lam},
-        )
-        for lam in (0.005,)
-    ]
-    # ... but a diagonal Fisher is heavy-tailed (on SmolLM2 its mean is 1 % of its RMS, the top 1 % of entries hold
-    # 81 % of its sum): with rms the average weight is pulled ~100x less than by l2_sp (the rms run moved nothing).
+    # l2_sp's default); with rms, lam 0.005 matches l2_sp's default per unit of Omega (a_l = 1 for ewc) ... but a
+    # diagonal Fisher is heavy-tailed (on SmolLM2 its mean is 1 % of its RMS, the top 1 % of entries hold 81 % of
+    # its sum): with rms the average weight is pulled ~100x less than by l2_sp (the rms run moved nothing).
     # importance_scale=mean (Omega / mean |Omega|) at lam 0.005 pulls the average weight as l2_sp's lam 0.01 does
     runs += [
         _run(
-            f"forgetting_penalty (ewc) mean lam={lam:g}",
-            "forgetting_penalty (ewc, mean)",
+            f"forgetting_penalty (ewc) {scale} lam={lam:g}",
+            f"forgetting_penalty (ewc, {scale})",
             lam,
             prepare="importance:ewc",
-            penalty={"importance_scale": "mean", "lam": lam},
+            penalty={"importance_scale": scale, "lam": lam},
         )
-        for lam in (0.005,)
+        for scale, lam in (("rms", 0.005), ("mean", 0.005))
     ]
     # the stack the issue asks for: replay + the best regularizer (l2_sp, the only one not dominated by vanilla 1e-4
     # at its default)
