@@ -6,6 +6,7 @@
 - `artifact.py`: the importance artifact linking the two phases;
 - `si.py`: phase 1, the `si_importance` recorder; `ewc.py`: the Fisher pass;
 - `penalty.py`: phase 2, the `forgetting_penalty` regularizer (`l2_sp` is its uniform-importance preset);
+  `options.py`: its options and PenaltyConfig, the settings it runs on;
 - `record.py`: `write_si_artifact` / `write_ewc_artifact`, the artifact of phase 1 (`llmreg importance RECIPE`
   runs them from a recipe: llmreg.recipe.importance).
 """
