@@ -50,6 +50,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+# the LoRA baseline: r 16 on every linear layer, at LoRA's own (10x) learning rate
+LORA_R16 = {"peft": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}, "trainer": {"learning_rate": 1.0e-3}}
+
+
 def _run(name: str, method: str, strength: float | None = None, seed: int = 0, **what: Any) -> dict[str, Any]:
     return {"name": name, "method": method, "strength": strength, "seed": seed, **what}
 
@@ -69,12 +73,7 @@ def smollm2_matrix() -> list[dict[str, Any]]:
 
     runs = [
         _run("vanilla", "vanilla"),
-        _run(
-            "lora r16",
-            "lora",
-            peft={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
-            trainer={"learning_rate": 1.0e-3},
-        ),  # LoRA's own (10x) learning rate  # fmt: skip
+        _run("lora r16", "lora", **LORA_R16),
     ]
     # replay: 20 % of the rows from the first GENERAL_LINES TinyStories paragraphs. The mixture makes the text rows
     # conversational pairs beside the chat GSM8K rows ([empty user] -> [assistant: paragraph], llmreg.recipe.mixture),
@@ -160,13 +159,7 @@ def smollm2_matrix() -> list[dict[str, Any]]:
     # 1e-4 (the only run on the front with the seed spread) and LoRA (the closest to it)
     runs += [
         _run("vanilla lr=0.0001 seed1", "vanilla (calibration)", 1e-4, seed=1, trainer={"learning_rate": 1e-4}),
-        _run(
-            "lora r16 seed1",
-            "lora",
-            seed=1,
-            peft={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
-            trainer={"learning_rate": 1.0e-3},
-        ),
+        _run("lora r16 seed1", "lora", seed=1, **LORA_R16),
     ]
     # calibration of the recipe (benchmarks/RESULTS.md, "Forgetting on SmolLM2-135M-Instruct"): at 1e-4 vanilla
     # learned the target but lost nothing measurable anywhere; the recipe's rate is 3e-4, where held-out text

@@ -17,15 +17,19 @@ must share one tokenizer (the differences are per paragraph and per token).
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "eval" / "tasks"))
 from forgetting_real_matrix import TINYSTORIES  # noqa: E402
+from llmreg_tasks import HELDOUT_LINES  # noqa: E402  (the suite's held-out paragraphs: the last 200)
+
+from llmreg.eval.paired import paired_se  # noqa: E402
+from llmreg.recipe.gguf import gguf_model_folder  # noqa: E402
 
 
 def entropy_and_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, float, int]:
@@ -45,10 +49,7 @@ def heldout_paragraphs(path: Path, last: int, count: int) -> list[str]:
 def load(path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if path.endswith(".gguf"):
-        from llmreg.recipe.gguf import converted_folder
-
-        path = converted_folder(os.path.dirname(path) or ".", os.path.basename(path))
+    path = gguf_model_folder(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -63,11 +64,11 @@ def score(model, tokenizer, paragraphs: list[str], max_tokens: int) -> list[tupl
 
 
 def paired_per_token(a: list[tuple[float, float, int]], b: list[tuple[float, float, int]], k: int):
-    """Mean over paragraphs of (b - a) per token for field k (0 entropy, 1 NLL), and its paired SE."""
-    d = [(y[k] - x[k]) / x[2] for x, y in zip(a, b)]
-    mean = sum(d) / len(d)
-    se = math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("nan")
-    return mean, se
+    """Mean over paragraphs of (b - a) per token for field k (0 entropy, 1 NLL), and its paired SE (nan for one
+    paragraph)."""
+    per_a, per_b = [x[k] / x[2] for x in a], [y[k] / x[2] for x, y in zip(a, b)]
+    se = paired_se(per_a, per_b)
+    return (sum(per_b) - sum(per_a)) / len(per_a), float("nan") if se is None else se
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         "models", nargs="+", help="NAME=PATH (a model folder or a .gguf file); the first is the reference"
     )
     parser.add_argument("--text", type=Path, default=TINYSTORIES)
-    parser.add_argument("--last", type=int, default=200, help="the held-out paragraphs: the last N non-blank lines")
+    parser.add_argument(
+        "--last", type=int, default=HELDOUT_LINES, help="the held-out paragraphs: the last N non-blank lines"
+    )
     parser.add_argument("--paragraphs", type=int, default=24)
     parser.add_argument("--max-tokens", type=int, default=256)
     args = parser.parse_args(argv)
