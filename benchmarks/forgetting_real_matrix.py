@@ -188,6 +188,16 @@ def smollm2_matrix() -> list[dict[str, Any]]:
             trainer={"learning_rate": 1e-4},
         ),
     ]
+    # half_ft at 1e-4 tied vanilla 1e-4 on one seed (on the front with the seed spread): its second seed
+    runs += [
+        _run(
+            "half_ft lr=0.0001 seed1",
+            "half_ft (lr 1e-4)",
+            seed=1,
+            regularizers=[{"name": "half_ft"}],
+            trainer={"learning_rate": 1e-4},
+        )
+    ]
     # noisefit in its paper's regime (v1 code's recipe: LoRA r 8, alpha 16, dropout 0.05 on q/v at lr 5e-5; here
     # without 4-bit quantisation, and 60 steps of batch 4 instead of 1000 of 16), with the same LoRA as its control:
     # at full FT and 6x the paper's rate it doubled the held-out perplexity
