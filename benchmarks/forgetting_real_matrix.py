@@ -198,6 +198,29 @@ def smollm2_matrix() -> list[dict[str, Any]]:
             trainer={"learning_rate": 1e-4},
         )
     ]
+    # second seeds of the best point of the other baselines and methods (the point of each curve nearest the front
+    # against vanilla 1e-4 on one seed); a WiSE-FT merge of "vanilla seed1" has that run's seed
+    runs += [
+        _run("wise-ft 0.5 seed1", "wise-ft", 0.5, seed=1, merge={"of": "vanilla seed1", "alpha": 0.5}),
+        _run("replay 20% seed1", "replay", 0.2, seed=1, replay=0.2),
+        _run(
+            "forgetting_penalty (si) mean lam=0.15 seed1",
+            "forgetting_penalty (si, mean)",
+            0.15,
+            seed=1,
+            prepare="importance:si",
+            penalty={"importance_scale": "mean", "lam": 0.15, "layer_temperature": 1e-4},
+        ),
+        _run(
+            "replay 20% + l2_sp seed1",
+            "replay + l2_sp",
+            0.2,
+            seed=1,
+            replay=0.2,
+            regularizers=[{"name": "l2_sp", "lam": 0.01}],
+        ),
+        _run("kl_to_base lam=1 seed1", "kl_to_base", 1.0, seed=1, regularizers=[{"name": "kl_to_base", "lam": 1.0}]),
+    ]
     # noisefit in its paper's regime (v1 code's recipe: LoRA r 8, alpha 16, dropout 0.05 on q/v at lr 5e-5; here
     # without 4-bit quantisation, and 60 steps of batch 4 instead of 1000 of 16), with the same LoRA as its control:
     # at full FT and 6x the paper's rate it doubled the held-out perplexity

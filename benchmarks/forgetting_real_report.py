@@ -147,23 +147,30 @@ def _front(by: list[str] | None) -> str:
     return "on the front" if not by else "dominated by " + ", ".join(by)
 
 
-def seed_groups(state: dict[str, Any], evaluated: dict) -> dict[tuple, list[str]]:
-    """(method, strength) -> its evaluated runs, seed order, where there are two seeds or more (merges left out:
-    a merge's seed is the seed of the run it merges)."""
+def run_seed(state: dict[str, Any], name: str) -> int:
+    """A run's seed; a merge's is the seed of the run it merges."""
+    cfg = state["runs"][name]["train"]["config"]
+    return run_seed(state, cfg["merge"]["of"]) if "merge" in cfg else cfg["seed"]
+
+
+def seed_groups(state: dict[str, Any], evaluated: dict, merges: bool = False) -> dict[tuple, list[str]]:
+    """(method, strength) -> its evaluated runs, seed order (`run_seed`), where there are two seeds or more.
+    Merges are left out unless `merges`: a merge pair repeats the noise of the pair it merges, so it is shown
+    (`seed_table`) but not pooled (`seed_variance`)."""
+    runs = state["runs"]
     groups: dict[tuple, list[str]] = {}
     for name in evaluated:
-        cfg = state["runs"][name]["train"]["config"]
-        if "merge" not in cfg:
+        cfg = runs[name]["train"]["config"]
+        if merges or "merge" not in cfg:
             groups.setdefault((cfg["method"], cfg["strength"]), []).append(name)
-    seed = lambda n: state["runs"][n]["train"]["config"]["seed"]  # noqa: E731
-    return {k: sorted(v, key=seed) for k, v in groups.items() if len(v) > 1}
+    return {k: sorted(v, key=lambda n: run_seed(state, n)) for k, v in groups.items() if len(v) > 1}
 
 
 def seed_table(state: dict[str, Any], suite, evaluated: dict, report: dict[str, Any]) -> list[str]:
     """Seed spread beside the paired SE: each seed's gains against the base, and the second seed against the
     first paired over the same documents (a difference beyond its SE is run-to-run variation the paired SE of a
     single run does not show)."""
-    groups = seed_groups(state, evaluated)
+    groups = seed_groups(state, evaluated, merges=True)
     if not groups:
         return []
     extra = side_tasks(suite)
@@ -283,7 +290,7 @@ def curves(state: dict[str, Any], runs: dict, x_of) -> dict[str, list[tuple[floa
     found: dict[str, list[tuple[float, float, float]]] = {}
     for name, run in runs.items():
         cfg = state["runs"][name]["train"]["config"]
-        if cfg["seed"] == 0 and cfg["strength"] is not None:
+        if run_seed(state, name) == 0 and cfg["strength"] is not None:
             found.setdefault(cfg["method"], []).append((cfg["strength"], x_of(run)[0], run["target_gain"]))
     return {m: [(x, y) for _, x, y in sorted(p)] for m, p in found.items() if len(p) > 1}
 

@@ -106,6 +106,7 @@ def test_seed_table_pairs_the_seeds_and_curves_follow_strength():
         "l2_sp lam=1": _scores([1.2, 2.2, 1.7, 1.4], [0.7, 0.8, 0.6, 0.9]),
         "l2_sp": _scores([1.1, 2.1, 1.6, 1.3], [0.65, 0.75, 0.55, 0.85]),
         "wise-ft 0.5": _scores([1.1, 2.1, 1.6, 1.3], [0.65, 0.75, 0.55, 0.85]),
+        "wise-ft 0.5 seed1": _scores([1.0, 2.0, 1.5, 1.2], [0.65, 0.75, 0.55, 0.85]),
     }
     configs = {
         "vanilla": {"method": "vanilla", "strength": None, "seed": 0},
@@ -113,14 +114,19 @@ def test_seed_table_pairs_the_seeds_and_curves_follow_strength():
         "l2_sp lam=1": {"method": "l2_sp", "strength": 1.0, "seed": 0},
         "l2_sp": {"method": "l2_sp", "strength": 0.01, "seed": 0},
         "wise-ft 0.5": {"method": "wise-ft", "strength": 0.5, "seed": 0, "merge": {"of": "vanilla", "alpha": 0.5}},
+        # listed first, and its own seed field left at 0: the seed is the merged run's
+        "wise-ft 0.5 seed1": {"method": "wise-ft", "strength": 0.5, "seed": 0, "merge": {"of": "vanilla seed1"}},
     }
     state = {"runs": {n: {"train": {"config": c}} for n, c in configs.items()}}
     assert seed_groups(state, evaluated) == {("vanilla", None): ["vanilla", "vanilla seed1"]}
+    evaluated = {"wise-ft 0.5 seed1": evaluated.pop("wise-ft 0.5 seed1"), **evaluated}
+    assert seed_groups(state, evaluated, merges=True)[("wise-ft", 0.5)] == ["wise-ft 0.5", "wise-ft 0.5 seed1"]
     base = _scores([2.0, 3.0, 2.5, 2.2], [0.6, 0.7, 0.5, 0.8])
     report = forgetting_report(base, evaluated, suite)
     rows = seed_table(state, suite, evaluated, report)
-    assert len(rows) == 3 and rows[2].startswith("| vanilla | vanilla, vanilla seed1 |")
-    diff = rows[2].rstrip(" |").rsplit("| ", 1)[1]  # target / retention / q
+    assert len(rows) == 4 and rows[3].startswith("| vanilla | vanilla, vanilla seed1 |")
+    assert rows[2].startswith("| wise-ft (0.5) | wise-ft 0.5, wise-ft 0.5 seed1 |")
+    diff = rows[3].rstrip(" |").rsplit("| ", 1)[1]  # target / retention / q
     target, retention, side = (float(c.split(" ± ")[0]) for c in diff.split(" / "))
     assert target == pytest.approx(0.05 / 0.6931471805599453, rel=1e-3)
     assert retention == pytest.approx(-0.02) and side == pytest.approx(0.0)
