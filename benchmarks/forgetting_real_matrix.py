@@ -220,6 +220,14 @@ def smollm2_matrix() -> list[dict[str, Any]]:
             regularizers=[{"name": "l2_sp", "lam": 0.01}],
         ),
         _run("kl_to_base lam=1 seed1", "kl_to_base", 1.0, seed=1, regularizers=[{"name": "kl_to_base", "lam": 1.0}]),
+        _run(
+            "forgetting_penalty (ewc) mean lam=0.005 seed1",
+            "forgetting_penalty (ewc, mean)",
+            0.005,
+            seed=1,
+            prepare="importance:ewc",
+            penalty={"importance_scale": "mean", "lam": 0.005},
+        ),
     ]
     # noisefit in its paper's regime (v1 code's recipe: LoRA r 8, alpha 16, dropout 0.05 on q/v at lr 5e-5; here
     # without 4-bit quantisation, and 60 steps of batch 4 instead of 1000 of 16), with the same LoRA as its control:
