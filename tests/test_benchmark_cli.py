@@ -117,3 +117,17 @@ def test_step_overhead_cli_rejects_a_missing_model(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and "--model: not a model folder or a .gguf file" in proc.stderr
+
+
+def test_adam_step_share_counts_smollm2_and_the_trained_share(monkeypatch):
+    """benchmarks/adam_step_share.py: SmolLM2-135M's shapes sum to its 134,515,008 weights (28,311,552 tied
+    embedding + 30 layers of 3,540,096 + the final norm); the trained set is the embedding plus decoder tensors up
+    to the share, and the step is timed."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import adam_step_share
+
+    assert sum(math.prod(s) for s in adam_step_share.shapes()) == 134_515_008
+    monkeypatch.setattr(adam_step_share, "shapes", lambda: [(10, 4), (4, 4), (4, 4), (4,)])  # 40 + 16 + 16 + 4
+    total, trained, ms = adam_step_share.adam_step_ms(0.6)
+    assert (total, trained) == (76, 56) and ms > 0  # 40 < 0.6 * 76 = 45.6: one more tensor, then stop
+    assert adam_step_share.adam_step_ms(1.0)[1] == 76
