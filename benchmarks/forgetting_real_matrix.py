@@ -65,6 +65,14 @@ def _run(name: str, method: str, strength: float | None = None, seed: int = 0, *
     return {"name": name, "method": method, "strength": strength, "seed": seed, **what}
 
 
+def _second_seed(run: dict[str, Any]) -> dict[str, Any]:
+    """`run` on seed 1, named "<name> seed1"; a merge merges its source's seed-1 run."""
+    again = {**run, "name": f"{run['name']} seed1", "seed": 1}
+    if "merge" in run:
+        again["merge"] = {**run["merge"], "of": f"{run['merge']['of']} seed1"}
+    return again
+
+
 def _reg_curve(method: str, reg: dict[str, Any], knob: str, values: list[float], default: float) -> list[dict]:
     """One run per strength value of a regularizer option (the paper's default first)."""
     runs = []
@@ -188,46 +196,20 @@ def smollm2_matrix() -> list[dict[str, Any]]:
             trainer={"learning_rate": 1e-4},
         ),
     ]
-    # half_ft at 1e-4 tied vanilla 1e-4 on one seed (on the front with the seed spread): its second seed
+    # second seeds of half_ft at 1e-4 (it tied vanilla 1e-4 on one seed) and of the best point of the other
+    # baselines and methods (the point of each curve nearest the front against vanilla 1e-4 on one seed)
+    by_name = {r["name"]: r for r in runs}
     runs += [
-        _run(
-            "half_ft lr=0.0001 seed1",
-            "half_ft (lr 1e-4)",
-            seed=1,
-            regularizers=[{"name": "half_ft"}],
-            trainer={"learning_rate": 1e-4},
+        _second_seed(by_name[name])
+        for name in (
+            "half_ft lr=0.0001",
+            "wise-ft 0.5",
+            "replay 20%",
+            "forgetting_penalty (si) mean lam=0.15",
+            "replay 20% + l2_sp",
+            "kl_to_base lam=1",
+            "forgetting_penalty (ewc) mean lam=0.005",
         )
-    ]
-    # second seeds of the best point of the other baselines and methods (the point of each curve nearest the front
-    # against vanilla 1e-4 on one seed); a WiSE-FT merge of "vanilla seed1" has that run's seed
-    runs += [
-        _run("wise-ft 0.5 seed1", "wise-ft", 0.5, seed=1, merge={"of": "vanilla seed1", "alpha": 0.5}),
-        _run("replay 20% seed1", "replay", 0.2, seed=1, replay=0.2),
-        _run(
-            "forgetting_penalty (si) mean lam=0.15 seed1",
-            "forgetting_penalty (si, mean)",
-            0.15,
-            seed=1,
-            prepare="importance:si",
-            penalty={"importance_scale": "mean", "lam": 0.15, "layer_temperature": 1e-4},
-        ),
-        _run(
-            "replay 20% + l2_sp seed1",
-            "replay + l2_sp",
-            0.2,
-            seed=1,
-            replay=0.2,
-            regularizers=[{"name": "l2_sp", "lam": 0.01}],
-        ),
-        _run("kl_to_base lam=1 seed1", "kl_to_base", 1.0, seed=1, regularizers=[{"name": "kl_to_base", "lam": 1.0}]),
-        _run(
-            "forgetting_penalty (ewc) mean lam=0.005 seed1",
-            "forgetting_penalty (ewc, mean)",
-            0.005,
-            seed=1,
-            prepare="importance:ewc",
-            penalty={"importance_scale": "mean", "lam": 0.005},
-        ),
     ]
     # noisefit in its paper's regime (v1 code's recipe: LoRA r 8, alpha 16, dropout 0.05 on q/v at lr 5e-5; here
     # without 4-bit quantisation, and 60 steps of batch 4 instead of 1000 of 16), with the same LoRA as its control:
