@@ -224,6 +224,10 @@ def smollm2_matrix() -> list[dict[str, Any]]:
             **NOISEFIT_PAPER_LORA,
         ),
     ]
+    # second seeds of lfu's and noisefit's points nearest the front against vanilla 1e-4 (full FT): lfu on its
+    # LoRA adapter at lam 1 and noisefit at noise_std 0.03
+    by_name = {r["name"]: r for r in runs}
+    runs += [_second_seed(by_name[name]) for name in ("lfu (lora) lam=1", "noisefit noise_std=0.03")]
     return runs
 
 
