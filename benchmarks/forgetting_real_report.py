@@ -153,15 +153,18 @@ def run_seed(state: dict[str, Any], name: str) -> int:
     return run_seed(state, cfg["merge"]["of"]) if "merge" in cfg else cfg["seed"]
 
 
-def seed_groups(state: dict[str, Any], evaluated: dict, merges: bool = False) -> dict[tuple, list[str]]:
+def seed_groups(
+    state: dict[str, Any], evaluated: dict, merges: bool = False, regimes: bool = False
+) -> dict[tuple, list[str]]:
     """(method, strength) -> its evaluated runs, seed order (`run_seed`), where there are two seeds or more.
     Merges are left out unless `merges`: a merge pair repeats the noise of the pair it merges, so it is shown
-    (`seed_table`) but not pooled (`seed_variance`)."""
+    (`seed_table`) but not pooled (`seed_variance`). So are runs in another `regime` than the recipe's (a run's
+    optional "regime" label, e.g. a far higher rate) unless `regimes`: their seed noise is another level."""
     runs = state["runs"]
     groups: dict[tuple, list[str]] = {}
     for name in evaluated:
         cfg = runs[name]["train"]["config"]
-        if merges or "merge" not in cfg:
+        if (merges or "merge" not in cfg) and (regimes or "regime" not in cfg):
             groups.setdefault((cfg["method"], cfg["strength"]), []).append(name)
     return {k: sorted(v, key=lambda n: run_seed(state, n)) for k, v in groups.items() if len(v) > 1}
 
@@ -170,7 +173,7 @@ def seed_table(state: dict[str, Any], suite, evaluated: dict, report: dict[str, 
     """Seed spread beside the paired SE: each seed's gains against the base, and the second seed against the
     first paired over the same documents (a difference beyond its SE is run-to-run variation the paired SE of a
     single run does not show)."""
-    groups = seed_groups(state, evaluated, merges=True)
+    groups = seed_groups(state, evaluated, merges=True, regimes=True)
     if not groups:
         return []
     extra = side_tasks(suite)

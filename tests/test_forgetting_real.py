@@ -121,6 +121,13 @@ def test_seed_table_pairs_the_seeds_and_curves_follow_strength():
     assert seed_groups(state, evaluated) == {("vanilla", None): ["vanilla", "vanilla seed1"]}
     evaluated = {"wise-ft 0.5 seed1": evaluated.pop("wise-ft 0.5 seed1"), **evaluated}
     assert seed_groups(state, evaluated, merges=True)[("wise-ft", 0.5)] == ["wise-ft 0.5", "wise-ft 0.5 seed1"]
+    # a pair in another regime (a far higher rate) is shown with `regimes` but not pooled with the recipe's
+    hot = {"method": "vanilla", "strength": 1e-3, "regime": "lr 1e-3"}
+    hot_state = {"runs": {**state["runs"], "hot": {"train": {"config": {**hot, "seed": 0}}}}}
+    hot_state["runs"]["hot seed1"] = {"train": {"config": {**hot, "seed": 1}}}
+    with_hot = {**evaluated, "hot seed1": evaluated["vanilla"], "hot": evaluated["vanilla"]}
+    assert ("vanilla", 1e-3) not in seed_groups(hot_state, with_hot)
+    assert seed_groups(hot_state, with_hot, regimes=True)[("vanilla", 1e-3)] == ["hot", "hot seed1"]
     base = _scores([2.0, 3.0, 2.5, 2.2], [0.6, 0.7, 0.5, 0.8])
     report = forgetting_report(base, evaluated, suite)
     rows = seed_table(state, suite, evaluated, report)
