@@ -257,6 +257,8 @@ def tiny_matrix() -> list[dict[str, Any]]:
         _run("vanilla", "vanilla"),
         _run("l2_sp", "l2_sp", 0.01, regularizers=[{"name": "l2_sp", "lam": 0.01}]),
         _run("wise-ft 0.5", "wise-ft", 0.5, merge={"of": "vanilla", "alpha": 0.5}),
+        # another regime (its own figure, kept out of the pooled seed spread), as the smollm2 matrix's lr 1e-3 runs
+        _run("vanilla lr=0.01", "vanilla (high lr)", 0.01, trainer={"learning_rate": 0.01}, regime="high lr"),
     ]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -239,10 +240,21 @@ def table(state: dict[str, Any], report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def figure(state: dict[str, Any], report: dict[str, Any], path: Path) -> Path | None:
+def of_regime(state: dict[str, Any], runs: dict, regime: str | None) -> dict:
+    """The runs whose config's "regime" label is `regime` (None: the recipe's own regime, no label)."""
+    return {n: r for n, r in runs.items() if state["runs"][n]["train"]["config"].get("regime") == regime}
+
+
+def regimes(state: dict[str, Any]) -> list[str]:
+    """The labelled regimes among the runs done, sorted."""
+    return sorted({r["train"]["config"]["regime"] for r in state["runs"].values() if "regime" in r["train"]["config"]})
+
+
+def figure(state: dict[str, Any], report: dict[str, Any], path: Path, regime: str | None = None) -> Path | None:
     """Target gain against mean retained drop, one colour per method, paired-SE error bars; one more panel per
-    weight-0 retained task (smollm2: held-out text perplexity) with its drop on the x axis."""
-    runs = report.get("runs", {})
+    weight-0 retained task (smollm2: held-out text perplexity) with its drop on the x axis. One regime's runs
+    (`of_regime`): a far higher rate's losses would squeeze the recipe's points into a corner."""
+    runs = of_regime(state, report.get("runs", {}), regime)
     if not runs:
         return None
     import matplotlib
@@ -281,7 +293,7 @@ def figure(state: dict[str, Any], report: dict[str, Any], path: Path) -> Path | 
         ax.set_xlabel(f"{label}; lower is better")
         ax.set_ylabel("target gain (higher is better)")
         ax.axvline(0, color="grey", lw=0.5)
-    fig.suptitle(f"forgetting_real: {state['setting']}")
+    fig.suptitle(f"forgetting_real: {state['setting']}" + (f" ({regime})" if regime else ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -298,7 +310,7 @@ def curves(state: dict[str, Any], runs: dict, x_of) -> dict[str, list[tuple[floa
     return {m: [(x, y) for _, x, y in sorted(p)] for m, p in found.items() if len(p) > 1}
 
 
-def section(state: dict[str, Any], report: dict[str, Any], figure_rel: str | None) -> str:
+def section(state: dict[str, Any], report: dict[str, Any], figure_rels: list[str]) -> str:
     base = state["base_eval"] or {}
     lines = [
         BEGIN,
@@ -335,8 +347,8 @@ def section(state: dict[str, Any], report: dict[str, Any], figure_rel: str | Non
             *seeds,
             "",
         ]
-    if figure_rel:
-        lines += [f"![forgetting_real {state['setting']}]({figure_rel})", ""]
+    for rel in figure_rels:
+        lines += [f"![forgetting_real {state['setting']}]({rel})", ""]
     lines.append(END)
     return "\n".join(lines)
 
@@ -358,11 +370,16 @@ def _without_per_doc(record: dict | None) -> dict | None:
 def write_outputs(state: dict[str, Any], out: Path) -> None:
     report = paired_summary(state)
     out.mkdir(parents=True, exist_ok=True)
-    fig = figure(state, report, out / "figures" / f"forgetting_real_{state['setting']}.png")
+    stem = out / "figures" / f"forgetting_real_{state['setting']}"
+    figs = [figure(state, report, stem.with_suffix(".png"))]
+    figs += [
+        figure(state, report, stem.with_name(f"{stem.name}_{re.sub(r'[^A-Za-z0-9.=_-]+', '_', r)}.png"), r)
+        for r in regimes(state)
+    ]
     kept = {**state, "report": report}  # per-document scores stay in the workdir's caches (too big to commit)
     kept["base_eval"] = _without_per_doc(state["base_eval"])
     kept["runs"] = {n: {**r, "eval": _without_per_doc(r.get("eval"))} for n, r in state["runs"].items()}
     (out / f"forgetting_real_{state['setting']}.json").write_text(
         json.dumps(kept, indent=1, sort_keys=True, default=str)
     )
-    replace_section(out / "RESULTS.md", section(state, report, os.path.relpath(fig, out) if fig else None))
+    replace_section(out / "RESULTS.md", section(state, report, [os.path.relpath(f, out) for f in figs if f]))

@@ -39,7 +39,7 @@ def test_tiny_pipeline_runs_caches_and_reports(tmp_path):
     proc = run_script("--workdir", str(work), "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "forgetting_real_tiny.json").read_text())
-    assert set(data["runs"]) == {"vanilla", "l2_sp", "wise-ft 0.5"}
+    assert set(data["runs"]) == {"vanilla", "l2_sp", "wise-ft 0.5", "vanilla lr=0.01"}
     report = data["report"]
     for name, run in report["runs"].items():
         tasks = run["tasks"]
@@ -52,6 +52,9 @@ def test_tiny_pipeline_runs_caches_and_reports(tmp_path):
     results = (out / "RESULTS.md").read_text()
     assert results.startswith("# Results\n\nkept above") and "| wise-ft 0.5 | wise-ft |" in results
     assert (out / "figures" / "forgetting_real_tiny.png").stat().st_size > 1000
+    # the run labelled with another regime gets a figure of its own, linked from the section
+    assert (out / "figures" / "forgetting_real_tiny_high_lr.png").stat().st_size > 1000
+    assert "(figures/forgetting_real_tiny_high_lr.png)" in results
     # the head-to-head table: each run against vanilla (paired over the documents), with a verdict
     verdict_rows = [ln for ln in results.splitlines() if ln.startswith("| l2_sp |") and "vs vanilla" not in ln]
     assert any("on the front" in ln or "dominated by" in ln for ln in verdict_rows)
@@ -66,7 +69,7 @@ def test_tiny_pipeline_runs_caches_and_reports(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in records} == before
 
     listing = run_script("--list", "--workdir", str(work), cwd=tmp_path)
-    assert "base: evaluated" in listing.stdout and listing.stdout.count("trained+evaluated") == 3
+    assert "base: evaluated" in listing.stdout and listing.stdout.count("trained+evaluated") == 4
 
 
 def _scores(target, keep, side=(0.5, 0.5, 0.5, 0.5)):
@@ -95,7 +98,7 @@ def test_seed_table_pairs_the_seeds_and_curves_follow_strength():
     """Two seeds of one (method, strength) get a row whose last cell is the second seed against the first, paired
     (by hand: target 0.05 nats/byte better, retention 0.02 worse); a method's points are drawn in strength order."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from forgetting_real_report import curves, dominates, seed_groups, seed_table, seed_variance
+    from forgetting_real_report import curves, dominates, of_regime, regimes, seed_groups, seed_table, seed_variance
 
     from llmreg.eval.run import forgetting_report
 
@@ -119,6 +122,7 @@ def test_seed_table_pairs_the_seeds_and_curves_follow_strength():
     }
     state = {"runs": {n: {"train": {"config": c}} for n, c in configs.items()}}
     assert seed_groups(state, evaluated) == {("vanilla", None): ["vanilla", "vanilla seed1"]}
+    assert of_regime(state, evaluated, None) == evaluated and regimes(state) == []
     evaluated = {"wise-ft 0.5 seed1": evaluated.pop("wise-ft 0.5 seed1"), **evaluated}
     assert seed_groups(state, evaluated, merges=True)[("wise-ft", 0.5)] == ["wise-ft 0.5", "wise-ft 0.5 seed1"]
     # a pair in another regime (a far higher rate) is shown with `regimes` but not pooled with the recipe's
@@ -128,6 +132,8 @@ def test_seed_table_pairs_the_seeds_and_curves_follow_strength():
     with_hot = {**evaluated, "hot seed1": evaluated["vanilla"], "hot": evaluated["vanilla"]}
     assert ("vanilla", 1e-3) not in seed_groups(hot_state, with_hot)
     assert seed_groups(hot_state, with_hot, regimes=True)[("vanilla", 1e-3)] == ["hot", "hot seed1"]
+    assert set(of_regime(hot_state, with_hot, "lr 1e-3")) == {"hot", "hot seed1"} and regimes(hot_state) == ["lr 1e-3"]
+    assert set(of_regime(hot_state, with_hot, None)) == set(evaluated)
     base = _scores([2.0, 3.0, 2.5, 2.2], [0.6, 0.7, 0.5, 0.8])
     report = forgetting_report(base, evaluated, suite)
     rows = seed_table(state, suite, evaluated, report)
