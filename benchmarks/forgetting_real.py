@@ -34,7 +34,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from forgetting_real_matrix import MATRICES, SETTINGS, importance_recipe, replay_source  # noqa: E402
+from forgetting_real_matrix import (  # noqa: E402
+    MATRICES,
+    REGIME_REFERENCES,
+    SETTINGS,
+    importance_recipe,
+    replay_source,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = Path(os.environ.get("LLMREG_BENCH_RUNS", "/work/bench_runs")) / "forgetting_real"
@@ -220,38 +226,105 @@ def evaluate(setting: str, model: str, path: Path) -> dict[str, Any]:
 
 
 def do_run(setting: str, run: dict, runs_by_name: dict, workdir: Path, train_only: bool) -> dict[str, Any]:
+    out = run_dir(workdir, setting, run, runs_by_name)
+    evaluated = read_json(out / f"eval-{suite_key(setting)}.json")
+    if evaluated is not None and not train_only:  # done (perhaps restored from the committed records: no weights)
+        return {"train": read_json(out / "run.json"), "eval": evaluated}
     record = ensure_trained(setting, run, runs_by_name, workdir)
     if train_only:
         return {"train": record}
-    out = run_dir(workdir, setting, run, runs_by_name)
     return {"train": record, "eval": evaluate(setting, record["final"], out / f"eval-{suite_key(setting)}.json")}
 
 
-def collect(setting: str, runs: list[dict], workdir: Path) -> dict[str, Any]:
-    """Everything done so far (base, runs with train and eval records) from the caches."""
+# -- the committed records ---------------------------------------------------------------------------------------
+
+
+def committed_paths(setting: str, out: Path) -> tuple[Path, Path]:
+    """The committed json (records without per-document scores) and its per-document companion (one json line per
+    evaluated record: run name, run hash, per-document scores), both written by forgetting_real_report."""
+    return out / f"forgetting_real_{setting}.json", out / f"forgetting_real_{setting}_per_doc.jsonl"
+
+
+def committed_base(setting: str, out: Path | None) -> dict | None:
+    """The committed base evaluation (no per-document scores) when it was made with today's suite."""
+    committed = None if out is None else read_json(committed_paths(setting, out)[0])
+    if committed is None or committed.get("suite_key") != suite_key(setting):
+        return None
+    return committed.get("base_eval")
+
+
+def restore(setting: str, runs: list[dict], workdir: Path, out: Path) -> int:
+    """Write back into the workdir the records of the runs the committed json holds and the workdir lacks (a new
+    machine, a lost workdir): run.json and, when the committed suite key is today's, the evaluation with its
+    per-document scores from the companion file. A record whose per-document scores were never committed (runs
+    reported before they were) keeps its committed report entry instead (`report_entry`): shown, not re-paired.
+    Restored runs have no weights: a merge of one retrains it. Returns the number of records written."""
+    json_path, per_doc_path = committed_paths(setting, out)
+    committed = read_json(json_path)
+    if committed is None:
+        return 0
+    per_doc = {}
+    if per_doc_path.is_file():
+        for line in per_doc_path.read_text().splitlines():
+            row = json.loads(line)
+            per_doc[(row["run"], row["hash"])] = row["per_doc"]
+    key = suite_key(setting)
+    same_suite = committed.get("suite_key") == key
+    entries = (committed.get("report") or {}).get("runs", {})
+    by_name = {r["name"]: r for r in runs}
+    written = 0
+
+    def put(path: Path, record: dict) -> None:
+        nonlocal written
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, record)
+            written += 1
+
+    base = committed.get("base_eval")
+    if same_suite and base is not None and ("(base)", key) in per_doc:
+        put(workdir / setting / f"base-eval-{key}.json", {**base, "per_doc": per_doc[("(base)", key)]})
+    for name, rec in committed.get("runs", {}).items():
+        run = by_name.get(name)
+        if run is None or rec.get("hash") != run_dir(workdir, setting, run, by_name).name:
+            continue  # no longer in the matrix, or its config changed: the record is of another model
+        folder = workdir / setting / rec["hash"]
+        put(folder / "run.json", {k: v for k, v in rec["train"].items()})
+        if same_suite and rec.get("eval"):
+            scores = per_doc.get((name, rec["hash"]))
+            extra = {"per_doc": scores} if scores is not None else {"report_entry": entries.get(name)}
+            put(folder / f"eval-{key}.json", {**rec["eval"], **extra})
+    return written
+
+
+def collect(setting: str, runs: list[dict], workdir: Path, out: Path | None = None) -> dict[str, Any]:
+    """Everything done so far (base, runs with train and eval records) from the caches (the base's committed
+    scores when its cache is gone and no per-document scores were committed to restore it from)."""
     by_name = {r["name"]: r for r in runs}
     key = suite_key(setting)
     done: dict[str, Any] = {}
     for run in runs:
-        out = run_dir(workdir, setting, run, by_name)
-        train = read_json(out / "run.json")
+        folder = run_dir(workdir, setting, run, by_name)
+        train = read_json(folder / "run.json")
         if train is not None:
             # the matrix's name, method and strength of the run, not those its record was written with: the hash
             # says the training is the same; a renamed or re-labelled run keeps its cache
             train = {**train, "name": run["name"], "config": run}
-            done[run["name"]] = {"train": train, "eval": read_json(out / f"eval-{key}.json"), "hash": out.name}
+            done[run["name"]] = {"train": train, "eval": read_json(folder / f"eval-{key}.json"), "hash": folder.name}
     return {
         "setting": setting,
+        "suite_key": key,
+        "regime_references": REGIME_REFERENCES.get(setting, {}),
         "suite": os.path.relpath(SETTINGS[setting]["suite"], REPO),
         "recipe": os.path.relpath(SETTINGS[setting]["recipe"], REPO),
-        "base_eval": read_json(workdir / setting / f"base-eval-{key}.json"),
+        "base_eval": read_json(workdir / setting / f"base-eval-{key}.json") or committed_base(setting, out),
         "runs": done,
         "matrix": runs,
     }
 
 
-def list_runs(setting: str, runs: list[dict], workdir: Path) -> None:
-    state = collect(setting, runs, workdir)
+def list_runs(setting: str, runs: list[dict], workdir: Path, out: Path) -> None:
+    state = collect(setting, runs, workdir, out)
     print(f"base: {'evaluated' if state['base_eval'] else 'not evaluated'}")
     for run in runs:
         got = state["runs"].get(run["name"])
@@ -275,8 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = MATRICES[args.setting]()
     by_name = {r["name"]: r for r in runs}
+    restored = restore(args.setting, runs, args.workdir, args.out)
+    if restored:
+        print(f"restored {restored} records from the committed json into {args.workdir}")
     if args.list:
-        list_runs(args.setting, runs, args.workdir)
+        list_runs(args.setting, runs, args.workdir, args.out)
         return 0
     wanted = [n.strip() for n in args.only.split(",")] if args.only else list(by_name)
     unknown = [n for n in wanted if n not in by_name]
@@ -291,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             do_run(args.setting, by_name[name], by_name, args.workdir, args.train_only)
     from forgetting_real_report import write_outputs
 
-    write_outputs(collect(args.setting, runs, args.workdir), args.out)
+    write_outputs(collect(args.setting, runs, args.workdir, args.out), args.out)
     return 0
 
 

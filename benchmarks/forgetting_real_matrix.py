@@ -264,6 +264,13 @@ def tiny_matrix() -> list[dict[str, Any]]:
 
 MATRICES = {"smollm2": smollm2_matrix, "tiny": tiny_matrix}
 
+# per setting, per labelled regime: the run the regime's others are judged against, and the recipe regime's runs
+# shown beside them for reference (the report's section of the regime; forgetting_real_report.blocks)
+REGIME_REFERENCES: dict[str, dict[str, tuple[str, list[str]]]] = {
+    "smollm2": {"lr 1e-3": ("vanilla lr=0.001", ["vanilla lr=0.0001", "lora r16"])},
+    "tiny": {"high lr": ("vanilla lr=0.01", ["vanilla"])},
+}
+
 
 def replay_source(weight: float) -> dict[str, Any]:
     """General text for the replay mixture: the first GENERAL_LINES paragraphs (one row per blank-line-separated

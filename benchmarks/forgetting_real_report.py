@@ -20,7 +20,12 @@ from typing import Any
 BEGIN, END = "<!-- forgetting_real:begin -->", "<!-- forgetting_real:end -->"
 
 
+def has_per_doc(record: dict | None) -> bool:
+    return bool(record and record.get("per_doc"))
+
+
 def _suite_and_scores(state: dict[str, Any]):
+    """The suite and the runs that can be paired: evaluated, with per-document scores (so is the base)."""
     from forgetting_real_matrix import REPO
 
     from llmreg.eval.run import Scores
@@ -29,21 +34,28 @@ def _suite_and_scores(state: dict[str, Any]):
     def scores(ev: dict) -> Scores:
         return Scores(ev["scores"], ev["metrics"], ev.get("per_doc"))
 
-    evaluated = {n: scores(r["eval"]) for n, r in state["runs"].items() if r.get("eval")}
+    paired = has_per_doc(state["base_eval"])
+    evaluated = {n: scores(r["eval"]) for n, r in state["runs"].items() if paired and has_per_doc(r.get("eval"))}
     return load_suite(str(REPO / state["suite"])), evaluated
 
 
 def paired_summary(state: dict[str, Any]) -> dict[str, Any]:
     """llmreg.eval.run.forgetting_report over the evaluated runs, with their per-document scores: paired SEs of
     every task's difference, of the target gain and of the mean retained drop, and of the accuracy beside each
-    gold_prob task (and, for multiple-choice tasks, of the gold-choice log-likelihood, kept in the json)."""
-    from llmreg.eval.run import Scores, forgetting_report
+    gold_prob task (and, for multiple-choice tasks, of the gold-choice log-likelihood, kept in the json). A run
+    whose per-document scores are gone (`report_entry`, forgetting_real.restore) keeps its committed entry."""
+    from llmreg.eval.run import Scores, forgetting_report, pareto_front
 
     base = state["base_eval"]
     suite, evaluated = _suite_and_scores(state)
-    if base is None or not evaluated:
+    kept = {n: r["eval"]["report_entry"] for n, r in state["runs"].items() if (r.get("eval") or {}).get("report_entry")}
+    if base is None or not (evaluated or kept):
         return {}
-    return forgetting_report(Scores(base["scores"], base["metrics"], base.get("per_doc")), evaluated, suite)
+    report = forgetting_report(Scores(base["scores"], base["metrics"], base.get("per_doc")), evaluated, suite)
+    report["runs"] = {n: report["runs"].get(n) or kept[n] for n in state["runs"] if n in report["runs"] or n in kept}
+    points = {n: (r["forgetting"] or 0.0, r["target_gain"] or 0.0) for n, r in report["runs"].items()}
+    report["pareto_front"] = pareto_front(points)
+    return report
 
 
 NOISE_SE = 2.0  # a difference between two runs counts as beyond noise above 2 paired SE
@@ -104,13 +116,15 @@ def seed_variance(suite, evaluated: dict, groups: dict[tuple, list[str]]) -> lis
     return out
 
 
-def verdicts(suite, evaluated: dict, seed_var: list[float] | None = None) -> dict[str, dict[str, Any]]:
-    """Per evaluated run: its difference from vanilla (paired SEs) and the runs that dominate it beyond noise
-    (`dominates`), by the paired SE alone and, with `seed_var`, by the paired SE and the seed spread; a run no
-    other dominates is on the front beyond noise."""
+def verdicts(
+    suite, evaluated: dict, seed_var: list[float] | None = None, reference: str = "vanilla"
+) -> dict[str, dict[str, Any]]:
+    """Per evaluated run: its difference from the `reference` run (paired SEs) and the runs that dominate it beyond
+    noise (`dominates`), by the paired SE alone and, with `seed_var`, by the paired SE and the seed spread; a run
+    no other dominates is on the front beyond noise."""
     out = {}
     for a in evaluated:
-        vs_vanilla = head_to_head(suite, evaluated, a, "vanilla") if a != "vanilla" and "vanilla" in evaluated else None
+        vs_vanilla = head_to_head(suite, evaluated, a, reference) if a != reference and reference in evaluated else None
         against = {b: head_to_head(suite, evaluated, b, a) for b in evaluated if b != a}
         out[a] = {
             "vs_vanilla": vs_vanilla,
@@ -122,11 +136,12 @@ def verdicts(suite, evaluated: dict, seed_var: list[float] | None = None) -> dic
     return out
 
 
-def verdict_table(suite, found: dict[str, dict[str, Any]]) -> list[str]:
+def verdict_table(suite, found: dict[str, dict[str, Any]], reference: str = "vanilla") -> list[str]:
     extra = side_tasks(suite)
+    vs = "vs vanilla" if reference == "vanilla" else f"vs {reference}"
     lines = [
-        "| run | target gain vs vanilla | retained drop vs vanilla | "
-        + "".join(f"{_short(t)} gain vs vanilla | " for t in extra)
+        f"| run | target gain {vs} | retained drop {vs} | "
+        + "".join(f"{_short(t)} gain {vs} | " for t in extra)
         + "beyond noise (2 paired SE) | beyond noise (2 x paired SE with seed spread) |",
         "|---|---|---|" + "---|" * len(extra) + "---|---|",
     ]
@@ -214,7 +229,7 @@ def _short(task: str) -> str:
     return task.removesuffix("_local")
 
 
-def table(state: dict[str, Any], report: dict[str, Any]) -> list[str]:
+def table(state: dict[str, Any], report: dict[str, Any], names: list[str]) -> list[str]:
     """One row per run: target gain and mean retained drop with paired SEs, each task's delta (its suite metric),
     and, beside a gold_prob task, the accuracy delta lm-eval reports (`also`: outside the means)."""
     lines = [
@@ -222,7 +237,8 @@ def table(state: dict[str, Any], report: dict[str, Any]) -> list[str]:
         "accuracy delta (not in the means) | train s | eval s | load |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, rec in state["runs"].items():
+    for name in names:
+        rec = state["runs"][name]
         run = report.get("runs", {}).get(name, {})
         tasks = run.get("tasks", {})
         deltas = ", ".join(f"{_short(t)}: {_pm(v.get('delta'), v.get('se'))}" for t, v in tasks.items())
@@ -250,11 +266,11 @@ def regimes(state: dict[str, Any]) -> list[str]:
     return sorted({r["train"]["config"]["regime"] for r in state["runs"].values() if "regime" in r["train"]["config"]})
 
 
-def figure(state: dict[str, Any], report: dict[str, Any], path: Path, regime: str | None = None) -> Path | None:
+def figure(state: dict[str, Any], report: dict[str, Any], path: Path, names: list[str], title: str) -> Path | None:
     """Target gain against mean retained drop, one colour per method, paired-SE error bars; one more panel per
-    weight-0 retained task (smollm2: held-out text perplexity) with its drop on the x axis. One regime's runs
-    (`of_regime`): a far higher rate's losses would squeeze the recipe's points into a corner."""
-    runs = of_regime(state, report.get("runs", {}), regime)
+    weight-0 retained task (smollm2: held-out text perplexity) with its drop on the x axis. One section's runs
+    (`blocks`): a far higher rate's losses would squeeze the recipe's points into a corner."""
+    runs = {n: r for n, r in report.get("runs", {}).items() if n in names}
     if not runs:
         return None
     import matplotlib
@@ -293,7 +309,7 @@ def figure(state: dict[str, Any], report: dict[str, Any], path: Path, regime: st
         ax.set_xlabel(f"{label}; lower is better")
         ax.set_ylabel("target gain (higher is better)")
         ax.axvline(0, color="grey", lw=0.5)
-    fig.suptitle(f"forgetting_real: {state['setting']}" + (f" ({regime})" if regime else ""))
+    fig.suptitle(f"forgetting_real: {state['setting']}" + (f" ({title})" if title else ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -310,35 +326,66 @@ def curves(state: dict[str, Any], runs: dict, x_of) -> dict[str, list[tuple[floa
     return {m: [(x, y) for _, x, y in sorted(p)] for m, p in found.items() if len(p) > 1}
 
 
-def section(state: dict[str, Any], report: dict[str, Any], figure_rels: list[str]) -> str:
+def blocks(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sections of the report: the recipe's regime (runs without a "regime" label, against "vanilla"), then
+    one per labelled regime: its runs, against the regime's reference run, with the setting's reference points of
+    the recipe's regime beside them (forgetting_real_matrix.REGIME_REFERENCES; those that can be paired)."""
+    runs = state["runs"]
+    out = [{"regime": None, "names": list(of_regime(state, runs, None)), "reference": "vanilla"}]
+    for regime in regimes(state):
+        reference, also = state.get("regime_references", {}).get(regime, ("vanilla", []))
+        pairable = [n for n in also if n in runs and has_per_doc(runs[n].get("eval"))]
+        out.append({"regime": regime, "names": [*of_regime(state, runs, regime), *pairable], "reference": reference})
+    return out
+
+
+def markers(regime: str | None) -> tuple[str, str]:
+    if regime is None:
+        return BEGIN, END
+    return f"<!-- forgetting_real:{regime}:begin -->", f"<!-- forgetting_real:{regime}:end -->"
+
+
+# the line a section carries when some of its runs cannot be paired: such a section never replaces a complete one
+INCOMPLETE = "Verdicts and seeds need every run's per-document scores; missing for: "
+
+
+def section(state: dict[str, Any], report: dict[str, Any], block: dict[str, Any], figure_rels: list[str]) -> str:
     base = state["base_eval"] or {}
+    regime, names, reference = block["regime"], block["names"], block["reference"]
+    begin, end = markers(regime)
+    title = f"### forgetting_real: {state['setting']} ({state['recipe']}, suite {state['suite']})"
     lines = [
-        BEGIN,
-        f"### forgetting_real: {state['setting']} ({state['recipe']}, suite {state['suite']})",
+        begin,
+        title if regime is None else f"### forgetting_real: {state['setting']}, regime {regime} (against {reference})",
         "",
         "Written by `python benchmarks/forgetting_real.py --report`; one run is reproduced (from nothing, or from its",
         'cache) by `python benchmarks/forgetting_real.py --only "<run>"`. Base scores: '
         + ", ".join(f"{t} {_num(v)}" for t, v in (base.get("scores") or {}).items()),
         "",
-        *table(state, report),
+        *table(state, report, names),
         "",
     ]
-    suite, evaluated = _suite_and_scores(state)
-    seed_var = seed_variance(suite, evaluated, seed_groups(state, evaluated)) if report else None
-    found = verdicts(suite, evaluated, seed_var) if report else {}
+    suite, paired = _suite_and_scores(state)
+    evaluated = {n: paired[n] for n in names if n in paired}
+    missing = [n for n in names if state["runs"][n].get("eval") and n not in evaluated]
+    if missing:
+        lines += [INCOMPLETE + ", ".join(missing) + " (rerun them with --only).", ""]
+    seed_var = seed_variance(suite, evaluated, seed_groups(state, evaluated, regimes=regime is not None))
+    found = verdicts(suite, evaluated, seed_var, reference) if report and not missing else {}
     if found:
         spread = "n/a" if seed_var is None else " / ".join(_num(v**0.5, 2) for v in seed_var)
         lines += [
-            "Each run against vanilla, paired over the same documents (the two runs' per-document scores; gains: "
-            "positive = better than vanilla), and the runs that dominate it: better beyond 2 paired SE on one axis "
-            "(target, mean retained drop, each weight-0 retained task), not worse beyond 2 SE on any. The last "
-            "column adds the training noise the seed pairs show to each SE (`seed_variance`: the standard deviation "
-            f"of a two-run difference from seeds alone, per axis: {spread}; from one or two pairs, so rough).",
+            f"Each run against {reference}, paired over the same documents (the two runs' per-document scores; "
+            f"gains: positive = better than {reference}), and the runs that dominate it: better beyond 2 paired SE "
+            "on one axis (target, mean retained drop, each weight-0 retained task), not worse beyond 2 SE on any. "
+            "The last column adds the training noise the seed pairs show to each SE (`seed_variance`: the standard "
+            f"deviation of a two-run difference from seeds alone, per axis: {spread}; from the seed pairs of this "
+            "section, so rough).",
             "",
-            *verdict_table(suite, found),
+            *verdict_table(suite, found, reference),
             "",
         ]
-    seeds = seed_table(state, suite, evaluated, report) if report else []
+    seeds = seed_table(state, suite, evaluated, report) if report and not missing else []
     if seeds:
         lines += [
             "Seeds: each seed's paired SE against the base, and the second seed against the first, paired over "
@@ -349,37 +396,66 @@ def section(state: dict[str, Any], report: dict[str, Any], figure_rels: list[str
         ]
     for rel in figure_rels:
         lines += [f"![forgetting_real {state['setting']}]({rel})", ""]
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
-def replace_section(path: Path, text: str) -> None:
+def replace_section(path: Path, text: str, regime: str | None = None) -> bool:
+    """Put `text` between the regime's markers (appended when they are absent). A section written from runs that
+    could not all be paired (INCOMPLETE) does not replace one that was complete (its verdicts would be lost);
+    returns whether the file changed."""
+    begin, end = markers(regime)
     old = path.read_text() if path.is_file() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + text + rest.split(END, 1)[1]
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        current = rest.split(end, 1)[0]
+        if INCOMPLETE in text and INCOMPLETE not in current:
+            return False
+        new = head + text + rest.split(end, 1)[1]
     else:
         new = old.rstrip("\n") + ("\n\n" if old else "") + text + "\n"
     path.write_text(new)
+    return new != old
 
 
-def _without_per_doc(record: dict | None) -> dict | None:
-    return None if record is None else {k: v for k, v in record.items() if k != "per_doc"}
+def _committed(record: dict | None) -> dict | None:
+    """A record as committed: the per-document scores go to the companion file, a kept report entry to the report."""
+    return None if record is None else {k: v for k, v in record.items() if k not in ("per_doc", "report_entry")}
 
 
 def write_outputs(state: dict[str, Any], out: Path) -> None:
+    """The json (records and the report), its per-document companion (so that a new machine restores every
+    evaluation: forgetting_real.restore), one figure and one RESULTS.md section per block (`blocks`)."""
     report = paired_summary(state)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / "figures" / f"forgetting_real_{state['setting']}"
-    figs = [figure(state, report, stem.with_suffix(".png"))]
-    figs += [
-        figure(state, report, stem.with_name(f"{stem.name}_{re.sub(r'[^A-Za-z0-9.=_-]+', '_', r)}.png"), r)
-        for r in regimes(state)
-    ]
-    kept = {**state, "report": report}  # per-document scores stay in the workdir's caches (too big to commit)
-    kept["base_eval"] = _without_per_doc(state["base_eval"])
-    kept["runs"] = {n: {**r, "eval": _without_per_doc(r.get("eval"))} for n, r in state["runs"].items()}
+    sections = []
+    for block in blocks(state):
+        regime = block["regime"]
+        path = stem.with_suffix(".png") if regime is None else stem.with_name(f"{stem.name}_{slug(regime)}.png")
+        fig = figure(state, report, path, block["names"], regime or "")
+        sections.append((block, [os.path.relpath(fig, out)] if fig else []))
+    kept = {**state, "report": report}
+    kept["base_eval"] = _committed(state["base_eval"])
+    kept["runs"] = {n: {**r, "eval": _committed(r.get("eval"))} for n, r in state["runs"].items()}
     (out / f"forgetting_real_{state['setting']}.json").write_text(
         json.dumps(kept, indent=1, sort_keys=True, default=str)
     )
-    replace_section(out / "RESULTS.md", section(state, report, [os.path.relpath(f, out) for f in figs if f]))
+    rows = [("(base)", state.get("suite_key"), state["base_eval"])]
+    rows += [(n, r.get("hash"), r.get("eval")) for n, r in state["runs"].items()]
+    lines = [
+        json.dumps({"run": n, "hash": h, "per_doc": ev["per_doc"]}, sort_keys=True)
+        for n, h, ev in rows
+        if has_per_doc(ev)
+    ]
+    (out / f"forgetting_real_{state['setting']}_per_doc.jsonl").write_text("".join(ln + "\n" for ln in lines))
+    for block, figs in sections:
+        if not replace_section(out / "RESULTS.md", section(state, report, block, figs), block["regime"]):
+            print(
+                f"kept the RESULTS.md section of {block['regime'] or 'the recipe regime'}: some of its runs have no"
+                " per-document scores here (see its table); rerun them with --only to rewrite it"
+            )
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,40 @@ def test_tiny_pipeline_runs_caches_and_reports(tmp_path):
 
     listing = run_script("--list", "--workdir", str(work), cwd=tmp_path)
     assert "base: evaluated" in listing.stdout and listing.stdout.count("trained+evaluated") == 4
+
+    # the high-lr run has a section of its own, judged against its regime's reference, the recipe's vanilla beside
+    hot = results.split("<!-- forgetting_real:high lr:begin -->")[1].split("<!-- forgetting_real:high lr:end -->")[0]
+    assert "| vanilla lr=0.01 | (reference) | (reference) |" in hot and "| vanilla | " in hot
+    assert "| l2_sp |" not in hot and "| vanilla lr=0.01 |" not in results.split("<!-- forgetting_real:end -->")[0]
+
+
+def test_a_lost_workdir_is_restored_from_the_committed_records(tmp_path):
+    """The json and its per-document companion are enough: with the workdir gone, --report rewrites the same
+    outputs and --list counts every run done; a record committed without per-document scores keeps its report
+    entry, and the section it was judged in is not replaced by one that cannot judge it."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    assert run_script("--workdir", str(work), "--out", str(out), cwd=tmp_path).returncode == 0
+    names = ["forgetting_real_tiny.json", "forgetting_real_tiny_per_doc.jsonl", "RESULTS.md"]
+    before = {n: (out / n).read_text() for n in names}
+    lines = before["forgetting_real_tiny_per_doc.jsonl"].splitlines()
+    assert [json.loads(ln)["run"] for ln in lines] == ["(base)", "vanilla", "l2_sp", "wise-ft 0.5", "vanilla lr=0.01"]
+
+    shutil.rmtree(work)
+    proc = run_script("--report", "--workdir", str(work), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0 and "restored 9 records" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert {n: (out / n).read_text() for n in names} == before
+    listing = run_script("--list", "--workdir", str(work), "--out", str(out), cwd=tmp_path)
+    assert listing.stdout.count("trained+evaluated") == 4
+
+    # l2_sp as if reported before per-document scores were committed: shown with its entry, not re-paired
+    (out / "forgetting_real_tiny_per_doc.jsonl").write_text("".join(ln + "\n" for ln in lines if '"l2_sp"' not in ln))
+    shutil.rmtree(work)
+    proc = run_script("--report", "--workdir", str(work), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0 and "kept the RESULTS.md section of the recipe regime" in proc.stdout, proc.stderr
+    assert (out / "RESULTS.md").read_text() == before["RESULTS.md"]
+    data, old = (json.loads(t) for t in ((out / names[0]).read_text(), before[names[0]]))
+    assert data["report"]["runs"]["l2_sp"] == old["report"]["runs"]["l2_sp"]
+    assert "l2_sp" not in (out / names[1]).read_text()
 
 
 def _scores(target, keep, side=(0.5, 0.5, 0.5, 0.5)):
