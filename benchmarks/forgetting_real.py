@@ -15,8 +15,11 @@ everything that decides its result (the recipe as parsed, the run's config, the 
 `run.json` (train / prepare seconds, final model) written when training ends and `eval-<suite hash>.json` when
 its evaluation ends; the base is evaluated once (`<workdir>/<setting>/base-eval-<suite hash>.json`). A run cut
 short is redone from the start. Checkpoints stay in the workdir (default /work/bench_runs/forgetting_real,
-outside the checkout); the results go to <out>/forgetting_real.json, <out>/figures/forgetting_real_*.png and the
-marked section of <out>/RESULTS.md (forgetting_real_report.py).
+outside the checkout); the results go to <out>/forgetting_real_<setting>.json, its per-document companion
+<out>/forgetting_real_<setting>_per_doc.jsonl, <out>/figures/forgetting_real_*.png and the marked sections of
+<out>/RESULTS.md (forgetting_real_report.py). The committed records are the durable ones: on a machine without the
+workdir (a new session), `restore` writes them back into it first, so a run done once is never redone for its
+scores and the report is rewritten from them; only the weights are gone (a merge of a restored run retrains it).
 """
 
 from __future__ import annotations
