@@ -247,6 +247,15 @@ def smollm2_matrix() -> list[dict[str, Any]]:
         _second_seed(by_name["vanilla lr=0.001"]),
         _run("kl_to_base lr=0.001", "kl_to_base (lr 1e-3)", 0.1, regularizers=[{"name": "kl_to_base"}], trainer=hot),
         _run("replay 20% lr=0.001", "replay (lr 1e-3)", 0.2, replay=0.2, trainer=hot),
+        # the stack (replay + the best regularizer) where there is benchmark forgetting to prevent
+        _run(
+            "replay 20% + l2_sp lr=0.001",
+            "replay + l2_sp (lr 1e-3)",
+            0.2,
+            replay=0.2,
+            regularizers=[{"name": "l2_sp", "lam": 0.01}],
+            trainer=hot,
+        ),
     ]
     runs += [{**run, "regime": "lr 1e-3"} for run in hot_runs]
     return runs

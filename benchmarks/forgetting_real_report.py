@@ -346,7 +346,8 @@ def markers(regime: str | None) -> tuple[str, str]:
 
 
 # the line a section carries when some of its runs cannot be paired: such a section never replaces a complete one
-INCOMPLETE = "Verdicts and seeds need every run's per-document scores; missing for: "
+INCOMPLETE = "Verdicts and seeds are over the runs with per-document scores only (a missing run may dominate one"
+INCOMPLETE += " shown on the front); missing for: "
 
 
 def section(state: dict[str, Any], report: dict[str, Any], block: dict[str, Any], figure_rels: list[str]) -> str:
@@ -371,7 +372,7 @@ def section(state: dict[str, Any], report: dict[str, Any], block: dict[str, Any]
     if missing:
         lines += [INCOMPLETE + ", ".join(missing) + " (rerun them with --only).", ""]
     seed_var = seed_variance(suite, evaluated, seed_groups(state, evaluated, regimes=regime is not None))
-    found = verdicts(suite, evaluated, seed_var, reference) if report and not missing else {}
+    found = verdicts(suite, evaluated, seed_var, reference) if report and reference in evaluated else {}
     if found:
         spread = "n/a" if seed_var is None else " / ".join(_num(v**0.5, 2) for v in seed_var)
         lines += [
@@ -385,7 +386,7 @@ def section(state: dict[str, Any], report: dict[str, Any], block: dict[str, Any]
             *verdict_table(suite, found, reference),
             "",
         ]
-    seeds = seed_table(state, suite, evaluated, report) if report and not missing else []
+    seeds = seed_table(state, suite, evaluated, report) if report else []
     if seeds:
         lines += [
             "Seeds: each seed's paired SE against the base, and the second seed against the first, paired over "
