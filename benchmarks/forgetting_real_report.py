@@ -240,7 +240,7 @@ def table(state: dict[str, Any], report: dict[str, Any], names: list[str]) -> li
     for name in names:
         rec = state["runs"][name]
         run = report.get("runs", {}).get(name, {})
-        tasks = run.get("tasks", {})
+        tasks = dict(sorted(run.get("tasks", {}).items()))  # one order for fresh and committed (sorted) entries
         deltas = ", ".join(f"{_short(t)}: {_pm(v.get('delta'), v.get('se'))}" for t, v in tasks.items())
         accuracy = ", ".join(
             f"{_short(t)}: {_pm(a['delta'], a['se'])}" for t, v in tasks.items() for a in v.get("also", {}).values()
