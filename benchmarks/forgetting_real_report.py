@@ -404,7 +404,7 @@ def section(state: dict[str, Any], report: dict[str, Any], block: dict[str, Any]
 def replace_section(path: Path, text: str, regime: str | None = None) -> bool:
     """Put `text` between the regime's markers (appended when they are absent). A section written from runs that
     could not all be paired (INCOMPLETE) does not replace one that was complete (its verdicts would be lost);
-    returns whether the file changed."""
+    returns False when it was refused so."""
     begin, end = markers(regime)
     old = path.read_text() if path.is_file() else ""
     if begin in old and end in old:
@@ -416,7 +416,7 @@ def replace_section(path: Path, text: str, regime: str | None = None) -> bool:
     else:
         new = old.rstrip("\n") + ("\n\n" if old else "") + text + "\n"
     path.write_text(new)
-    return new != old
+    return True
 
 
 def _committed(record: dict | None) -> dict | None:

@@ -92,6 +92,7 @@ def test_a_lost_workdir_is_restored_from_the_committed_records(tmp_path):
     shutil.rmtree(work)
     proc = run_script("--report", "--workdir", str(work), "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0 and "restored 9 records" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "kept the RESULTS.md section" not in proc.stdout  # every run could be paired: both sections rewritten
     assert {n: (out / n).read_text() for n in names} == before
     listing = run_script("--list", "--workdir", str(work), "--out", str(out), cwd=tmp_path)
     assert listing.stdout.count("trained+evaluated") == 4
