@@ -29,7 +29,6 @@ import copy
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from forgetting_real_matrix import (  # noqa: E402
     SETTINGS,
     importance_recipe,
     replay_source,
+    slug,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,10 +54,6 @@ EVAL_FORMAT = 3
 def sha(data: Any, n: int = 12) -> str:
     blob = data if isinstance(data, bytes) else json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:n]
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", name).strip("_")
 
 
 def run_key(setting: str, run: dict[str, Any], runs_by_name: dict[str, dict]) -> str:
@@ -230,13 +226,14 @@ def evaluate(setting: str, model: str, path: Path) -> dict[str, Any]:
 
 def do_run(setting: str, run: dict, runs_by_name: dict, workdir: Path, train_only: bool) -> dict[str, Any]:
     out = run_dir(workdir, setting, run, runs_by_name)
-    evaluated = read_json(out / f"eval-{suite_key(setting)}.json")
+    eval_path = out / f"eval-{suite_key(setting)}.json"
+    evaluated = read_json(eval_path)
     if evaluated is not None and not train_only:  # done (perhaps restored from the committed records: no weights)
         return {"train": read_json(out / "run.json"), "eval": evaluated}
     record = ensure_trained(setting, run, runs_by_name, workdir)
     if train_only:
         return {"train": record}
-    return {"train": record, "eval": evaluate(setting, record["final"], out / f"eval-{suite_key(setting)}.json")}
+    return {"train": record, "eval": evaluate(setting, record["final"], eval_path)}
 
 
 # -- the committed records ---------------------------------------------------------------------------------------
@@ -292,7 +289,7 @@ def restore(setting: str, runs: list[dict], workdir: Path, out: Path) -> int:
         if run is None or rec.get("hash") != run_dir(workdir, setting, run, by_name).name:
             continue  # no longer in the matrix, or its config changed: the record is of another model
         folder = workdir / setting / rec["hash"]
-        put(folder / "run.json", {k: v for k, v in rec["train"].items()})
+        put(folder / "run.json", rec["train"])
         if same_suite and rec.get("eval"):
             scores = per_doc.get((name, rec["hash"]))
             extra = {"per_doc": scores} if scores is not None else {"report_entry": entries.get(name)}

@@ -18,6 +18,7 @@ general-text perplexity scores the last 200 (eval/tasks/llmreg_tasks.py, heldout
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,11 @@ NOISEFIT_PAPER_LORA = {
     "peft": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
     "trainer": {"learning_rate": 5.0e-5},
 }
+
+
+def slug(name: str) -> str:
+    """A run's or a regime's name as a file-name part (run folders, regime figures)."""
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", name).strip("_")
 
 
 def _run(name: str, method: str, strength: float | None = None, seed: int = 0, **what: Any) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +137,7 @@ def verdicts(
 
 def verdict_table(suite, found: dict[str, dict[str, Any]], reference: str = "vanilla") -> list[str]:
     extra = side_tasks(suite)
-    vs = "vs vanilla" if reference == "vanilla" else f"vs {reference}"
+    vs = f"vs {reference}"
     lines = [
         f"| run | target gain {vs} | retained drop {vs} | "
         + "".join(f"{_short(t)} gain {vs} | " for t in extra)
@@ -350,14 +349,15 @@ INCOMPLETE = "Verdicts and seeds are over the runs with per-document scores only
 INCOMPLETE += " shown on the front); missing for: "
 
 
-def section(state: dict[str, Any], report: dict[str, Any], block: dict[str, Any], figure_rels: list[str]) -> str:
+def section(state: dict[str, Any], report: dict[str, Any], block: dict[str, Any], figure_rel: str | None) -> str:
     base = state["base_eval"] or {}
     regime, names, reference = block["regime"], block["names"], block["reference"]
     begin, end = markers(regime)
-    title = f"### forgetting_real: {state['setting']} ({state['recipe']}, suite {state['suite']})"
     lines = [
         begin,
-        title if regime is None else f"### forgetting_real: {state['setting']}, regime {regime} (against {reference})",
+        f"### forgetting_real: {state['setting']} ({state['recipe']}, suite {state['suite']})"
+        if regime is None
+        else f"### forgetting_real: {state['setting']}, regime {regime} (against {reference})",
         "",
         "Written by `python benchmarks/forgetting_real.py --report`; one run is reproduced (from nothing, or from its",
         'cache) by `python benchmarks/forgetting_real.py --only "<run>"`. Base scores: '
@@ -395,8 +395,8 @@ def section(state: dict[str, Any], report: dict[str, Any], block: dict[str, Any]
             *seeds,
             "",
         ]
-    for rel in figure_rels:
-        lines += [f"![forgetting_real {state['setting']}]({rel})", ""]
+    if figure_rel:
+        lines += [f"![forgetting_real {state['setting']}]({figure_rel})", ""]
     lines.append(end)
     return "\n".join(lines)
 
@@ -427,6 +427,8 @@ def _committed(record: dict | None) -> dict | None:
 def write_outputs(state: dict[str, Any], out: Path) -> None:
     """The json (records and the report), its per-document companion (so that a new machine restores every
     evaluation: forgetting_real.restore), one figure and one RESULTS.md section per block (`blocks`)."""
+    from forgetting_real_matrix import slug
+
     report = paired_summary(state)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / "figures" / f"forgetting_real_{state['setting']}"
@@ -435,7 +437,7 @@ def write_outputs(state: dict[str, Any], out: Path) -> None:
         regime = block["regime"]
         path = stem.with_suffix(".png") if regime is None else stem.with_name(f"{stem.name}_{slug(regime)}.png")
         fig = figure(state, report, path, block["names"], regime or "")
-        sections.append((block, [os.path.relpath(fig, out)] if fig else []))
+        sections.append((block, os.path.relpath(fig, out) if fig else None))
     kept = {**state, "report": report}
     kept["base_eval"] = _committed(state["base_eval"])
     kept["runs"] = {n: {**r, "eval": _committed(r.get("eval"))} for n, r in state["runs"].items()}
@@ -450,13 +452,9 @@ def write_outputs(state: dict[str, Any], out: Path) -> None:
         if has_per_doc(ev)
     ]
     (out / f"forgetting_real_{state['setting']}_per_doc.jsonl").write_text("".join(ln + "\n" for ln in lines))
-    for block, figs in sections:
-        if not replace_section(out / "RESULTS.md", section(state, report, block, figs), block["regime"]):
+    for block, fig_rel in sections:
+        if not replace_section(out / "RESULTS.md", section(state, report, block, fig_rel), block["regime"]):
             print(
                 f"kept the RESULTS.md section of {block['regime'] or 'the recipe regime'}: some of its runs have no"
                 " per-document scores here (see its table); rerun them with --only to rewrite it"
             )
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", name)
